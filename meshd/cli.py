@@ -1,0 +1,198 @@
+"""The `meshd` command line.
+
+`meshd [run] [-c FILE] [KEY=VALUE ...]` runs the daemon; with no subcommand the arguments go to
+`run`, so `meshd role=waypoint` works as written. Other subcommands: `ca`, `config`, `version`.
+Every user error prints `FILE:LINE: what is wrong (what to do)` or `error: ...`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from typing import Any
+
+import click
+
+from meshd import __version__
+from meshd.cli_ca import ca
+from meshd.config.load import config_path, load_config
+from meshd.config.schema import describe_type, leaf_keys, to_plain
+from meshd.errors import ConfigError, Problem, UserFacingError
+
+EXIT_INVALID = 2  # `config check`: the configuration is invalid
+
+
+class _RunByDefault(click.Group):
+    """A group whose default subcommand is `run` when none is named."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not _names_subcommand(args, self.commands) and not {"--help", "-h"} & set(args):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _names_subcommand(args: list[str], commands: typing.Mapping[str, click.Command]) -> bool:
+    it = iter(args)
+    for arg in it:
+        if arg in ("-c", "--config"):
+            next(it, None)
+            continue
+        if arg.startswith("-"):
+            continue
+        return arg in commands
+    return False
+
+
+@click.group(cls=_RunByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """meshd: an ambient service mesh for hosts without Kubernetes.
+
+    With no subcommand, runs the daemon: `meshd [-c FILE] [KEY=VALUE ...]`.
+    """
+
+
+def _fail_config(exc: ConfigError, code: int) -> typing.NoReturn:
+    for problem in exc.problems:
+        click.echo(problem.format(), err=True)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="config file")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def run(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Run the daemon (node, or waypoint with role=waypoint)."""
+    import trio
+
+    from meshd.daemon import Daemon
+    from meshd.log import setup_logging
+
+    path = config_path(config_file)
+    try:
+        config = load_config(path, overrides)
+        setup_logging(config.log.level, config.log.format)
+        daemon = Daemon(config, config_path=path)
+        code = trio.run(_unwrapping(daemon.run))
+    except ConfigError as exc:
+        _fail_config(exc, EXIT_INVALID)
+    except UserFacingError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"error: {exc} (is another meshd or program using that address?)", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def _unwrapping(fn: typing.Callable[[], typing.Awaitable[int]]) -> typing.Callable[[], typing.Awaitable[int]]:
+    """Nurseries wrap errors in ExceptionGroups; a start-up failure the user must see comes out bare."""
+
+    async def run() -> int:
+        try:
+            return await fn()
+        except BaseExceptionGroup as group:
+            leaves = list(_leaves(group))
+            user_facing = [e for e in leaves if isinstance(e, ConfigError | OSError | UserFacingError)]
+            if user_facing and len(user_facing) == len(leaves):
+                raise user_facing[0] from None
+            raise
+
+    return run
+
+
+def _leaves(exc: BaseException) -> typing.Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+@main.group()
+def config() -> None:
+    """Check and inspect configuration."""
+
+
+@config.command("check")
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="config file")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def config_check(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Validate the config file and every policy file; exit 2 listing every problem."""
+    from meshd.identity.ca import CAError, LocalCA
+    from meshd.policy.load import load_policy_dir
+
+    path = config_path(config_file)
+    problems: list[Problem] = []
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as exc:
+        _fail_config(exc, EXIT_INVALID)
+    if cfg.identity.ca_dir is not None:
+        try:
+            ca_ = LocalCA.load(cfg.identity.ca_dir)
+            if ca_.trust_domain != cfg.trust_domain:
+                problems.append(
+                    Problem(
+                        str(path),
+                        None,
+                        f"identity.ca_dir is a CA for {ca_.trust_domain!r}, but trust_domain is {cfg.trust_domain!r}",
+                        "make them the same",
+                    )
+                )
+        except CAError as exc:
+            problems.append(Problem(str(path), None, f"identity.ca_dir: {exc}"))
+    warnings: list[Problem] = []
+    try:
+        _, warnings = load_policy_dir(cfg.policy.dir, role=cfg.role)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    for w in warnings:
+        click.echo(f"warning: {w.format()}", err=True)
+    if problems:
+        _fail_config(ConfigError(problems), EXIT_INVALID)
+    click.echo(f"{path}: OK ({len(cfg.workloads)} workloads, {len(cfg.services)} services, role {cfg.role})")
+
+
+@config.command("keys")
+def config_keys() -> None:
+    """List every config key that KEY=VALUE can override, with its type."""
+    from meshd.config.model import Config
+
+    hints: dict[str, Any] = {}
+
+    def docs(cls: type[Any], prefix: str = "") -> None:
+        th = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = prefix + str(f.metadata.get("toml", f.name))
+            hints[key] = f.metadata.get("doc", "")
+            tp = th[f.name]
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                docs(tp, key + ".")
+
+    docs(Config)
+    for key, tp in leaf_keys(Config).items():
+        click.echo(f"{key:28} {describe_type(tp):36} {hints.get(key, '')}")
+
+
+@config.command("show")
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="config file")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def config_show(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the effective configuration (defaults filled in) as JSON."""
+    import json
+
+    try:
+        cfg = load_config(config_path(config_file), overrides)
+    except ConfigError as exc:
+        _fail_config(exc, EXIT_INVALID)
+    click.echo(json.dumps(to_plain(cfg), indent=2))
+
+
+@main.command()
+def version() -> None:
+    """Print meshd's version."""
+    click.echo(f"meshd {__version__}")
+
+
+main.add_command(ca)

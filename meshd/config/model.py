@@ -1,0 +1,265 @@
+"""The configuration as frozen, typed objects. Field metadata: `toml` = key name, `doc` = description.
+
+Every default here is one a homelab user need not set. docs/config.md documents each key;
+`meshd config keys` prints them from this module, so the two cannot drift far.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from meshd.config.schema import Issue
+from meshd.units import Address
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+Role = Literal["node", "waypoint"]
+MtlsMode = Literal["STRICT", "PERMISSIVE"]
+
+
+def doc(text: str, **kw: object) -> dict[str, object]:
+    return {"doc": text, **kw}
+
+
+def _default_node_name() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    return re.sub(r"[^a-z0-9-]", "-", name) or "node"
+
+
+def _check_name(value: str, key: str) -> list[Issue]:
+    if not _NAME.match(value):
+        return [Issue((key,), f"{key} {value!r} must be lowercase letters, digits, '.', '-', '_'", None)]
+    return []
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    hbone: Address = field(
+        default=Address("0.0.0.0", 15008), metadata=doc("HBONE inbound (mTLS + HTTP/2 CONNECT)")
+    )
+    admin: Address = field(
+        default=Address("127.0.0.1", 15000), metadata=doc("admin API; keep it on loopback")
+    )
+    metrics: Address = field(default=Address("0.0.0.0", 15020), metadata=doc("Prometheus /metrics"))
+    readiness: Address = field(default=Address("0.0.0.0", 15021), metadata=doc("/healthz/ready"))
+    plaintext: Address = field(
+        default=Address("0.0.0.0", 15006), metadata=doc("plaintext inbound for PERMISSIVE workloads")
+    )
+
+    def check(self) -> list[Issue]:
+        admin = self.admin.host
+        if admin not in ("127.0.0.1", "::1", "localhost") and not admin.startswith("127."):
+            return [
+                Issue(("admin",), f"admin address {self.admin} is not loopback", "the admin API has no auth")
+            ]
+        return []
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    ca_dir: Path | None = field(
+        default=None, metadata=doc("local CA folder: meshd issues its own certificates")
+    )
+    cert_dir: Path | None = field(
+        default=None, metadata=doc("certificates issued elsewhere: one folder per identity, <ns>.<sa>/")
+    )
+    cert_ttl: timedelta = field(
+        default=timedelta(hours=24), metadata=doc("lifetime of certificates meshd issues")
+    )
+
+    def check(self) -> list[Issue]:
+        if (self.ca_dir is None) == (self.cert_dir is None):
+            return [
+                Issue(
+                    (),
+                    "set exactly one of identity.ca_dir and identity.cert_dir",
+                    'for one host: `meshd ca init --dir ./ca --trust-domain home.arpa`, then ca_dir = "./ca"',
+                )
+            ]
+        if self.cert_ttl < timedelta(minutes=2):
+            return [Issue(("cert_ttl",), "identity.cert_ttl must be at least 2m", "the default is 24h")]
+        return []
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    mdns: bool = field(default=True, metadata=doc("announce and browse _meshd._tcp.local."))
+    peers: tuple[Address, ...] = field(default=(), metadata=doc("static peers' HBONE addresses"))
+    interfaces: tuple[str, ...] = field(
+        default=(), metadata=doc("interfaces for mDNS; empty = all with multicast")
+    )
+    peer_timeout: timedelta = field(
+        default=timedelta(seconds=30), metadata=doc("withdraw a silent peer after")
+    )
+    refresh: timedelta = field(
+        default=timedelta(seconds=10), metadata=doc("how often static peers are polled")
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata=doc("log level"))
+    format: Literal["text", "json"] = field(default="text", metadata=doc("log line format on stderr"))
+    access_log: bool = field(default=True, metadata=doc("one line per proxied connection"))
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    name: str = field(metadata=doc("workload name"))
+    ports: tuple[int, ...] = field(metadata=doc("ports the workload listens on"))
+    namespace: str = field(default="default", metadata=doc("namespace"))
+    service_account: str = field(default="", metadata=doc("service account; default: the name"))
+    address: str = field(default="127.0.0.1", metadata=doc("local IP the workload listens on"))
+    services: tuple[str, ...] = field(
+        default=(), metadata=doc("services this workload serves (name or name.ns)")
+    )
+    labels: dict[str, str] = field(default_factory=dict, metadata=doc('labels, e.g. version = "v2"'))
+    mtls: MtlsMode | None = field(default=None, metadata=doc("STRICT or PERMISSIVE; default from policy"))
+
+    @property
+    def sa(self) -> str:
+        return self.service_account or self.name
+
+    def check(self) -> list[Issue]:
+        issues = _check_name(self.name, "name") + _check_name(self.namespace, "namespace")
+        if self.service_account:
+            issues += _check_name(self.service_account, "service_account")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            issues.append(
+                Issue(("address",), f"address {self.address!r} is not an IP address", "e.g. 127.0.0.1")
+            )
+        issues += _check_ports(self.ports, "ports")
+        return issues
+
+
+def _check_ports(ports: tuple[int, ...], key: str) -> list[Issue]:
+    issues = [
+        Issue((key, i), f"port {p} is outside 1-65535", None)
+        for i, p in enumerate(ports)
+        if not 0 < p < 65536
+    ]
+    if not ports:
+        issues.append(Issue((key,), f"{key} is empty", "list at least one port"))
+    return issues
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int = field(metadata=doc("service port clients dial"))
+    target_port: int | None = field(default=None, metadata=doc("workload port; default: port"))
+    protocol: Literal["tcp", "http"] = field(default="tcp", metadata=doc("tcp, or http for waypoint L7"))
+
+    @property
+    def target(self) -> int:
+        return self.target_port or self.port
+
+    def check(self) -> list[Issue]:
+        return _check_ports((self.port,), "port") + _check_ports((self.target,), "target_port")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str = field(metadata=doc("service name"))
+    ports: tuple[ServicePort, ...] = field(metadata=doc("[{ port, target_port, protocol }]"))
+    namespace: str = field(default="default", metadata=doc("namespace"))
+    waypoint: str | None = field(default=None, metadata=doc("waypoint that handles this service's L7"))
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+    def check(self) -> list[Issue]:
+        issues = _check_name(self.name, "name") + _check_name(self.namespace, "namespace")
+        if not self.ports:
+            issues.append(Issue(("ports",), "ports is empty", "add { port = 7000 }"))
+        return issues
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    service: str = field(metadata=doc("service to reach, name.namespace (namespace default: default)"))
+    port: int = field(metadata=doc("service port"))
+    listen: Address = field(metadata=doc("local listener the app dials"))
+    workload: str | None = field(default=None, metadata=doc("local workload whose identity the tunnel uses"))
+
+    @property
+    def service_key(self) -> str:
+        return self.service if "." in self.service else f"{self.service}.default"
+
+    def check(self) -> list[Issue]:
+        return _check_ports((self.port,), "port")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    dir: Path | None = field(default=None, metadata=doc("folder of *.toml policy files"))
+
+
+@dataclass(frozen=True)
+class Config:
+    role: Role = field(default="node", metadata=doc("node (ztunnel role) or waypoint"))
+    trust_domain: str = field(default="home.arpa", metadata=doc("SPIFFE trust domain"))
+    node_name: str = field(
+        default_factory=_default_node_name, metadata=doc("this host's name; default: hostname")
+    )
+    drain_timeout: timedelta = field(
+        default=timedelta(seconds=10), metadata=doc("in-flight grace on SIGTERM")
+    )
+    listen: ListenConfig = field(default_factory=ListenConfig, metadata=doc("listener addresses"))
+    identity: IdentityConfig = field(default_factory=IdentityConfig, metadata=doc("certificates"))
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig, metadata=doc("finding peers"))
+    log: LogConfig = field(default_factory=LogConfig, metadata=doc("logging"))
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata=doc("policy files"))
+    workloads: tuple[WorkloadConfig, ...] = field(
+        default=(), metadata=doc("workloads on this host", toml="workload")
+    )
+    services: tuple[ServiceConfig, ...] = field(default=(), metadata=doc("services", toml="service"))
+    upstreams: tuple[UpstreamConfig, ...] = field(
+        default=(), metadata=doc("explicit outbound", toml="upstream")
+    )
+
+    def check(self) -> list[Issue]:
+        issues: list[Issue] = []
+        if not re.match(r"^[a-z0-9._-]+$", self.trust_domain):
+            issues.append(
+                Issue(("trust_domain",), f"trust_domain {self.trust_domain!r} is not valid", "e.g. home.arpa")
+            )
+        issues += _check_name(self.node_name, "node_name")
+        issues += _duplicates([(w.namespace, w.name) for w in self.workloads], "workload", "name", "workload")
+        issues += _duplicates([s.key for s in self.services], "service", "name", "service")
+        issues += _duplicates([str(u.listen) for u in self.upstreams], "upstream", "listen", "listen address")
+        local = {w.name for w in self.workloads}
+        for i, up in enumerate(self.upstreams):
+            if up.workload is not None and up.workload not in local:
+                hint = (
+                    f"workloads here: {', '.join(sorted(local))}" if local else "declare it in [[workload]]"
+                )
+                issues.append(
+                    Issue(
+                        ("upstream", i, "workload"),
+                        f"upstream workload {up.workload!r} is not declared",
+                        hint,
+                    )
+                )
+        return issues
+
+    @property
+    def node_identity_name(self) -> str:
+        return f"node-{self.node_name}"
+
+
+def _duplicates(keys: list[object], table: str, key: str, what: str) -> list[Issue]:
+    seen: set[object] = set()
+    issues = []
+    for i, k in enumerate(keys):
+        if k in seen:
+            issues.append(Issue((table, i, key), f"duplicate {what} {k!r}", "each must be unique"))
+        seen.add(k)
+    return issues

@@ -1,0 +1,217 @@
+"""The meshd daemon: wires components into one nursery, owns readiness, signals and drain.
+
+Each component is started with `nursery.start(...)` and holds a readiness guard until it reports
+started; `/healthz/ready` says yes only after every guard is released. SIGTERM/SIGINT drain
+(stop accepting, let in-flight work finish up to `drain_timeout`) and exit 0; SIGHUP reloads
+policy (a bad file keeps the previous policy in force).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshd import __version__
+from meshd.config.model import Config
+from meshd.config.schema import to_plain
+from meshd.errors import ConfigError
+from meshd.identity.manager import IdentityManager, source_for
+from meshd.identity.spiffe import SpiffeId
+from meshd.log import set_level
+from meshd.observe.http import HttpServer, Request, Response
+from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from meshd.observe.metrics import Metrics
+from meshd.policy.load import load_policy_dir
+from meshd.readiness import Readiness
+
+log = logging.getLogger("meshd")
+
+
+def workload_identity(config: Config, name: str) -> SpiffeId:
+    w = next(w for w in config.workloads if w.name == name)
+    return SpiffeId(config.trust_domain, w.namespace, w.sa)
+
+
+def local_identities(config: Config) -> list[SpiffeId]:
+    """The node's own identity first, then every local workload's."""
+    ids = [SpiffeId.node(config.trust_domain, config.node_name)]
+    ids += [SpiffeId(config.trust_domain, w.namespace, w.sa) for w in config.workloads]
+    return list(dict.fromkeys(ids))
+
+
+class Daemon:
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.readiness = Readiness()
+        self.started_at = time.time()
+        self.identities = IdentityManager(
+            source_for(config.identity.ca_dir, config.identity.cert_dir, config.identity.cert_ttl),
+            local_identities(config),
+        )
+        self.policy, warnings = load_policy_dir(config.policy.dir, role=config.role)
+        for w in warnings:
+            log.warning("policy: %s", w.format())
+        self.bound: dict[str, str] = {}
+        self._stop = trio.Event()
+        self._drain_hooks: list[Callable[[], None]] = []
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.metrics.add_collect_hook(self._refresh_gauges)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def run(self) -> int:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals)
+            await self._start_component(nursery, "readiness", self._serve_readiness)
+            await self._start_component(nursery, "metrics", self._serve_metrics)
+            await self._start_component(nursery, "admin", self._serve_admin)
+            await self._start_component(nursery, "identity", self.identities.run)
+            self.readiness.seal()
+            self.metrics.ready.set(1)
+            log.info(
+                "meshd ready",
+                extra={"role": self.config.role, "node": self.config.node_name, "version": __version__},
+            )
+            await self._stop.wait()
+            await self._drain()
+            nursery.cancel_scope.cancel()
+        log.info("meshd stopped")
+        return 0
+
+    async def _start_component(
+        self, nursery: trio.Nursery, name: str, start: Callable[..., Awaitable[Any]]
+    ) -> Any:
+        guard = self.readiness.register(name)
+        result = await nursery.start(start)
+        guard.release()
+        return result
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def on_drain(self, hook: Callable[[], None]) -> None:
+        """Components register how they stop accepting new work."""
+        self._drain_hooks.append(hook)
+
+    async def _drain(self) -> None:
+        log.info("draining", extra={"timeout_s": self.config.drain_timeout.total_seconds()})
+        self.metrics.ready.set(0)
+        for hook in self._drain_hooks:
+            hook()
+        with trio.move_on_after(self.config.drain_timeout.total_seconds()) as scope:
+            await self._idle.wait()
+        if scope.cancelled_caught:
+            log.warning("drain timeout: closing %d in-flight connection(s)", self._inflight)
+
+    def track_inflight(self, delta: int) -> None:
+        self._inflight += delta
+        if self._inflight == 0:
+            self._idle.set()
+        elif self._idle.is_set():
+            self._idle = trio.Event()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload_policy()
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self.stop()
+
+    def reload_policy(self) -> bool:
+        """Re-read the policy folder; on any problem keep the policy in force and log every error."""
+        try:
+            policy, warnings = load_policy_dir(self.config.policy.dir, role=self.config.role)
+        except ConfigError as exc:
+            self.metrics.policy_reloads.labels("failure").inc()
+            for p in exc.problems:
+                log.error("policy reload rejected, previous policy stays in force: %s", p.format())
+            return False
+        for w in warnings:
+            log.warning("policy: %s", w.format())
+        self.policy = policy
+        self.metrics.policy_reloads.labels("success").inc()
+        log.info("policy reloaded")
+        return True
+
+    # ---- endpoints -----------------------------------------------------------------------------
+    async def _serve_readiness(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        def ready(_: Request) -> Response:
+            if self.readiness.ready and not self._stop.is_set():
+                return Response.text(200, "ready\n")
+            pending = ", ".join(self.readiness.pending) or "draining"
+            return Response.text(503, f"not ready: {pending}\n")
+
+        await self._serve("readiness", {"/healthz/ready": ready}, task_status)
+
+    async def _serve_metrics(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        def metrics(_: Request) -> Response:
+            return Response(200, self.metrics.exposition(), METRICS_CONTENT_TYPE)
+
+        await self._serve("metrics", {"/metrics": metrics, "/stats/prometheus": metrics}, task_status)
+
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from meshd.observe.admin import admin_routes
+
+        await self._serve("admin", admin_routes(self), task_status)
+
+    async def _serve(self, name: str, routes: dict[str, Any], task_status: trio.TaskStatus[None]) -> None:
+        address = getattr(self.config.listen, name)
+        server = HttpServer(name, routes)
+
+        async def serve(*, task_status: trio.TaskStatus[Any]) -> None:
+            await server.serve(address, task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(serve)
+            self.bound[name] = str(bound)
+            task_status.started()
+
+    # ---- state for admin and metrics -----------------------------------------------------------
+    def _refresh_gauges(self) -> None:
+        for ident, status in self.identities.statistics().items():
+            self.metrics.cert_expiry.labels(ident).set(status.certificate.not_after.timestamp())
+
+    def config_dump(self) -> dict[str, Any]:
+        certs = {
+            ident: {
+                "not_before": s.certificate.not_before.isoformat(),
+                "not_after": s.certificate.not_after.isoformat(),
+                "renewals": s.renewals,
+                "failures": s.failures,
+                "last_error": s.last_error,
+            }
+            for ident, s in self.identities.statistics().items()
+        }
+        return {
+            "version": __version__,
+            "role": self.config.role,
+            "node_name": self.config.node_name,
+            "config_file": str(self.config_path) if self.config_path else None,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "ready": self.readiness.ready,
+            "listeners": self.bound,
+            "config": to_plain(self.config),
+            "certificates": certs,
+            "policy": self.policy.config_dump(),
+        }
+
+    def set_log_level(self, level: str) -> None:
+        set_level(level)
+
+
+def dumps(data: Any) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=False, default=str).encode() + b"\n"

@@ -1,0 +1,57 @@
+"""Admin endpoints (127.0.0.1:15000): /config_dump, /logging, /quitquitquit and a status page."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from meshd.observe.http import Request, Response
+
+if TYPE_CHECKING:
+    from meshd.daemon import Daemon
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
+    from meshd.daemon import dumps
+
+    def config_dump(_: Request) -> Response:
+        return Response(200, dumps(daemon.config_dump()), "application/json")
+
+    def logging_level(req: Request) -> Response:
+        level = (req.query.get("level") or [""])[0].lower()
+        if req.method != "POST" and level:
+            return Response.text(405, "use POST /logging?level=debug|info|warning|error\n")
+        if not level:
+            import logging
+
+            return Response.text(200, f"level: {logging.getLevelName(logging.getLogger().level).lower()}\n")
+        if level not in LEVELS:
+            return Response.text(400, f"unknown level {level!r} (one of {', '.join(LEVELS)})\n")
+        daemon.set_log_level(level)
+        return Response.text(200, f"level: {level}\n")
+
+    def quit_(req: Request) -> Response:
+        if req.method != "POST":
+            return Response.text(405, "use POST /quitquitquit\n")
+        daemon.stop()
+        return Response.text(200, "draining and exiting\n")
+
+    def status_page(_: Request) -> Response:
+        dump = daemon.config_dump()
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(v['not_after'])}</td></tr>"
+            for k, v in dump["certificates"].items()
+        )
+        body = (
+            "<!doctype html><title>meshd</title><h1>meshd</h1>"
+            f"<p>role <b>{html.escape(dump['role'])}</b>, node <b>{html.escape(dump['node_name'])}</b>, "
+            f"version {html.escape(dump['version'])}, ready: {dump['ready']}</p>"
+            f"<h2>Certificates</h2><table><tr><th>identity</th><th>expires</th></tr>{rows}</table>"
+            '<p><a href="/config_dump">/config_dump</a></p>'
+        )
+        return Response(200, body.encode(), "text/html; charset=utf-8")
+
+    return {"/": status_page, "/config_dump": config_dump, "/logging": logging_level, "/quitquitquit": quit_}

@@ -1,0 +1,116 @@
+"""Real meshd daemons as subprocesses, and the readiness wait that replaces sleeps."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_counter = itertools.count(1)
+
+
+def unique_loopback() -> str:
+    """A loopback address no other test (or xdist worker) uses: 127.<pid-ish>.<n>.<n>."""
+    n = next(_counter)
+    return f"127.{(os.getpid() % 200) + 20}.{n // 250}.{n % 250 + 2}"
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@dataclass
+class Meshd:
+    """One `meshd run` subprocess. Addresses come from its own config (ip = the loopback it uses)."""
+
+    config: Path
+    ip: str
+    overrides: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def readiness_url(self) -> str:
+        return f"http://{self.ip}:15021/healthz/ready"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.ip}:15000"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.ip}:15020/metrics"
+
+    def start(self, *extra: str, subcommand: str | None = "run") -> Meshd:
+        """Launch; `subcommand=None` runs `meshd -c FILE KEY=VALUE...` with no `run` word."""
+        self.log_path = self.config.with_suffix(f".{self.ip}.log")
+        listen = [
+            f"listen.hbone={self.ip}:15008",
+            f"listen.admin={self.ip}:15000",
+            f"listen.metrics={self.ip}:15020",
+            f"listen.readiness={self.ip}:15021",
+            f"listen.plaintext={self.ip}:15006",
+        ]
+        cmd = [sys.executable, "-m", "meshd", *([subcommand] if subcommand else [])]
+        cmd += ["-c", str(self.config), *listen, *self.overrides, *extra]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> Meshd:
+        """Poll /healthz/ready until 200; fail with the daemon's log if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"meshd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = http_get(self.readiness_url, timeout=1.0)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)  # polling the readiness endpoint, not a stand-in for it
+        raise AssertionError(f"meshd not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"meshd did not exit within {timeout}s of SIGTERM:\n{self.log()}"
+                ) from None
+        self._log.close()
+        return self.proc.returncode

@@ -1,0 +1,117 @@
+"""The meshd command line, run as a user runs it: a real subprocess on real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from meshd import __version__
+from tests.conftest import REPO
+
+
+def meshd(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshd", *args], capture_output=True, text=True, timeout=60, cwd=cwd, env=env
+    )
+
+
+def write_config(tmp_path: Path, body: str, top: str = "") -> Path:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshd",
+            "ca",
+            "init",
+            "--dir",
+            str(tmp_path / "ca"),
+            "--trust-domain",
+            "home.arpa",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    path = tmp_path / "meshd.toml"
+    path.write_text(top + 'trust_domain = "home.arpa"\nnode_name = "t"\n[identity]\nca_dir = "ca"\n' + body)
+    return path
+
+
+def test_version() -> None:
+    out = meshd("version")
+    assert out.returncode == 0 and out.stdout.strip() == f"meshd {__version__}"
+
+
+def test_config_check_accepts_the_shipped_example() -> None:
+    # configs/meshd.toml points at ../demo-state/ca; a missing CA is a reported problem, not a crash.
+    out = meshd("config", "check", "-c", str(REPO / "configs" / "meshd.toml"))
+    assert out.returncode in (0, 2), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_config_check_valid(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "")
+    out = meshd("config", "check", "-c", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+
+
+def test_config_check_reports_every_problem_with_file_and_line(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, "[listen]\nhbone = 'nowhere'\nadmn = '127.0.0.1:1'\n[[workload]]\nname = 'x'\n"
+    )
+    out = meshd("config", "check", "-c", str(path))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[0].startswith(f"{path}:6: listen.hbone: "), lines
+    assert lines[1].startswith(f"{path}:7: unknown key 'admn' in [listen] (did you mean 'admin'?)"), lines
+    assert lines[2].startswith(f"{path}:8: missing key 'ports'"), lines
+    assert "Traceback" not in out.stderr
+
+
+def test_config_check_reports_policy_files_too(tmp_path: Path) -> None:
+    (tmp_path / "policy.d").mkdir()
+    (tmp_path / "policy.d" / "bad.toml").write_text('[[authorization]]\nname = "x"\naction = "ALOW"\n')
+    path = write_config(tmp_path, '[policy]\ndir = "policy.d"\n')
+    out = meshd("config", "check", "-c", str(path))
+    assert out.returncode == 2
+    assert f"{tmp_path / 'policy.d' / 'bad.toml'}:3: " in out.stderr, out.stderr
+
+
+def test_config_check_notices_a_ca_of_another_trust_domain(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "")
+    out = meshd("config", "check", "-c", str(path), "trust_domain=other.example")
+    assert out.returncode == 2
+    assert "is a CA for 'home.arpa'" in out.stderr
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "")
+    out = meshd("config", "show", env={"MESHD_CONFIG": str(path), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert '"node_name": "t"' in out.stdout
+
+
+def test_unknown_override_names_the_closest_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "")
+    out = meshd("-c", str(path), "listen.hbon=127.0.0.1:1")
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip() == "command line: unknown config key 'listen.hbon' (did you mean 'listen.hbone'?)"
+    )
+
+
+def test_run_with_a_broken_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "", top="role = 'wp'\n")
+    out = meshd("run", "-c", str(path))
+    assert out.returncode == 2
+    assert "did you mean 'waypoint'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_keys_lists_overridable_keys() -> None:
+    out = meshd("config", "keys")
+    assert out.returncode == 0
+    assert "listen.hbone" in out.stdout and "identity.cert_ttl" in out.stdout

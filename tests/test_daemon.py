@@ -1,0 +1,128 @@
+"""`meshd run` as a real subprocess: readiness, endpoints, role override, signals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from meshd.identity.ca import LocalCA
+from tests.conftest import REPO
+from tests.support.procs import Meshd, http_get, http_post
+
+
+def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
+    """configs/meshd.toml as shipped, on its own loopback address and CA."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    return Meshd(
+        tmp_path / "configs" / "meshd.toml",
+        ip,
+        [f"identity.ca_dir={tmp_path / 'ca'}", f"node_name=n{ip.replace('.', '-')}", *extra],
+    )
+
+
+def test_example_config_becomes_ready_and_exits_0_on_sigterm(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    status, body = http_get(node.readiness_url)
+    assert (status, body) == (200, b"ready\n")
+    dump = json.loads(http_get(node.admin_url + "/config_dump")[1])
+    assert dump["role"] == "node" and dump["ready"] is True
+    assert "spiffe://home.arpa/ns/default/sa/client" in dump["certificates"]
+    assert any(
+        k.endswith("/ns/meshd-system/sa/node-n" + loopback.replace(".", "-")) for k in dump["certificates"]
+    )
+    status, metrics = http_get(node.metrics_url)
+    assert status == 200 and b"meshd_certificate_expiry_timestamp_seconds" in metrics
+    assert http_get(f"http://{loopback}:15020/stats/prometheus")[0] == 200
+    assert node.stop() == 0
+    assert "meshd stopped" in node.log()
+
+
+def test_bare_key_value_means_run(tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]) -> None:
+    """`meshd -c FILE role=waypoint` runs the daemon as a waypoint (no `run` subcommand)."""
+    node = example_node(tmp_path, ca, loopback, "role=waypoint")
+    daemons.append(node)
+    node.start(subcommand=None)
+    node.wait_ready()
+    dump = json.loads(http_get(node.admin_url + "/config_dump")[1])
+    assert dump["role"] == "waypoint"
+    assert node.stop() == 0
+
+
+def test_admin_logging_and_quitquitquit(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    assert http_post(node.admin_url + "/logging?level=debug") == (200, b"level: debug\n")
+    assert http_post(node.admin_url + "/logging?level=loud")[0] == 400
+    assert http_get(node.admin_url + "/")[0] == 200
+    assert http_get(node.admin_url + "/nope")[0] == 404
+    assert http_post(node.admin_url + "/quitquitquit")[0] == 200
+    assert node.proc is not None
+    assert node.proc.wait(15) == 0
+
+
+def test_sigint_also_exits_0(tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    node.signal(signal.SIGINT)
+    assert node.proc is not None
+    assert node.proc.wait(15) == 0
+
+
+def test_bad_policy_on_sighup_keeps_the_old_one(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    (tmp_path / "configs" / "policy.d" / "99-broken.toml").write_text("[[authorization]]\nname = 1\n")
+    node.signal(signal.SIGHUP)
+    # The failure is counted; wait on that metric rather than on time.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if b'meshd_policy_reloads_total{result="failure"} 1.0' in http_get(node.metrics_url)[1]:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(node.log())
+    assert "99-broken.toml:2: " in node.log()
+    assert http_get(node.readiness_url)[0] == 200
+    assert node.stop() == 0
+
+
+def test_missing_ca_fails_start_with_a_clear_message(tmp_path: Path, loopback: str) -> None:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshd",
+            "run",
+            "-c",
+            str(tmp_path / "configs" / "meshd.toml"),
+            f"identity.ca_dir={tmp_path / 'nope'}",
+            f"listen.readiness={loopback}:15021",
+            f"listen.admin={loopback}:15000",
+            f"listen.metrics={loopback}:15020",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot get a certificate for spiffe://home.arpa/ns/meshd-system/sa/node-")
+    assert "meshd ca init --dir" in last
+    assert "Traceback" not in out.stderr
