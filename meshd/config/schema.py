@@ -118,7 +118,8 @@ class _Converter:
         if origin is Literal:
             choices = get_args(tp)
             if raw not in choices:
-                close = difflib.get_close_matches(str(raw), [str(c) for c in choices], n=1, cutoff=0.3)
+                by_case = [c for c in choices if str(c).lower() == str(raw).lower()]
+                close = by_case or difflib.get_close_matches(str(raw), [str(c) for c in choices], n=1, cutoff=0.3)
                 hint = f"did you mean {close[0]!r}?" if close else None
                 self.fail(
                     path, f"{dotted(path)} = {raw!r} is not one of {', '.join(map(repr, choices))}", hint

@@ -1,0 +1,194 @@
+"""Reading the policy folder: `*.toml` files -> one immutable PolicySet, or every problem at once.
+
+All files are read and checked before anything is returned, so a reload either applies the whole
+folder or nothing (the caller keeps the previous PolicySet on ConfigError). Problems and warnings
+have the `FILE:LINE: what (hint)` shape of config errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from meshd.config.schema import KeyPath, build, parse_toml
+from meshd.config.toml_lines import KeyLines
+from meshd.errors import ConfigError, Problem
+from meshd.policy.evaluate import PolicySet
+from meshd.policy.model import (
+    L7_TO_FIELDS,
+    AuthorizationPolicy,
+    Located,
+    Origin,
+    PeerAuthentication,
+    PolicyFile,
+    Rule,
+)
+
+Role = Literal["node", "waypoint"]
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    name: str
+    doc: PolicyFile
+    lines: KeyLines
+
+    def origin(self, *path: str | int) -> Origin:
+        return Origin(self.name, self.lines.line_of(path))
+
+    def line(self, path: KeyPath) -> int | None:
+        return self.lines.line_of(path)
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """The files a folder contributes, in the order they are read: `*.toml` by name, dotfiles skipped."""
+    return sorted((p for p in directory.glob("*.toml") if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def load_policy_dir(directory: Path | None, *, role: Role) -> tuple[PolicySet, list[Problem]]:
+    """Load every policy file; return (policies, warnings) or raise ConfigError listing all problems.
+
+    `directory=None` (no `policy.dir` configured) gives an empty PolicySet: everything allowed, PERMISSIVE.
+    """
+    if directory is None:
+        return PolicySet(), []
+    if not directory.exists():
+        raise ConfigError(
+            [
+                Problem(
+                    str(directory),
+                    None,
+                    "policy folder not found",
+                    "create it (it may stay empty) or unset policy.dir",
+                )
+            ]
+        )
+    if not directory.is_dir():
+        raise ConfigError(
+            [Problem(str(directory), None, "policy.dir is not a folder", "point it at a folder of *.toml")]
+        )
+
+    problems: list[Problem] = []
+    files: list[_File] = []
+    for path in policy_files(directory):
+        name = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            doc = build(PolicyFile, parse_toml(text, name), name, path.parent, lines := KeyLines(text))
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(name, None, f"cannot read policy file: {exc}"))
+            continue
+        files.append(_File(name, doc, lines))
+
+    authorizations = [
+        Located(a, f.origin("authorization", i)) for f in files for i, a in enumerate(f.doc.authorizations)
+    ]
+    peer_auths = [
+        Located(p, f.origin("peer_authentication", i))
+        for f in files
+        for i, p in enumerate(f.doc.peer_authentications)
+    ]
+    problems += _duplicate_names("authorization", authorizations, directory)
+    problems += _duplicate_names("peer_authentication", peer_auths, directory)
+    problems += _mtls_conflicts(peer_auths)
+    if problems:
+        raise ConfigError(problems)
+
+    warnings: list[Problem] = []
+    for f in files:
+        for i, policy in enumerate(f.doc.authorizations):
+            warnings += _warnings(f, i, policy, role)
+    warnings.sort(key=lambda w: (w.file, w.line or 0))  # files are already in name order
+    return PolicySet(authorizations, peer_auths), warnings
+
+
+def _duplicate_names(
+    kind: str, items: list[Located[AuthorizationPolicy]] | list[Located[PeerAuthentication]], directory: Path
+) -> list[Problem]:
+    first: dict[str, Origin] = {}
+    out = []
+    for item in items:
+        name = item.value.name
+        if name in first:
+            hint = f"first defined at {first[name]}; names must be unique across {directory}"
+            out.append(Problem(item.origin.file, item.origin.line, f"duplicate {kind} name {name!r}", hint))
+        else:
+            first[name] = item.origin
+    return out
+
+
+def _mtls_conflicts(items: list[Located[PeerAuthentication]]) -> list[Problem]:
+    seen: dict[tuple[str | None, str | None], Located[PeerAuthentication]] = {}
+    out = []
+    for item in items:
+        pa = item.value
+        for w in pa.workloads or (None,):
+            key = (pa.namespace, w)
+            other = seen.setdefault(key, item)
+            if other is item:
+                continue
+            scope = (
+                "mesh-wide"
+                if pa.namespace is None
+                else f"namespace {pa.namespace}"
+                if w is None
+                else f"{pa.namespace}/{w}"
+            )
+            out.append(
+                Problem(
+                    item.origin.file,
+                    item.origin.line,
+                    f"peer_authentication {pa.name!r} and {other.value.name!r} ({other.origin}) both set the {scope} mTLS mode",
+                    "keep one; a more specific scope (namespace, then workloads) overrides a wider one",
+                )
+            )
+    return out
+
+
+def _l7_fields(rule: Rule) -> list[str]:
+    fields = [f for f in L7_TO_FIELDS if any(getattr(op, f) for op in rule.operations or ())]
+    fields += [f"when {c.key}" for c in rule.conditions or () if c.is_l7]
+    return list(dict.fromkeys(fields))
+
+
+def _warnings(f: _File, i: int, policy: AuthorizationPolicy, role: Role) -> list[Problem]:
+    out: list[Problem] = []
+    base: tuple[str | int, ...] = ("authorization", i)
+    if not policy.rules and policy.action != "ALLOW":
+        out.append(
+            Problem(
+                f.name,
+                f.line(base),
+                f"{policy.action} policy {policy.name!r} has no rules, so it matches nothing (as in Istio)",
+                "to match every connection write rules = [{}]",
+            )
+        )
+    for j, rule in enumerate(policy.rules):
+        where = (*base, "rules", j)
+        label = f"rule {j + 1} of {policy.action} policy {policy.name!r}"
+        for k, op in enumerate(rule.operations or ()):
+            for key in ("methods", "not_methods"):
+                for m, method in enumerate(getattr(op, key)):
+                    if method != method.upper():
+                        out.append(
+                            Problem(
+                                f.name,
+                                f.line((*where, "to", k, key, m)),
+                                f"{label}: method {method!r} is not upper case; methods are case-sensitive",
+                                f"write {method.upper()!r}",
+                            )
+                        )
+        l7 = _l7_fields(rule)
+        if role != "node" or not l7:
+            continue
+        uses = ", ".join(l7)
+        if policy.action == "DENY":
+            message = f"{label} uses L7 fields ({uses}) a node cannot see: it is enforced without them (denies more)"
+        else:
+            message = f"{label} uses L7 fields ({uses}) a node cannot see: it never matches here"
+        out.append(Problem(f.name, f.line(where), message, "L7 rules take effect at a waypoint"))
+    return out
