@@ -1,0 +1,349 @@
+"""One live HBONE connection under trio: a TLS stream driven by a sans-I/O `HboneConnection`.
+
+Must never know: listening, pooling, identities beyond carrying them, what a handler does.
+
+Tasks (all in the link's own nursery, so a link's lifetime is one `run()` call):
+- reader: receive_some -> `conn.receive_data` -> update per-stream slots and wake their waiters. It never
+  awaits anything but the socket, so it cannot deadlock behind a sender (DESIGN.md trap).
+- writer: the only task that calls `send_all` on the TLS stream. Cancelling a send_all half way breaks
+  an SSLStream for every stream on it, so nobody else writes and the writer is only cancelled when the
+  whole connection is going away anyway.
+- keepalive (optional): PING every `ping_interval`; no answer within `ping_timeout` fails the link.
+- idle watch (optional, client side): retire the connection after `idle_timeout` without streams.
+- request handlers (server side): spawned here so they die with their connection.
+
+Finishing: after a GOAWAY (either way) the link closes itself once no stream is left; a broken
+transport or a protocol error fails every stream at once with the recorded `failure` reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from meshd.hbone import events as ev
+from meshd.hbone.connection import HboneConnection
+from meshd.hbone.errors import RemoteProtocolError
+from meshd.identity.spiffe import SpiffeId
+
+log = logging.getLogger("meshd.hbone")
+
+RECEIVE_SIZE = 256 * 1024
+FLUSH_TIMEOUT = 2.0  # how long a failing link tries to tell the peer why (GOAWAY) before hanging up
+
+
+class Signal:
+    """Wake every waiter; no memory (waiters re-check their condition in a loop)."""
+
+    __slots__ = ("_lot",)
+
+    def __init__(self) -> None:
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def wait(self) -> None:
+        await self._lot.park()
+
+    def fire(self) -> None:
+        if self._lot:
+            self._lot.unpark_all()
+
+
+class Slot:
+    """What the link knows about one stream, for the task using it."""
+
+    __slots__ = (
+        "chunks",
+        "readable",
+        "remote_ended",
+        "reset_code",
+        "response",
+        "stream_id",
+        "writable",
+    )
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.chunks: deque[bytes] = deque()
+        self.remote_ended = False
+        self.reset_code: int | None = None
+        self.response: ev.ResponseReceived | None = None
+        self.readable = Signal()  # data, end, reset, response, link failure
+        self.writable = Signal()  # window opened, reset, link failure
+
+    def wake(self) -> None:
+        self.readable.fire()
+        self.writable.fire()
+
+
+RequestCallback = Callable[["HboneLink", "ev.TunnelRequested | ev.RequestReceived"], None]
+
+
+class HboneLink:
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        conn: HboneConnection,
+        *,
+        peer_identity: SpiffeId,
+        peer_address: tuple[str, int],
+        on_request: RequestCallback | None = None,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float = 20.0,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.transport = transport
+        self.conn = conn
+        self.peer_identity = peer_identity
+        self.peer_address = peer_address
+        self.failure: str | None = None  # why the link broke; None while healthy or after a clean end
+        self.heard_from_peer = False  # any HTTP/2 bytes yet? (TLS 1.3 refusals show before any)
+        self._on_request = on_request
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._idle_timeout = idle_timeout
+        self._slots: dict[int, Slot] = {}
+        self._nursery: trio.Nursery | None = None
+        self._wake_writer = Signal()
+        self._flushed = Signal()  # the writer took everything the connection had queued
+        self._streams_changed = Signal()
+        self._pong = Signal()
+        self._last_pong: bytes = b""
+        self._finishing = False  # no new streams; close once the queued bytes are out
+        self._done = False
+
+    # ---- state -------------------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """Healthy and willing to carry new streams (no GOAWAY either way)."""
+        return not (self._finishing or self._done or self.conn.closed or self.conn.goaway_received)
+
+    @property
+    def broken(self) -> bool:
+        return self.failure is not None
+
+    @property
+    def stream_count(self) -> int:
+        return self.conn.stream_count
+
+    def slot(self, stream_id: int) -> Slot | None:
+        return self._slots.get(stream_id)
+
+    def add_slot(self, stream_id: int) -> Slot:
+        slot = self._slots[stream_id] = Slot(stream_id)
+        self._streams_changed.fire()
+        return slot
+
+    def release(self, stream_id: int) -> None:
+        """Forget a stream (resetting it if still open) and close the link if it was the last one
+        after a GOAWAY."""
+        slot = self._slots.pop(stream_id, None)
+        self.conn.release_stream(stream_id)
+        if slot is not None:
+            slot.wake()
+        self.wake_writer()
+        self._streams_changed.fire()
+        self._maybe_finish()
+
+    def wake_writer(self) -> None:
+        if self.conn.wants_write:
+            self._wake_writer.fire()
+
+    async def wait_flushed(self) -> None:
+        """Wait until the writer has taken what is queued (bounds buffering to about two batches)."""
+        while self.conn.wants_write and not self._done and self.failure is None:
+            self._wake_writer.fire()
+            await self._flushed.wait()
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        assert self._nursery is not None, "spawn() before run() started"
+        self._nursery.start_soon(fn, *args)
+
+    def drain(self) -> None:
+        """Graceful GOAWAY: in-flight streams continue; the link closes when the last one ends."""
+        if self._done or self.conn.closed:
+            return
+        self.conn.goaway()
+        self.wake_writer()
+        self._maybe_finish()
+
+    def close(self) -> None:
+        """Close now: GOAWAY, flush, hang up. Open streams see BrokenResourceError."""
+        if self._done:
+            return
+        if not self.conn.closed:
+            self.conn.close()
+        self._finish()
+
+    def _maybe_finish(self) -> None:
+        if (self.conn.goaway_sent or self.conn.goaway_received) and self.conn.stream_count == 0:
+            self.close()
+
+    def _finish(self) -> None:
+        self._finishing = True
+        self._wake_writer.fire()
+
+    def fail(self, reason: str) -> None:
+        """The link is unusable: wake everyone; the writer tries to flush, then everything stops."""
+        if self.failure is None and not self._done:
+            self.failure = reason
+            log.debug("HBONE link to %s failed: %s", self.peer_address, reason)
+        for slot in self._slots.values():
+            slot.wake()
+        self._flushed.fire()
+        self._pong.fire()
+        self._finish()
+
+    # ---- tasks -------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                if self._ping_interval is not None:
+                    nursery.start_soon(self._keepalive, self._ping_interval, self._ping_timeout)
+                if self._idle_timeout is not None:
+                    nursery.start_soon(self._idle_watch, self._idle_timeout)
+                task_status.started()
+        finally:
+            self._done = True
+            if self.failure is None and self._slots:
+                self.failure = "connection closed"
+            for slot in self._slots.values():
+                slot.wake()
+            self._flushed.fire()
+            await trio.aclose_forcefully(self.transport)
+
+    async def _reader(self) -> None:
+        try:
+            while not self._finishing:
+                data = await self.transport.receive_some(RECEIVE_SIZE)
+                if not data:
+                    if not self._finishing:
+                        self.fail("peer closed the connection")
+                    return
+                self.heard_from_peer = True
+                try:
+                    events = self.conn.receive_data(data)
+                except RemoteProtocolError as e:
+                    self._dispatch_all([])
+                    self.fail(str(e))
+                    return
+                self._dispatch_all(events)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            if not self._finishing:
+                self.fail(_describe(e))
+
+    def _dispatch_all(self, events: list[ev.Event]) -> None:
+        for event in events:
+            self._dispatch(event)
+        self.wake_writer()
+
+    def _dispatch(self, event: ev.Event) -> None:
+        if isinstance(event, ev.DataReceived):
+            slot = self._slots.get(event.stream_id)
+            if slot is None:
+                self.conn.acknowledge(event.stream_id, len(event.data))
+            else:
+                slot.chunks.append(event.data)
+                slot.readable.fire()
+        elif isinstance(event, ev.WindowOpened):
+            if event.stream_id == 0:
+                for slot in self._slots.values():
+                    slot.writable.fire()
+            elif (slot := self._slots.get(event.stream_id)) is not None:
+                slot.writable.fire()
+        elif isinstance(event, ev.StreamEnded):
+            if (slot := self._slots.get(event.stream_id)) is not None:
+                slot.remote_ended = True
+                slot.readable.fire()
+        elif isinstance(event, ev.StreamReset):
+            if (slot := self._slots.get(event.stream_id)) is not None:
+                slot.reset_code = event.error_code
+                slot.wake()
+        elif isinstance(event, ev.ResponseReceived):
+            if (slot := self._slots.get(event.stream_id)) is not None:
+                slot.response = event
+                slot.readable.fire()
+        elif isinstance(event, ev.TunnelRequested | ev.RequestReceived):
+            self.add_slot(event.stream_id)
+            if self._on_request is None or self._finishing:
+                self.release(event.stream_id)
+            else:
+                self._on_request(self, event)
+        elif isinstance(event, ev.PingAcked):
+            self._last_pong = event.payload
+            self._pong.fire()
+        elif isinstance(event, ev.GoAwayReceived):
+            log.debug("GOAWAY from %s (last stream %d)", self.peer_address, event.last_stream_id)
+            self._streams_changed.fire()
+            self._maybe_finish()
+        elif isinstance(event, ev.ConnectionTerminated):
+            self.fail(f"peer ended the connection with HTTP/2 error {event.error_code}")
+        elif isinstance(event, ev.RequestRejected):
+            log.info("rejected request from %s: %d %s", self.peer_identity, event.status, event.reason)
+
+    async def _writer(self) -> None:
+        transport = self.transport
+        try:
+            while True:
+                data = self.conn.data_to_send()
+                self._flushed.fire()
+                if data:
+                    if self.failure is not None:
+                        with trio.move_on_after(FLUSH_TIMEOUT):
+                            await transport.send_all(data)
+                        break
+                    await transport.send_all(data)
+                    continue
+                if self._finishing:
+                    break
+                await self._wake_writer.wait()
+            if self.failure is None:
+                with trio.move_on_after(FLUSH_TIMEOUT):
+                    await transport.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.fail(_describe(e))
+        finally:
+            assert self._nursery is not None
+            self._done = True
+            self._nursery.cancel_scope.cancel()
+
+    async def _keepalive(self, interval: float, timeout: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            if self._finishing:
+                return
+            payload = self.conn.ping()
+            self.wake_writer()
+            with trio.move_on_after(timeout):
+                while self._last_pong != payload and not self._finishing:
+                    await self._pong.wait()
+                continue
+            self.fail(f"no answer to PING within {timeout:g} s: peer or network is stuck")
+            return
+
+    async def _idle_watch(self, timeout: float) -> None:
+        while not self._finishing:
+            while self.conn.stream_count:
+                await self._streams_changed.wait()
+            with trio.move_on_after(timeout):
+                while not self.conn.stream_count and not self._finishing:
+                    await self._streams_changed.wait()
+                continue
+            log.debug("closing idle HBONE connection to %s", self.peer_address)
+            self.close()
+            return
+
+
+def _describe(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause):
+        return f"{e.__class__.__name__}: {cause}"
+    return str(e) or e.__class__.__name__

@@ -1,0 +1,394 @@
+"""`HbonePool`: outbound HBONE connections, pooled per (source identity, destination identity, address).
+
+Must never know: the catalog, policy, what the tunnels carry. Callers name both identities and the
+address; the pool guarantees the peer *is* that destination identity.
+
+Invariants:
+- A connection is used only by the key it was opened for: a source's certificate is never reused
+  for another source, and a destination identity is verified once per connection, at its handshake.
+- New streams go to a connection that is healthy, has seen no GOAWAY and has a free stream (below
+  both `max_streams_per_connection` and the peer's MAX_CONCURRENT_STREAMS); otherwise a new one opens.
+- Connection set-up (TCP + TLS) runs in the caller's task under `connect_timeout`; once up, a connection
+  lives in the pool's nursery (`run()`), so it outlives the caller that opened it.
+- A connection idle for `idle_timeout` is closed; PING every `ping_interval`, dead after `ping_timeout`.
+- A stream refused because of a GOAWAY race (REFUSED_STREAM) is retried once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from meshd.hbone._link import HboneLink
+from meshd.hbone.connection import REFUSED_STREAM, HboneConnection, HboneSettings, Role
+from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
+from meshd.hbone.stream import TunnelStream
+from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_identity
+from meshd.identity.spiffe import SpiffeId
+from meshd.units import Address
+
+__all__ = [
+    "HboneConnectError",
+    "HbonePool",
+    "PeerIdentityError",
+    "PoolKey",
+    "PoolStatistics",
+    "TunnelRefused",
+]
+
+log = logging.getLogger("meshd.hbone.pool")
+
+MAX_REASON = 4096  # bytes of a refusal body kept as the reason
+MAX_GET_BODY = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    source: SpiffeId
+    destination: SpiffeId
+    address: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    connections: int
+    streams: int
+    keys: int
+    connects: int  # connections opened since start
+
+
+class _Retry(Exception):
+    """The stream was refused before the peer processed it (GOAWAY race): try a new connection."""
+
+
+class HbonePool:
+    def __init__(
+        self,
+        context_provider: Callable[[SpiffeId], ssl.SSLContext],
+        *,
+        max_streams_per_connection: int = 100,
+        idle_timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float = 20.0,
+        settings: HboneSettings | None = None,
+    ) -> None:
+        if max_streams_per_connection < 1:
+            raise ValueError("max_streams_per_connection must be at least 1")
+        self._context_provider = context_provider
+        self._max_streams = max_streams_per_connection
+        self._idle_timeout = idle_timeout
+        self._connect_timeout = connect_timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._settings = settings or HboneSettings()
+        self._links: dict[PoolKey, list[HboneLink]] = {}
+        self._locks: dict[PoolKey, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self._connects = 0
+
+    def statistics(self) -> PoolStatistics:
+        links = [link for group in self._links.values() for link in group]
+        return PoolStatistics(
+            connections=len(links),
+            streams=sum(link.stream_count for link in links),
+            keys=sum(1 for group in self._links.values() if group),
+            connects=self._connects,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the pool's connections until cancelled (they are closed then)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def drain(self) -> None:
+        """GOAWAY every pooled connection; open tunnels finish, new ones get new connections."""
+        for group in self._links.values():
+            for link in group:
+                link.drain()
+
+    # ---- public operations ---------------------------------------------------------------------------
+
+    async def open_tunnel(
+        self,
+        source: SpiffeId,
+        destination: SpiffeId,
+        address: tuple[str, int],
+        authority: str,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> TunnelStream:
+        """CONNECT to `authority` through the HBONE endpoint at `address`, which must present
+        `destination`'s certificate. Raises TunnelRefused (non-200), HboneConnectError, PeerIdentityError."""
+        key = PoolKey(source, destination, (address[0], int(address[1])))
+        for attempt in range(2):
+            link, sid = await self._open_stream(key, lambda c: c.open_tunnel(authority, headers=headers))
+            try:
+                status = await self._wait_response(link, sid, retryable=attempt == 0)
+                if 200 <= status < 300:
+                    return TunnelStream(link, sid)
+                reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
+                raise TunnelRefused(status, reason)
+            except _Retry:
+                continue
+            except BaseException:
+                link.release(sid)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get(
+        self, source: SpiffeId, destination: SpiffeId, address: tuple[str, int], path: str
+    ) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
+        """An HTTP/2 GET over the pooled connection (the catalog endpoint): (status, headers, body)."""
+        key = PoolKey(source, destination, (address[0], int(address[1])))
+        authority = str(Address(*key.address))
+        for attempt in range(2):
+            link, sid = await self._open_stream(key, lambda c: c.send_request("GET", authority, path))
+            try:
+                status = await self._wait_response(link, sid, retryable=attempt == 0)
+                slot = link.slot(sid)
+                assert slot is not None and slot.response is not None
+                headers = slot.response.headers
+                body = await self._read_body(link, sid, MAX_GET_BODY, strict=True)
+                return status, headers, body
+            except _Retry:
+                continue
+            finally:
+                link.release(sid)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    async def _open_stream(
+        self, key: PoolKey, opener: Callable[[HboneConnection], int]
+    ) -> tuple[HboneLink, int]:
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            link = self._pick(key)
+            if link is None:
+                link = await self._connect(key)
+                self._links.setdefault(key, []).append(link)
+            # No checkpoint between picking and opening: the free stream cannot be taken meanwhile.
+            sid = opener(link.conn)
+            link.add_slot(sid)
+            link.wake_writer()
+        return link, sid
+
+    def _pick(self, key: PoolKey) -> HboneLink | None:
+        for link in self._links.get(key, ()):
+            if link.usable and link.stream_count < self._max_streams and link.conn.available_streams > 0:
+                return link
+        return None
+
+    async def _wait_response(self, link: HboneLink, sid: int, *, retryable: bool) -> int:
+        slot = link.slot(sid)
+        assert slot is not None
+        while slot.response is None:
+            if slot.reset_code is not None:
+                if slot.reset_code == REFUSED_STREAM and retryable:
+                    link.release(sid)
+                    raise _Retry
+                raise HboneConnectError(
+                    f"{_peer(link)} reset the stream before answering (HTTP/2 error {slot.reset_code})"
+                )
+            if link.broken or link.slot(sid) is None:
+                raise HboneConnectError(_explain_failure(link))
+            await slot.readable.wait()
+        return slot.response.status
+
+    async def _read_body(self, link: HboneLink, sid: int, limit: int, *, strict: bool = False) -> bytes:
+        slot = link.slot(sid)
+        assert slot is not None
+        body = bytearray()
+        while True:
+            while slot.chunks:
+                chunk = slot.chunks.popleft()
+                link.conn.acknowledge(sid, len(chunk))
+                body += chunk
+                if len(body) > limit:
+                    if strict:
+                        raise HboneConnectError(f"response from {_peer(link)} is larger than {limit} bytes")
+                    return bytes(body[:limit])
+            link.wake_writer()
+            if slot.remote_ended or slot.reset_code is not None:
+                return bytes(body)
+            if link.broken:
+                if strict:
+                    raise HboneConnectError(_explain_failure(link))
+                return bytes(body)
+            await slot.readable.wait()
+
+    async def get_control(
+        self,
+        source: SpiffeId,
+        address: tuple[str, int],
+        path: str,
+        *,
+        server_hostname: str | None = None,
+    ) -> tuple[int, tuple[tuple[str, str], ...], bytes, SpiffeId]:
+        """A GET on a one-off connection to a peer whose identity is not known yet (catalog fetch from
+        a discovered node): (status, headers, body, the peer's identity). The peer must be in
+        `source`'s trust domain; the caller decides whether that identity may answer.
+        `server_hostname` is sent as SNI (tunnels never send SNI; a control name lets the peer pick
+        its node certificate)."""
+        if self._nursery is None:
+            raise RuntimeError("HbonePool.run() is not running")
+        addr = (address[0], int(address[1]))
+        tls, identity = await self._handshake(source, addr, server_hostname, expected=None)
+        link = self._new_link(tls, identity, addr, idle_timeout=None)
+        await self._nursery.start(link.run)
+        try:
+            sid = link.conn.send_request("GET", str(Address(*addr)), path)
+            link.add_slot(sid)
+            link.wake_writer()
+            status = await self._wait_response(link, sid, retryable=False)
+            slot = link.slot(sid)
+            assert slot is not None and slot.response is not None
+            headers = slot.response.headers
+            body = await self._read_body(link, sid, MAX_GET_BODY, strict=True)
+        finally:
+            link.close()
+        return status, headers, body, identity
+
+    async def _connect(self, key: PoolKey) -> HboneLink:
+        if self._nursery is None:
+            raise RuntimeError("HbonePool.run() is not running")
+        tls, identity = await self._handshake(key.source, key.address, None, expected=key.destination)
+        self._connects += 1
+        link = self._new_link(tls, identity, key.address, idle_timeout=self._idle_timeout)
+        await self._nursery.start(self._run_link, key, link)
+        return link
+
+    def _new_link(
+        self,
+        tls: trio.SSLStream[trio.SocketStream],
+        identity: SpiffeId,
+        address: tuple[str, int],
+        *,
+        idle_timeout: float | None,
+    ) -> HboneLink:
+        return HboneLink(
+            tls,
+            HboneConnection(Role.CLIENT, self._settings),
+            peer_identity=identity,
+            peer_address=address,
+            ping_interval=self._ping_interval,
+            ping_timeout=self._ping_timeout,
+            idle_timeout=idle_timeout,
+        )
+
+    async def _handshake(
+        self,
+        source: SpiffeId,
+        address: tuple[str, int],
+        server_hostname: str | None,
+        *,
+        expected: SpiffeId | None,
+    ) -> tuple[trio.SSLStream[trio.SocketStream], SpiffeId]:
+        """TCP + TLS under connect_timeout; checks ALPN, cipher and the server's identity (exactly
+        `expected`, or else any identity in `source`'s trust domain)."""
+        host, port = address
+        where = str(Address(host, port))
+        tcp: trio.SocketStream | None = None
+        tls: trio.SSLStream[trio.SocketStream] | None = None
+        try:
+            with trio.fail_after(self._connect_timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+                tls = trio.SSLStream(
+                    tcp,
+                    self._context_provider(source),
+                    server_hostname=server_hostname,
+                    https_compatible=True,
+                )
+                await tls.do_handshake()
+            if tls.selected_alpn_protocol() != ALPN:
+                raise HboneConnectError(f"{where} did not negotiate HTTP/2 (ALPN h2): is that an HBONE port?")
+            check_cipher(tls.cipher())
+            identity = peer_identity(tls)
+            if expected is not None:
+                require_identity(identity, expected)
+            elif identity.trust_domain != source.trust_domain:
+                raise PeerIdentityError(
+                    f"{where} presented {identity.uri}, outside trust domain {source.trust_domain!r}"
+                )
+        except BaseException as e:
+            if tls is not None:
+                await trio.aclose_forcefully(tls)
+            elif tcp is not None:
+                await trio.aclose_forcefully(tcp)
+            if isinstance(e, trio.TooSlowError):
+                raise HboneConnectError(
+                    f"connection to {where} timed out after {self._connect_timeout:g} s: "
+                    f"is a firewall blocking HBONE port {port}?"
+                ) from None
+            if isinstance(e, OSError):
+                raise HboneConnectError(_explain_os_error(e, where)) from None
+            if isinstance(e, trio.BrokenResourceError):
+                raise HboneConnectError(
+                    f"TLS handshake with {where} failed: {_tls_reason(e)} (do both sides trust the same mesh CA?)"
+                ) from None
+            raise
+        return tls, identity
+
+    async def _run_link(self, key: PoolKey, link: HboneLink, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await link.run(task_status=task_status)
+        finally:
+            group = self._links.get(key)
+            if group is not None and link in group:
+                group.remove(link)
+                if not group:
+                    del self._links[key]
+
+
+def _peer(link: HboneLink) -> str:
+    return f"{link.peer_identity} at {Address(*link.peer_address)}"
+
+
+def _explain_failure(link: HboneLink) -> str:
+    failure = link.failure or "connection closed"
+    if not link.heard_from_peer:
+        # With TLS 1.3 the server checks our certificate after our side of the handshake is done,
+        # so its refusal arrives as the first read failing.
+        return (
+            f"{_peer(link)} hung up right after the TLS handshake ({failure}): it probably rejected our "
+            "certificate (missing, expired, from another CA, or outside its trust domain)"
+        )
+    return f"HBONE connection to {_peer(link)} failed: {failure}"
+
+
+def _errno_of(e: BaseException) -> int | None:
+    # trio.open_tcp_stream raises OSError("all attempts ... failed") caused by the per-address errors.
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            if (code := _errno_of(sub)) is not None:
+                return code
+    cause = e.__cause__
+    return _errno_of(cause) if cause is not None else None
+
+
+def _explain_os_error(e: OSError, where: str) -> str:
+    code = _errno_of(e)
+    if code == errno.ECONNREFUSED:
+        return f"connection refused: is meshd running on {where}?"
+    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return f"no route to {where}: is the host up and reachable?"
+    return f"cannot connect to {where}: {e.strerror or e}"
+
+
+def _tls_reason(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return str(cause or e) or e.__class__.__name__

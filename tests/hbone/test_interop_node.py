@@ -1,0 +1,76 @@
+"""Interop: Node.js's HTTP/2 stack (nghttp2) as an HBONE CONNECT client against HboneServer.
+
+A second, independent HTTP/2 implementation catches what two copies of our own code would agree on
+wrongly (settings, flow control, END_STREAM handling, GOAWAY on close).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshd.hbone.server import HboneServer, InboundRequest, ServerReply
+from meshd.hbone.tls import StaticCertificates
+from meshd.identity.ca import LocalCA, write_issued
+from tests.hbone.conftest import CLIENT_ID, SERVER_ID, TD, echo
+
+NODE = shutil.which("node")
+SCRIPT = Path(__file__).with_name("node_hbone_client.js")
+
+pytestmark = pytest.mark.skipif(
+    NODE is None, reason="Node.js (`node`) is not installed; interop test needs it"
+)
+
+
+async def test_node_http2_client_tunnels_through_hbone_server(
+    tmp_path: Path, ca: LocalCA, server_certs: StaticCertificates
+) -> None:
+    assert NODE is not None
+    write_issued(ca.issue(CLIENT_ID), tmp_path / "client")
+    seen: list[InboundRequest] = []
+
+    async def handler(req: InboundRequest, reply: ServerReply) -> None:
+        seen.append(req)
+        if req.authority == "10.0.0.9:9":
+            await reply.refuse(401, "denied by policy")
+        else:
+            await echo(req, reply)
+
+    server = HboneServer(server_certs.server_provider(), TD, handler)
+    with trio.fail_after(45):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(server.serve, "127.0.0.1", 0)
+            d = tmp_path / "client"
+            proc = await trio.run_process(
+                [NODE, str(SCRIPT), str(port), str(d / "cert.pem"), str(d / "key.pem"), str(d / "ca.crt")],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            nursery.cancel_scope.cancel()
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["san"] == f"URI:{SERVER_ID.uri}"
+    assert out["tls"]["version"] == "TLSv1.3" and out["tls"]["alpn"] == "h2"
+    assert out["tls"]["cipher"] in {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"}
+    results = {r["authority"]: r for r in out["results"]}
+    big = results["10.0.0.1:80"]
+    assert big["status"] == 200 and big["received"] == big["sent"] and big["echo_ok"], big
+    small = results["10.0.0.2:81"]
+    assert small["status"] == 200 and small["echo_ok"], small
+    assert results["not-an-ip:80"]["status"] == 400  # answered by the core, never reaches the handler
+    assert results["10.0.0.9:9"]["status"] == 401
+    assert {r.authority for r in seen} == {"10.0.0.1:80", "10.0.0.2:81", "10.0.0.9:9"}
+    assert all(r.peer_identity == CLIENT_ID for r in seen)
+    assert all(r.header("forwarded") == 'for="127.0.0.1:40000"' for r in seen)
+
+
+def test_node_script_is_valid_javascript() -> None:
+    if NODE is None:  # pragma: no cover
+        pytest.skip("node missing")
+    subprocess.run([NODE, "--check", str(SCRIPT)], check=True)

@@ -1,0 +1,46 @@
+"""The connection driver on its own, over an in-memory stream and trio's virtual clock."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from meshd.hbone._link import HboneLink
+from meshd.hbone.connection import HboneConnection, Role
+from tests.hbone.conftest import SERVER_ID
+
+
+async def test_unanswered_ping_fails_the_link_after_the_timeout(autojump_clock: trio.abc.Clock) -> None:
+    ours, silent_peer = trio.testing.memory_stream_pair()
+    link = HboneLink(
+        ours,
+        HboneConnection(Role.CLIENT),
+        peer_identity=SERVER_ID,
+        peer_address=("127.0.0.1", 15008),
+        ping_interval=10.0,
+        ping_timeout=20.0,
+    )
+    start = trio.current_time()
+    with trio.fail_after(60):
+        await link.run()
+    assert link.failure is not None and "PING" in link.failure
+    assert 30.0 <= trio.current_time() - start < 31.0
+    del silent_peer
+
+
+async def test_idle_link_closes_itself(autojump_clock: trio.abc.Clock) -> None:
+    ours, peer = trio.testing.memory_stream_pair()
+    link = HboneLink(
+        ours,
+        HboneConnection(Role.CLIENT),
+        peer_identity=SERVER_ID,
+        peer_address=("127.0.0.1", 15008),
+        ping_interval=None,
+        idle_timeout=60.0,
+    )
+    start = trio.current_time()
+    with trio.fail_after(120):
+        await link.run()
+    assert link.failure is None  # a clean, idle close: GOAWAY then hang up
+    assert 60.0 <= trio.current_time() - start < 61.0
+    del peer
