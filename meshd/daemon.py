@@ -21,10 +21,14 @@ import trio
 from meshd import __version__
 from meshd.config.model import Config
 from meshd.config.schema import to_plain
+from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
 from meshd.identity.manager import IdentityManager, source_for
 from meshd.identity.spiffe import SpiffeId
 from meshd.log import set_level
+from meshd.node.proxy import NodeProxy
+from meshd.node.state import NodeState
+from meshd.observe.accesslog import ConnectionTelemetry
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
@@ -51,18 +55,29 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics()
+        self._stop = trio.Event()
+        self._drain_hooks: list[Callable[[], None]] = []
         self.readiness = Readiness()
         self.started_at = time.time()
         self.identities = IdentityManager(
             source_for(config.identity.ca_dir, config.identity.cert_dir, config.identity.cert_ttl),
             local_identities(config),
         )
-        self.policy, warnings = load_policy_dir(config.policy.dir, role=config.role)
+        policy, warnings = load_policy_dir(config.policy.dir, role=config.role)
         for w in warnings:
             log.warning("policy: %s", w.format())
+        self.state = NodeState(
+            config=config,
+            identities=self.identities,
+            metrics=self.metrics,
+            telemetry=ConnectionTelemetry(self.metrics, access_log=config.log.access_log),
+            catalog=merge(local_catalog(config)),
+            policy=policy,
+            track_inflight=self.track_inflight,
+        )
+        self.node = NodeProxy(self.state)
+        self.on_drain(self.node.drain)
         self.bound: dict[str, str] = {}
-        self._stop = trio.Event()
-        self._drain_hooks: list[Callable[[], None]] = []
         self._inflight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -76,6 +91,7 @@ class Daemon:
             await self._start_component(nursery, "metrics", self._serve_metrics)
             await self._start_component(nursery, "admin", self._serve_admin)
             await self._start_component(nursery, "identity", self.identities.run)
+            await self._start_component(nursery, "node", self.node.run, self.readiness)
             self.readiness.seal()
             self.metrics.ready.set(1)
             log.info(
@@ -89,10 +105,10 @@ class Daemon:
         return 0
 
     async def _start_component(
-        self, nursery: trio.Nursery, name: str, start: Callable[..., Awaitable[Any]]
+        self, nursery: trio.Nursery, name: str, start: Callable[..., Awaitable[Any]], *args: Any
     ) -> Any:
         guard = self.readiness.register(name)
-        result = await nursery.start(start)
+        result = await nursery.start(start, *args)
         guard.release()
         return result
 
@@ -140,7 +156,7 @@ class Daemon:
             return False
         for w in warnings:
             log.warning("policy: %s", w.format())
-        self.policy = policy
+        self.state.policy = policy
         self.metrics.policy_reloads.labels("success").inc()
         log.info("policy reloaded")
         return True
@@ -206,7 +222,8 @@ class Daemon:
             "listeners": self.bound,
             "config": to_plain(self.config),
             "certificates": certs,
-            "policy": self.policy.config_dump(),
+            "policy": self.state.policy.config_dump(),
+            **self.node.config_dump(),
         }
 
     def set_log_level(self, level: str) -> None:

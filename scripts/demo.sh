@@ -36,7 +36,13 @@ wait_ready 127.0.0.2
 echo "meshd is up: alpha (127.0.0.2) and beta (127.0.0.3). Logs: $STATE/alpha.log, $STATE/beta.log"
 
 $PY - <<'PYEOF'
-import socket
+import json, socket, time, urllib.request
+# alpha learns beta's catalog (static peer) within a second or two of both being up.
+for _ in range(100):
+    dump = json.load(urllib.request.urlopen("http://127.0.0.2:15000/config_dump", timeout=2))
+    if "echo.default" in dump["catalog"]["services"]:
+        break
+    time.sleep(0.1)
 with socket.create_connection(("127.0.0.1", 17000), timeout=5) as s:
     s.sendall(b"hello through the mesh\n")
     s.shutdown(socket.SHUT_WR)

@@ -119,7 +119,9 @@ class _Converter:
             choices = get_args(tp)
             if raw not in choices:
                 by_case = [c for c in choices if str(c).lower() == str(raw).lower()]
-                close = by_case or difflib.get_close_matches(str(raw), [str(c) for c in choices], n=1, cutoff=0.3)
+                close = by_case or difflib.get_close_matches(
+                    str(raw), [str(c) for c in choices], n=1, cutoff=0.3
+                )
                 hint = f"did you mean {close[0]!r}?" if close else None
                 self.fail(
                     path, f"{dotted(path)} = {raw!r} is not one of {', '.join(map(repr, choices))}", hint

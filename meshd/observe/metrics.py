@@ -77,6 +77,10 @@ class Metrics:
         self.policy_reloads = Counter(
             "meshd_policy_reloads", "policy reload attempts", ("result",), registry=r
         )
+        self.catalog_fetch_failures = Counter(
+            "meshd_catalog_fetch_failures", "failed fetches of a peer's catalog", registry=r
+        )
+        self.peers = Gauge("meshd_peers", "peers whose catalog is current", registry=r)
         self.connect_duration = Histogram(
             "meshd_hbone_connect_duration_seconds",
             "time to open an HBONE tunnel (including TLS when a new connection is needed)",

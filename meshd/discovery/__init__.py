@@ -1,0 +1,1 @@
+"""Finding peers and merging what they host into one catalog."""

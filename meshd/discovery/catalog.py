@@ -1,0 +1,382 @@
+"""The catalog: which workloads and services exist, on which node, reached how. Pure: no I/O.
+
+Each node publishes a `NodeCatalog` (its own config: workloads, services) at `/meshd/v1/catalog`
+on its HBONE port, to authenticated node peers only. A `Catalog` is the merge of this node's
+and every peer's: an immutable value; an update builds a new one and swaps one reference.
+
+Tunnel identity rule (both ends compute it the same way, so no extra round trip is needed):
+a tunnel dialled to a node at IP X is served with the certificate of the one workload identity
+at address X on that node; when no identity or several share X, with the node's own identity.
+Give each workload identity its own address for the handshake to prove the workload itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshd.config.model import Config
+from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId, validate_trust_domain
+from meshd.units import Address
+
+CATALOG_PATH = "/meshd/v1/catalog"
+CATALOG_VERSION = 1
+MAX_CATALOG_BYTES = 4 << 20
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+class CatalogError(ValueError):
+    """A peer's catalog is malformed or claims what it may not."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    node: str
+    name: str
+    namespace: str
+    service_account: str
+    address: str
+    ports: tuple[int, ...]
+    services: tuple[str, ...]  # service keys name.namespace
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def identity(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId(trust_domain, self.namespace, self.service_account)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortEntry:
+    port: int
+    target_port: int
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    name: str
+    namespace: str
+    ports: tuple[ServicePortEntry, ...]
+    waypoint: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+    def port(self, port: int) -> ServicePortEntry | None:
+        return next((p for p in self.ports if p.port == port), None)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCatalog:
+    """What one node publishes about itself."""
+
+    node: str
+    trust_domain: str
+    role: str
+    hbone: Address  # as configured; a wildcard host means "where you reached me"
+    workloads: tuple[WorkloadEntry, ...]
+    services: tuple[ServiceEntry, ...]
+
+    @property
+    def identity(self) -> SpiffeId:
+        return SpiffeId.node(self.trust_domain, self.node)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": CATALOG_VERSION,
+            "node": self.node,
+            "trust_domain": self.trust_domain,
+            "role": self.role,
+            "hbone": str(self.hbone),
+            "workloads": [
+                {
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "service_account": w.service_account,
+                    "address": w.address,
+                    "ports": list(w.ports),
+                    "services": list(w.services),
+                    "labels": dict(w.labels),
+                }
+                for w in self.workloads
+            ],
+            "services": [
+                {
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "ports": [
+                        {"port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+                        for p in s.ports
+                    ],
+                    "waypoint": s.waypoint,
+                }
+                for s in self.services
+            ],
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def revision(self) -> str:
+        return hashlib.sha256(self.encode()).hexdigest()[:16]
+
+    @classmethod
+    def decode(cls, data: bytes, *, expected_node: str | None = None, trust_domain: str) -> NodeCatalog:
+        """Parse a peer's catalog; CatalogError if malformed, too large, or not the node that served it."""
+        if len(data) > MAX_CATALOG_BYTES:
+            raise CatalogError(f"catalog is {len(data)} bytes, over the {MAX_CATALOG_BYTES} limit")
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CatalogError(f"catalog is not JSON: {exc}") from None
+        try:
+            cat = _from_json(raw)
+        except (KeyError, TypeError, ValueError, InvalidSpiffeId) as exc:
+            raise CatalogError(f"malformed catalog: {exc!r}") from None
+        if cat.trust_domain != trust_domain:
+            raise CatalogError(f"catalog is for trust domain {cat.trust_domain!r}, not {trust_domain!r}")
+        if expected_node is not None and cat.node != expected_node:
+            raise CatalogError(f"catalog claims node {cat.node!r} but was served by node {expected_node!r}")
+        return cat
+
+    def tunnel_identity(self, dialed_ip: str) -> SpiffeId:
+        """The identity this node presents to a tunnel dialled at `dialed_ip` (see module docstring)."""
+        ids = {w.identity(self.trust_domain) for w in self.workloads if w.address == dialed_ip}
+        return ids.pop() if len(ids) == 1 else self.identity
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _port(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 65536:
+        raise ValueError(f"bad port {v!r}")
+    return v
+
+
+def _from_json(raw: Any) -> NodeCatalog:
+    if not isinstance(raw, dict) or raw.get("version") != CATALOG_VERSION:
+        raise ValueError(
+            f"unsupported catalog version {raw.get('version') if isinstance(raw, dict) else raw!r}"
+        )
+    td = validate_trust_domain(_str(raw["trust_domain"]))
+    node = _str(raw["node"])
+    workloads = []
+    for w in raw["workloads"]:
+        ipaddress.ip_address(_str(w["address"]))
+        SpiffeId.parse(SpiffeId(td, _str(w["namespace"]), _str(w["service_account"])).uri)  # segment check
+        labels = w.get("labels", {})
+        if not isinstance(labels, dict):
+            raise TypeError("labels must be a table")
+        workloads.append(
+            WorkloadEntry(
+                node=node,
+                name=_str(w["name"]),
+                namespace=w["namespace"],
+                service_account=w["service_account"],
+                address=w["address"],
+                ports=tuple(_port(p) for p in w["ports"]),
+                services=tuple(_str(s) for s in w["services"]),
+                labels=tuple(sorted((_str(k), _str(v)) for k, v in labels.items())),
+            )
+        )
+    services = []
+    for s in raw["services"]:
+        ports = tuple(
+            ServicePortEntry(_port(p["port"]), _port(p["target_port"]), _str(p["protocol"]))
+            for p in s["ports"]
+        )
+        waypoint = s.get("waypoint")
+        services.append(
+            ServiceEntry(
+                _str(s["name"]), _str(s["namespace"]), ports, None if waypoint is None else _str(waypoint)
+            )
+        )
+    return NodeCatalog(
+        node=node,
+        trust_domain=td,
+        role=_str(raw["role"]),
+        hbone=Address.parse(_str(raw["hbone"])),
+        workloads=tuple(workloads),
+        services=tuple(services),
+    )
+
+
+def local_catalog(config: Config) -> NodeCatalog:
+    """This node's own catalog, from its config."""
+    services = tuple(
+        ServiceEntry(
+            s.name,
+            s.namespace,
+            tuple(ServicePortEntry(p.port, p.target, p.protocol) for p in s.ports),
+            s.waypoint,
+        )
+        for s in config.services
+    )
+    workloads = tuple(
+        WorkloadEntry(
+            node=config.node_name,
+            name=w.name,
+            namespace=w.namespace,
+            service_account=w.sa,
+            address=w.address,
+            ports=w.ports,
+            services=tuple(s if "." in s else f"{s}.{w.namespace}" for s in w.services),
+            labels=tuple(sorted(w.labels.items())),
+        )
+        for w in config.workloads
+    )
+    return NodeCatalog(
+        config.node_name, config.trust_domain, config.role, config.listen.hbone, workloads, services
+    )
+
+
+# ---- the merged view ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One way to reach a service port: a workload on a node, through that node's HBONE port."""
+
+    workload: WorkloadEntry
+    target_port: int
+    dial: Address  # where the TCP+TLS connection goes
+    identity: SpiffeId  # what the server must prove in the handshake
+    authority: str  # the CONNECT :authority, workload ip:port
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.workload.node, self.workload.key, self.target_port)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRecord:
+    catalog: NodeCatalog
+    reached_at: str  # host this node reached the peer at (for wildcard listeners)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    trust_domain: str
+    local: NodeCatalog
+    peers: Mapping[str, PeerRecord] = field(default_factory=dict)
+    services: Mapping[str, ServiceEntry] = field(default_factory=dict)
+    workloads: tuple[WorkloadEntry, ...] = ()
+    conflicts: tuple[str, ...] = ()
+
+    def node(self, name: str) -> tuple[NodeCatalog, str] | None:
+        if name == self.local.node:
+            return self.local, _self_host(self.local.hbone.host)
+        rec = self.peers.get(name)
+        return (rec.catalog, rec.reached_at) if rec else None
+
+    def endpoints(self, service_key: str, port: int) -> list[Endpoint]:
+        """Every workload serving the service port, in a stable order (node, workload)."""
+        svc = self.services.get(service_key)
+        if svc is None:
+            return []
+        sp = svc.port(port)
+        if sp is None:
+            return []
+        out = []
+        for w in self.workloads:
+            if service_key not in w.services or sp.target_port not in w.ports:
+                continue
+            found = self.node(w.node)
+            if found is None:
+                continue
+            node, reached = found
+            dial_host = _dial_host(node.hbone.host, reached, w.address)
+            out.append(
+                Endpoint(
+                    workload=w,
+                    target_port=sp.target_port,
+                    dial=Address(dial_host, node.hbone.port),
+                    identity=node.tunnel_identity(dial_host),
+                    authority=str(Address(w.address, sp.target_port)),
+                )
+            )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "local": self.local.node,
+            "nodes": sorted([self.local.node, *self.peers]),
+            "services": sorted(self.services),
+            "workloads": [
+                {
+                    "node": w.node,
+                    "workload": w.key,
+                    "address": w.address,
+                    "ports": list(w.ports),
+                    "services": list(w.services),
+                }
+                for w in self.workloads
+            ],
+            "conflicts": list(self.conflicts),
+        }
+
+
+def _self_host(host: str) -> str:
+    return "127.0.0.1" if host in WILDCARDS else host
+
+
+def _dial_host(listen_host: str, reached_at: str, workload_address: str) -> str:
+    if listen_host not in WILDCARDS:
+        return listen_host
+    ip = ipaddress.ip_address(workload_address)
+    return reached_at if ip.is_loopback or ip.is_unspecified else workload_address
+
+
+def merge(local: NodeCatalog, peers: Iterable[PeerRecord] = ()) -> Catalog:
+    """One catalog from ours and the peers'. Conflicts resolve deterministically and are reported:
+    a workload claimed by several nodes stays with ours, else with the lowest node name; a service
+    defined differently by several nodes takes ours, else the lowest node name's definition."""
+    by_node = {p.catalog.node: p for p in peers if p.catalog.node != local.node}
+    order = [local, *(by_node[n].catalog for n in sorted(by_node))]
+    conflicts: list[str] = []
+    services: dict[str, ServiceEntry] = {}
+    service_owner: dict[str, str] = {}
+    workloads: dict[str, WorkloadEntry] = {}
+    for cat in order:
+        for s in cat.services:
+            if s.key in services and services[s.key] != s:
+                conflicts.append(
+                    f"service {s.key}: node {cat.node} defines it differently from node {service_owner[s.key]}; "
+                    f"using {service_owner[s.key]}'s"
+                )
+                continue
+            services.setdefault(s.key, s)
+            service_owner.setdefault(s.key, cat.node)
+        for w in cat.workloads:
+            if w.key in workloads:
+                conflicts.append(
+                    f"workload {w.key}: claimed by node {cat.node} and node {workloads[w.key].node}; "
+                    f"keeping {workloads[w.key].node}"
+                )
+                continue
+            workloads[w.key] = w
+    return Catalog(
+        trust_domain=local.trust_domain,
+        local=local,
+        peers=by_node,
+        services=services,
+        workloads=tuple(workloads.values()),
+        conflicts=tuple(conflicts),
+    )

@@ -1,0 +1,219 @@
+"""Node inbound (15008 and 15006): authorize, connect to the local workload, pump.
+
+HBONE: the peer is already authenticated (mTLS, our trust domain) by HboneServer; this module
+decides what its CONNECT may reach: the authority must be a local workload's ip:port (else 503),
+L4 authorization must allow it (else 401), and the workload must accept the connection (else 503).
+Plaintext (15006): no identity; only PERMISSIVE workloads, the destination taken from the
+connection's original destination (capture) and L4 policy applied with no principal.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+
+import trio
+
+from meshd.discovery.catalog import CATALOG_PATH, WorkloadEntry
+from meshd.hbone.server import InboundRequest, ServerReply
+from meshd.node.pump import pump
+from meshd.node.state import NodeState
+from meshd.observe.accesslog import (
+    FLAG_NO_ROUTE,
+    FLAG_UNAUTHORIZED,
+    FLAG_UPSTREAM_CONNECT,
+    ConnectionRecord,
+)
+from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mode
+
+log = logging.getLogger("meshd.inbound")
+
+CONNECT_TIMEOUT = 5.0
+SO_ORIGINAL_DST = 80
+
+
+class Inbound:
+    def __init__(self, state: NodeState) -> None:
+        self.state = state
+
+    def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
+        for w in self.state.catalog.local.workloads:
+            if w.address == ip and port in w.ports:
+                return w
+        return None
+
+    async def handle(self, req: InboundRequest, reply: ServerReply) -> None:
+        if not req.is_connect:
+            await self._handle_request(req, reply)
+            return
+        dest = req.destination
+        if dest is None:
+            await reply.refuse(400, f"CONNECT authority {req.authority!r} is not ip:port")
+            return
+        ip, port = dest
+        rec = ConnectionRecord(
+            reporter="destination",
+            src=_forwarded_for(req.header("forwarded")) or f"{req.peer_address[0]}:{req.peer_address[1]}",
+            dst=req.authority,
+            source_identity=req.peer_identity,
+            source_workload=req.peer_identity.service_account,
+            source_namespace=req.peer_identity.namespace,
+        )
+        workload = self._local_workload(ip, port)
+        if workload is None:
+            reason = f"no workload on this node listens on {req.authority}"
+            self.state.telemetry.failed(rec, FLAG_NO_ROUTE, reason)
+            await reply.refuse(503, reason)
+            return
+        self._describe_destination(rec, workload)
+        decision = authorize_connection(
+            self.state.policy,
+            ConnectionAttrs(
+                source=req.peer_identity,
+                source_ip=req.peer_address[0],
+                destination_ip=ip,
+                destination_port=port,
+                workload_namespace=workload.namespace,
+                workload_name=workload.name,
+                workload_labels=workload.label_map,
+            ),
+        )
+        if not decision.allowed:
+            self.state.telemetry.failed(rec, FLAG_UNAUTHORIZED, decision.reason)
+            await reply.refuse(401, decision.reason)
+            return
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                upstream = await trio.open_tcp_stream(ip, port)
+        except (OSError, trio.TooSlowError) as exc:
+            reason = f"connect to workload {req.authority} failed: {exc or 'timed out'}"
+            self.state.telemetry.failed(rec, FLAG_UPSTREAM_CONNECT, reason)
+            await reply.refuse(503, reason)
+            return
+        async with upstream:
+            tunnel = await reply.accept()
+            await self._proxy(rec, tunnel, upstream)
+
+    async def _proxy(
+        self, rec: ConnectionRecord, client: trio.abc.HalfCloseableStream, upstream: trio.SocketStream
+    ) -> None:
+        self.state.telemetry.opened(rec)
+        self.state.track_inflight(1)
+        try:
+            result = await pump(client, upstream)
+        finally:
+            self.state.track_inflight(-1)
+        self.state.telemetry.closed(rec, sent=result.b_to_a, received=result.a_to_b, error=result.error)
+
+    def _describe_destination(self, rec: ConnectionRecord, w: WorkloadEntry) -> None:
+        rec.destination_identity = w.identity(self.state.config.trust_domain)
+        rec.destination_workload = w.name
+        rec.destination_namespace = w.namespace
+        rec.destination_service = w.services[0] if w.services else "unknown"
+
+    async def _handle_request(self, req: InboundRequest, reply: ServerReply) -> None:
+        if req.method == "GET" and req.path == CATALOG_PATH:
+            # Only other meshd nodes of our trust domain (HboneServer checked the domain) get the catalog.
+            if not req.peer_identity.is_node:
+                await reply.refuse(403, "the catalog is served to meshd node identities only")
+                return
+            cat = self.state.catalog.local
+            await reply.respond(
+                200, [("content-type", "application/json"), ("x-meshd-revision", cat.revision)], cat.encode()
+            )
+            return
+        await reply.refuse(
+            400, f"HBONE expects CONNECT (or GET {CATALOG_PATH}), got {req.method} {req.path or ''}"
+        )
+
+    # ---- plaintext inbound (15006) -----------------------------------------------------------
+    async def serve_plaintext(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        address = self.state.config.listen.plaintext
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle_plaintext, listeners)
+            task_status.started()
+
+    async def _handle_plaintext(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            peer = stream.socket.getpeername()
+            dest = original_destination(stream.socket)
+            rec = ConnectionRecord(
+                reporter="destination", src=f"{peer[0]}:{peer[1]}", dst="", security="none"
+            )
+            if dest is None:
+                self.state.telemetry.failed(
+                    rec, FLAG_NO_ROUTE, "plaintext connection without an original destination"
+                )
+                return
+            ip, port = dest
+            rec.dst = f"{ip}:{port}"
+            workload = self._local_workload(ip, port)
+            if workload is None:
+                self.state.telemetry.failed(
+                    rec, FLAG_NO_ROUTE, f"no workload on this node listens on {ip}:{port}"
+                )
+                return
+            self._describe_destination(rec, workload)
+            configured = next(
+                (
+                    w.mtls
+                    for w in self.state.config.workloads
+                    if w.name == workload.name and w.namespace == workload.namespace
+                ),
+                None,
+            )
+            if mtls_mode(self.state.policy, workload.namespace, workload.name, configured) == "STRICT":
+                self.state.telemetry.failed(
+                    rec, FLAG_UNAUTHORIZED, "plaintext refused: workload is STRICT mTLS"
+                )
+                return
+            decision = authorize_connection(
+                self.state.policy,
+                ConnectionAttrs(
+                    source=None,
+                    source_ip=str(peer[0]),
+                    destination_ip=ip,
+                    destination_port=port,
+                    workload_namespace=workload.namespace,
+                    workload_name=workload.name,
+                    workload_labels=workload.label_map,
+                ),
+            )
+            if not decision.allowed:
+                self.state.telemetry.failed(rec, FLAG_UNAUTHORIZED, decision.reason)
+                return
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    upstream = await trio.open_tcp_stream(ip, port)
+            except (OSError, trio.TooSlowError) as exc:
+                self.state.telemetry.failed(
+                    rec, FLAG_UPSTREAM_CONNECT, f"connect failed: {exc or 'timed out'}"
+                )
+                return
+            async with upstream:
+                await self._proxy(rec, stream, upstream)
+
+
+def original_destination(sock: trio.socket.SocketType) -> tuple[str, int] | None:
+    """Where a redirected (captured) connection was headed; None if it was not redirected."""
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    dest = (socket.inet_ntoa(packed), port)
+    local = sock.getsockname()
+    return None if (dest[0], dest[1]) == (local[0], local[1]) else dest
+
+
+def _forwarded_for(value: str | None) -> str | None:
+    """`for="1.2.3.4:5"` from a forwarded header (informational only: never used for policy)."""
+    if not value:
+        return None
+    for part in value.split(";"):
+        key, _, val = part.strip().partition("=")
+        if key.lower() == "for":
+            return val.strip('"')
+    return None

@@ -1,0 +1,176 @@
+"""Node outbound: one listener per `[[upstream]]`; each connection is tunnelled to an endpoint of the
+service over pooled HBONE, as the upstream's source identity.
+
+Endpoint choice: round robin over the service's endpoints, skipping ones ejected after a connect
+failure (for a growing time); a failed connect is retried on the next endpoint. A policy refusal
+(401) is final: another endpoint would say the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from meshd.config.model import UpstreamConfig
+from meshd.discovery.catalog import Endpoint
+from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
+from meshd.hbone.pool import HbonePool
+from meshd.hbone.stream import TunnelStream
+from meshd.identity.spiffe import SpiffeId
+from meshd.node.pump import pump
+from meshd.node.state import NodeState
+from meshd.observe.accesslog import FLAG_NO_HEALTHY, FLAG_NO_ROUTE, FLAG_UNAUTHORIZED, ConnectionRecord
+
+log = logging.getLogger("meshd.outbound")
+
+EJECT_BASE = 1.0
+EJECT_MAX = 30.0
+
+
+@dataclass
+class _Ejection:
+    until: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class EndpointHealth:
+    """Connect-failure ejection per endpoint: 1 s, 2 s, 4 s ... up to 30 s; a success resets it."""
+
+    ejected: dict[tuple[str, str, int], _Ejection] = field(default_factory=dict)
+
+    def healthy(self, ep: Endpoint, now: float) -> bool:
+        e = self.ejected.get(ep.key)
+        return e is None or e.until <= now
+
+    def failed(self, ep: Endpoint, now: float) -> None:
+        e = self.ejected.setdefault(ep.key, _Ejection())
+        e.failures += 1
+        e.until = now + min(EJECT_BASE * 2 ** (e.failures - 1), EJECT_MAX)
+
+    def succeeded(self, ep: Endpoint) -> None:
+        self.ejected.pop(ep.key, None)
+
+
+def source_identity(state: NodeState, up: UpstreamConfig) -> SpiffeId:
+    cfg = state.config
+    if up.workload is not None:
+        w = next(w for w in cfg.workloads if w.name == up.workload)
+    elif len(cfg.workloads) == 1:
+        w = cfg.workloads[0]
+    else:
+        return state.node_identity
+    return SpiffeId(cfg.trust_domain, w.namespace, w.sa)
+
+
+class Outbound:
+    def __init__(self, state: NodeState, pool: HbonePool) -> None:
+        self.state = state
+        self.pool = pool
+        self.health = EndpointHealth()
+        self._next: dict[str, int] = {}
+
+    async def serve(
+        self, up: UpstreamConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(up.listen.port, host=up.listen.host)
+        log.info(
+            "upstream listening", extra={"listen": str(up.listen), "service": f"{up.service_key}:{up.port}"}
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, lambda s: self.handle(s, up), listeners)
+            task_status.started()
+
+    def candidates(self, key: str, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """Round-robin order starting after the last pick; healthy endpoints first, ejected ones last."""
+        if not endpoints:
+            return []
+        start = self._next.get(key, 0) % len(endpoints)
+        self._next[key] = start + 1
+        ordered = endpoints[start:] + endpoints[:start]
+        now = time.monotonic()
+        return [e for e in ordered if self.health.healthy(e, now)] + [
+            e for e in ordered if not self.health.healthy(e, now)
+        ]
+
+    async def handle(self, client: trio.SocketStream, up: UpstreamConfig) -> None:
+        async with client:
+            peer = client.socket.getpeername()
+            source = source_identity(self.state, up)
+            rec = ConnectionRecord(
+                reporter="source",
+                src=f"{peer[0]}:{peer[1]}",
+                dst=f"{up.service_key}:{up.port}",
+                source_identity=source,
+                source_workload=source.service_account,
+                source_namespace=source.namespace,
+                destination_service=up.service_key,
+            )
+            endpoints = self.state.catalog.endpoints(up.service_key, up.port)
+            if not endpoints:
+                self.state.telemetry.failed(
+                    rec, FLAG_NO_ROUTE, f"no endpoint for {up.service_key}:{up.port} in the catalog"
+                )
+                return
+            tunnel, last_error = await self._open(rec, source, endpoints, up, f"{peer[0]}:{peer[1]}")
+            if tunnel is None:
+                flag = FLAG_UNAUTHORIZED if last_error.startswith("401") else FLAG_NO_HEALTHY
+                self.state.telemetry.failed(rec, flag, last_error)
+                return
+            async with tunnel:
+                self.state.telemetry.opened(rec)
+                self.state.track_inflight(1)
+                try:
+                    result = await pump(client, tunnel)
+                finally:
+                    self.state.track_inflight(-1)
+                self.state.telemetry.closed(
+                    rec, sent=result.b_to_a, received=result.a_to_b, error=result.error
+                )
+
+    async def _open(
+        self,
+        rec: ConnectionRecord,
+        source: SpiffeId,
+        endpoints: list[Endpoint],
+        up: UpstreamConfig,
+        client: str,
+    ) -> tuple[TunnelStream | None, str]:
+        last_error = "no endpoint tried"
+        for ep in self.candidates(f"{up.service_key}:{up.port}", endpoints):
+            rec.destination_identity = ep.identity
+            rec.destination_workload = ep.workload.name
+            rec.destination_namespace = ep.workload.namespace
+            started = time.monotonic()
+            try:
+                tunnel = await self.pool.open_tunnel(
+                    source,
+                    ep.identity,
+                    (ep.dial.host, ep.dial.port),
+                    ep.authority,
+                    headers=[("forwarded", f'for="{client}"'), ("baggage", _baggage(source))],
+                )
+            except TunnelRefused as exc:
+                last_error = f"{exc.status} from {ep.dial}: {exc.reason}"
+                if exc.status == 401:
+                    return None, last_error
+                self.health.failed(ep, time.monotonic())
+                continue
+            except (HboneConnectError, PeerIdentityError) as exc:
+                last_error = f"{ep.dial}: {exc}"
+                log.warning(
+                    "endpoint failed, trying the next", extra={"endpoint": str(ep.dial), "error": str(exc)}
+                )
+                self.health.failed(ep, time.monotonic())
+                continue
+            self.state.metrics.connect_duration.observe(time.monotonic() - started)
+            self.health.succeeded(ep)
+            return tunnel, ""
+        return None, last_error
+
+
+def _baggage(source: SpiffeId) -> str:
+    return f"k8s.namespace.name={source.namespace},service.name={source.service_account}"

@@ -1,0 +1,53 @@
+"""Copy bytes both ways between two half-closeable streams, with back-pressure.
+
+Each direction is its own task: a reader that waited on the other direction's send would deadlock
+under two-way bulk traffic. EOF on one side becomes a half-close (send_eof) on the other, so
+request/response protocols that shut down their write side keep working through the mesh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+CHUNK = 256 * 1024
+
+
+@dataclass
+class PumpResult:
+    """Bytes copied each way, and the first error that ended the copy (None = both sides closed cleanly)."""
+
+    a_to_b: int = 0
+    b_to_a: int = 0
+    error: str | None = None
+
+
+async def pump(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> PumpResult:
+    result = PumpResult()
+
+    async def copy(
+        src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream, forward: bool
+    ) -> None:
+        try:
+            while True:
+                data = await src.receive_some(CHUNK)
+                if not data:
+                    break
+                await dst.send_all(data)
+                if forward:
+                    result.a_to_b += len(data)
+                else:
+                    result.b_to_a += len(data)
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # One side is gone: record why and stop the other direction too.
+            result.error = (
+                result.error or f"{'upstream' if forward else 'downstream'}: {exc or type(exc).__name__}"
+            )
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(copy, a, b, True)
+        nursery.start_soon(copy, b, a, False)
+    return result
