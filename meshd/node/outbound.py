@@ -66,12 +66,30 @@ def source_identity(state: NodeState, up: UpstreamConfig) -> SpiffeId:
     return SpiffeId(cfg.trust_domain, w.namespace, w.sa)
 
 
+class EndpointPicker:
+    """Round robin per service port, healthy endpoints first. Pure: the clock is passed in."""
+
+    def __init__(self) -> None:
+        self.health = EndpointHealth()
+        self._next: dict[str, int] = {}
+
+    def candidates(self, key: str, endpoints: list[Endpoint], now: float) -> list[Endpoint]:
+        """Round-robin order starting after the last pick; healthy endpoints first, ejected ones last."""
+        if not endpoints:
+            return []
+        start = self._next.get(key, 0) % len(endpoints)
+        self._next[key] = start + 1
+        ordered = endpoints[start:] + endpoints[:start]
+        healthy = [e for e in ordered if self.health.healthy(e, now)]
+        return healthy + [e for e in ordered if e not in healthy]
+
+
 class Outbound:
     def __init__(self, state: NodeState, pool: HbonePool) -> None:
         self.state = state
         self.pool = pool
-        self.health = EndpointHealth()
-        self._next: dict[str, int] = {}
+        self.picker = EndpointPicker()
+        self.health = self.picker.health
 
     async def serve(
         self, up: UpstreamConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -83,18 +101,6 @@ class Outbound:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, lambda s: self.handle(s, up), listeners)
             task_status.started()
-
-    def candidates(self, key: str, endpoints: list[Endpoint]) -> list[Endpoint]:
-        """Round-robin order starting after the last pick; healthy endpoints first, ejected ones last."""
-        if not endpoints:
-            return []
-        start = self._next.get(key, 0) % len(endpoints)
-        self._next[key] = start + 1
-        ordered = endpoints[start:] + endpoints[:start]
-        now = time.monotonic()
-        return [e for e in ordered if self.health.healthy(e, now)] + [
-            e for e in ordered if not self.health.healthy(e, now)
-        ]
 
     async def handle(self, client: trio.SocketStream, up: UpstreamConfig) -> None:
         async with client:
@@ -140,7 +146,7 @@ class Outbound:
         client: str,
     ) -> tuple[TunnelStream | None, str]:
         last_error = "no endpoint tried"
-        for ep in self.candidates(f"{up.service_key}:{up.port}", endpoints):
+        for ep in self.picker.candidates(f"{up.service_key}:{up.port}", endpoints, time.monotonic()):
             rec.destination_identity = ep.identity
             rec.destination_workload = ep.workload.name
             rec.destination_namespace = ep.workload.namespace
