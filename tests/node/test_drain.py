@@ -1,0 +1,29 @@
+"""Graceful drain: SIGTERM lets an in-flight tunnel finish, refuses new ones, then exits 0."""
+
+from __future__ import annotations
+
+import socket
+
+from tests.node.test_node_e2e import Mesh, mesh, recv_all, recv_until_closed
+
+__all__ = ["mesh"]  # the fixture
+
+
+def test_in_flight_transfer_completes_across_sigterm(mesh: Mesh) -> None:
+    assert mesh.beta.proc is not None
+    with mesh.connect() as s:
+        s.settimeout(20)
+        s.sendall(b"before ")
+        assert s.recv(7) == b"before "
+        mesh.beta.signal(15)  # SIGTERM to the destination node: it drains
+        # A new connection is refused while the old one is still open.
+        with mesh.connect() as late:
+            late.settimeout(20)
+            late.sendall(b"late")
+            assert recv_until_closed(late) == b""
+        assert mesh.beta.proc.poll() is None  # still draining: our tunnel is in flight
+        s.sendall(b"after")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"after"
+    assert mesh.beta.proc.wait(20) == 0
+    assert "drain" in mesh.beta.log()
