@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from tests.node.test_node_e2e import Mesh, mesh, recv_all, recv_until_closed
+from tests.node.test_node_e2e import Mesh, mesh, recv_all, recv_until_closed, wait_for
+from tests.support.procs import http_get
 
 __all__ = ["mesh"]  # the fixture
 
@@ -16,6 +17,7 @@ def test_in_flight_transfer_completes_across_sigterm(mesh: Mesh) -> None:
         s.sendall(b"before ")
         assert s.recv(7) == b"before "
         mesh.beta.signal(15)  # SIGTERM to the destination node: it drains
+        wait_for(lambda: http_get(mesh.beta.readiness_url)[0] == 503, mesh.beta)  # it took the signal
         # A new connection is refused while the old one is still open.
         with mesh.connect() as late:
             late.settimeout(20)
