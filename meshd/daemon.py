@@ -34,6 +34,7 @@ from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
 from meshd.policy.load import load_policy_dir
 from meshd.readiness import Readiness
+from meshd.sdnotify import Notifier
 
 log = logging.getLogger("meshd")
 
@@ -55,6 +56,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics()
+        self.systemd = Notifier()
         self._stop = trio.Event()
         self._drain_hooks: list[Callable[[], None]] = []
         self.readiness = Readiness()
@@ -87,6 +89,7 @@ class Daemon:
     async def run(self) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self.systemd.keep_alive)
             await self._start_component(nursery, "readiness", self._serve_readiness)
             await self._start_component(nursery, "metrics", self._serve_metrics)
             await self._start_component(nursery, "admin", self._serve_admin)
@@ -94,13 +97,16 @@ class Daemon:
             await self._start_component(nursery, "node", self.node.run, self.readiness)
             self.readiness.seal()
             self.metrics.ready.set(1)
+            self.systemd.ready(f"{self.config.role} {self.config.node_name} ready")
             log.info(
                 "meshd ready",
                 extra={"role": self.config.role, "node": self.config.node_name, "version": __version__},
             )
             await self._stop.wait()
+            self.systemd.stopping()
             await self._drain()
             nursery.cancel_scope.cancel()
+        self.systemd.close()
         log.info("meshd stopped")
         return 0
 
@@ -140,7 +146,9 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    self.systemd.reloading()
                     self.reload_policy()
+                    self.systemd.ready("reloaded")
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     self.stop()

@@ -47,6 +47,7 @@ class Meshd:
     ip: str
     overrides: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
     log_path: Path | None = None
 
     @property
@@ -74,7 +75,8 @@ class Meshd:
         cmd = [sys.executable, "-m", "meshd", *([subcommand] if subcommand else [])]
         cmd += ["-c", str(self.config), *listen, *self.overrides, *extra]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> Meshd:

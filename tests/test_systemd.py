@@ -1,0 +1,66 @@
+"""systemd integration: the units verify, and the daemon speaks the notify protocol."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from meshd.identity.ca import LocalCA
+from tests.conftest import REPO
+from tests.support.procs import Meshd, http_get
+from tests.test_daemon import example_node
+
+
+@pytest.mark.parametrize("unit", ["meshd.service", "meshd-waypoint.service"])
+def test_units_pass_systemd_analyze_verify(tmp_path: Path, unit: str) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing (apt-get install systemd)"
+    meshd = shutil.which("meshd") or str(Path(REPO / ".venv/bin/meshd"))
+    text = (REPO / "systemd" / unit).read_text().replace("/usr/local/bin/meshd", meshd)
+    (tmp_path / unit).write_text(text)
+    out = subprocess.run(
+        [analyze, "verify", str(tmp_path / unit)], capture_output=True, text=True, timeout=60
+    )
+    problems = [line for line in out.stderr.splitlines() if unit in line]
+    assert out.returncode == 0 and not problems, out.stderr
+
+
+def test_notify_protocol_ready_watchdog_reloading_stopping(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(20)
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    node.start()
+    seen: list[str] = []
+
+    def wait_message(field: str) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(field in m.split("\n") for m in seen):
+                return
+            seen.append(listener.recv(4096).decode())
+        raise AssertionError(f"no {field} within 20 s; got {seen}\n{node.log()}")
+
+    wait_message("READY=1")
+    assert http_get(node.readiness_url)[0] == 200  # READY=1 only once every component is up
+    seen.clear()
+    wait_message("WATCHDOG=1")
+    seen.clear()
+    wait_message("WATCHDOG=1")  # repeated, from the event loop
+    node.signal(signal.SIGHUP)
+    wait_message("RELOADING=1")
+    node.signal(signal.SIGTERM)
+    wait_message("STOPPING=1")
+    assert node.proc is not None and node.proc.wait(20) == 0
+    listener.close()
