@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from meshd import __version__
+from meshd.cli_admin import peers, services, status
 from meshd.cli_ca import ca
 from meshd.config.load import config_path, load_config
 from meshd.config.schema import describe_type, leaf_keys, to_plain
@@ -196,3 +197,5 @@ def version() -> None:
 
 
 main.add_command(ca)
+for _admin_command in (status, peers, services):
+    main.add_command(_admin_command)

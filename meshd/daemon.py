@@ -8,6 +8,7 @@ policy (a bad file keeps the previous policy in force).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -231,6 +232,11 @@ class Daemon:
             "config": to_plain(self.config),
             "certificates": certs,
             "policy": self.state.policy.config_dump(),
+            "connections": {
+                "proxied": self._inflight,
+                "hbone_inbound": dataclasses.asdict(self.node.server.statistics()),
+                "pool": dataclasses.asdict(self.node.pool.statistics()),
+            },
             **self.node.config_dump(),
         }
 

@@ -1,0 +1,130 @@
+"""`meshd status`, `meshd peers`, `meshd services`: read a running meshd's admin API (/config_dump).
+
+Human tables by default, `--json` for scripts. The admin address comes from `--admin`, else from
+the config file (`-c`, $MESHD_CONFIG, /etc/meshd/meshd.toml) when it exists, else 127.0.0.1:15000.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from meshd.config.load import config_path, load_config
+from meshd.errors import ConfigError
+
+DEFAULT_ADMIN = "127.0.0.1:15000"
+
+
+def _admin_address(admin: str | None, config_file: str | None) -> str:
+    if admin:
+        return admin
+    path = config_path(config_file)
+    if config_file or path.exists():
+        try:
+            return str(load_config(path).listen.admin)
+        except ConfigError as exc:
+            raise click.ClickException(f"{exc} (or pass --admin HOST:PORT)") from None
+    return DEFAULT_ADMIN
+
+
+def fetch_dump(address: str) -> dict[str, Any]:
+    url = f"http://{address}/config_dump"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data: dict[str, Any] = json.load(resp)
+            return data
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(
+            f"cannot reach meshd's admin API at {address}: {exc} (is meshd running? pass --admin HOST:PORT)"
+        ) from None
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _expires_in(iso: str) -> str:
+    left = datetime.fromisoformat(iso) - datetime.now(UTC)
+    secs = int(left.total_seconds())
+    if secs <= 0:
+        return "EXPIRED"
+    return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
+
+
+def status_text(d: dict[str, Any]) -> str:
+    conns = d.get("connections", {})
+    lines = [
+        f"meshd {d['version']}  role {d['role']}  node {d['node_name']}  "
+        f"{'ready' if d['ready'] else 'NOT READY'}  up {d['uptime_s']}s",
+        f"peers {len(d.get('peers', []))}  services {len(d['catalog']['services'])}  "
+        f"workloads {len(d['catalog']['workloads'])}  "
+        f"connections: {conns.get('proxied', 0)} proxied now, "
+        f"{conns.get('hbone_inbound', {}).get('connections', 0)} HBONE in, "
+        f"{conns.get('pool', {}).get('connections', 0)} HBONE out",
+        "",
+        table(
+            [
+                (ident, c["not_after"], _expires_in(c["not_after"]), c["last_error"])
+                for ident, c in d["certificates"].items()
+            ],
+            ["identity", "not after", "expires in", "last renewal error"],
+        ),
+    ]
+    if d["catalog"].get("conflicts"):
+        lines += ["", "catalog conflicts:", *(f"  {c}" for c in d["catalog"]["conflicts"])]
+    return "\n".join(lines)
+
+
+def peers_text(d: dict[str, Any]) -> str:
+    rows = [
+        (p["name"], p["address"], p["role"], p["how"], p["last_seen_s_ago"], p["revision"], p["last_error"])
+        for p in d.get("peers", [])
+    ]
+    return table(rows, ["name", "address", "role", "found by", "last seen (s ago)", "revision", "last error"])
+
+
+def services_text(d: dict[str, Any]) -> str:
+    by_service: dict[str, list[str]] = {s: [] for s in d["catalog"]["services"]}
+    for w in d["catalog"]["workloads"]:
+        for s in w["services"]:
+            by_service.setdefault(s, []).append(f"{w['workload']}@{w['node']}")
+    rows = [(s, len(eps), ", ".join(eps) or "(no endpoints)") for s, eps in sorted(by_service.items())]
+    return table(rows, ["service", "endpoints", "workloads"])
+
+
+def _command(
+    name: str, render: Callable[[dict[str, Any]], str], select: Callable[[dict[str, Any]], Any], doc: str
+) -> click.Command:
+    @click.command(name, help=doc)
+    @click.option("--admin", metavar="HOST:PORT", help="admin API address (default: from the config file)")
+    @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="config file")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+    def command(admin: str | None, config_file: str | None, as_json: bool) -> None:
+        dump = fetch_dump(_admin_address(admin, config_file))
+        if as_json:
+            json.dump(select(dump), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            click.echo(render(dump))
+
+    return command
+
+
+status = _command(
+    "status", status_text, lambda d: d, "Role, identity expiry, peers, services and connection counts."
+)
+peers = _command(
+    "peers", peers_text, lambda d: d.get("peers", []), "The peers this meshd knows, and how it found them."
+)
+services = _command(
+    "services", services_text, lambda d: d["catalog"], "Services in the merged catalog and their endpoints."
+)

@@ -1,0 +1,47 @@
+"""`meshd status`, `meshd peers`, `meshd services` against a real running daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from meshd.identity.ca import LocalCA
+from tests.support.procs import Meshd
+from tests.test_cli import meshd
+from tests.test_daemon import example_node
+
+
+def test_status_peers_services(tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    admin = f"{loopback}:15000"
+
+    out = meshd("status", "--admin", admin)
+    assert out.returncode == 0, out.stderr
+    assert "role node" in out.stdout and "ready" in out.stdout
+    assert "spiffe://home.arpa/ns/default/sa/client" in out.stdout and "expires in" in out.stdout
+
+    out = meshd("status", "--admin", admin, "--json")
+    assert json.loads(out.stdout)["role"] == "node"
+
+    # The example config's static peer (beta) is not running: it is listed, with its error.
+    out = meshd("peers", "--admin", admin)
+    assert out.returncode == 0 and "127.0.0.3:15008" in out.stdout and "static" in out.stdout, out.stdout
+    peers = json.loads(meshd("peers", "--admin", admin, "--json").stdout)
+    assert peers[0]["address"] == "127.0.0.3:15008" and peers[0]["last_error"]
+
+    out = meshd("services", "--admin", admin, "--json")
+    assert json.loads(out.stdout)["local"].startswith("n")
+
+    # The admin address can come from the config file too.
+    out = meshd("status", "-c", str(node.config), f"--admin={admin}")
+    assert out.returncode == 0
+    assert node.stop() == 0
+
+
+def test_status_says_clearly_when_meshd_is_not_running(loopback: str) -> None:
+    out = meshd("status", "--admin", f"{loopback}:15000")
+    assert out.returncode == 1
+    assert "cannot reach meshd's admin API" in out.stderr and "is meshd running?" in out.stderr
+    assert "Traceback" not in out.stderr
