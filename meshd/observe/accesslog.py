@@ -89,6 +89,7 @@ class ConnectionTelemetry:
                 "bytes_recv": received,
                 "duration_ms": round((time.monotonic() - rec.started) * 1000, 1),
                 "response_flags": flags,
+                "security": rec.security,
                 "error": error,
             },
         )

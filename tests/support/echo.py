@@ -26,7 +26,7 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 @contextmanager
-def echo_server(host: str, port: int) -> Iterator[tuple[str, int]]:
+def echo_server(host: str, port: int) -> Iterator[tuple[str | bytes | bytearray, int]]:
     server = _Server((host, port), _Echo)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
