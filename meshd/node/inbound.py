@@ -17,6 +17,7 @@ import trio
 
 from meshd.discovery.catalog import CATALOG_PATH, WorkloadEntry
 from meshd.hbone.server import InboundRequest, ServerReply
+from meshd.identity.spiffe import SpiffeId
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.observe.accesslog import (
@@ -60,18 +61,42 @@ class Inbound:
             source_workload=req.peer_identity.service_account,
             source_namespace=req.peer_identity.namespace,
         )
+        upstream, status, reason = await self._admit(rec, req.peer_identity, req.peer_address[0], ip, port)
+        if upstream is None:
+            await reply.refuse(status, reason)
+            return
+        async with upstream:
+            tunnel = await reply.accept()
+            await self._proxy(rec, tunnel, upstream)
+
+    async def _admit(
+        self, rec: ConnectionRecord, source: SpiffeId | None, source_ip: str, ip: str, port: int
+    ) -> tuple[trio.SocketStream | None, int, str]:
+        """Find the local workload, apply mTLS mode (plaintext only) and L4 policy, connect to it.
+        Returns (the workload connection, 200, "") or (None, HBONE status, reason), the refusal
+        already counted and logged."""
         workload = self._local_workload(ip, port)
         if workload is None:
-            reason = f"no workload on this node listens on {req.authority}"
-            self.state.telemetry.failed(rec, FLAG_NO_ROUTE, reason)
-            await reply.refuse(503, reason)
-            return
+            return self._refused(rec, FLAG_NO_ROUTE, 503, f"no workload on this node listens on {ip}:{port}")
         self._describe_destination(rec, workload)
+        if source is None:
+            configured = next(
+                (
+                    w.mtls
+                    for w in self.state.config.workloads
+                    if (w.name, w.namespace) == (workload.name, workload.namespace)
+                ),
+                None,
+            )
+            if mtls_mode(self.state.policy, workload.namespace, workload.name, configured) == "STRICT":
+                return self._refused(
+                    rec, FLAG_UNAUTHORIZED, 401, "plaintext refused: workload is STRICT mTLS"
+                )
         decision = authorize_connection(
             self.state.policy,
             ConnectionAttrs(
-                source=req.peer_identity,
-                source_ip=req.peer_address[0],
+                source=source,
+                source_ip=source_ip,
                 destination_ip=ip,
                 destination_port=port,
                 workload_namespace=workload.namespace,
@@ -80,20 +105,17 @@ class Inbound:
             ),
         )
         if not decision.allowed:
-            self.state.telemetry.failed(rec, FLAG_UNAUTHORIZED, decision.reason)
-            await reply.refuse(401, decision.reason)
-            return
+            return self._refused(rec, FLAG_UNAUTHORIZED, 401, decision.reason)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await trio.open_tcp_stream(ip, port)
+                return await trio.open_tcp_stream(ip, port), 200, ""
         except (OSError, trio.TooSlowError) as exc:
-            reason = f"connect to workload {req.authority} failed: {exc or 'timed out'}"
-            self.state.telemetry.failed(rec, FLAG_UPSTREAM_CONNECT, reason)
-            await reply.refuse(503, reason)
-            return
-        async with upstream:
-            tunnel = await reply.accept()
-            await self._proxy(rec, tunnel, upstream)
+            reason = f"connect to workload {ip}:{port} failed: {exc or 'timed out'}"
+            return self._refused(rec, FLAG_UPSTREAM_CONNECT, 503, reason)
+
+    def _refused(self, rec: ConnectionRecord, flag: str, status: int, reason: str) -> tuple[None, int, str]:
+        self.state.telemetry.failed(rec, flag, reason)
+        return None, status, reason
 
     async def _proxy(
         self, rec: ConnectionRecord, client: trio.abc.HalfCloseableStream, upstream: trio.SocketStream
@@ -149,48 +171,8 @@ class Inbound:
                 return
             ip, port = dest
             rec.dst = f"{ip}:{port}"
-            workload = self._local_workload(ip, port)
-            if workload is None:
-                self.state.telemetry.failed(
-                    rec, FLAG_NO_ROUTE, f"no workload on this node listens on {ip}:{port}"
-                )
-                return
-            self._describe_destination(rec, workload)
-            configured = next(
-                (
-                    w.mtls
-                    for w in self.state.config.workloads
-                    if w.name == workload.name and w.namespace == workload.namespace
-                ),
-                None,
-            )
-            if mtls_mode(self.state.policy, workload.namespace, workload.name, configured) == "STRICT":
-                self.state.telemetry.failed(
-                    rec, FLAG_UNAUTHORIZED, "plaintext refused: workload is STRICT mTLS"
-                )
-                return
-            decision = authorize_connection(
-                self.state.policy,
-                ConnectionAttrs(
-                    source=None,
-                    source_ip=str(peer[0]),
-                    destination_ip=ip,
-                    destination_port=port,
-                    workload_namespace=workload.namespace,
-                    workload_name=workload.name,
-                    workload_labels=workload.label_map,
-                ),
-            )
-            if not decision.allowed:
-                self.state.telemetry.failed(rec, FLAG_UNAUTHORIZED, decision.reason)
-                return
-            try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    upstream = await trio.open_tcp_stream(ip, port)
-            except (OSError, trio.TooSlowError) as exc:
-                self.state.telemetry.failed(
-                    rec, FLAG_UPSTREAM_CONNECT, f"connect failed: {exc or 'timed out'}"
-                )
+            upstream, _, _ = await self._admit(rec, None, str(peer[0]), ip, port)
+            if upstream is None:
                 return
             async with upstream:
                 await self._proxy(rec, stream, upstream)
