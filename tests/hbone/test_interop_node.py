@@ -20,7 +20,7 @@ from meshd.identity.ca import LocalCA, write_issued
 from tests.hbone.conftest import CLIENT_ID, SERVER_ID, TD, echo
 
 NODE = shutil.which("node")
-SCRIPT = Path(__file__).with_name("node_hbone_client.js")
+SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
 
 pytestmark = pytest.mark.skipif(
     NODE is None, reason="Node.js (`node`) is not installed; interop test needs it"
@@ -47,7 +47,12 @@ async def test_node_http2_client_tunnels_through_hbone_server(
             _, port = await nursery.start(server.serve, "127.0.0.1", 0)
             d = tmp_path / "client"
             proc = await trio.run_process(
-                [NODE, str(SCRIPT), str(port), str(d / "cert.pem"), str(d / "key.pem"), str(d / "ca.crt")],
+                [
+                    *(NODE, str(SCRIPT), "127.0.0.1", str(port)),
+                    *(str(d / "cert.pem"), str(d / "key.pem"), str(d / "ca.crt")),
+                    *("10.0.0.1:80", str(8 * 1024 * 1024 + 123), "10.0.0.2:81", "1000"),
+                    *("not-an-ip:80", "0", "10.0.0.9:9", "6"),
+                ],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
@@ -67,7 +72,7 @@ async def test_node_http2_client_tunnels_through_hbone_server(
     assert results["10.0.0.9:9"]["status"] == 401
     assert {r.authority for r in seen} == {"10.0.0.1:80", "10.0.0.2:81", "10.0.0.9:9"}
     assert all(r.peer_identity == CLIENT_ID for r in seen)
-    assert all(r.header("forwarded") == 'for="127.0.0.1:40000"' for r in seen)
+    assert all(r.header("forwarded") == 'for="192.0.2.7:40000"' for r in seen)
 
 
 def test_node_script_is_valid_javascript() -> None:

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.configs import ECHO_PORT, echo_workload, node_config
 from tests.support.echo import echo_server
 from tests.support.procs import Meshd, unique_loopback
 
 NODE = shutil.which("node")
-SCRIPT = Path(__file__).with_name("node_connect_client.js")
+SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
 TD = "home.arpa"
-ECHO_PORT = 7000
 TIMEOUT = 45
 
 DENY_POLICY = """
@@ -98,12 +98,13 @@ def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
     (tmp / "policy.d").mkdir()
     (tmp / "policy.d" / "10-deny.toml").write_text(DENY_POLICY)
     ip = unique_loopback()
-    cfg = tmp / "beta.toml"
-    cfg.write_text(
-        f'trust_domain = "{TD}"\nnode_name = "beta"\n[identity]\nca_dir = "{ca_dir}"\n'
-        f'[discovery]\nmdns = false\n[policy]\ndir = "{tmp / "policy.d"}"\n'
-        f'[[workload]]\nname = "echo"\naddress = "{ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
-        f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n'
+    cfg = node_config(
+        tmp / "beta.toml",
+        "beta",
+        ca_dir,
+        policy_dir=tmp / "policy.d",
+        body=echo_workload(ip),
+        trust_domain=TD,
     )
     with echo_server(ip, ECHO_PORT):
         daemon = Meshd(cfg, ip).start()

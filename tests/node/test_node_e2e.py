@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from meshd.identity.ca import LocalCA
+from tests.support.configs import ECHO_PORT, echo_workload, node_config
 from tests.support.echo import echo_server
 from tests.support.procs import Meshd, http_get, unique_loopback
 
-ECHO_PORT = 7000
 UPSTREAM_PORT = 17000
 
 
@@ -36,42 +36,25 @@ class Mesh:
         return socket.create_connection(self.upstream, timeout=10)
 
 
-def node_config(
-    path: Path, name: str, ip: str, ca_dir: Path, peers: list[str], body: str, policy_dir: Path
-) -> Path:
-    policy_dir.mkdir(exist_ok=True)
-    path.write_text(
-        f'trust_domain = "home.arpa"\nnode_name = "{name}"\n'
-        f'[identity]\nca_dir = "{ca_dir}"\n'
-        f'[discovery]\nmdns = false\npeers = {peers!r}\nrefresh = "1s"\n'.replace("'", '"')
-        + f'[policy]\ndir = "{policy_dir}"\n'
-        + body
-    )
-    return path
-
-
 @pytest.fixture
 def mesh(tmp_path: Path, ca: LocalCA, daemons: list[Meshd]) -> Iterator[Mesh]:
     a_ip, b_ip = unique_loopback(), unique_loopback()
     alpha_cfg = node_config(
         tmp_path / "alpha.toml",
         "alpha",
-        a_ip,
         tmp_path / "ca",
-        [f"{b_ip}:15008"],
-        f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
+        peers=[f"{b_ip}:15008"],
+        policy_dir=tmp_path / "alpha-policy",
+        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
         f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{a_ip}:{UPSTREAM_PORT}"\n',
-        tmp_path / "alpha-policy",
     )
     beta_cfg = node_config(
         tmp_path / "beta.toml",
         "beta",
-        b_ip,
         tmp_path / "ca",
-        [f"{a_ip}:15008"],
-        f'[[workload]]\nname = "echo"\naddress = "{b_ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
-        f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n',
-        tmp_path / "beta-policy",
+        peers=[f"{a_ip}:15008"],
+        policy_dir=tmp_path / "beta-policy",
+        body=echo_workload(b_ip),
     )
     with echo_server(b_ip, ECHO_PORT):
         beta = Meshd(beta_cfg, b_ip)

@@ -31,11 +31,11 @@ from meshd.hbone.pool import HbonePool
 from meshd.hbone.tls import ALPN, StaticCertificates, client_context
 from meshd.identity.ca import IssuedCert, LocalCA
 from meshd.identity.spiffe import SpiffeId
+from tests.support.configs import ECHO_PORT, echo_workload, node_config
 from tests.support.echo import echo_server
 from tests.support.procs import Meshd, http_get, unique_loopback
 
 TD = "home.arpa"
-ECHO_PORT = 7000
 CLIENT = SpiffeId(TD, "default", "client")
 ECHO = SpiffeId(TD, "default", "echo")  # what beta presents when dialled at the echo's address
 TIMEOUT = 20
@@ -62,13 +62,7 @@ def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
     # A root from yesterday, so it can also issue a certificate that has already expired.
     ca = LocalCA.init(tmp / "ca", TD, now=datetime.now(UTC) - timedelta(days=1))
     ip = unique_loopback()
-    cfg = tmp / "beta.toml"
-    cfg.write_text(
-        f'trust_domain = "{TD}"\nnode_name = "beta"\n[identity]\nca_dir = "{tmp / "ca"}"\n'
-        "[discovery]\nmdns = false\n"
-        f'[[workload]]\nname = "echo"\naddress = "{ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
-        f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n'
-    )
+    cfg = node_config(tmp / "beta.toml", "beta", tmp / "ca", body=echo_workload(ip), trust_domain=TD)
     with echo_server(ip, ECHO_PORT):
         daemon = Meshd(cfg, ip).start()
         try:

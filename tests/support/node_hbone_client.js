@@ -1,5 +1,5 @@
 // An HBONE client on Node.js's own HTTP/2 stack (nghttp2), for interop tests against a real meshd daemon.
-// Usage: node node_connect_client.js HOST PORT CERT KEY CA AUTHORITY BYTES [AUTHORITY BYTES ...]
+// Usage: node node_hbone_client.js HOST PORT CERT KEY CA AUTHORITY BYTES [AUTHORITY BYTES ...]
 // Opens one mTLS 1.3 + h2 connection (no SNI: HOST is an IP) and, concurrently, one CONNECT stream per
 // AUTHORITY carrying BYTES random bytes, then half-closes it. Prints one JSON object: the server's SAN,
 // TLS parameters, and per stream the :status, the bytes sent/received and whether the echo matched.

@@ -1,0 +1,40 @@
+"""Config text for test daemons: one place that knows the TOML shape the tests use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+ECHO_PORT = 7000
+
+
+def node_config(
+    path: Path,
+    name: str,
+    ca_dir: Path,
+    *,
+    peers: Sequence[str] = (),
+    policy_dir: Path | None = None,
+    body: str = "",
+    trust_domain: str = "home.arpa",
+) -> Path:
+    """Write a node config (static peers only, mDNS off) and return its path."""
+    peer_list = ", ".join(f'"{p}"' for p in peers)
+    text = (
+        f'trust_domain = "{trust_domain}"\nnode_name = "{name}"\n'
+        f'[identity]\nca_dir = "{ca_dir}"\n'
+        f'[discovery]\nmdns = false\npeers = [{peer_list}]\nrefresh = "1s"\n'
+    )
+    if policy_dir is not None:
+        policy_dir.mkdir(exist_ok=True)
+        text += f'[policy]\ndir = "{policy_dir}"\n'
+    path.write_text(text + body)
+    return path
+
+
+def echo_workload(ip: str, port: int = ECHO_PORT) -> str:
+    """An `echo` workload at ip:port serving the `echo` service (namespace default)."""
+    return (
+        f'[[workload]]\nname = "echo"\naddress = "{ip}"\nports = [{port}]\nservices = ["echo"]\n'
+        f'[[service]]\nname = "echo"\nports = [{{ port = {port} }}]\n'
+    )
