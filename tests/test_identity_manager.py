@@ -122,3 +122,22 @@ async def test_cert_dir_source_reads_and_checks(ca: LocalCA, tmp_path: Path) -> 
     write_issued(ca.issue(SpiffeId("home.arpa", "default", "other")), certs / "default.echo")
     with pytest.raises(IdentityError, match=re.escape("expected spiffe://home.arpa/ns/default/sa/echo")):
         await source.fetch(ECHO, now)
+
+
+async def test_add_identities_while_running(ca_at_epoch: LocalCA, tmp_path: Path, autojump_clock: object) -> None:
+    db = SpiffeId("home.arpa", "default", "db")
+    source = FlakySource(tmp_path / "ca", timedelta(hours=2))
+    mgr = IdentityManager(source, [ECHO], wall_clock=trio_wall_clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mgr.run)
+        assert not mgr.has(db)
+        source.broken = True
+        with pytest.raises(IdentityError):
+            await mgr.add([db])
+        assert not mgr.has(db)  # nothing half-added
+        source.broken = False
+        await mgr.add([db, ECHO])
+        first = mgr.certificate(db)
+        await trio.sleep(3600 + 60)  # the added identity renews like the others
+        assert mgr.certificate(db) is not first
+        nursery.cancel_scope.cancel()

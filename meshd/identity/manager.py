@@ -116,6 +116,7 @@ class IdentityManager:
         self._status: dict[SpiffeId, IdentityStatus] = {}
         self.generation = 0  # bumped on every swap: TLS context caches key on it
         self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     # ---- reading -------------------------------------------------------------------------------
     def certificate(self, identity: SpiffeId) -> IssuedCert:
@@ -142,10 +143,23 @@ class IdentityManager:
                 raise IdentityError(
                     f"cannot get a certificate for {identity} from {self.source.describe()}: {exc}"
                 ) from None
-        task_status.started()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for identity in self.identities:
                 nursery.start_soon(self._renew_forever, identity)
+            task_status.started()
+
+    async def add(self, identities: Iterable[SpiffeId]) -> None:
+        """Hold certificates for more identities (a reload added workloads); raises IdentityError,
+        leaving the manager as it was, if any cannot be had."""
+        if self._nursery is None:
+            raise RuntimeError("IdentityManager.run() is not running")
+        new = [i for i in dict.fromkeys(identities) if i not in self._status]
+        issued = [(i, await self.source.fetch(i, self.wall_clock())) for i in new]
+        for identity, cert in issued:
+            self._swap(identity, cert, first=True)
+            self._nursery.start_soon(self._renew_forever, identity)
+        self.identities += tuple(new)
 
     def renewal_delay(self, cert: IssuedCert) -> float:
         lifetime = cert.not_after - cert.not_before
