@@ -124,7 +124,9 @@ async def test_cert_dir_source_reads_and_checks(ca: LocalCA, tmp_path: Path) -> 
         await source.fetch(ECHO, now)
 
 
-async def test_add_identities_while_running(ca_at_epoch: LocalCA, tmp_path: Path, autojump_clock: object) -> None:
+async def test_add_identities_while_running(
+    ca_at_epoch: LocalCA, tmp_path: Path, autojump_clock: object
+) -> None:
     db = SpiffeId("home.arpa", "default", "db")
     source = FlakySource(tmp_path / "ca", timedelta(hours=2))
     mgr = IdentityManager(source, [ECHO], wall_clock=trio_wall_clock)

@@ -97,7 +97,7 @@ class DiscoveryConfig:
         default=timedelta(seconds=30), metadata=doc("withdraw a silent peer after")
     )
     refresh: timedelta = field(
-        default=timedelta(seconds=10), metadata=doc("how often static peers are polled")
+        default=timedelta(seconds=10), metadata=doc("how often peers (static and mDNS) are polled")
     )
 
 

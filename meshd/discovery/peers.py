@@ -1,16 +1,18 @@
 """Peers and their catalogs: fetched over mTLS, kept while they answer, withdrawn when they go quiet.
 
-`PeerTable` is the bookkeeping (pure, clock passed in); `poll_static_peers` is the trio loop for
-`discovery.peers`. mDNS (the discovery issue) feeds the same table. A peer whose catalog cannot be
+`PeerTable` is the bookkeeping (pure, clock passed in); `PeerPoller` is the trio component that
+polls every known peer: the static ones (`discovery.peers`) from the start, and the ones mDNS
+reports (`mdns_seen` / `mdns_goodbye`) while they are announced. A peer whose catalog cannot be
 fetched keeps its last catalog until `peer_timeout` has passed since it last answered; then its
-endpoints are withdrawn. Connections already open are not cut: they hold their own streams.
+endpoints are withdrawn. A goodbye withdraws them at once and stops polling that peer. Connections
+already open are not cut: they hold their own streams.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -58,6 +60,11 @@ class PeerTable:
             info.catalog = None
         return expired
 
+    def remove(self, address: Address) -> bool:
+        """Forget a peer; True if it had endpoints in the mesh (which are now withdrawn)."""
+        info = self.peers.pop(address, None)
+        return info is not None and info.catalog is not None
+
     def records(self) -> list[PeerRecord]:
         return [PeerRecord(i.catalog, i.address.host) for i in self.peers.values() if i.catalog is not None]
 
@@ -76,57 +83,128 @@ class PeerTable:
         ]
 
 
-async def poll_static_peers(
-    table: PeerTable,
-    addresses: tuple[Address, ...],
-    fetch: Fetch,
-    interval: float,
-    on_change: Callable[[], None],
-    on_failure: Callable[[], None] = lambda: None,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Fetch every static peer's catalog now (reporting started once each has been tried), then every
-    `interval`; a peer that did not answer is retried sooner, with backoff from 0.5 s up to `interval`.
-    A peer that is down at start-up does not hold up readiness."""
-    for a in addresses:
-        table.add(a, "static")
+@dataclass
+class _Follower:
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    wake: trio.Event = field(default_factory=trio.Event)
 
-    async def attempt(address: Address) -> bool:
+
+class PeerPoller:
+    """Fetches each known peer's catalog now, then every `interval`; a peer that did not answer is
+    retried sooner, with backoff from 0.5 s up to `interval`. One task per peer, all in the nursery
+    `run` owns. `on_change` is called whenever what the mesh sees changed (rebuild the catalog)."""
+
+    def __init__(
+        self,
+        table: PeerTable,
+        fetch: Fetch,
+        interval: float,
+        on_change: Callable[[], None],
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.table = table
+        self.fetch = fetch
+        self.interval = interval
+        self.on_change = on_change
+        self.on_failure = on_failure
+        self._nursery: trio.Nursery | None = None
+        self._followers: dict[Address, _Follower] = {}
+        self._mdns: dict[str, Address] = {}  # mDNS instance name -> the address it announced
+
+    async def run(
+        self,
+        static: tuple[Address, ...] = (),
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Poll until cancelled. Reports started once every static peer has been tried once, so a
+        node that starts with its peers up is ready with their catalogs; a peer that is down does not
+        hold up readiness (its first attempt fails fast or times out)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            first_round = [self._add(a, "static") for a in static]
+            for done in first_round:
+                if done is not None:
+                    await done.wait()
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- mDNS reports (called from trio) ----
+    def mdns_seen(self, instance: str, address: Address, revision: str) -> None:
+        """An announcement: poll the peer; fetch at once if it is new or its revision is not the
+        one we hold."""
+        old = self._mdns.get(instance)
+        if old is not None and old != address:
+            self._forget(old)
+        self._mdns[instance] = address
+        if self._add(address, "mdns") is not None:
+            return  # new: its first fetch is under way
+        info = self.table.peers.get(address)
+        if info is not None and (info.catalog is None or info.catalog.revision != revision):
+            self.refresh_now(address)
+
+    def mdns_goodbye(self, instance: str) -> None:
+        """The peer withdrew its announcement (or its records expired): withdraw its endpoints now
+        and stop polling it (a static peer at the same address stays)."""
+        address = self._mdns.pop(instance, None)
+        if address is not None:
+            self._forget(address)
+
+    def refresh_now(self, address: Address) -> None:
+        follower = self._followers.get(address)
+        if follower is not None:
+            follower.wake.set()
+
+    # ---- internals ----
+    def _add(self, address: Address, how: str) -> trio.Event | None:
+        """Start following a peer; returns an event set after its first attempt, None if followed already."""
+        if self._nursery is None:
+            raise RuntimeError("PeerPoller.run() is not running")
+        if address in self._followers:
+            return None
+        self.table.add(address, how)
+        follower = self._followers[address] = _Follower()
+        first = trio.Event()
+        self._nursery.start_soon(self._follow, address, follower, first)
+        return first
+
+    def _forget(self, address: Address) -> None:
+        info = self.table.peers.get(address)
+        if info is None or info.how != "mdns":
+            return
+        follower = self._followers.pop(address, None)
+        if follower is not None:
+            follower.scope.cancel()
+        if self.table.remove(address):
+            log.info("peer withdrawn: goodbye", extra={"peer": str(address)})
+            self.on_change()
+
+    async def _attempt(self, address: Address) -> bool:
         try:
-            with trio.fail_after(max(interval, 2.0)):
-                catalog = await fetch(address)
+            with trio.fail_after(max(self.interval, 2.0)):
+                catalog = await self.fetch(address)
         except Exception as exc:  # whatever went wrong, it went wrong with that peer
-            on_failure()
-            if table.failed(address, f"{type(exc).__name__}: {exc}", trio.current_time()):
-                on_change()
+            if address not in self.table.peers:
+                return False  # forgotten while we fetched
+            self.on_failure()
+            if self.table.failed(address, f"{type(exc).__name__}: {exc}", trio.current_time()):
+                self.on_change()
             return False
-        if table.answered(address, catalog, trio.current_time()):
-            on_change()
+        if address in self.table.peers and self.table.answered(address, catalog, trio.current_time()):
+            self.on_change()
         return True
 
-    first_round_left = len(addresses)
-    first_round_done = trio.Event()
-
-    async def follow(address: Address) -> None:
-        nonlocal first_round_left
-        ok = await attempt(address)
-        first_round_left -= 1
-        if first_round_left == 0:
-            first_round_done.set()
-        backoff = 0.5
-        while True:
-            if ok:
-                backoff = 0.5
-                await trio.sleep(interval)
-            else:
-                await trio.sleep(min(backoff, interval))
-                backoff *= 2
-            ok = await attempt(address)
-
-    async with trio.open_nursery() as nursery:
-        for a in addresses:
-            nursery.start_soon(follow, a)
-        if addresses:
-            await first_round_done.wait()
-        task_status.started()
+    async def _follow(self, address: Address, follower: _Follower, first: trio.Event) -> None:
+        with follower.scope:
+            try:
+                ok = await self._attempt(address)
+            finally:
+                first.set()
+            backoff = 0.5
+            while True:
+                wait = self.interval if ok else min(backoff, self.interval)
+                backoff = 0.5 if ok else backoff * 2
+                with trio.move_on_after(wait):
+                    await follower.wake.wait()
+                follower.wake = trio.Event()
+                ok = await self._attempt(address)

@@ -1,5 +1,5 @@
 """The node's data plane as one component: HBONE server (inbound), pool (outbound), plaintext
-inbound, upstream listeners and static peer polling, all in one nursery the daemon owns."""
+inbound, upstream listeners, peer polling and mDNS discovery, all in one nursery the daemon owns."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import trio
 
 from meshd.discovery.catalog import CATALOG_PATH, CatalogError, NodeCatalog, local_catalog, merge
-from meshd.discovery.peers import PeerTable, poll_static_peers
+from meshd.discovery.mdns import MdnsDiscovery
+from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import HboneServer
 from meshd.node.contexts import CONTROL_SNI, TlsContexts
@@ -32,7 +33,27 @@ class NodeProxy:
         self.inbound = Inbound(state)
         self.outbound = Outbound(state, self.pool)
         self.server = HboneServer(self.contexts.server_for_ip, state.config.trust_domain, self.inbound.handle)
-        self.peers = PeerTable(state.config.discovery.peer_timeout.total_seconds())
+        disc = state.config.discovery
+        self.peers = PeerTable(disc.peer_timeout.total_seconds())
+        self.poller = PeerPoller(
+            self.peers,
+            self.fetch_catalog,
+            disc.refresh.total_seconds(),
+            self.rebuild_catalog,
+            state.metrics.catalog_fetch_failures.inc,
+        )
+        self.mdns: MdnsDiscovery | None = None
+        if disc.mdns:
+            self.mdns = MdnsDiscovery(
+                trust_domain=local.trust_domain,
+                node=local.node,
+                role=local.role,
+                hbone=state.config.listen.hbone,
+                interfaces=disc.interfaces,
+                revision=local.revision,
+                on_peer=self.poller.mdns_seen,
+                on_goodbye=self.poller.mdns_goodbye,
+            )
         self._upstream_scope = trio.CancelScope()
 
     async def run(
@@ -43,16 +64,9 @@ class NodeProxy:
             await nursery.start(self.pool.run)
             await nursery.start(self.server.serve, cfg.listen.hbone.host, cfg.listen.hbone.port)
             await nursery.start(self.inbound.serve_plaintext)
-            if cfg.discovery.peers:
-                await nursery.start(
-                    poll_static_peers,
-                    self.peers,
-                    cfg.discovery.peers,
-                    self.fetch_catalog,
-                    cfg.discovery.refresh.total_seconds(),
-                    self.rebuild_catalog,
-                    self.state.metrics.catalog_fetch_failures.inc,
-                )
+            await nursery.start(self.poller.run, cfg.discovery.peers)
+            if self.mdns is not None:
+                await nursery.start(self.mdns.run)
             nursery.start_soon(self._serve_upstreams, nursery)
             task_status.started()
 
@@ -65,6 +79,8 @@ class NodeProxy:
     def drain(self) -> None:
         """Stop accepting on every listener; GOAWAY on HBONE connections; open tunnels finish."""
         self._upstream_scope.cancel()
+        if self.mdns is not None:
+            self.mdns.drain()  # goodbye first: peers stop choosing us while tunnels finish
         self.server.drain()
         self.pool.drain()
 
@@ -83,16 +99,21 @@ class NodeProxy:
         )
 
     def rebuild_catalog(self) -> None:
-        new = merge(local_catalog(self.state.config), self.peers.records())
+        local = local_catalog(self.state.config)
+        new = merge(local, self.peers.records())
         for conflict in set(new.conflicts) - set(self.state.catalog.conflicts):
             log.warning("catalog conflict: %s", conflict)
         self.state.catalog = new
+        self.state.metrics.peers.set(len(new.peers))
+        if self.mdns is not None:
+            self.mdns.set_revision(local.revision)
         log.info("catalog updated", extra={"nodes": len(new.peers) + 1, "workloads": len(new.workloads)})
 
     def config_dump(self) -> dict[str, Any]:
         return {
             "catalog": self.state.catalog.to_json(),
             "peers": self.peers.describe(trio.current_time()),
+            "mdns": dataclasses.asdict(self.mdns.statistics()) if self.mdns else None,
             "hbone_server": dataclasses.asdict(self.server.statistics()),
             "pool": dataclasses.asdict(self.pool.statistics()),
         }
