@@ -73,7 +73,7 @@ def run(config_file: str | None, overrides: tuple[str, ...]) -> None:
     try:
         config = load_config(path, overrides)
         setup_logging(config.log.level, config.log.format)
-        daemon = Daemon(config, config_path=path)
+        daemon = Daemon(config, config_path=path, overrides=overrides)
         code = trio.run(_unwrapping(daemon.run))
     except ConfigError as exc:
         _fail_config(exc, EXIT_INVALID)

@@ -13,18 +13,19 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from meshd import __version__
-from meshd.config.model import Config
+from meshd.config.load import load_config
+from meshd.config.model import Config, UpstreamConfig
 from meshd.config.schema import to_plain
 from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
-from meshd.identity.manager import IdentityManager, source_for
+from meshd.identity.manager import IdentityError, IdentityManager, source_for
 from meshd.identity.spiffe import SpiffeId
 from meshd.log import set_level
 from meshd.node.proxy import NodeProxy
@@ -35,9 +36,12 @@ from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
 from meshd.policy.load import load_policy_dir
 from meshd.readiness import Readiness
+from meshd.reload import plan_reload
 from meshd.sdnotify import Notifier
 
 log = logging.getLogger("meshd")
+
+WATCH_INTERVAL = 2.0  # seconds between checks of the config file and policy folder for changes
 
 
 def workload_identity(config: Config, name: str) -> SpiffeId:
@@ -53,9 +57,13 @@ def local_identities(config: Config) -> list[SpiffeId]:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, *, config_path: Path | None = None, overrides: Sequence[str] = ()
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        self.overrides = tuple(overrides)  # re-applied on every reload
+        self._reload_lock = trio.Lock()
         self.metrics = Metrics()
         self.systemd = Notifier()
         self._stop = trio.Event()
@@ -91,6 +99,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self.systemd.keep_alive)
+            nursery.start_soon(self._watch_files)
             await self._start_component(nursery, "readiness", self._serve_readiness)
             await self._start_component(nursery, "metrics", self._serve_metrics)
             await self._start_component(nursery, "admin", self._serve_admin)
@@ -147,28 +156,87 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self.systemd.reloading()
-                    self.reload_policy()
-                    self.systemd.ready("reloaded")
+                    await self.reload("SIGHUP")
                 else:
                     log.info("received %s", signal.Signals(signum).name)
                     self.stop()
 
-    def reload_policy(self) -> bool:
-        """Re-read the policy folder; on any problem keep the policy in force and log every error."""
-        try:
-            policy, warnings = load_policy_dir(self.config.policy.dir, role=self.config.role)
-        except ConfigError as exc:
-            self.metrics.policy_reloads.labels("failure").inc()
-            for p in exc.problems:
-                log.error("policy reload rejected, previous policy stays in force: %s", p.format())
+    async def reload(self, why: str) -> bool:
+        """Re-read the config file and the policy folder. Everything is parsed and validated first;
+        on any problem nothing changes (every error is logged with FILE:LINE and counted). Otherwise
+        the new config, policy and catalog are swapped in at once and upstream listeners are added or
+        removed; open connections are not cut, unchanged listeners are not rebound."""
+        async with self._reload_lock:
+            self.systemd.reloading()
+            try:
+                ok = await self._reload(why)
+            finally:
+                self.systemd.ready("reloaded")
+            self.metrics.config_reloads.labels("success" if ok else "failure").inc()
+            return ok
+
+    async def _reload(self, why: str) -> bool:
+        def rejected(problems: Iterable[str]) -> bool:
+            for p in problems:
+                log.error("reload rejected, the running config and policy stay in force: %s", p)
             return False
+
+        try:
+            new = load_config(self.config_path, self.overrides) if self.config_path else self.config
+            policy, warnings = load_policy_dir(new.policy.dir, role=new.role)
+        except ConfigError as exc:
+            return rejected(p.format() for p in exc.problems)
+        plan = plan_reload(self.config, new)
+        try:
+            await self.identities.add(plan.identities_added)
+        except IdentityError as exc:
+            return rejected([str(exc)])
+        added: list[UpstreamConfig] = []
+        for up in plan.upstreams_added:
+            try:
+                await self.node.start_upstream(up)
+            except OSError as exc:
+                for started in added:
+                    self.node.stop_upstream(started)
+                return rejected([f"upstream {up.service_key}:{up.port}: cannot listen on {up.listen}: {exc}"])
+            added.append(up)
+        for up in plan.upstreams_removed:
+            self.node.stop_upstream(up)
         for w in warnings:
             log.warning("policy: %s", w.format())
+        for key in plan.restart_needed:
+            log.warning("config: %r changed; it takes effect after a restart (kept as it was)", key)
+        self.config = self.state.config = plan.config
         self.state.policy = policy
-        self.metrics.policy_reloads.labels("success").inc()
-        log.info("policy reloaded")
+        self.state.telemetry.access_log = plan.config.log.access_log
+        set_level(plan.config.log.level)
+        self.node.rebuild_catalog()
+        log.info("config and policy reloaded", extra={"trigger": why})
         return True
+
+    async def _watch_files(self) -> None:
+        """Reload when the config file or a policy file changes (polled: no inotify dependency)."""
+        seen = self._files_fingerprint()
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            now = self._files_fingerprint()
+            if now != seen:
+                seen = now
+                await self.reload("file change")
+
+    def _files_fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        paths = [self.config_path] if self.config_path else []
+        policy_dir = self.config.policy.dir
+        if policy_dir is not None and policy_dir.is_dir():
+            paths += sorted(policy_dir.glob("*.toml"))
+        out = []
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((str(p), st.st_mtime_ns, st.st_size))
+        return tuple(out)
 
     # ---- endpoints -----------------------------------------------------------------------------
     async def _serve_readiness(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from typing import Any
 
 import trio
 
@@ -150,12 +151,15 @@ class Inbound:
         )
 
     # ---- plaintext inbound (15006) -----------------------------------------------------------
-    async def serve_plaintext(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve_plaintext(
+        self, connections: trio.Nursery, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept on 15006 until cancelled; connections run in `connections` and outlive the accept loop."""
         address = self.state.config.listen.plaintext
         listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle_plaintext, listeners)
-            task_status.started()
+        await trio.serve_listeners(
+            self._handle_plaintext, listeners, handler_nursery=connections, task_status=task_status
+        )
 
     async def _handle_plaintext(self, stream: trio.SocketStream) -> None:
         async with stream:

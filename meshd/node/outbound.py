@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -92,15 +93,23 @@ class Outbound:
         self.health = self.picker.health
 
     async def serve(
-        self, up: UpstreamConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        up: UpstreamConfig,
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Accept on the upstream's listener until cancelled. Connections run in `connections`, so
+        cancelling the accept loop (drain, or a reload removing the upstream) does not cut them."""
         listeners = await trio.open_tcp_listeners(up.listen.port, host=up.listen.host)
         log.info(
             "upstream listening", extra={"listen": str(up.listen), "service": f"{up.service_key}:{up.port}"}
         )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, lambda s: self.handle(s, up), listeners)
-            task_status.started()
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await self.handle(stream, up)
+
+        await trio.serve_listeners(handle, listeners, handler_nursery=connections, task_status=task_status)
 
     async def handle(self, client: trio.SocketStream, up: UpstreamConfig) -> None:
         async with client:

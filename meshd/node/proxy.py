@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from meshd.config.model import UpstreamConfig
 from meshd.discovery.catalog import CATALOG_PATH, CatalogError, NodeCatalog, local_catalog, merge
 from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
@@ -28,7 +29,10 @@ class NodeProxy:
     def __init__(self, state: NodeState) -> None:
         self.state = state
         local = state.catalog.local
-        self.contexts = TlsContexts(state.identities, state.node_identity, local.tunnel_identity)
+        # Through state: a reload swaps the catalog, and the rule must follow it.
+        self.contexts = TlsContexts(
+            state.identities, state.node_identity, lambda ip: self.state.catalog.local.tunnel_identity(ip)
+        )
         self.pool = HbonePool(self.contexts.client)
         self.inbound = Inbound(state)
         self.outbound = Outbound(state, self.pool)
@@ -54,31 +58,66 @@ class NodeProxy:
                 on_peer=self.poller.mdns_seen,
                 on_goodbye=self.poller.mdns_goodbye,
             )
-        self._upstream_scope = trio.CancelScope()
+        self._accept_loops: set[trio.CancelScope] = set()  # all but HBONE's (which drains itself)
+        self._draining = False
+        self._upstreams: dict[UpstreamConfig, trio.CancelScope] = {}
+        self._connections: trio.Nursery | None = None
 
     async def run(
         self, readiness: Readiness, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.state.config
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as connections, trio.open_nursery() as nursery:
+            self._connections = connections
             await nursery.start(self.pool.run)
             await nursery.start(self.server.serve, cfg.listen.hbone.host, cfg.listen.hbone.port)
-            await nursery.start(self.inbound.serve_plaintext)
+            await nursery.start(self._accept_until_drained, self.inbound.serve_plaintext)
+            for up in cfg.upstreams:
+                await self.start_upstream(up)
             await nursery.start(self.poller.run, cfg.discovery.peers)
             if self.mdns is not None:
                 await nursery.start(self.mdns.run)
-            nursery.start_soon(self._serve_upstreams, nursery)
             task_status.started()
 
-    async def _serve_upstreams(self, nursery: trio.Nursery) -> None:
-        with self._upstream_scope:
-            async with trio.open_nursery() as upstreams:
-                for up in self.state.config.upstreams:
-                    await upstreams.start(self.outbound.serve, up)
+    async def _accept_until_drained(
+        self, serve: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self._connections is not None
+        with trio.CancelScope() as scope:
+            self._accept_loops.add(scope)
+            if self._draining:
+                scope.cancel()
+            try:
+                await serve(self._connections, task_status=task_status)
+            finally:
+                self._accept_loops.discard(scope)
+
+    async def start_upstream(self, up: UpstreamConfig) -> None:
+        """Listen for an upstream (at start, or added by a reload); OSError if its address is taken."""
+        assert self._connections is not None
+        scope = self._upstreams[up] = trio.CancelScope()
+
+        async def serve(connections: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await self.outbound.serve(up, connections, task_status=task_status)
+
+        try:
+            await self._connections.start(self._accept_until_drained, serve)
+        except BaseException:
+            del self._upstreams[up]
+            raise
+
+    def stop_upstream(self, up: UpstreamConfig) -> None:
+        """Stop accepting for an upstream a reload removed; its open connections carry on."""
+        scope = self._upstreams.pop(up, None)
+        if scope is not None:
+            scope.cancel()
 
     def drain(self) -> None:
         """Stop accepting on every listener; GOAWAY on HBONE connections; open tunnels finish."""
-        self._upstream_scope.cancel()
+        self._draining = True
+        for scope in list(self._accept_loops):
+            scope.cancel()
         if self.mdns is not None:
             self.mdns.drain()  # goodbye first: peers stop choosing us while tunnels finish
         self.server.drain()

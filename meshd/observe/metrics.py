@@ -74,8 +74,11 @@ class Metrics:
             "meshd_certificate_renewal_failures", "failed certificate renewals", ("identity",), registry=r
         )
         self.ready = Gauge("meshd_ready", "1 once every component has started", registry=r)
-        self.policy_reloads = Counter(
-            "meshd_policy_reloads", "policy reload attempts", ("result",), registry=r
+        self.config_reloads = Counter(
+            "meshd_config_reloads",
+            "config and policy reload attempts (SIGHUP or a file change)",
+            ("result",),
+            registry=r,
         )
         self.catalog_fetch_failures = Counter(
             "meshd_catalog_fetch_failures", "failed fetches of a peer's catalog", registry=r
