@@ -14,7 +14,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-$PY scripts/echo_server.py 127.0.0.3:7000 & pids+=($!)
+$PY -m meshd.tools.echo 127.0.0.3:7000 & pids+=($!)
 $PY -m meshd run -c configs/beta.toml 2>"$STATE/beta.log" & pids+=($!)
 $PY -m meshd run -c configs/meshd.toml 2>"$STATE/alpha.log" & pids+=($!)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.echo import echo_server
 from tests.support.procs import Meshd, unique_loopback
 
 NODE = shutil.which("node")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from meshd.identity.ca import LocalCA
+from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.echo import echo_server
 from tests.support.procs import Meshd, http_get, unique_loopback
 
 UPSTREAM_PORT = 17000

@@ -31,8 +31,8 @@ from meshd.hbone.pool import HbonePool
 from meshd.hbone.tls import ALPN, StaticCertificates, client_context
 from meshd.identity.ca import IssuedCert, LocalCA
 from meshd.identity.spiffe import SpiffeId
+from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.echo import echo_server
 from tests.support.procs import Meshd, http_get, unique_loopback
 
 TD = "home.arpa"

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.support.echo import echo_server
+from meshd.tools.echo import echo_server
 from tests.support.procs import Meshd, http_get
 
 pytestmark = pytest.mark.netns

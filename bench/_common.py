@@ -1,0 +1,220 @@
+"""Helpers for bench/l4.py: target servers (run in their own process), load generators, /proc readers.
+
+Everything here binds and dials loopback addresses only; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import socketserver
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from meshd.tools.echo import EchoHandler, ThreadedServer
+
+BULK_CHUNK = 1 << 20  # 1 MiB per sendall / recv_into
+MSG = 100  # request/response message size (bytes)
+IO_TIMEOUT = 30.0  # no single socket operation in the benchmark may block longer than this
+
+
+def check_loopback(host: str) -> str:
+    if not host.startswith("127."):
+        raise SystemExit(f"refusing non-loopback address {host!r}: the benchmark runs on 127.0.0.0/8 only")
+    return host
+
+
+# ---------------------------------------------------------------------------------------------------
+# Target servers: a discarding sink and a threaded echo. Run in a child process (`l4.py _serve ...`)
+# so the load generator's GIL does not cap the receiving side.
+
+
+class _Sink(socketserver.BaseRequestHandler):
+    """Count and discard everything; on EOF answer with the byte count (ASCII) and close."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(120)
+        buf = bytearray(BULK_CHUNK)
+        total = 0
+        try:
+            while n := sock.recv_into(buf):
+                total += n
+            sock.sendall(b"%d\n" % total)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def serve(host: str, sink_port: int, echo_port: int) -> None:
+    """Child-process entry: serve sink and echo until stdin closes (the parent exited or is done)."""
+    check_loopback(host)
+    threading.stack_size(256 * 1024)  # 1,000 idle echo connections = 1,000 threads
+    servers = [ThreadedServer((host, sink_port), _Sink), ThreadedServer((host, echo_port), EchoHandler)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.stdin.read()  # EOF when the parent closes the pipe or dies
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load generators (client side). Addresses are (host, port) tuples on loopback.
+
+
+def _connect(addr: tuple[str, int]) -> socket.socket:
+    s = socket.create_connection(addr, timeout=IO_TIMEOUT)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def bulk(addr: tuple[str, int], conns: int, seconds: float, max_bytes: int) -> tuple[int, float]:
+    """`conns` parallel one-way sends to the sink, each for `seconds` (or `max_bytes`, if > 0).
+
+    Returns (bytes the sink counted, seconds from start to the last sink's acknowledgement), so bytes
+    still buffered inside a proxy are not counted as delivered.
+    """
+    block = memoryview(os.urandom(BULK_CHUNK))
+    socks = [_connect(addr) for _ in range(conns)]
+    counted = [0] * conns
+    errors: list[BaseException] = []
+    start_gate = threading.Barrier(conns + 1, timeout=IO_TIMEOUT)
+    t0 = [0.0]
+
+    def run(i: int) -> None:
+        s = socks[i]
+        try:
+            start_gate.wait()
+            deadline = t0[0] + seconds
+            sent = 0
+            # bounded: by time, by bytes, and by a hard count of chunks
+            for _ in range(1 << 22):
+                s.sendall(block)
+                sent += BULK_CHUNK
+                if time.perf_counter() >= deadline or (max_bytes and sent >= max_bytes):
+                    break
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            for _ in range(100):
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+            counted[i] = int(reply.strip() or b"0")
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(conns)]
+    for t in threads:
+        t.start()
+    t0[0] = time.perf_counter()
+    start_gate.wait()
+    for t in threads:
+        t.join(seconds + 2 * IO_TIMEOUT)
+    elapsed = time.perf_counter() - t0[0]
+    for s in socks:
+        s.close()
+    if errors:
+        raise RuntimeError(f"bulk send to {addr} failed: {errors[0]!r}")
+    return sum(counted), elapsed
+
+
+def latency(addr: tuple[str, int], rounds: int, warmup: int = 200) -> list[float]:
+    """Round-trip times (microseconds) of `MSG`-byte messages on one connection to the echo."""
+    msg = b"x" * MSG
+    out: list[float] = []
+    with _connect(addr) as s:
+        for i in range(warmup + rounds):
+            t = time.perf_counter_ns()
+            s.sendall(msg)
+            got = 0
+            for _ in range(MSG):
+                chunk = s.recv(MSG - got)
+                if not chunk:
+                    raise RuntimeError(f"echo at {addr} closed mid-message")
+                got += len(chunk)
+                if got == MSG:
+                    break
+            if i >= warmup:
+                out.append((time.perf_counter_ns() - t) / 1000)
+    return out
+
+
+def round_trip(s: socket.socket) -> None:
+    s.sendall(b"y" * MSG)
+    got = 0
+    for _ in range(MSG):
+        chunk = s.recv(MSG - got)
+        if not chunk:
+            raise RuntimeError("echo closed mid-message")
+        got += len(chunk)
+        if got == MSG:
+            return
+
+
+def conn_rate(addr: tuple[str, int], seconds: float, max_conns: int) -> float:
+    """Connections per second: connect, one round trip, close; sequential, one at a time."""
+    t0 = time.perf_counter()
+    n = 0
+    for n in range(1, max_conns + 1):  # noqa: B007 - n is the count done
+        with _connect(addr) as s:
+            round_trip(s)
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def hold_idle(addr: tuple[str, int], count: int) -> list[socket.socket]:
+    """Open `count` connections, each after one round trip; the caller closes them."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = _connect(addr)
+            socks.append(s)
+            round_trip(s)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+# ---------------------------------------------------------------------------------------------------
+# /proc readers
+
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + sys CPU seconds of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Percentiles:
+    p50: float
+    p99: float
+
+
+def percentiles(samples: list[float]) -> Percentiles:
+    q = statistics.quantiles(samples, n=100, method="inclusive")
+    return Percentiles(p50=statistics.median(samples), p99=q[98])

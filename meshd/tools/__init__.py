@@ -1,0 +1,1 @@
+"""Small tools shipped with meshd for demos, smoke tests and benchmarks."""
