@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit fuzz bench clean
+.PHONY: install demo test lint unit fuzz bench pyz clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test: lint
 
 bench: install
 	$(PY) bench/l4.py
+
+# One file that runs meshd on a Linux host with Python >= 3.11 and nothing else installed.
+pyz: install
+	mkdir -p dist
+	$(VENV)/bin/shiv --compressed -c meshd -p '/usr/bin/env python3' -o dist/meshd.pyz .
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache .mypy_cache .ruff_cache
