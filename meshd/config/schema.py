@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import tomllib
 import types
@@ -159,7 +160,8 @@ class _Converter:
                 self.fail(path, f"{name} must be a non-empty path string, not {raw!r}")
                 return None
             p = Path(raw).expanduser()
-            return p if p.is_absolute() else (self.base_dir / p)
+            # normpath, not resolve(): "../x" reads well in messages, and symlinks stay as written
+            return p if p.is_absolute() else Path(os.path.normpath(self.base_dir / p))
         if tp is timedelta:
             if isinstance(raw, int | float) and not isinstance(raw, bool):
                 return timedelta(seconds=raw)
