@@ -143,3 +143,19 @@ async def test_add_identities_while_running(
         await trio.sleep(3600 + 60)  # the added identity renews like the others
         assert mgr.certificate(db) is not first
         nursery.cancel_scope.cancel()
+
+
+async def test_cert_dir_replacement_is_picked_up_before_half_life(
+    ca: LocalCA, tmp_path: Path, autojump_clock: object
+) -> None:
+    certs = tmp_path / "certs"
+    write_issued(ca.issue(ECHO, ttl=timedelta(hours=24)), certs / "default.echo")
+    mgr = IdentityManager(CertDirSource(certs), [ECHO])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.run)
+            first = mgr.certificate(ECHO)
+            write_issued(ca.issue(ECHO, ttl=timedelta(hours=48)), certs / "default.echo")
+            await mgr.wait_changed()  # within one watch interval, not at half-life 12 hours on
+            assert mgr.certificate(ECHO).not_after > first.not_after
+            nursery.cancel_scope.cancel()

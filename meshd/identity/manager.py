@@ -28,6 +28,7 @@ from meshd.identity.spiffe import SpiffeId
 log = logging.getLogger("meshd.identity")
 
 WallClock = Callable[[], datetime]
+WATCH_INTERVAL = 5.0  # seconds between checks of a cert_dir for replaced certificate files
 
 
 def system_wall_clock() -> datetime:
@@ -68,6 +69,7 @@ class CertDirSource:
 
     def __init__(self, cert_dir: Path) -> None:
         self.cert_dir = cert_dir
+        self._seen: dict[SpiffeId, tuple[tuple[str, int, int], ...]] = {}
 
     def describe(self) -> str:
         return f"certificate folder {self.cert_dir}"
@@ -75,8 +77,26 @@ class CertDirSource:
     def folder(self, identity: SpiffeId) -> Path:
         return self.cert_dir / f"{identity.namespace}.{identity.service_account}"
 
+    def changed(self, identity: SpiffeId) -> bool:
+        """Have the identity's files changed since the last call (or the last fetch)?"""
+        now = self._fingerprint(identity)
+        before = self._seen.get(identity)
+        self._seen[identity] = now
+        return before is not None and now != before
+
+    def _fingerprint(self, identity: SpiffeId) -> tuple[tuple[str, int, int], ...]:
+        out = []
+        for name in ("cert.pem", "key.pem", "ca.crt"):
+            try:
+                st = (self.folder(identity) / name).stat()
+            except OSError:
+                continue
+            out.append((name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
     async def fetch(self, identity: SpiffeId, now: datetime) -> IssuedCert:
         folder = self.folder(identity)
+        self._seen[identity] = self._fingerprint(identity)
         try:
             issued = read_issued(folder)
         except CAError as exc:
@@ -166,10 +186,23 @@ class IdentityManager:
         due = cert.not_before + lifetime * self.renew_fraction
         return max(0.0, (due - self.wall_clock()).total_seconds())
 
+    async def _wait_until_due(self, identity: SpiffeId, cert: IssuedCert) -> None:
+        """Sleep until the certificate's renewal time, or until the source says its files changed
+        (a cert_dir whose certificate was replaced is re-read within WATCH_INTERVAL)."""
+        changed = getattr(self.source, "changed", None)
+        while (delay := self.renewal_delay(cert)) > 0:
+            if changed is None:
+                await trio.sleep(delay)
+                return
+            await trio.sleep(min(delay, WATCH_INTERVAL))
+            if changed(identity):
+                log.info("certificate files changed; re-reading", extra={"identity": str(identity)})
+                return
+
     async def _renew_forever(self, identity: SpiffeId) -> None:
         while True:
             status = self._status[identity]
-            await trio.sleep(self.renewal_delay(status.certificate))
+            await self._wait_until_due(identity, status.certificate)
             backoff = self.retry_initial
             while True:
                 try:
