@@ -17,6 +17,7 @@ import click
 from meshd import __version__
 from meshd.cli_admin import peers, services, status
 from meshd.cli_ca import ca
+from meshd.cli_policy import policy
 from meshd.config.load import config_path, load_config
 from meshd.config.schema import describe_type, leaf_keys, to_plain
 from meshd.errors import ConfigError, Problem, UserFacingError
@@ -197,5 +198,6 @@ def version() -> None:
 
 
 main.add_command(ca)
+main.add_command(policy)
 for _admin_command in (status, peers, services):
     main.add_command(_admin_command)

@@ -1,0 +1,93 @@
+"""`meshd policy explain` on the shipped homelab example: decisions, deciding policy, and why-nots."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import REPO
+from tests.test_cli import meshd
+
+NAS = str(REPO / "configs" / "homelab" / "nas.toml")
+PI = str(REPO / "configs" / "homelab" / "pi.toml")
+
+
+def test_allowed_connection_names_the_policy_and_rule_with_file_and_line() -> None:
+    out = meshd(
+        "policy", "explain", "-c", NAS, "--from", "home.arpa/ns/apps/sa/grafana", "--to", "db.data:5432"
+    )
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[1]
+    assert first.startswith("ALLOW: allowed by policy db-clients (rule 1) [")
+    assert "10-database.toml:3]" in first and "(as the node decides)" in first
+    assert "- DENY  lan-only" in out.stdout and "rule 1: no match: from did not match" in out.stdout
+
+
+def test_denied_connection_exits_3_and_explains_every_policy() -> None:
+    out = meshd(
+        "policy",
+        "explain",
+        "-c",
+        NAS,
+        "--from",
+        "home.arpa/ns/guest/sa/x",
+        "--to",
+        "files.data:445",
+        "--source-ip",
+        "10.9.9.9",
+        "--json",
+    )
+    assert out.returncode == 3
+    (result,) = json.loads(out.stdout)
+    assert result["workload"] == "files.data" and result["allowed"] is False
+    assert result["policy"] == "lan-only"
+    verdicts = {p["name"]: p for p in result["policies"]}
+    assert verdicts["db-clients"]["applies"] is False
+    assert "scoped to workloads ['db']" in verdicts["db-clients"]["scope_reason"]
+    assert [r["matched"] for r in verdicts["storage-guard"]["rules"]] == [True, False]
+
+
+def test_not_in_allow_list_is_denied_with_the_checked_policies() -> None:
+    out = meshd(
+        "policy", "explain", "-c", NAS, "--from", "home.arpa/ns/apps/sa/other", "--to", "db.data:5432"
+    )
+    assert out.returncode == 3
+    assert "DENY: no ALLOW policy matched (checked db-clients)" in out.stdout
+
+
+def test_http_fields_evaluate_as_the_waypoint() -> None:
+    base = ["policy", "explain", "-c", PI, "--from", "home.arpa/ns/apps/sa/ui", "--to", "hass.apps:8123"]
+    ok = meshd(
+        *base,
+        "--method",
+        "GET",
+        "--path",
+        "/api/states",
+        "--host",
+        "hass.apps.mesh",
+        "--header",
+        "x-ha-client=mobile-ios",
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "allowed by policy hass-api (rule 1)" in ok.stdout and "(as the waypoint decides)" in ok.stdout
+    no = meshd(
+        *base,
+        "--method",
+        "GET",
+        "--path",
+        "/api/config/core",
+        "--host",
+        "hass.apps.mesh",
+        "--header",
+        "x-ha-client=mobile-ios",
+    )
+    assert no.returncode == 3
+    assert "rule 1: no match: to did not match" in no.stdout
+    node = meshd(*base)  # no HTTP fields: the node's view, where the L7 rule cannot match
+    assert node.returncode == 3 and "evaluated at a waypoint" in node.stdout
+
+
+def test_unknown_destination_and_bad_identity_are_clear_errors() -> None:
+    out = meshd("policy", "explain", "-c", NAS, "--from", "home.arpa/ns/a/sa/b", "--to", "nope.data:1")
+    assert out.returncode == 1 and "no workload in this config serves nope.data port 1" in out.stderr
+    out = meshd("policy", "explain", "-c", NAS, "--from", "not-an-id", "--to", "db.data:5432")
+    assert out.returncode == 2 and "--from" in out.stderr
