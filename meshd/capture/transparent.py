@@ -1,0 +1,142 @@
+"""Transparent mode on a node: the capture listener (15001), meshd's nftables table, the DNS proxy.
+
+The table's lifetime is the capture listener's: installed (replacing a stale one) once 15001 is
+bound, removed when the listener stops (drain, exit). A connection redirected to 15001 is mapped
+from its original destination (SO_ORIGINAL_DST) VIP:port to the service and port, and then handled
+exactly as one accepted by an `[[upstream]]` listener for that service port (the upstream rule for
+the source identity: the host's single workload, else the node's own).
+
+Without the `nft` binary or CAP_NET_ADMIN, meshd logs why and keeps running in explicit mode.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+from prometheus_client import Counter
+
+from meshd.capture import nft
+from meshd.capture.dns_server import DnsServer
+from meshd.capture.vip import VipIndex, VipTable
+from meshd.config.model import UpstreamConfig
+from meshd.discovery.catalog import ServiceEntry
+from meshd.node.inbound import original_destination
+from meshd.node.outbound import Outbound
+from meshd.node.state import NodeState
+from meshd.observe.accesslog import FLAG_NO_ROUTE, ConnectionRecord
+from meshd.policy.evaluate import mtls_mode
+from meshd.units import Address
+
+log = logging.getLogger("meshd.capture")
+
+
+class Capture:
+    def __init__(self, state: NodeState, outbound: Outbound) -> None:
+        self.state = state
+        self.outbound = outbound
+        cfg = state.config
+        self.vips = VipIndex(cfg.capture.vip_range)
+        self.status = "off" if cfg.capture.mode == "off" else "starting"
+        self.dns: DnsServer | None = None
+        if cfg.dns.enabled:
+            queries = Counter(
+                "meshd_dns_queries",
+                "DNS proxy queries by result",
+                ("result",),
+                registry=state.metrics.registry,
+            )
+            self.dns = DnsServer(cfg.dns, self.view, queries)
+
+    @property
+    def enabled(self) -> bool:
+        return self.state.config.capture.mode != "off"
+
+    def table(self) -> VipTable:
+        """VIPs of the current catalog's services (follows reloads and peers' catalogs)."""
+        table, new = self.vips.table(self.state.catalog.services)
+        for collision in new:
+            log.warning("VIP collision: %s", collision)
+        return table
+
+    def view(self) -> tuple[Mapping[str, ServiceEntry], VipTable]:
+        return self.state.catalog.services, self.table()
+
+    def inbound_rules(self) -> list[nft.InboundRule]:
+        """Workload ports reachable from other hosts, by mTLS mode (loopback ones are not)."""
+        cfg = self.state.config
+        if not cfg.capture.inbound:
+            return []
+        rules = []
+        for w in cfg.workloads:
+            if ipaddress.ip_address(w.address).is_loopback:
+                continue
+            mode = mtls_mode(self.state.policy, w.namespace, w.name, w.mtls)
+            action: Any = "drop" if mode == "STRICT" else "redirect"
+            rules += [nft.InboundRule(w.address, p, action) for p in w.ports]
+        return rules
+
+    def ruleset(self) -> str:
+        cfg = self.state.config
+        return nft.ruleset(
+            cfg.capture.vip_range, cfg.capture.listen.port, cfg.listen.plaintext.port, self.inbound_rules()
+        )
+
+    async def serve(
+        self, connections: trio.Nursery, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind 15001, install the table, accept until cancelled, remove the table."""
+        cfg = self.state.config.capture
+        listeners = await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.host)
+        try:
+            await nft.install(cfg.nft, self.ruleset())
+        except nft.NftUnavailable as exc:
+            for listener in listeners:
+                await listener.aclose()
+            self.status = f"unavailable: {exc}"
+            log.error("capture disabled, running in explicit mode only: %s", exc)
+            task_status.started()
+            return
+        self.status = "active"
+        log.info(
+            "capture installed",
+            extra={
+                "table": f"{nft.FAMILY} {nft.TABLE}",
+                "vip_range": cfg.vip_range,
+                "listen": str(cfg.listen),
+                "inbound_rules": len(self.inbound_rules()),
+            },
+        )
+        try:
+            await trio.serve_listeners(
+                self.handle, listeners, handler_nursery=connections, task_status=task_status
+            )
+        finally:
+            self.status = "removed"
+            await nft.remove(cfg.nft)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        dest = original_destination(stream.socket)
+        service = self.table().service(dest[0]) if dest is not None else None
+        if dest is None or service is None:
+            async with stream:
+                peer = stream.socket.getpeername()
+                rec = ConnectionRecord(
+                    reporter="source", src=f"{peer[0]}:{peer[1]}", dst=f"{dest[0]}:{dest[1]}" if dest else ""
+                )
+                why = "is not a service VIP" if dest else "has no original destination (not redirected)"
+                self.state.telemetry.failed(rec, FLAG_NO_ROUTE, f"captured connection {rec.dst or ''} {why}")
+            return
+        up = UpstreamConfig(service=service, port=dest[1], listen=Address(*dest))
+        await self.outbound.handle(stream, up)
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            "mode": self.state.config.capture.mode,
+            "status": self.status,
+            **self.table().to_json(),
+            "dns": self.dns.statistics() if self.dns is not None else None,
+        }

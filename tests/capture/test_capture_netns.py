@@ -1,0 +1,334 @@
+"""Transparent mode across two hosts (network namespaces, real daemons, real nftables).
+
+h1 runs meshd with `capture.mode = "nftables"`, inbound protection and the DNS proxy on
+127.0.0.1:53 (so h1's resolv.conf, `nameserver 127.0.0.1`, sends every lookup there), a fake
+upstream resolver on 127.0.0.1:5300, and two workloads of its own: `web` (PERMISSIVE, port 8000)
+and `vault` (STRICT, port 7100). h2 runs meshd with the `echo` workload on 10.77.0.2:7000.
+The client on h1 is an unmodified program: it dials the name `echo.default.mesh`.
+
+Each host has a default route (as hosts do): a connection to a VIP needs some route before the
+nat output hook can redirect it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from meshd.identity.ca import LocalCA
+from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, exchange, ip, tagged_echo, wait_for
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+ECHO_PORT = 7000
+WEB_PORT = 8000  # PERMISSIVE workload on h1
+VAULT_PORT = 7100  # STRICT workload on h1
+FAKE_UPSTREAM = ("127.0.0.1", 5300)
+FORWARDED_ANSWER = "192.0.2.7"
+TIMEOUT = 20.0
+
+CLIENT = """
+import socket, sys
+with socket.create_connection(("echo.default.mesh", 7000), timeout=10) as s:
+    print(s.getpeername()[0], file=sys.stderr)
+    s.sendall(b"hello through the mesh")
+    s.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+print(out.decode())
+"""
+
+
+def nft(host: Host, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", host.ns, "nft", *args], capture_output=True, text=True, timeout=10
+    )
+
+
+def metric(d: NsMeshd, name: str, **labels: str) -> float:
+    _, body = d.host.get("http://127.0.0.1:15020/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
+def log_line(d: NsMeshd, pattern: str) -> str:
+    found: list[str] = []
+
+    def seen() -> bool:
+        found[:] = [line for line in d.log().splitlines() if re.search(pattern, line)]
+        return bool(found)
+
+    wait_for(seen, f"log line {pattern!r} on {d.host.label}", TIMEOUT, d)
+    return found[0]
+
+
+@contextlib.contextmanager
+def fake_resolver(host: Host) -> Iterator[list[str]]:
+    """A UDP resolver on h1's loopback answering every A query with FORWARDED_ANSWER; yields the
+    names it was asked."""
+    sock = host.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    host.call(sock.bind, FAKE_UPSTREAM)
+    sock.settimeout(0.2)
+    asked: list[str] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, addr = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            q = dns.message.from_wire(data)
+            asked.append(q.question[0].name.to_text())
+            r = dns.message.make_response(q)
+            if q.question[0].rdtype == dns.rdatatype.A:
+                r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", FORWARDED_ANSWER))
+            sock.sendto(r.to_wire(), addr)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield asked
+    finally:
+        stop.set()
+        t.join(2)
+        sock.close()
+
+
+@dataclass
+class Mesh:
+    h1: Host
+    h2: Host
+    d1: NsMeshd
+    d2: NsMeshd
+    asked: list[str]
+
+
+def write_config(tmp: Path, host: Host, peer: Host, body: str) -> Path:
+    path = tmp / f"{host.label}.toml"
+    path.write_text(
+        f'trust_domain = "home.arpa"\nnode_name = "{host.label}"\ndrain_timeout = "2s"\n'
+        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
+        f'[discovery]\nmdns = false\npeers = ["{peer.ip}:15008"]\nrefresh = "1s"\n' + body
+    )
+    return path
+
+
+def h1_body(h1: Host, nft_binary: str = "nft") -> str:
+    return (
+        f'[capture]\nmode = "nftables"\ninbound = true\nnft = "{nft_binary}"\n'
+        f'[dns]\nenabled = true\nlisten = "127.0.0.1:53"\nupstreams = ["{FAKE_UPSTREAM[0]}:{FAKE_UPSTREAM[1]}"]\n'
+        f'[[workload]]\nname = "web"\naddress = "{h1.ip}"\nports = [{WEB_PORT}]\n'
+        f'[[workload]]\nname = "vault"\naddress = "{h1.ip}"\nports = [{VAULT_PORT}]\nmtls = "STRICT"\n'
+    )
+
+
+def h2_body(h2: Host) -> str:
+    return (
+        f'[[workload]]\nname = "echo"\naddress = "{h2.ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
+        f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n'
+    )
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    try:
+        lab = Lab.create()
+    except NetnsUnavailable as exc:
+        pytest.fail(f"this machine cannot build network namespaces ({exc}); capture tests need root")
+    if shutil.which("nft") is None:
+        pytest.fail("`nft` not found: install nftables (Debian: apt-get install nftables)")
+    etc: list[Path] = []
+    try:
+        for _ in range(2):
+            host = lab.add_host()
+            ip("-n", host.ns, "route", "add", "default", "dev", "eth0")
+            # `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
+            folder = Path("/etc/netns") / host.ns
+            folder.mkdir(parents=True)
+            etc.append(folder)
+            (folder / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        yield lab
+    finally:
+        lab.close()
+        for folder in etc:
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path("/etc/netns").rmdir()  # only if nothing else is there
+
+
+@pytest.fixture(scope="module")
+def mesh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("capture")
+    LocalCA.init(tmp / "ca", "home.arpa")
+    h1, h2 = lab.hosts
+    with (
+        tagged_echo(h2, ECHO_PORT),
+        tagged_echo(h1, WEB_PORT),
+        tagged_echo(h1, VAULT_PORT),
+        fake_resolver(h1) as asked,
+    ):
+        d2 = NsMeshd(h2, write_config(tmp, h2, h1, h2_body(h2))).start()
+        d1 = NsMeshd(h1, write_config(tmp, h1, h2, h1_body(h1))).start()
+        try:
+            d2.wait_ready()
+            d1.wait_ready()
+            wait_for(
+                lambda: "echo.default" in d1.dump()["capture"]["vips"], "h1 knows echo's VIP", TIMEOUT, d1
+            )
+            yield Mesh(h1, h2, d1, d2, asked)
+        finally:
+            for d in (d1, d2):
+                if d.proc is not None and d.proc.poll() is None:
+                    d.proc.kill()
+                    d.proc.wait(10)
+
+
+def query(host: Host, name: str, rdtype: str, *, tcp: bool = False) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype)
+    send = dns.query.tcp if tcp else dns.query.udp
+    return host.call(lambda: send(q, "127.0.0.1", timeout=5, port=53))
+
+
+def test_dns_proxy_answers_mesh_names_and_forwards_others(mesh: Mesh) -> None:
+    vip = mesh.d1.dump()["capture"]["vips"]["echo.default"]
+    assert vip.startswith("240.240.")
+    for tcp in (False, True):
+        a = query(mesh.h1, "echo.default.mesh", "A", tcp=tcp)
+        assert a.rcode() == dns.rcode.NOERROR and [r.to_text() for r in a.answer[0]] == [vip]
+    short = query(mesh.h1, "echo.default", "A")
+    assert [r.to_text() for r in short.answer[0]] == [vip]
+    srv = query(mesh.h1, f"_{ECHO_PORT}._tcp.echo.default.mesh", "SRV")
+    assert [r.to_text() for r in srv.answer[0]] == [f"0 0 {ECHO_PORT} echo.default.mesh."]
+    assert [r.to_text() for r in srv.additional[0]] == [vip]
+    assert query(mesh.h1, "nope.default.mesh", "A").rcode() == dns.rcode.NXDOMAIN
+    assert query(mesh.h1, "_9._tcp.echo.default.mesh", "SRV").rcode() == dns.rcode.NXDOMAIN
+    aaaa = query(mesh.h1, "echo.default.mesh", "AAAA")
+    assert aaaa.rcode() == dns.rcode.NOERROR and not aaaa.answer
+    fwd = query(mesh.h1, "www.example.test", "A")
+    assert [r.to_text() for r in fwd.answer[0]] == [FORWARDED_ANSWER]
+    assert "www.example.test." in mesh.asked and not any("mesh" in n for n in mesh.asked)
+    assert metric(mesh.d1, "meshd_dns_queries_total", result="mesh") >= 4
+    assert metric(mesh.d1, "meshd_dns_queries_total", result="nxdomain") >= 2
+    assert metric(mesh.d1, "meshd_dns_queries_total", result="forwarded") >= 1
+
+
+def test_unmodified_client_reaches_echo_on_another_host_with_mtls(mesh: Mesh) -> None:
+    labels = {
+        "reporter": "destination",
+        "destination_workload": "echo",
+        "connection_security_policy": "mutual_tls",
+    }
+    before = metric(mesh.d2, "istio_tcp_connections_opened_total", **labels)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", mesh.h1.ns, sys.executable, "-c", CLIENT],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "h2:hello through the mesh"
+    vip = mesh.d1.dump()["capture"]["vips"]["echo.default"]
+    assert proc.stderr.strip() == vip  # the app dialled the VIP; the mesh carried it
+    assert metric(mesh.d2, "istio_tcp_connections_opened_total", **labels) == before + 1
+    line = log_line(
+        mesh.d2, rf"connection complete .*reporter=destination .*dst\.addr={mesh.h2.ip}:{ECHO_PORT}"
+    )
+    assert "src.identity=spiffe://home.arpa/ns/meshd-system/sa/node-h1" in line, line
+    assert "security=mutual_tls" in line, line
+    src = log_line(mesh.d1, rf"connection complete .*reporter=source .*dst\.addr=echo\.default:{ECHO_PORT}")
+    assert "dst.workload=echo" in src, src
+    assert (
+        metric(
+            mesh.d1,
+            "istio_tcp_connections_opened_total",
+            reporter="source",
+            destination_service="echo.default",
+        )
+        >= 1
+    )
+
+
+def test_inbound_protection_strict_dropped_permissive_through_15006(mesh: Mesh) -> None:
+    def dial(address: tuple[str, int]) -> None:
+        with socket.create_connection(address, timeout=2):
+            pass
+
+    # STRICT: the SYN from h2 is dropped (a timeout, not a refusal); on h1 itself the workload is up.
+    with pytest.raises(TimeoutError):
+        mesh.h2.call(dial, (mesh.h1.ip, VAULT_PORT))
+    assert mesh.h1.call(exchange, (mesh.h1.ip, VAULT_PORT), b"local") == b"h1:local"
+    # PERMISSIVE: plaintext from h2 goes through meshd's 15006 (counted, security none).
+    labels = {"reporter": "destination", "destination_workload": "web", "connection_security_policy": "none"}
+    before = metric(mesh.d1, "istio_tcp_connections_opened_total", **labels)
+    assert mesh.h2.call(exchange, (mesh.h1.ip, WEB_PORT), b"plain") == b"h1:plain"
+    assert metric(mesh.d1, "istio_tcp_connections_opened_total", **labels) == before + 1
+
+
+def test_table_removed_on_sigterm_and_replaced_after_sigkill(mesh: Mesh) -> None:
+    h1, d1 = mesh.h1, mesh.d1
+    assert nft(h1, "list", "table", "ip", "meshd").returncode == 0
+    assert d1.stop() == 0
+    gone = nft(h1, "list", "table", "ip", "meshd")
+    assert gone.returncode != 0 and "No such file" in gone.stderr, gone
+    assert "capture removed" in d1.log()
+
+    d1.start().wait_ready()
+    assert nft(h1, "list", "table", "ip", "meshd").returncode == 0
+    assert d1.proc is not None
+    d1.proc.kill()
+    d1.proc.wait(10)
+    assert nft(h1, "list", "table", "ip", "meshd").returncode == 0  # stale, left by the crash
+
+    d1.start().wait_ready()
+    tables = nft(h1, "list", "tables").stdout.splitlines()
+    assert tables.count("table ip meshd") == 1, tables
+    ruleset = nft(h1, "list", "table", "ip", "meshd").stdout
+    assert ruleset.count("redirect to :15001") == 1, ruleset
+    assert d1.stop() == 0
+
+
+def test_without_nft_meshd_says_so_and_runs_explicit(lab: Lab, tmp_path: Path) -> None:
+    lab.add_host()  # h3, alone
+    h3 = lab.hosts[-1]
+    LocalCA.init(tmp_path / "ca", "home.arpa")
+    d = NsMeshd(
+        h3,
+        write_config(
+            tmp_path,
+            h3,
+            h3,
+            h1_body(h3, "/nonexistent/nft").replace("[dns]\nenabled = true", "[dns]\nenabled = false"),
+        ),
+    ).start()
+    try:
+        d.wait_ready()
+        line = log_line(d, "capture disabled")
+        assert "running in explicit mode only: the nft binary '/nonexistent/nft' was not found" in line, line
+        assert d.dump()["capture"]["status"].startswith("unavailable")
+        with pytest.raises(ConnectionRefusedError):
+            h3.call(socket.create_connection, ("127.0.0.1", 15001), 2)
+        assert nft(h3, "list", "table", "ip", "meshd").returncode != 0
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
