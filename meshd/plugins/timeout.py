@@ -1,0 +1,49 @@
+"""Built-in `timeout`: the upstream must answer (response headers) in time, or the client gets 504 + `UT`."""
+
+from __future__ import annotations
+
+import trio
+
+from meshd.plugins.filters import (
+    Filter,
+    FilterContext,
+    FilterType,
+    HttpRequest,
+    HttpResponse,
+    LocalResponse,
+    SendUpstream,
+)
+from meshd.plugins.hookspecs import hookimpl
+from meshd.plugins.settings import TimeoutSettings
+
+TIMEOUT_FLAG = "UT"
+
+
+def timeout_response() -> LocalResponse:
+    return LocalResponse(504, body=b"upstream request timeout\n", flag=TIMEOUT_FLAG)
+
+
+class TimeoutFilter(Filter):
+    def __init__(self, settings: TimeoutSettings) -> None:
+        self.seconds = settings.timeout.total_seconds()
+
+    def wrap_upstream(self, ctx: FilterContext, send: SendUpstream) -> SendUpstream:
+        async def with_timeout(request: HttpRequest) -> HttpResponse:
+            with trio.move_on_after(self.seconds):
+                return await send(request)
+            ctx.info.flag(TIMEOUT_FLAG)
+            return timeout_response().to_response()
+
+        return with_timeout
+
+
+@hookimpl
+def meshd_filter_types() -> list[FilterType]:
+    return [
+        FilterType(
+            "timeout",
+            TimeoutFilter,
+            TimeoutSettings,
+            "504 (flag UT) when the upstream's response headers take longer than `timeout`",
+        )
+    ]
