@@ -1,7 +1,7 @@
 """The `meshd` command line.
 
 `meshd [run] [-c FILE] [KEY=VALUE ...]` runs the daemon; with no subcommand the arguments go to
-`run`, so `meshd role=waypoint` works as written. Other subcommands: `ca`, `config`, `version`.
+`run`, so `meshd role=waypoint` works as written. Other subcommands: `ca`, `config`, `enroll`, `version`.
 Every user error prints `FILE:LINE: what is wrong (what to do)` or `error: ...`, never a traceback.
 """
 
@@ -17,6 +17,7 @@ import click
 from meshd import __version__
 from meshd.cli_admin import peers, services, status
 from meshd.cli_ca import ca
+from meshd.cli_plugins import plugins
 from meshd.cli_policy import policy
 from meshd.config.load import config_path, load_config
 from meshd.config.schema import describe_type, leaf_keys, to_plain
@@ -192,12 +193,48 @@ def config_show(config_file: str | None, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.option("--token", required=True, help="Token from `meshd ca token` on the CA host.")
+@click.option(
+    "--ca", "ca_address", default=None, help="CA enrollment endpoint HOST:PORT (default: from the token)."
+)
+@click.option(
+    "--state-dir",
+    default="/var/lib/meshd",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the node key, certificate and trust bundle go (then set identity.state_dir to it).",
+)
+def enroll(token: str, ca_address: str | None, state_dir: str) -> None:
+    """Join the mesh: get this host's node certificate from the CA with a one-time token."""
+    from pathlib import Path
+
+    import trio
+
+    from meshd.ca_service.client import EnrollError
+    from meshd.ca_service.client import enroll as do_enroll
+    from meshd.units import Address
+
+    try:
+        where = Address.parse(ca_address) if ca_address else None
+        result = trio.run(do_enroll, token, Path(state_dir), where)
+    except (EnrollError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"enrolled as node {result.node}; node certificate valid until {result.not_after.isoformat()}")
+    click.echo(
+        f"  {state_dir}/cert.pem, key.pem (0600), ca.crt; CA {result.ca_identity} at {result.ca_hbone}"
+    )
+    click.echo(f'  in the config: node_name = "{result.node}", [identity] state_dir = "{state_dir}"')
+
+
+@main.command()
 def version() -> None:
     """Print meshd's version."""
     click.echo(f"meshd {__version__}")
 
 
 main.add_command(ca)
+main.add_command(plugins)
 main.add_command(policy)
 for _admin_command in (status, peers, services):
     main.add_command(_admin_command)

@@ -164,3 +164,108 @@ def show_cmd(file: Path, as_json: bool) -> None:
         click.echo(f"not before:  {_timestamp(i.not_before)}")
         click.echo(f"not after:   {_timestamp(i.not_after)} ({status(i, now)})")
         click.echo(f"sha256:      {i.fingerprint_sha256}")
+
+
+# --- the CA service: tokens, revocation, rotation -------------------------------------------------
+
+
+@ca.command("token")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path), help="CA directory.")
+@click.option("--node", required=True, help="Name of the node that will enroll (its node_name).")
+@click.option("--workloads", default="", help="Identities it may hold: ns/sa,ns/sa,...")
+@click.option("--ttl", default="1h", show_default=True, help="How long the token stays usable.")
+@click.option(
+    "--address",
+    default=None,
+    help="Enrollment endpoint HOST:PORT put in the token (default: hostname:15012).",
+)
+def token_cmd(directory: Path, node: str, workloads: str, ttl: str, address: str | None) -> None:
+    """Print a single-use, expiring enrollment token for NODE (it pins this CA's root)."""
+    import socket
+
+    from meshd.ca_service.authority import CaAuthority
+    from meshd.config.model import _NAME
+    from meshd.units import Address
+
+    if not _NAME.match(node):
+        raise CLIError(f"--node {node!r} must be lowercase letters, digits, '.', '-', '_' (a node_name)")
+    try:
+        lifetime = parse_duration(ttl)
+        where = Address.parse(address or f"{socket.gethostname()}:15012")
+    except ValueError as e:
+        raise CLIError(f"{e}") from None
+    names = [w.strip() for w in workloads.split(",") if w.strip()]
+    try:
+        text = CaAuthority(directory, lifetime).mint_token(node, names, lifetime, str(where))
+    except CAError as e:
+        raise CLIError(str(e)) from None
+    click.echo(text)
+    click.echo(
+        f"token for node {node} ({', '.join(names) or 'no workloads'}), single use, valid {humanize(lifetime)}; "
+        f"on the new host: meshd enroll --token <token> --state-dir /var/lib/meshd",
+        err=True,
+    )
+
+
+@ca.command("revoke")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path), help="CA directory.")
+@click.option("--node", required=True, help="Node name.")
+@click.option("--undo", is_flag=True, help="Reinstate a revoked node.")
+def revoke_cmd(directory: Path, node: str, undo: bool) -> None:
+    """Stop renewing NODE's certificates (they die at expiry); --undo reinstates it."""
+    from meshd.ca_service.authority import CaAuthority
+
+    try:
+        CaAuthority(directory, timedelta(hours=1)).revoke(node, undo=undo)
+    except CAError as e:
+        raise CLIError(str(e)) from None
+    if undo:
+        click.echo(f"node {node} reinstated: the CA renews its certificates again")
+    else:
+        click.echo(f"node {node} revoked: the CA refuses its renewals; its certificates die at expiry")
+
+
+@ca.group("rotate")
+def rotate() -> None:
+    """Rotate the root: prepare (publish a new root), activate (sign with it), retire (drop the old)."""
+
+
+@rotate.command("prepare")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path), help="CA directory.")
+def rotate_prepare(directory: Path) -> None:
+    """Make a new root in DIR/next; the bundle trusts both, the old one still signs."""
+    from meshd.ca_service import rotation
+
+    try:
+        new = rotation.prepare(directory)
+    except CAError as e:
+        raise CLIError(str(e)) from None
+    click.echo(f"new root prepared: {describe_certificate(new.cert).fingerprint_sha256}")
+    click.echo("trust bundle = old + new; wait for every node to refresh it, then: meshd ca rotate activate")
+
+
+@rotate.command("activate")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path), help="CA directory.")
+def rotate_activate(directory: Path) -> None:
+    """Sign with the prepared root from now on; the old root stays trusted (DIR/previous)."""
+    from meshd.ca_service import rotation
+
+    try:
+        new = rotation.activate(directory)
+    except CAError as e:
+        raise CLIError(str(e)) from None
+    click.echo(f"signing with the new root {describe_certificate(new.cert).fingerprint_sha256}")
+    click.echo("after every certificate has renewed (one lifetime), run: meshd ca rotate retire")
+
+
+@rotate.command("retire")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path), help="CA directory.")
+def rotate_retire(directory: Path) -> None:
+    """Stop trusting the previous root."""
+    from meshd.ca_service import rotation
+
+    try:
+        rotation.retire(directory)
+    except CAError as e:
+        raise CLIError(str(e)) from None
+    click.echo("previous root retired: the trust bundle is the current root only")

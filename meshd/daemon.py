@@ -20,12 +20,13 @@ from typing import Any
 import trio
 
 from meshd import __version__
+from meshd.ca_service.wiring import CaWiring
 from meshd.config.load import load_config
 from meshd.config.model import Config, UpstreamConfig
 from meshd.config.schema import to_plain
 from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
-from meshd.identity.manager import IdentityError, IdentityManager, source_for
+from meshd.identity.manager import IdentityError, IdentityManager
 from meshd.identity.spiffe import SpiffeId
 from meshd.log import set_level
 from meshd.node.proxy import NodeProxy
@@ -70,10 +71,8 @@ class Daemon:
         self._drain_hooks: list[Callable[[], None]] = []
         self.readiness = Readiness()
         self.started_at = time.time()
-        self.identities = IdentityManager(
-            source_for(config.identity.ca_dir, config.identity.cert_dir, config.identity.cert_ttl),
-            local_identities(config),
-        )
+        self.ca = CaWiring(config, lambda: self.config)
+        self.identities = IdentityManager(self.ca.cert_source(), local_identities(config))
         policy, warnings = load_policy_dir(config.policy.dir, role=config.role)
         for w in warnings:
             log.warning("policy: %s", w.format())
@@ -87,6 +86,7 @@ class Daemon:
             track_inflight=self.track_inflight,
         )
         self.node = NodeProxy(self.state)
+        self.node.inbound.ca_handler = self.ca.hbone_handler
         self.on_drain(self.node.drain)
         self.bound: dict[str, str] = {}
         self._inflight = 0
@@ -105,6 +105,9 @@ class Daemon:
             await self._start_component(nursery, "admin", self._serve_admin)
             await self._start_component(nursery, "identity", self.identities.run)
             await self._start_component(nursery, "node", self.node.run, self.readiness)
+            if self.ca.service is not None:
+                await self._start_component(nursery, "ca", self.ca.serve_enrollment)
+            nursery.start_soon(self.ca.watch_bundle, self.identities)
             self.readiness.seal()
             self.metrics.ready.set(1)
             self.systemd.ready(f"{self.config.role} {self.config.node_name} ready")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from meshd.config.model import Config, UpstreamConfig
 from meshd.identity.spiffe import SpiffeId
 
-RESTART_KEYS = ("role", "trust_domain", "node_name", "listen", "identity", "discovery")
+RESTART_KEYS = ("role", "trust_domain", "node_name", "listen", "identity", "discovery", "capture", "dns")
 
 
 @dataclass(frozen=True)

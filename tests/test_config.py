@@ -110,7 +110,7 @@ def test_mistake_is_reported_at_its_line(
 def test_identity_source_must_be_chosen(tmp_path: Path) -> None:
     found = problems(tmp_path, 'trust_domain = "home.arpa"\n[identity]\ncert_ttl="1h"\n')
     assert found == [
-        "F:2: set exactly one of identity.ca_dir and identity.cert_dir (for one host: `meshd ca init --dir ./ca "
+        "F:2: set exactly one of identity.ca_dir, identity.cert_dir and identity.state_dir (for one host: `meshd ca init --dir ./ca "
         '--trust-domain home.arpa`, then ca_dir = "./ca")'
     ]
 

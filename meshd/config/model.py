@@ -71,18 +71,63 @@ class IdentityConfig:
     cert_ttl: timedelta = field(
         default=timedelta(hours=24), metadata=doc("lifetime of certificates meshd issues")
     )
+    state_dir: Path | None = field(
+        default=None, metadata=doc("enrolled mode: node key, certificate and bundle from `meshd enroll`")
+    )
+    ca_server: Address | None = field(
+        default=None, metadata=doc("enrolled mode: the CA's HBONE address; default: recorded at enrollment")
+    )
+    bundle_refresh: timedelta = field(
+        default=timedelta(minutes=1), metadata=doc("how often the trust bundle is re-read (CA rotation)")
+    )
 
     def check(self) -> list[Issue]:
-        if (self.ca_dir is None) == (self.cert_dir is None):
+        if sum(p is not None for p in (self.ca_dir, self.cert_dir, self.state_dir)) != 1:
             return [
                 Issue(
                     (),
-                    "set exactly one of identity.ca_dir and identity.cert_dir",
+                    "set exactly one of identity.ca_dir, identity.cert_dir and identity.state_dir",
                     'for one host: `meshd ca init --dir ./ca --trust-domain home.arpa`, then ca_dir = "./ca"',
                 )
             ]
         if self.cert_ttl < timedelta(minutes=2):
             return [Issue(("cert_ttl",), "identity.cert_ttl must be at least 2m", "the default is 24h")]
+        return []
+
+
+@dataclass(frozen=True)
+class CaNodeConfig:
+    workloads: tuple[str, ...] = field(
+        default=(), metadata=doc('identities the node may hold, "namespace/service-account"')
+    )
+
+    def check(self) -> list[Issue]:
+        return [
+            Issue(("workloads", i), f"workload {w!r} is not namespace/service-account", 'e.g. "default/echo"')
+            for i, w in enumerate(self.workloads)
+            if not re.match(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$", w)
+        ]
+
+
+@dataclass(frozen=True)
+class CaConfig:
+    serve: bool = field(default=False, metadata=doc("run the mesh CA service on this host"))
+    dir: Path | None = field(default=None, metadata=doc("CA folder (root key, tokens, node table)"))
+    listen: Address = field(
+        default=Address("0.0.0.0", 15012), metadata=doc("enrollment endpoint (TLS, one-time tokens)")
+    )
+    cert_ttl: timedelta = field(
+        default=timedelta(hours=24), metadata=doc("lifetime of certificates the CA service signs")
+    )
+    nodes: dict[str, CaNodeConfig] = field(
+        default_factory=dict, metadata=doc("[ca.nodes.NAME] workloads = [...]: what each node may hold")
+    )
+
+    def check(self) -> list[Issue]:
+        if self.serve and self.dir is None:
+            return [Issue(("dir",), "ca.serve = true needs ca.dir", 'e.g. dir = "/etc/meshd/ca"')]
+        if self.cert_ttl < timedelta(minutes=2):
+            return [Issue(("cert_ttl",), "ca.cert_ttl must be at least 2m", "the default is 24h")]
         return []
 
 
@@ -203,6 +248,48 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    mode: Literal["off", "nftables"] = field(
+        default="off", metadata=doc("nftables: capture TCP to service VIPs (needs CAP_NET_ADMIN)")
+    )
+    listen: Address = field(
+        default=Address("127.0.0.1", 15001), metadata=doc("outbound capture listener (redirect target)")
+    )
+    vip_range: str = field(
+        default="240.240.0.0/16", metadata=doc("IPv4 range service VIPs come from; same on every node")
+    )
+    inbound: bool = field(
+        default=False, metadata=doc("workload ports from other hosts: PERMISSIVE -> 15006, STRICT dropped")
+    )
+    nft: str = field(default="nft", metadata=doc("the nft binary (name on PATH, or a path)"))
+
+    def check(self) -> list[Issue]:
+        try:
+            net = ipaddress.IPv4Network(self.vip_range)
+        except ValueError as exc:
+            return [Issue(("vip_range",), f"capture.vip_range: {exc}", 'e.g. "240.240.0.0/16"')]
+        if net.prefixlen > 30:
+            return [Issue(("vip_range",), f"capture.vip_range {net} is too small", "use a /30 or larger")]
+        return []
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    enabled: bool = field(default=False, metadata=doc("run the DNS proxy for mesh names"))
+    listen: Address = field(default=Address("127.0.0.1", 15053), metadata=doc("DNS proxy, UDP and TCP"))
+    domain: str = field(default="mesh", metadata=doc("mesh names are <service>.<namespace>.<domain>"))
+    upstreams: tuple[Address, ...] = field(
+        default=(), metadata=doc("resolvers for other names; empty = nameservers in /etc/resolv.conf")
+    )
+    forward_timeout: timedelta = field(
+        default=timedelta(seconds=2), metadata=doc("wait per upstream before trying the next")
+    )
+
+    def check(self) -> list[Issue]:
+        return _check_name(self.domain, "domain")
+
+
+@dataclass(frozen=True)
 class Config:
     role: Role = field(default="node", metadata=doc("node (ztunnel role) or waypoint"))
     trust_domain: str = field(default="home.arpa", metadata=doc("SPIFFE trust domain"))
@@ -214,9 +301,12 @@ class Config:
     )
     listen: ListenConfig = field(default_factory=ListenConfig, metadata=doc("listener addresses"))
     identity: IdentityConfig = field(default_factory=IdentityConfig, metadata=doc("certificates"))
+    ca: CaConfig = field(default_factory=CaConfig, metadata=doc("mesh CA service"))
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig, metadata=doc("finding peers"))
     log: LogConfig = field(default_factory=LogConfig, metadata=doc("logging"))
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata=doc("policy files"))
+    capture: CaptureConfig = field(default_factory=CaptureConfig, metadata=doc("transparent capture"))
+    dns: DnsConfig = field(default_factory=DnsConfig, metadata=doc("DNS proxy for mesh names"))
     workloads: tuple[WorkloadConfig, ...] = field(
         default=(), metadata=doc("workloads on this host", toml="workload")
     )

@@ -478,6 +478,23 @@ class LocalCA:
         )
 
 
+# --- trust bundle (several roots during a rotation) ------------------------------------------------
+
+NEXT_DIR = "next"  # a root being introduced: trusted, not yet signing (`meshd ca rotate prepare`)
+PREVIOUS_DIR = "previous"  # the root being retired: trusted, no longer signing (key deleted)
+
+
+def trust_bundle(directory: Path) -> bytes:
+    """The roots a CA directory asks nodes to trust: `ca.crt` (the signing root), then `next/ca.crt`
+    and `previous/ca.crt` when a rotation is under way. Each is PEM; missing extras are skipped."""
+    directory = Path(directory)
+    out = _read(directory / CA_CERT_FILE, "CA certificate", f"meshd ca init --dir {directory}")
+    for extra in (NEXT_DIR, PREVIOUS_DIR):
+        with contextlib.suppress(FileNotFoundError):
+            out += (directory / extra / CA_CERT_FILE).read_bytes()
+    return out
+
+
 # --- issued material on disk ----------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ to notice a renewal: new connections use the new certificate, open ones keep the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Protocol
 import trio
 
 from meshd.errors import UserFacingError
-from meshd.identity.ca import CAError, IssuedCert, LocalCA, read_issued
+from meshd.identity.ca import CAError, IssuedCert, LocalCA, read_issued, trust_bundle
 from meshd.identity.spiffe import SpiffeId
 
 log = logging.getLogger("meshd.identity")
@@ -59,7 +60,9 @@ class LocalCASource:
         # Re-read each time: a CA rotated on disk is picked up at the next renewal. This is sync
         # file I/O plus one P-256 key: well under a millisecond, so not worth a worker thread.
         try:
-            return LocalCA.load(self.ca_dir).issue(identity, ttl=self.ttl, now=now)
+            issued = LocalCA.load(self.ca_dir).issue(identity, ttl=self.ttl, now=now)
+            # The bundle holds every trusted root (two during a rotation), not only the signing one.
+            return dataclasses.replace(issued, ca_pem=trust_bundle(self.ca_dir))
         except CAError as exc:
             raise IdentityError(str(exc)) from None
 
@@ -150,6 +153,20 @@ class IdentityManager:
 
     def statistics(self) -> dict[str, IdentityStatus]:
         return {str(i): s for i, s in self._status.items()}
+
+    def update_bundle(self, ca_pem: bytes) -> bool:
+        """Trust a new set of roots (a CA rotation) for every held certificate; new TLS contexts pick it
+        up, open connections keep theirs. Returns False if the bundle was already in use."""
+        changed = False
+        for status in self._status.values():
+            if status.certificate.ca_pem != ca_pem:
+                status.certificate = dataclasses.replace(status.certificate, ca_pem=ca_pem)
+                changed = True
+        if changed:
+            self.generation += 1
+            self._changed.set()
+            self._changed = trio.Event()
+        return changed
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from meshd.discovery.catalog import CATALOG_PATH, WorkloadEntry
-from meshd.hbone.server import InboundRequest, ServerReply
+from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
@@ -32,12 +32,14 @@ from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mo
 log = logging.getLogger("meshd.inbound")
 
 CONNECT_TIMEOUT = 5.0
+CA_PATH_PREFIX = "/meshd/v1/ca/"  # meshd.ca_service.service
 SO_ORIGINAL_DST = 80
 
 
 class Inbound:
     def __init__(self, state: NodeState) -> None:
         self.state = state
+        self.ca_handler: Handler | None = None  # the CA service's endpoints, on the CA host only
 
     def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
         for w in self.state.catalog.local.workloads:
@@ -136,6 +138,9 @@ class Inbound:
         rec.destination_service = w.services[0] if w.services else "unknown"
 
     async def _handle_request(self, req: InboundRequest, reply: ServerReply) -> None:
+        if self.ca_handler is not None and (req.path or "").startswith(CA_PATH_PREFIX):
+            await self.ca_handler(req, reply)
+            return
         if req.method == "GET" and req.path == CATALOG_PATH:
             # Only other meshd nodes of our trust domain (HboneServer checked the domain) get the catalog.
             if not req.peer_identity.is_node:

@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from meshd.capture.transparent import Capture
 from meshd.config.model import UpstreamConfig
 from meshd.discovery.catalog import CATALOG_PATH, CatalogError, NodeCatalog, local_catalog, merge
 from meshd.discovery.mdns import MdnsDiscovery
@@ -36,6 +37,7 @@ class NodeProxy:
         self.pool = HbonePool(self.contexts.client)
         self.inbound = Inbound(state)
         self.outbound = Outbound(state, self.pool)
+        self.capture = Capture(state, self.outbound)  # transparent mode and the DNS proxy
         self.server = HboneServer(self.contexts.server_for_ip, state.config.trust_domain, self.inbound.handle)
         disc = state.config.discovery
         self.peers = PeerTable(disc.peer_timeout.total_seconds())
@@ -74,6 +76,10 @@ class NodeProxy:
             await nursery.start(self._accept_until_drained, self.inbound.serve_plaintext)
             for up in cfg.upstreams:
                 await self.start_upstream(up)
+            if self.capture.enabled:
+                await nursery.start(self._accept_until_drained, self.capture.serve)
+            if self.capture.dns is not None:
+                await nursery.start(self._accept_until_drained, self.capture.dns.serve)
             await nursery.start(self.poller.run, cfg.discovery.peers)
             if self.mdns is not None:
                 await nursery.start(self.mdns.run)
@@ -155,4 +161,5 @@ class NodeProxy:
             "mdns": dataclasses.asdict(self.mdns.statistics()) if self.mdns else None,
             "hbone_server": dataclasses.asdict(self.server.statistics()),
             "pool": dataclasses.asdict(self.pool.statistics()),
+            "capture": self.capture.config_dump(),
         }

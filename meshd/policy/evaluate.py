@@ -24,7 +24,7 @@ import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from meshd.config.schema import to_plain
 from meshd.identity.spiffe import SpiffeId
@@ -36,12 +36,16 @@ from meshd.policy.model import (
     Located,
     Operation,
     PeerAuthentication,
+    Route,
     Rule,
     Source,
     canonical_principal,
     parse_ip_block,
     parse_when_key,
 )
+
+if TYPE_CHECKING:
+    from meshd.waypoint.router import Router
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -321,16 +325,28 @@ def _split(policies: Sequence[_Policy]) -> _Scope:
 class PolicySet:
     """Every loaded policy, with its origin, compiled for evaluation. Immutable: a reload builds a new one."""
 
-    __slots__ = ("_authorizations", "_mesh", "_mtls", "_namespaces", "_peer_authentications")
+    __slots__ = (
+        "_authorizations",
+        "_mesh",
+        "_mtls",
+        "_namespaces",
+        "_peer_authentications",
+        "_router",
+        "_routes",
+    )
 
     def __init__(
         self,
         authorizations: Sequence[Located[AuthorizationPolicy]] = (),
         peer_authentications: Sequence[Located[PeerAuthentication]] = (),
+        routes: Sequence[Located[Route]] = (),
+        router: Router | None = None,
     ) -> None:
         """Policies must already be valid (as `load_policy_dir` or `schema.build` returns them)."""
         self._authorizations = tuple(authorizations)
         self._peer_authentications = tuple(peer_authentications)
+        self._routes = tuple(routes)
+        self._router = router  # compiled routes with their filter chains (built by load_policy_dir)
         # Mesh-wide policies first, then the namespace's; each group by name, so decisions are stable.
         ordered = sorted(self._authorizations, key=lambda a: (a.value.namespace is not None, a.value.name))
         mesh = [_compile_policy(a.value) for a in ordered if a.value.namespace is None]
@@ -354,8 +370,21 @@ class PolicySet:
     def peer_authentications(self) -> tuple[Located[PeerAuthentication], ...]:
         return self._peer_authentications
 
+    @property
+    def routes(self) -> tuple[Located[Route], ...]:
+        return self._routes
+
+    @property
+    def router(self) -> Router:
+        """The waypoint's compiled routes (`Router.match(request, service)`); empty if there are none."""
+        if self._router is None:
+            from meshd.waypoint.router import Router
+
+            self._router = Router(())
+        return self._router
+
     def __len__(self) -> int:
-        return len(self._authorizations) + len(self._peer_authentications)
+        return len(self._authorizations) + len(self._peer_authentications) + len(self._routes)
 
     def config_dump(self) -> dict[str, Any]:
         """JSON-ready, in the TOML shape, each policy with `source` = FILE:LINE."""
@@ -364,6 +393,7 @@ class PolicySet:
             "peer_authentication": [
                 {**to_plain(p.value), "source": str(p.origin)} for p in self._peer_authentications
             ],
+            "route": [{**to_plain(r.value), "source": str(r.origin)} for r in self._routes],
         }
 
     def _scope(self, namespace: str) -> _Scope:

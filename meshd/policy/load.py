@@ -7,9 +7,10 @@ have the `FILE:LINE: what (hint)` shape of config errors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from meshd.config.schema import KeyPath, build, parse_toml
 from meshd.config.toml_lines import KeyLines
@@ -22,8 +23,12 @@ from meshd.policy.model import (
     Origin,
     PeerAuthentication,
     PolicyFile,
+    Route,
     Rule,
 )
+
+if TYPE_CHECKING:
+    from meshd.plugins.manager import RegisteredFilter
 
 Role = Literal["node", "waypoint"]
 
@@ -33,6 +38,7 @@ class _File:
     name: str
     doc: PolicyFile
     lines: KeyLines
+    filter_settings: Mapping[tuple[int, int], Any]  # route[i].filters[j].settings, raw
 
     def origin(self, *path: str | int) -> Origin:
         return Origin(self.name, self.lines.line_of(path))
@@ -46,10 +52,14 @@ def policy_files(directory: Path) -> list[Path]:
     return sorted((p for p in directory.glob("*.toml") if not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def load_policy_dir(directory: Path | None, *, role: Role) -> tuple[PolicySet, list[Problem]]:
+def load_policy_dir(
+    directory: Path | None, *, role: Role, filter_types: Mapping[str, RegisteredFilter] | None = None
+) -> tuple[PolicySet, list[Problem]]:
     """Load every policy file; return (policies, warnings) or raise ConfigError listing all problems.
 
     `directory=None` (no `policy.dir` configured) gives an empty PolicySet: everything allowed, PERMISSIVE.
+    Routes' filters come from `filter_types` (default: built when a route names a filter, from
+    `make_plugin_manager()`); their settings are validated and the filters built here.
     """
     if directory is None:
         return PolicySet(), []
@@ -69,20 +79,23 @@ def load_policy_dir(directory: Path | None, *, role: Role) -> tuple[PolicySet, l
             [Problem(str(directory), None, "policy.dir is not a folder", "point it at a folder of *.toml")]
         )
 
+    from meshd.waypoint.router import RouteFile, load_routes, split_filter_settings  # (import cycle)
+
     problems: list[Problem] = []
     files: list[_File] = []
     for path in policy_files(directory):
         name = str(path)
         try:
             text = path.read_text(encoding="utf-8")
-            doc = build(PolicyFile, parse_toml(text, name), name, path.parent, lines := KeyLines(text))
+            raw, filter_settings = split_filter_settings(parse_toml(text, name))
+            doc = build(PolicyFile, raw, name, path.parent, lines := KeyLines(text))
         except ConfigError as exc:
             problems += exc.problems
             continue
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(name, None, f"cannot read policy file: {exc}"))
             continue
-        files.append(_File(name, doc, lines))
+        files.append(_File(name, doc, lines, filter_settings))
 
     authorizations = [
         Located(a, f.origin("authorization", i)) for f in files for i, a in enumerate(f.doc.authorizations)
@@ -95,6 +108,9 @@ def load_policy_dir(directory: Path | None, *, role: Role) -> tuple[PolicySet, l
     problems += _duplicate_names("authorization", authorizations, directory)
     problems += _duplicate_names("peer_authentication", peer_auths, directory)
     problems += _mtls_conflicts(peer_auths)
+    route_files = [RouteFile(f.name, f.doc.routes, f.filter_settings, f.lines, directory) for f in files]
+    routes, router, route_problems = load_routes(route_files, lambda: _filter_types(filter_types))
+    problems += _duplicate_names("route", routes, directory) + route_problems
     if problems:
         raise ConfigError(problems)
 
@@ -103,11 +119,19 @@ def load_policy_dir(directory: Path | None, *, role: Role) -> tuple[PolicySet, l
         for i, policy in enumerate(f.doc.authorizations):
             warnings += _warnings(f, i, policy, role)
     warnings.sort(key=lambda w: (w.file, w.line or 0))  # files are already in name order
-    return PolicySet(authorizations, peer_auths), warnings
+    return PolicySet(authorizations, peer_auths, routes, router), warnings
+
+
+def _filter_types(given: Mapping[str, RegisteredFilter] | None) -> Mapping[str, RegisteredFilter]:
+    from meshd.plugins.manager import filter_types, make_plugin_manager
+
+    return given if given is not None else filter_types(make_plugin_manager())
 
 
 def _duplicate_names(
-    kind: str, items: list[Located[AuthorizationPolicy]] | list[Located[PeerAuthentication]], directory: Path
+    kind: str,
+    items: list[Located[AuthorizationPolicy]] | list[Located[PeerAuthentication]] | list[Located[Route]],
+    directory: Path,
 ) -> list[Problem]:
     first: dict[str, Origin] = {}
     out = []

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from datetime import timedelta
+from typing import Any, Generic, Literal, TypeVar
 
 from meshd.config.schema import Issue
 from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId
+from meshd.plugins.settings import RetrySettings
 
 T = TypeVar("T")
 Action = Literal["ALLOW", "DENY", "AUDIT"]
@@ -364,6 +366,151 @@ class PeerAuthentication:
         return _check_scope(self.name, self.namespace, self.workloads)
 
 
+# ---- waypoint routes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    """Exactly one of exact, prefix or regex (Python `re`, full match, compiled at load)."""
+
+    exact: str | None = field(default=None, metadata=doc("the whole value"))
+    prefix: str | None = field(default=None, metadata=doc("the start of the value"))
+    regex: str | None = field(default=None, metadata=doc("a regular expression the whole value matches"))
+
+    def check(self) -> list[Issue]:
+        set_ = [k for k in ("exact", "prefix", "regex") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            return [
+                Issue(
+                    (), f"a match sets {' and '.join(set_) or 'nothing'}", "set one of exact, prefix, regex"
+                )
+            ]
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                return [Issue(("regex",), f"regex {self.regex!r} does not compile: {exc}")]
+        return []
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """Every field set must match (AND); a route's `match` entries are OR'd."""
+
+    path: StringMatch | None = field(default=None, metadata=doc("the path, query string excluded"))
+    methods: tuple[str, ...] = field(default=(), metadata=doc("HTTP methods (any of)"))
+    headers: dict[str, StringMatch] = field(default_factory=dict, metadata=doc("header name -> match"))
+    query: dict[str, StringMatch] = field(default_factory=dict, metadata=doc("query parameter -> match"))
+
+    def check(self) -> list[Issue]:
+        issues: list[Issue] = []
+        p = self.path
+        for value in (p.exact, p.prefix) if p is not None else ():
+            if value is not None and not value.startswith("/"):
+                issues.append(Issue(("path",), f"path {value!r} must start with '/'", f'write "/{value}"'))
+        for i, m in enumerate(self.methods):
+            if not m or m != m.upper() or not _HEADER_NAME.match(m):
+                issues.append(Issue(("methods", i), f"method {m!r} must be an upper-case token", "e.g. GET"))
+        for name in self.headers:
+            if not _HEADER_NAME.match(name):
+                issues.append(Issue(("headers", name), f"{name!r} is not an HTTP header name"))
+        return issues
+
+
+@dataclass(frozen=True)
+class RouteBackend:
+    service: str | None = field(default=None, metadata=doc("name.namespace; default the route's service"))
+    subset: dict[str, str] = field(default_factory=dict, metadata=doc("workload labels the endpoints carry"))
+    weight: int = field(default=1, metadata=doc("relative share of requests"))
+    port: int | None = field(default=None, metadata=doc("service port; default the request's"))
+
+    def check(self) -> list[Issue]:
+        issues = [] if 0 <= self.weight <= 1_000_000 else [Issue(("weight",), "weight must be 0-1000000")]
+        if self.port is not None:
+            issues += _ports((self.port,), "port")
+        return issues
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    max_pending_requests: int = field(default=1024, metadata=doc("requests waiting for a connection"))
+    max_connections: int = field(default=1024, metadata=doc("connections to one backend"))
+
+    def check(self) -> list[Issue]:
+        return [
+            Issue((k,), f"{k} must be at least 1")
+            for k in ("max_pending_requests", "max_connections")
+            if getattr(self, k) < 1
+        ]
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    consecutive_errors: int = field(default=5, metadata=doc("5xx / connect failures in a row that eject"))
+    base_ejection_time: timedelta = field(default=timedelta(seconds=30), metadata=doc("first ejection"))
+    max_ejection_time: timedelta = field(default=timedelta(minutes=5), metadata=doc("longest ejection"))
+
+    def check(self) -> list[Issue]:
+        if self.consecutive_errors < 1:
+            return [Issue(("consecutive_errors",), "consecutive_errors must be at least 1")]
+        return []
+
+
+@dataclass(frozen=True)
+class FilterRef:
+    """`{ name = "ratelimit", settings = { ... } }`. `settings` is read by the filter's own schema at load."""
+
+    name: str = field(metadata=doc("a filter offered by a plugin (`meshd plugins` lists them)"))
+    settings: Any = field(default=None, metadata=doc("the filter's settings, validated when policy loads"))
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str = field(metadata=doc("unique across the policy folder"))
+    service: str | None = field(default=None, metadata=doc("the service (name.namespace) it applies to"))
+    hosts: tuple[str, ...] = field(
+        default=(), metadata=doc("Host / :authority patterns (exact, *.suffix, *)")
+    )
+    match: tuple[RouteMatch, ...] = field(default=(), metadata=doc("OR'd; none = every request"))
+    backends: tuple[RouteBackend, ...] = field(default=(), metadata=doc("weighted; none = the service"))
+    timeout: timedelta | None = field(default=None, metadata=doc("for the upstream's answer, all tries"))
+    retries: RetrySettings | None = field(default=None, metadata=doc("retry policy (as the retries filter)"))
+    filters: tuple[FilterRef, ...] = field(default=(), metadata=doc("plugin filters, in order"))
+    load_balancer: Literal["round_robin", "least_request"] = field(
+        default="round_robin", metadata=doc("how an endpoint is picked")
+    )
+    circuit_breaker: CircuitBreaker | None = field(default=None, metadata=doc("limits per backend"))
+    outlier_detection: OutlierDetection | None = field(
+        default=None, metadata=doc("ejecting failing endpoints")
+    )
+
+    def check(self) -> list[Issue]:
+        issues = _check_name(self.name, "name")
+        issues += _patterns(self.hosts, "hosts")
+        for i, b in enumerate(self.backends):
+            if b.service is None and self.service is None:
+                issues.append(
+                    Issue(
+                        ("backends", i),
+                        "backend without service, and the route has none",
+                        'add service = "name.namespace"',
+                    )
+                )
+        if self.backends and not any(b.weight for b in self.backends):
+            issues.append(Issue(("backends",), "every backend has weight 0", "give one a weight above 0"))
+        if self.timeout is not None and self.timeout.total_seconds() <= 0:
+            issues.append(Issue(("timeout",), "timeout must be longer than 0"))
+        if not self.backends and self.service is None:
+            issues.append(
+                Issue(
+                    (),
+                    f"route {self.name!r} names no service and no backends",
+                    'add service = "name.namespace"',
+                )
+            )
+        return issues
+
+
 # ---- a file -------------------------------------------------------------------------------------
 
 
@@ -377,3 +524,4 @@ class PolicyFile:
     peer_authentications: tuple[PeerAuthentication, ...] = field(
         default=(), metadata=doc("[[peer_authentication]] tables", toml="peer_authentication")
     )
+    routes: tuple[Route, ...] = field(default=(), metadata=doc("[[route]] tables (waypoint)", toml="route"))
