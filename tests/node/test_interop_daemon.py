@@ -21,7 +21,7 @@ import pytest
 
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, unique_loopback
+from tests.support.procs import Meshd, running, unique_loopback
 
 NODE = shutil.which("node")
 SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
@@ -106,14 +106,8 @@ def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
         body=echo_workload(ip),
         trust_domain=TD,
     )
-    with echo_server(ip, ECHO_PORT):
-        daemon = Meshd(cfg, ip).start()
-        try:
-            daemon.wait_ready()
-            yield Beta(daemon, ip, ca_dir, tmp)
-        finally:
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.stop()
+    with echo_server(ip, ECHO_PORT), running(Meshd(cfg, ip)) as daemon:
+        yield Beta(daemon, ip, ca_dir, tmp)
 
 
 def test_node_http2_client_tunnels_through_the_daemon(beta: Beta) -> None:

@@ -33,7 +33,7 @@ from meshd.identity.ca import IssuedCert, LocalCA
 from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, http_get, unique_loopback
+from tests.support.procs import Meshd, http_get, running, unique_loopback
 
 TD = "home.arpa"
 CLIENT = SpiffeId(TD, "default", "client")
@@ -63,14 +63,8 @@ def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
     ca = LocalCA.init(tmp / "ca", TD, now=datetime.now(UTC) - timedelta(days=1))
     ip = unique_loopback()
     cfg = node_config(tmp / "beta.toml", "beta", tmp / "ca", body=echo_workload(ip), trust_domain=TD)
-    with echo_server(ip, ECHO_PORT):
-        daemon = Meshd(cfg, ip).start()
-        try:
-            daemon.wait_ready()
-            yield Beta(daemon, ip, ca, tmp)
-        finally:
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.stop()
+    with echo_server(ip, ECHO_PORT), running(Meshd(cfg, ip)) as daemon:
+        yield Beta(daemon, ip, ca, tmp)
 
 
 def certs(issued: IssuedCert, ca_pem: bytes | None = None) -> StaticCertificates:

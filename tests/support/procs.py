@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,3 +118,14 @@ class Meshd:
                 ) from None
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def running(daemon: Meshd) -> Iterator[Meshd]:
+    """Start a daemon, wait until it is ready, and stop it however the block ends."""
+    daemon.start()
+    try:
+        yield daemon.wait_ready()
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()
