@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -17,6 +18,11 @@ from tests.support.procs import Meshd, http_get
 from tests.test_daemon import example_node
 
 
+def test_capture_dropin_grants_only_net_admin() -> None:
+    text = (REPO / "systemd" / "meshd.service.d" / "capture.conf").read_text()
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN\n" in text and "AmbientCapabilities=CAP_NET_ADMIN\n" in text
+
+
 @pytest.mark.parametrize("unit", ["meshd.service", "meshd-waypoint.service"])
 def test_units_pass_systemd_analyze_verify(tmp_path: Path, unit: str) -> None:
     analyze = shutil.which("systemd-analyze")
@@ -24,10 +30,17 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, unit: str) -> None:
     meshd = shutil.which("meshd") or str(Path(REPO / ".venv/bin/meshd"))
     text = (REPO / "systemd" / unit).read_text().replace("/usr/local/bin/meshd", meshd)
     (tmp_path / unit).write_text(text)
+    dropins = REPO / "systemd" / f"{unit}.d"
+    if dropins.is_dir():  # checked too: systemd reads drop-ins from the unit path
+        shutil.copytree(dropins, tmp_path / f"{unit}.d")
     out = subprocess.run(
-        [analyze, "verify", str(tmp_path / unit)], capture_output=True, text=True, timeout=60
+        [analyze, "verify", str(tmp_path / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
     )
-    problems = [line for line in out.stderr.splitlines() if unit in line]
+    problems = [line for line in out.stderr.splitlines() if str(tmp_path) in line or unit in line]
     assert out.returncode == 0 and not problems, out.stderr
 
 
