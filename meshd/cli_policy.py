@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from meshd.cli_admin import fetch_dump
 from meshd.config.load import config_path, load_config
 from meshd.config.model import Config, WorkloadConfig
 from meshd.errors import ConfigError
@@ -49,6 +50,11 @@ def _destinations(cfg: Config, to: str) -> tuple[list[WorkloadConfig], int]:
 
 @policy.command("explain")
 @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="config file")
+@click.option(
+    "--admin",
+    metavar="HOST:PORT",
+    help="explain with the config a running meshd was started with (read from its /config_dump)",
+)
 @click.option("--from", "source", required=True, metavar="SPIFFE_ID", help="source identity, or 'plaintext'")
 @click.option("--to", "to", required=True, metavar="SERVICE:PORT", help="e.g. echo.default:7000")
 @click.option("--source-ip", default="127.0.0.1", show_default=True, help="source address (ip_blocks)")
@@ -59,6 +65,7 @@ def _destinations(cfg: Config, to: str) -> tuple[list[WorkloadConfig], int]:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def policy_explain(
     config_file: str | None,
+    admin: str | None,
     source: str,
     to: str,
     source_ip: str,
@@ -70,8 +77,15 @@ def policy_explain(
 ) -> None:
     """Evaluate the policy files of a config for one connection (or HTTP request) and explain it:
     the decision, the policy and rule that made it (file:line), and why every other policy did not."""
+    overrides: list[str] = []
+    if admin:
+        dump = fetch_dump(admin)
+        if not dump.get("config_file"):
+            raise click.ClickException(f"the meshd at {admin} does not report its config file")
+        config_file = dump["config_file"]
+        overrides = list(dump.get("overrides", []))
     try:
-        cfg = load_config(config_path(config_file))
+        cfg = load_config(config_path(config_file), overrides)
         policies, _ = load_policy_dir(cfg.policy.dir, role="waypoint")
     except ConfigError as exc:
         for p in exc.problems:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from meshd.identity.ca import LocalCA
 from tests.conftest import REPO
+from tests.support.procs import Meshd
 from tests.test_cli import meshd
+from tests.test_daemon import example_node
 
 NAS = str(REPO / "configs" / "homelab" / "nas.toml")
 PI = str(REPO / "configs" / "homelab" / "pi.toml")
@@ -91,3 +95,25 @@ def test_unknown_destination_and_bad_identity_are_clear_errors() -> None:
     assert out.returncode == 1 and "no workload in this config serves nope.data port 1" in out.stderr
     out = meshd("policy", "explain", "-c", NAS, "--from", "not-an-id", "--to", "db.data:5432")
     assert out.returncode == 2 and "--from" in out.stderr
+
+
+def test_explain_against_a_running_daemon(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    # configs/meshd.toml (alpha) hosts only "client"; its policy folder allows client -> echo.
+    out = meshd(
+        "policy",
+        "explain",
+        "--admin",
+        f"{loopback}:15000",
+        "--from",
+        "home.arpa/ns/default/sa/client",
+        "--to",
+        "client.default:8000",
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ALLOW: no ALLOW policy applies" in out.stdout
+    assert "allow-client-to-echo" in out.stdout and "scoped to workloads ['echo'], not 'client'" in out.stdout
