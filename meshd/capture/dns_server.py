@@ -9,6 +9,7 @@ answers gets SERVFAIL.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Callable, Mapping
@@ -99,10 +100,8 @@ class DnsServer:
             self.upstreams = [u for u in resolv_conf_upstreams(text) if u != listen]
         if not self.upstreams:
             log.warning("DNS proxy has no upstream resolver: names outside the mesh get SERVFAIL")
-        udp = trio.socket.socket(_family(listen.host), socket.SOCK_DGRAM)
-        await udp.bind((listen.host, listen.port))
-        bound = Address(listen.host, udp.getsockname()[1])  # the same port for TCP (port 0: any)
-        listeners = await trio.open_tcp_listeners(bound.port, host=listen.host)
+        udp, listeners = await bind_udp_and_tcp(listen)
+        bound = Address(listen.host, udp.getsockname()[1])
         log.info(
             "DNS proxy listening",
             extra={
@@ -213,3 +212,18 @@ class DnsServer:
             "domain": self.config.domain,
             "upstreams": [str(u) for u in self.upstreams],
         }
+
+
+async def bind_udp_and_tcp(address: Address) -> tuple[trio.socket.SocketType, list[trio.SocketListener]]:
+    """A UDP socket and TCP listeners on the same port. With port 0 the UDP socket picks a free port
+    whose TCP twin may be taken by someone else's connection: then try another (bounded)."""
+    for _ in range(20):
+        udp = trio.socket.socket(_family(address.host), socket.SOCK_DGRAM)
+        await udp.bind((address.host, address.port))
+        try:
+            return udp, await trio.open_tcp_listeners(udp.getsockname()[1], host=address.host)
+        except OSError as exc:
+            udp.close()
+            if address.port != 0 or exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {address.host}")

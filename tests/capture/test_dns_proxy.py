@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry, Counter
 
-from meshd.capture.dns_server import DnsServer, _read_frame, resolv_conf_upstreams
+from meshd.capture.dns_server import DnsServer, _read_frame, bind_udp_and_tcp, resolv_conf_upstreams
 from meshd.capture.vip import allocate
 from meshd.config.model import DnsConfig
 from meshd.discovery.catalog import ServiceEntry, ServicePortEntry
@@ -25,10 +25,8 @@ VIPS = allocate(SERVICES)
 
 async def fake_upstream(*, task_status: trio.TaskStatus[Address]) -> None:
     """UDP and TCP on one port; answers A 192.0.2.1 for anything."""
-    udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await udp.bind(("127.0.0.1", 0))
+    udp, listeners = await bind_udp_and_tcp(Address("127.0.0.1", 0))
     port = udp.getsockname()[1]
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
 
     def answer(data: bytes) -> bytes:
         q = dns.message.from_wire(data)
