@@ -35,6 +35,7 @@ from meshd.observe.accesslog import ConnectionTelemetry
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
+from meshd.plugins.manager import filter_types, make_plugin_manager, plugin_infos
 from meshd.policy.load import load_policy_dir
 from meshd.readiness import Readiness
 from meshd.reload import plan_reload
@@ -73,7 +74,11 @@ class Daemon:
         self.started_at = time.time()
         self.ca = CaWiring(config, lambda: self.config)
         self.identities = IdentityManager(self.ca.cert_source(), local_identities(config))
-        policy, warnings = load_policy_dir(config.policy.dir, role=config.role)
+        self.plugins = make_plugin_manager()
+        self.plugins.hook.meshd_startup.call_historic(kwargs={"config": config})
+        policy, warnings = load_policy_dir(
+            config.policy.dir, role=config.role, filter_types=filter_types(self.plugins)
+        )
         for w in warnings:
             log.warning("policy: %s", w.format())
         self.state = NodeState(
@@ -85,7 +90,7 @@ class Daemon:
             policy=policy,
             track_inflight=self.track_inflight,
         )
-        self.node = NodeProxy(self.state)
+        self.node = NodeProxy(self.state, self.plugins)
         self.node.inbound.ca_handler = self.ca.hbone_handler
         self.on_drain(self.node.drain)
         self.bound: dict[str, str] = {}
@@ -186,7 +191,9 @@ class Daemon:
 
         try:
             new = load_config(self.config_path, self.overrides) if self.config_path else self.config
-            policy, warnings = load_policy_dir(new.policy.dir, role=new.role)
+            policy, warnings = load_policy_dir(
+                new.policy.dir, role=new.role, filter_types=filter_types(self.plugins)
+            )
         except ConfigError as exc:
             return rejected(p.format() for p in exc.problems)
         plan = plan_reload(self.config, new)
@@ -304,6 +311,10 @@ class Daemon:
             "config": to_plain(self.config),
             "certificates": certs,
             "policy": self.state.policy.config_dump(),
+            "plugins": [
+                {"name": p.name, "source": p.source, "filters": list(p.filters), "hooks": list(p.hooks)}
+                for p in plugin_infos(self.plugins)
+            ],
             "connections": {
                 "proxied": self._inflight,
                 "hbone_inbound": dataclasses.asdict(self.node.server.statistics()),

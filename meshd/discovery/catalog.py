@@ -314,6 +314,57 @@ class Catalog:
             )
         return out
 
+    # ---- waypoints (see docs/waypoint.md) ----------------------------------------------------------
+
+    def waypoint_node(self, name: str) -> tuple[NodeCatalog, str] | None:
+        """The waypoint called `name` (a node of role waypoint), and where it was reached."""
+        found = self.node(name)
+        return found if found is not None and found[0].role == "waypoint" else None
+
+    def waypoint_endpoint(self, service_key: str, port: int, vip: str) -> Endpoint | None:
+        """Where a node sends a tunnel for a service bound to a waypoint: the waypoint's HBONE port,
+        its node identity, `:authority` = the service VIP:port. None if the service has no waypoint
+        or the waypoint is not in the catalog (yet)."""
+        svc = self.services.get(service_key)
+        if svc is None or svc.waypoint is None or svc.port(port) is None:
+            return None
+        found = self.waypoint_node(svc.waypoint)
+        if found is None:
+            return None
+        node, reached = found
+        host = (
+            _self_host(node.hbone.host)
+            if node is self.local
+            else _dial_host(node.hbone.host, reached, reached)
+        )
+        pseudo = WorkloadEntry(
+            node=node.node,
+            name=f"waypoint-{node.node}",
+            namespace=node.identity.namespace,
+            service_account=node.identity.service_account,
+            address=host,
+            ports=(),
+            services=(),
+        )
+        return Endpoint(
+            workload=pseudo,
+            target_port=port,
+            dial=Address(host, node.hbone.port),
+            identity=node.identity,
+            authority=str(Address(vip, port)),
+        )
+
+    def waypoints_bound(self, workload: WorkloadEntry, target_port: int) -> list[str]:
+        """Names of the waypoints of the services this workload serves on `target_port`."""
+        out = []
+        for key in workload.services:
+            svc = self.services.get(key)
+            if svc is None or svc.waypoint is None:
+                continue
+            if any(p.target_port == target_port for p in svc.ports):
+                out.append(svc.waypoint)
+        return sorted(set(out))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "local": self.local.node,

@@ -82,6 +82,19 @@ class Inbound:
         if workload is None:
             return self._refused(rec, FLAG_NO_ROUTE, 503, f"no workload on this node listens on {ip}:{port}")
         self._describe_destination(rec, workload)
+        bound = self.state.catalog.waypoints_bound(workload, port)
+        if bound:
+            # Bound to a waypoint: only that waypoint may reach the workload. It authorized the request
+            # (L7, with the client's identity) already, so L4 policy is not evaluated again here.
+            if source is not None and self._is_waypoint(source, bound):
+                return await self._connect(rec, ip, port)
+            return self._refused(
+                rec,
+                FLAG_UNAUTHORIZED,
+                401,
+                f"workload {workload.key} is bound to waypoint {', '.join(bound)}: traffic must go "
+                "through the waypoint (dial the service, not the workload); direct tunnels are refused",
+            )
         if source is None:
             configured = next(
                 (
@@ -109,6 +122,19 @@ class Inbound:
         )
         if not decision.allowed:
             return self._refused(rec, FLAG_UNAUTHORIZED, 401, decision.reason)
+        return await self._connect(rec, ip, port)
+
+    def _is_waypoint(self, source: SpiffeId, names: list[str]) -> bool:
+        """Is `source` the node identity of one of these waypoints (role waypoint in the catalog)?"""
+        catalog = self.state.catalog
+        return any(
+            source == SpiffeId.node(catalog.trust_domain, name) and catalog.waypoint_node(name) is not None
+            for name in names
+        )
+
+    async def _connect(
+        self, rec: ConnectionRecord, ip: str, port: int
+    ) -> tuple[trio.SocketStream | None, int, str]:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 return await trio.open_tcp_stream(ip, port), 200, ""

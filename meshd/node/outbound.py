@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from meshd.capture.vip import VipIndex
 from meshd.config.model import UpstreamConfig
 from meshd.discovery.catalog import Endpoint
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
@@ -91,6 +92,21 @@ class Outbound:
         self.pool = pool
         self.picker = EndpointPicker()
         self.health = self.picker.health
+        self.vips = VipIndex(state.config.capture.vip_range)
+
+    def endpoints(self, service_key: str, port: int) -> tuple[list[Endpoint], str]:
+        """Where tunnels for a service port go: its waypoint if it has one (`:authority` = the service
+        VIP:port), else its endpoints. ([], why) if there is nowhere to go."""
+        catalog = self.state.catalog
+        svc = catalog.services.get(service_key)
+        if svc is not None and svc.waypoint is not None:
+            vip = self.vips.table(catalog.services)[0].vip(service_key)
+            ep = catalog.waypoint_endpoint(service_key, port, vip) if vip else None
+            if ep is None:
+                return [], f"{service_key}:{port} uses waypoint {svc.waypoint!r}, which is not in the catalog"
+            return [ep], ""
+        endpoints = catalog.endpoints(service_key, port)
+        return endpoints, "" if endpoints else f"no endpoint for {service_key}:{port} in the catalog"
 
     async def serve(
         self,
@@ -124,11 +140,9 @@ class Outbound:
                 source_namespace=source.namespace,
                 destination_service=up.service_key,
             )
-            endpoints = self.state.catalog.endpoints(up.service_key, up.port)
+            endpoints, why = self.endpoints(up.service_key, up.port)
             if not endpoints:
-                self.state.telemetry.failed(
-                    rec, FLAG_NO_ROUTE, f"no endpoint for {up.service_key}:{up.port} in the catalog"
-                )
+                self.state.telemetry.failed(rec, FLAG_NO_ROUTE, why)
                 return
             tunnel, last_error = await self._open(rec, source, endpoints, up, f"{peer[0]}:{peer[1]}")
             if tunnel is None:

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 from typing import Any
 
+import pluggy
 import trio
 
 from meshd.capture.transparent import Capture
@@ -15,19 +16,20 @@ from meshd.discovery.catalog import CATALOG_PATH, CatalogError, NodeCatalog, loc
 from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.hbone.pool import HbonePool
-from meshd.hbone.server import HboneServer
+from meshd.hbone.server import Handler, HboneServer
 from meshd.node.contexts import CONTROL_SNI, TlsContexts
 from meshd.node.inbound import Inbound
 from meshd.node.outbound import Outbound
 from meshd.node.state import NodeState
 from meshd.readiness import Readiness
 from meshd.units import Address
+from meshd.waypoint.proxy import Waypoint
 
 log = logging.getLogger("meshd.node")
 
 
 class NodeProxy:
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, plugins: pluggy.PluginManager | None = None) -> None:
         self.state = state
         local = state.catalog.local
         # Through state: a reload swaps the catalog, and the rule must follow it.
@@ -38,7 +40,14 @@ class NodeProxy:
         self.inbound = Inbound(state)
         self.outbound = Outbound(state, self.pool)
         self.capture = Capture(state, self.outbound)  # transparent mode and the DNS proxy
-        self.server = HboneServer(self.contexts.server_for_ip, state.config.trust_domain, self.inbound.handle)
+        self.waypoint: Waypoint | None = None
+        handler: Handler = self.inbound.handle
+        if state.config.role == "waypoint":
+            # A waypoint's HBONE port carries HTTP to services bound to it, not tunnels to local workloads.
+            self.waypoint = Waypoint(state, self.pool, plugins)
+            self.waypoint.fallback = self.inbound.handle
+            handler = self.waypoint.handle
+        self.server = HboneServer(self.contexts.server_for_ip, state.config.trust_domain, handler)
         disc = state.config.discovery
         self.peers = PeerTable(disc.peer_timeout.total_seconds())
         self.poller = PeerPoller(
@@ -162,4 +171,5 @@ class NodeProxy:
             "hbone_server": dataclasses.asdict(self.server.statistics()),
             "pool": dataclasses.asdict(self.pool.statistics()),
             "capture": self.capture.config_dump(),
+            "waypoint": self.waypoint.statistics() if self.waypoint is not None else None,
         }

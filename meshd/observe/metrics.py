@@ -34,6 +34,26 @@ TCP_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+# Istio's HTTP labels (reporter is "waypoint" at a waypoint).
+HTTP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+)
+# Istio's default buckets: milliseconds for durations, bytes (powers of ten) for sizes.
+DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
+SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # `*_created` series double the scrape size and no Istio dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -89,6 +109,29 @@ class Metrics:
             "time to open an HBONE tunnel (including TLS when a new connection is needed)",
             registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+
+        self.requests = Counter("istio_requests", "HTTP requests (waypoint)", HTTP_LABELS, registry=r)
+        self.request_duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "request duration, first request byte to last response byte (waypoint)",
+            HTTP_LABELS,
+            registry=r,
+            buckets=DURATION_BUCKETS_MS,
+        )
+        self.request_bytes = Histogram(
+            "istio_request_bytes",
+            "request body size (waypoint)",
+            HTTP_LABELS,
+            registry=r,
+            buckets=SIZE_BUCKETS,
+        )
+        self.response_bytes = Histogram(
+            "istio_response_bytes",
+            "response body size (waypoint)",
+            HTTP_LABELS,
+            registry=r,
+            buckets=SIZE_BUCKETS,
         )
 
     def add_collect_hook(self, hook: Callable[[], None]) -> None:

@@ -1,0 +1,516 @@
+"""The waypoint role's data plane: HBONE in, HTTP/1.1 inside each tunnel, out over HBONE.
+
+Per tunnel (`:authority` = a service VIP:port bound to this waypoint):
+  * protocol "tcp": L4 authorization (the client's identity against the chosen endpoint's workload),
+    then a plain tunnel to the endpoint's node (bytes pumped both ways).
+  * protocol "http": requests are parsed (h11, keep-alive). Per request: L7 authorization (403 if
+    denied, the backend never sees it), route match (`meshd_no_route` / 404 NR), the route's filter
+    chain, a backend endpoint (subset by workload labels, round robin / least request, outlier
+    ejection, circuit breaking -> 503 UO), and the request forwarded as HTTP/1.1 over pooled HBONE to
+    the endpoint's node, as the waypoint's own node identity. The response streams back.
+  * Telemetry: Istio's request metrics (reporter="waypoint"), one access-log line per request, the
+    filters' `on_log` and the `meshd_access_log` hook; W3C `traceparent` propagated or created.
+
+Policy scope: a request is authorized against every workload of the destination service (in the
+service's namespace); it must be allowed for each. So a policy naming one workload of a service (or
+selecting it by label) applies to the whole service at the waypoint: the decision is taken before an
+endpoint is chosen, as Istio's waypoint does for a policy that targets the service.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import pluggy
+import trio
+
+from meshd.capture.vip import VipIndex
+from meshd.discovery.catalog import Endpoint, ServiceEntry, ServicePortEntry, WorkloadEntry
+from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
+from meshd.hbone.pool import HbonePool
+from meshd.hbone.server import Handler, InboundRequest, ServerReply
+from meshd.identity.spiffe import SpiffeId
+from meshd.node.pump import pump
+from meshd.node.state import NodeState
+from meshd.observe.accesslog import (
+    FLAG_NO_HEALTHY,
+    FLAG_UNAUTHORIZED,
+    ConnectionRecord,
+    RequestRecord,
+    RequestTelemetry,
+)
+from meshd.plugins.filters import (
+    HttpRequest,
+    HttpResponse,
+    LocalResponse,
+    RequestBody,
+    RequestInfo,
+    ResponseAborted,
+)
+from meshd.policy.evaluate import (
+    ConnectionAttrs,
+    Decision,
+    RequestAttrs,
+    authorize_connection,
+    authorize_request,
+)
+from meshd.policy.model import Origin, Route
+from meshd.waypoint.http1 import H11Stream, forwardable, headers_from_h11, trace_headers
+from meshd.waypoint.router import (
+    Backend,
+    CircuitBreaker,
+    CompiledRoute,
+    LeastRequest,
+    RoundRobin,
+    RouteChoice,
+    Router,
+    no_route_response,
+)
+from meshd.waypoint.upstream import BackendState, EndpointKey, UpstreamBodyError, UpstreamPool
+
+log = logging.getLogger("meshd.waypoint")
+
+DRAIN_BODY_LIMIT = 1 << 20  # bytes of an unread request body read and dropped to keep the connection
+DRAIN_BODY_TIMEOUT = 5.0
+FORBIDDEN_BODY = b"RBAC: access denied\n"
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """One client tunnel to a service bound to this waypoint."""
+
+    source: SpiffeId
+    source_address: str  # the client node's IP (policy ip_blocks)
+    src: str  # the original client ip:port (forwarded header), for logs
+    service: ServiceEntry
+    port: ServicePortEntry
+    vip: str
+
+
+class Waypoint:
+    def __init__(self, state: NodeState, pool: HbonePool, plugins: pluggy.PluginManager | None) -> None:
+        self.state = state
+        self.plugins = plugins
+        self.vips = VipIndex(state.config.capture.vip_range)
+        self.upstreams = UpstreamPool(pool, lambda: self.state.node_identity)
+        self.hbone = pool
+        self.telemetry = RequestTelemetry(state.metrics, access_log=state.config.log.access_log)
+        self.fallback: Handler | None = None  # non-CONNECT requests (catalog GET): the node's inbound
+        self._router: Router | None = None
+        self._backends: dict[tuple[int, int], tuple[CompiledRoute, BackendState]] = {}
+        self._defaults: dict[str, CompiledRoute] = {}
+        self._tcp_balancers: dict[str, RoundRobin[EndpointKey]] = {}
+        self._hook_errors: set[str] = set()
+
+    # ---- tunnels ---------------------------------------------------------------------------------
+    async def handle(self, req: InboundRequest, reply: ServerReply) -> None:
+        if not req.is_connect:
+            if self.fallback is not None:
+                await self.fallback(req, reply)
+            else:
+                await reply.refuse(400, "HBONE expects CONNECT")
+            return
+        dest = req.destination
+        if dest is None:
+            await reply.refuse(400, f"CONNECT authority {req.authority!r} is not ip:port")
+            return
+        ip, port = dest
+        catalog = self.state.catalog
+        key = self.vips.table(catalog.services)[0].service(ip)
+        svc = catalog.services.get(key) if key is not None else None
+        if svc is None:
+            await reply.refuse(503, f"{req.authority} is not a service VIP this waypoint knows")
+            return
+        me = self.state.config.node_name
+        if svc.waypoint != me:
+            await reply.refuse(503, f"service {svc.key} is not bound to waypoint {me!r}")
+            return
+        sp = svc.port(port)
+        if sp is None:
+            await reply.refuse(503, f"service {svc.key} has no port {port}")
+            return
+        src = _forwarded_for(req.header("forwarded")) or f"{req.peer_address[0]}:{req.peer_address[1]}"
+        tunnel = Tunnel(req.peer_identity, req.peer_address[0], src, svc, sp, ip)
+        if sp.protocol != "http":
+            await self._tcp(tunnel, req, reply)
+            return
+        stream = await reply.accept()
+        self.state.track_inflight(1)
+        try:
+            await self._serve_http(tunnel, H11Stream(stream, h11.SERVER))
+        finally:
+            self.state.track_inflight(-1)
+
+    # ---- tcp passthrough (L4 only) -----------------------------------------------------------------
+    async def _tcp(self, t: Tunnel, req: InboundRequest, reply: ServerReply) -> None:
+        rec = ConnectionRecord(
+            reporter="waypoint",
+            src=t.src,
+            dst=req.authority,
+            source_identity=t.source,
+            source_workload=t.source.service_account,
+            source_namespace=t.source.namespace,
+            destination_service=t.service.key,
+        )
+        telemetry = self.state.telemetry
+        endpoints = self.state.catalog.endpoints(t.service.key, t.port.port)
+        rr = self._tcp_balancers.setdefault(f"{t.service.key}:{t.port.port}", RoundRobin())
+        by_key = {ep.key: ep for ep in endpoints}
+        key = rr.pick(list(by_key))
+        if key is None:
+            telemetry.failed(rec, FLAG_NO_HEALTHY, f"no endpoint for {t.service.key}:{t.port.port}")
+            await reply.refuse(503, f"no endpoint for {t.service.key}:{t.port.port}")
+            return
+        ep = by_key[key]
+        _describe(rec, ep, self.state.config.trust_domain)
+        decision = authorize_connection(self.state.policy, self._conn_attrs(t, ep.workload, ep.target_port))
+        if not decision.allowed:
+            telemetry.failed(rec, FLAG_UNAUTHORIZED, decision.reason)
+            await reply.refuse(401, decision.reason)
+            return
+        try:
+            upstream = await self.hbone.open_tunnel(
+                self.state.node_identity,
+                ep.identity,
+                (ep.dial.host, ep.dial.port),
+                ep.authority,
+                headers=[("forwarded", f'for="{t.src}"')],
+            )
+        except (TunnelRefused, HboneConnectError, PeerIdentityError) as exc:
+            telemetry.failed(rec, "UF", str(exc))
+            await reply.refuse(503, f"upstream {ep.authority}: {exc}")
+            return
+        async with upstream:
+            client = await reply.accept()
+            telemetry.opened(rec)
+            self.state.track_inflight(1)
+            try:
+                result = await pump(client, upstream)
+            finally:
+                self.state.track_inflight(-1)
+            telemetry.closed(rec, sent=result.b_to_a, received=result.a_to_b, error=result.error)
+
+    # ---- HTTP/1.1 --------------------------------------------------------------------------------
+    async def _serve_http(self, t: Tunnel, io: H11Stream) -> None:
+        while True:
+            try:
+                event = await io.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._bad_request(io, exc)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed (or PAUSED after a close)
+            try:
+                keep = await self._request(t, io, event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+                log.debug("client connection ended: %s", exc)
+                return
+            if not keep or not io.reusable:
+                return
+            try:
+                io.conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _bad_request(self, io: H11Stream, exc: h11.RemoteProtocolError) -> None:
+        if io.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"bad request: {exc}\n".encode()
+        try:
+            await io.send(
+                h11.Response(
+                    status_code=exc.error_status_hint,
+                    headers=[("content-type", "text/plain"), ("content-length", str(len(body)))],
+                )
+            )
+            await io.send(h11.Data(data=body))
+            await io.send(h11.EndOfMessage())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass
+
+    async def _request(self, t: Tunnel, io: H11Stream, event: h11.Request) -> bool:
+        """Handle one request; True if the connection may carry the next one."""
+        headers = headers_from_h11(event.headers)
+        method = event.method.decode("ascii")
+        target = event.target.decode("latin-1")
+        authority = headers.get("host") or f"{t.vip}:{t.port.port}"
+        rec = RequestRecord(
+            src=t.src,
+            method=method,
+            path=target,
+            authority=authority,
+            protocol=f"HTTP/{event.http_version.decode('ascii')}",
+            source_identity=t.source,
+            destination_service=t.service.key,
+            user_agent=headers.get("user-agent"),
+        )
+        rec.trace_id = trace_headers(headers)
+        rec.request_id = headers.get("x-request-id")
+        request = HttpRequest(method, target, authority, headers)
+        route: CompiledRoute | None = None
+        ctxs = None
+        info = RequestInfo("", source_principal=t.source.principal, source_address=t.src)
+        decision = self._authorize(t, request)
+        if not decision.allowed:
+            log.info("request denied", extra={"reason": decision.reason, "path": target, "method": method})
+            response = LocalResponse(403, body=FORBIDDEN_BODY, flag=FLAG_UNAUTHORIZED).to_response()
+            info.flag(FLAG_UNAUTHORIZED)
+            rec.error = decision.reason
+        else:
+            choice = self._match(request, t.service.key)
+            if choice is None:
+                local = await self._no_route(request, t.service.key)
+                if local.flag:
+                    info.flag(local.flag)
+                response = local.to_response()
+            else:
+                route = choice.route
+                chain = route.chain
+                info.route = route.name
+                rec.route = route.name
+                ctxs = chain.contexts(info)
+                request.body = RequestBody(self._client_body(io, rec), chain.buffer_limit)
+                send = self._sender(t, choice, rec, info)
+                try:
+                    response = await chain.handle(request, send, info, ctxs)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+                    raise
+                except Exception as exc:  # a bug in the proxy: answer 500, keep serving
+                    log.exception("waypoint failed on %s %s", method, target)
+                    rec.error = repr(exc)
+                    response = LocalResponse(500, body=b"internal error\n").to_response()
+        keep = await self._respond(io, response, rec, info)
+        if keep and io.conn.their_state is not h11.DONE:
+            keep = await self._discard_body(io)
+        rec.response_flags = list(info.response_flags)
+        rec.attempts = info.upstream_attempts
+        self.telemetry.access_log = self.state.config.log.access_log
+        record = self.telemetry.finished(rec)
+        if route is not None and ctxs is not None:
+            await route.chain.log(ctxs, record)
+        await self._access_log_hook(record)
+        return keep
+
+    async def _client_body(self, io: H11Stream, rec: RequestRecord) -> AsyncIterator[bytes]:
+        if io.conn.their_state is h11.DONE:
+            return
+        if io.conn.they_are_waiting_for_100_continue:
+            await io.send(h11.InformationalResponse(status_code=100, headers=[]))
+        while True:
+            event = await io.next_event()
+            if isinstance(event, h11.Data):
+                rec.request_bytes += len(event.data)
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise trio.BrokenResourceError("client closed the connection mid-body")
+
+    async def _discard_body(self, io: H11Stream) -> bool:
+        """Read and drop what is left of the request body, to keep the connection; False: close it."""
+        dropped = 0
+        with trio.move_on_after(DRAIN_BODY_TIMEOUT):
+            while io.conn.their_state is not h11.DONE:
+                event = await io.next_event()
+                if isinstance(event, h11.Data):
+                    dropped += len(event.data)
+                    if dropped > DRAIN_BODY_LIMIT:
+                        return False
+                elif not isinstance(event, h11.EndOfMessage):
+                    return False
+            return True
+        return False
+
+    async def _respond(
+        self, io: H11Stream, response: HttpResponse, rec: RequestRecord, info: RequestInfo
+    ) -> bool:
+        rec.response_code = response.status
+        if io.conn.our_state is not h11.SEND_RESPONSE:
+            await response.aclose()
+            return False
+        head = io.conn.send(h11.Response(status_code=response.status, headers=forwardable(response.headers)))
+        if "content-length" not in response.headers:
+            await io.stream.send_all(head)  # a stream of unknown length: the client gets headers now
+            head = b""
+        # With a known length, the headers go out with the first body chunk (one write, one frame).
+        try:
+            async for chunk in response.body:
+                rec.response_bytes += len(chunk)
+                await io.stream.send_all(head + io.conn.send(h11.Data(data=chunk)))
+                head = b""
+        except (ResponseAborted, UpstreamBodyError) as exc:
+            rec.error = str(exc)
+            if isinstance(exc, UpstreamBodyError):
+                info.flag("UR")
+            return False  # no EndOfMessage: the client sees the connection end mid-response
+        tail = head + io.conn.send(h11.EndOfMessage())
+        if tail:
+            await io.stream.send_all(tail)
+        return True
+
+    # ---- policy, routes, hooks -------------------------------------------------------------------
+    def _conn_attrs(self, t: Tunnel, w: WorkloadEntry | None, port: int) -> ConnectionAttrs:
+        return ConnectionAttrs(
+            source=t.source,
+            source_ip=t.source_address,
+            destination_ip=w.address if w is not None else t.vip,
+            destination_port=port,
+            workload_namespace=w.namespace if w is not None else t.service.namespace,
+            workload_name=w.name if w is not None else "",
+            workload_labels=w.label_map if w is not None else {},
+        )
+
+    def _authorize(self, t: Tunnel, request: HttpRequest) -> Decision:
+        """Allowed only if allowed for every workload of the service (see the module docstring)."""
+        workloads: list[WorkloadEntry | None] = [
+            w for w in self.state.catalog.workloads if t.service.key in w.services
+        ] or [None]
+        hdrs = {k: request.headers.get(k) or "" for k, _ in request.headers.items()}
+        decision = Decision(True, None, "no workload")
+        for w in workloads:
+            attrs = RequestAttrs(
+                self._conn_attrs(t, w, t.port.target_port),
+                request.method,
+                request.path,
+                request.authority,
+                hdrs,
+            )
+            decision = authorize_request(self.state.policy, attrs)
+            if not decision.allowed:
+                return decision
+        return decision
+
+    def _match(self, request: HttpRequest, service: str) -> RouteChoice | None:
+        router = self.state.policy.router
+        if router is not self._router:
+            self._router = router
+            self._backends.clear()
+        if not any(r.spec.service in (None, service) for r in router.routes):
+            route = self._defaults.get(service)
+            if route is None:
+                spec = Route(name=f"default.{service}", service=service)
+                route = self._defaults[service] = CompiledRoute.build(spec, Origin("<default>", None), [])
+            return RouteChoice(route, route.backends[0])
+        return router.match(request, service)
+
+    async def _no_route(self, request: HttpRequest, service: str) -> LocalResponse:
+        if self.plugins is not None:
+            try:
+                answer = self.plugins.hook.meshd_no_route(request=request, service=service)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+                if isinstance(answer, LocalResponse):
+                    return answer
+            except Exception:
+                self._hook_failed("meshd_no_route")
+        return no_route_response()
+
+    async def _access_log_hook(self, record: dict[str, Any]) -> None:
+        if self.plugins is None:
+            return
+        try:
+            for result in self.plugins.hook.meshd_access_log(record=record):
+                if inspect.isawaitable(result):
+                    await result
+        except Exception:
+            self._hook_failed("meshd_access_log")
+
+    def _hook_failed(self, hook: str) -> None:
+        if hook not in self._hook_errors:  # logged once per hook, then only counted in the log level
+            self._hook_errors.add(hook)
+            log.exception("plugin hook %s failed (further failures are not logged)", hook)
+
+    # ---- upstream --------------------------------------------------------------------------------
+    def _backend(self, route: CompiledRoute, backend: Backend) -> BackendState:
+        index = route.backends.index(backend)
+        key = (id(route), index)
+        hit = self._backends.get(key)
+        if hit is None or hit[0] is not route:
+            hit = self._backends[key] = (route, BackendState.for_route(route.spec))
+        return hit[1]
+
+    def _sender(self, t: Tunnel, choice: RouteChoice, rec: RequestRecord, info: RequestInfo) -> Any:
+        backend = choice.backend
+        state = self._backend(choice.route, backend)
+        port = backend.port or t.port.port
+        td = self.state.config.trust_domain
+        tunnel_headers = [("forwarded", f'for="{t.src}"'), ("baggage", f"source.principal={t.source.uri}")]
+
+        async def send(request: HttpRequest) -> HttpResponse:
+            endpoints = [
+                ep
+                for ep in self.state.catalog.endpoints(backend.service, port)
+                if backend.selects(ep.workload.label_map)
+            ]
+            ep = state.pick(endpoints)
+            if ep is None:
+                info.flag(FLAG_NO_HEALTHY)
+                return LocalResponse(503, body=b"no healthy upstream\n").to_response()
+            if not state.breaker.try_start_request():
+                return _overflow(info)
+            rec.upstream = ep.authority
+            rec.destination_workload = ep.workload.name
+            rec.destination_namespace = ep.workload.namespace
+            rec.destination_identity = ep.workload.identity(td)
+            balancer = state.balancer
+            if isinstance(balancer, LeastRequest):
+                balancer.started(ep.key)
+            try:
+                response = await self.upstreams.exchange(ep, request, state.breaker, tunnel_headers)
+            except BaseException as exc:
+                if not isinstance(exc, trio.Cancelled):
+                    state.record(ep, ok=False)
+                raise
+            finally:
+                state.breaker.finish_request()
+                if isinstance(balancer, LeastRequest):
+                    balancer.finished(ep.key)
+            if response is None:
+                return _overflow(info)
+            state.record(ep, ok=response.status < 500)
+            return response
+
+        return send
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "upstream_connections": self.upstreams.statistics(),
+            "backends": {
+                f"{route.name}/{route.backends[i].service}{_subset(route.backends[i])}": state.breaker.statistics()
+                for (_, i), (route, state) in self._backends.items()
+            },
+        }
+
+
+def _overflow(info: RequestInfo) -> HttpResponse:
+    local = CircuitBreaker.overflow_response()
+    if local.flag:
+        info.flag(local.flag)
+    return local.to_response()
+
+
+def _subset(b: Backend) -> str:
+    return "" if not b.subset else "{" + ",".join(f"{k}={v}" for k, v in sorted(b.subset.items())) + "}"
+
+
+def _describe(rec: ConnectionRecord, ep: Endpoint, td: str) -> None:
+    rec.destination_identity = ep.workload.identity(td)
+    rec.destination_workload = ep.workload.name
+    rec.destination_namespace = ep.workload.namespace
+
+
+def _forwarded_for(value: str | None) -> str | None:
+    if not value:
+        return None
+    for part in value.split(";"):
+        key, _, val = part.strip().partition("=")
+        if key.lower() == "for":
+            return val.strip('"')
+    return None

@@ -1,0 +1,92 @@
+"""A tiny threaded HTTP/1.1 backend for waypoint tests: answers with its own name, and remembers
+every request it saw.
+
+Paths: `/slow?ms=N` waits N ms; `/flaky...` answers 503 the first time it sees an `x-request-id`
+(the retry test); anything else 200. The body is `<name> <METHOD> <path>\n`; headers echo the
+request's `x-request-id` and `traceparent` back as `x-seen-request-id` / `x-seen-traceparent`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body_size: int
+
+
+@dataclass
+class Backend:
+    name: str
+    requests: list[Seen] = field(default_factory=list)
+    flaky_ids: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [s.path for s in self.requests]
+
+
+def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are two writes
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            size = int(self.headers.get("content-length") or 0)
+            if size:
+                self.rfile.read(size)
+            seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, size)
+            with backend.lock:
+                backend.requests.append(seen)
+            url = urlsplit(self.path)
+            status = 200
+            if url.path.startswith("/slow"):
+                time.sleep(int(parse_qs(url.query).get("ms", ["0"])[0]) / 1000)
+            if url.path.startswith("/flaky"):
+                rid = seen.headers.get("x-request-id", "")
+                with backend.lock:
+                    first = rid not in backend.flaky_ids
+                    backend.flaky_ids.add(rid)
+                status = 503 if first else 200
+            body = f"{backend.name} {self.command} {self.path}\n".encode()
+            self.send_response(status)
+            self.send_header("content-type", "text/plain")
+            self.send_header("content-length", str(len(body)))
+            self.send_header("x-backend", backend.name)
+            self.send_header("x-seen-request-id", seen.headers.get("x-request-id", ""))
+            self.send_header("x-seen-traceparent", seen.headers.get("traceparent", ""))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
+
+    return Handler
+
+
+@contextmanager
+def http_backend(name: str, host: str, port: int) -> Iterator[Backend]:
+    backend = Backend(name)
+    server = ThreadingHTTPServer((host, port), _handler(backend))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield backend
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,370 @@
+"""The waypoint role end to end: two nodes and a waypoint as real subprocesses.
+
+alpha hosts the client (upstream listeners); beta hosts two HTTP backends (reviews v1 and v2, each
+on its own loopback address) and a TCP echo; the waypoint `wp` handles both services (`waypoint =
+"wp"`). Requests go client -> alpha -> HBONE -> wp (HTTP/1.1 inside the tunnel) -> HBONE -> beta ->
+backend. The daemons are started once for the module; every test is bounded by socket timeouts.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshd.identity.ca import LocalCA
+from meshd.tools.echo import echo_server
+from tests.node.test_node_e2e import metric, recv_until_closed, wait_for
+from tests.support.configs import node_config
+from tests.support.http_backend import Backend, http_backend
+from tests.support.procs import Meshd, http_get, unique_loopback
+
+REVIEWS_PORT = 9080
+ECHO_PORT = 7000
+HTTP_UPSTREAM = 17080
+TCP_UPSTREAM = 17070
+BYPASS_UPSTREAM = 17090
+
+ROUTES = """
+[[authorization]]
+name = "no-admin"
+namespace = "default"
+workloads = ["reviews-v1"]  # the waypoint applies it to the whole reviews service
+action = "DENY"
+[[authorization.rules]]
+to = [{ paths = ["/admin*"] }]
+
+[[route]]
+name = "by-header"
+service = "reviews.default"
+match = [{ headers = { x-version = { exact = "v2" } } }]
+backends = [{ subset = { version = "v2" } }]
+
+[[route]]
+name = "by-path"
+service = "reviews.default"
+match = [{ path = { prefix = "/v1/" } }]
+backends = [{ subset = { version = "v1" } }]
+
+[[route]]
+name = "flaky"
+service = "reviews.default"
+match = [{ path = { prefix = "/flaky" } }]
+backends = [{ subset = { version = "v1" } }]
+retries = { attempts = 2, retry_on = ["5xx"], base_interval = "1ms", buffer_limit = 1024 }
+
+[[route]]
+name = "slow"
+service = "reviews.default"
+match = [{ path = { prefix = "/slow" } }]
+timeout = "200ms"
+
+[[route]]
+name = "limited"
+service = "reviews.default"
+match = [{ path = { prefix = "/limited" } }]
+filters = [{ name = "ratelimit", settings = { max_tokens = 5, fill_interval = "1h" } }]
+
+[[route]]
+name = "fault"
+service = "reviews.default"
+match = [{ path = { prefix = "/fault" } }]
+filters = [{ name = "fault", settings = { abort = { http_status = 418, percentage = 100 } } }]
+
+[[route]]
+name = "boom"
+service = "reviews.default"
+match = [{ path = { prefix = "/boom" } }]
+filters = [{ name = "boom" }]
+
+[[route]]
+name = "split"
+service = "reviews.default"
+backends = [{ subset = { version = "v1" }, weight = 90 }, { subset = { version = "v2" }, weight = 10 }]
+"""
+
+BOOM_PLUGIN = """
+from meshd.plugins import hookimpl
+from meshd.plugins.filters import CONTINUE, Filter, FilterType
+
+
+class Boom(Filter):
+    def on_request_headers(self, ctx, request):
+        if "x-boom" in request.headers:
+            raise RuntimeError("boom, as asked")
+        return CONTINUE
+
+
+@hookimpl
+def meshd_filter_types():
+    return [FilterType("boom", lambda settings: Boom(), None, "raises when x-boom is sent")]
+"""
+
+
+def install_boom_plugin(site: Path) -> None:
+    """A test-only plugin package, found through its `meshd` entry point (no pip needed)."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "meshd_boom_test.py").write_text(BOOM_PLUGIN)
+    dist = site / "meshd_boom_test-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: meshd-boom-test\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[meshd]\nboom = meshd_boom_test\n")
+
+
+@dataclass
+class Mesh:
+    alpha: Meshd
+    beta: Meshd
+    wp: Meshd
+    v1: Backend
+    v2: Backend
+    http: tuple[str, int]
+    tcp: tuple[str, int]
+    bypass: tuple[str, int]
+
+    def client(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(*self.http, timeout=10)
+
+
+def request(
+    conn: http.client.HTTPConnection,
+    path: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+def dump(d: Meshd) -> dict[str, object]:
+    result: dict[str, object] = json.loads(http_get(d.admin_url + "/config_dump")[1])
+    return result
+
+
+def knows(d: Meshd, *, services: tuple[str, ...] = (), nodes: tuple[str, ...] = ()) -> bool:
+    catalog = dump(d)["catalog"]
+    assert isinstance(catalog, dict)
+    return set(services) <= set(catalog["services"]) and set(nodes) <= set(catalog["nodes"])
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("waypoint")
+    LocalCA.init(tmp / "ca", "home.arpa")
+    a_ip, b_ip, w_ip, r1_ip, r2_ip = (unique_loopback() for _ in range(5))
+    alpha_cfg = node_config(
+        tmp / "alpha.toml",
+        "alpha",
+        tmp / "ca",
+        peers=[f"{b_ip}:15008", f"{w_ip}:15008"],
+        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
+        f'[[upstream]]\nservice = "reviews.default"\nport = {REVIEWS_PORT}\nlisten = "{a_ip}:{HTTP_UPSTREAM}"\n'
+        f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{a_ip}:{TCP_UPSTREAM}"\n'
+        f'[[upstream]]\nservice = "bypass.default"\nport = 9081\nlisten = "{a_ip}:{BYPASS_UPSTREAM}"\n',
+    )
+    beta_cfg = node_config(
+        tmp / "beta.toml",
+        "beta",
+        tmp / "ca",
+        peers=[f"{a_ip}:15008", f"{w_ip}:15008"],
+        body=(
+            f'[[workload]]\nname = "reviews-v1"\nservice_account = "reviews"\naddress = "{r1_ip}"\n'
+            f'ports = [{REVIEWS_PORT}]\nservices = ["reviews", "bypass"]\nlabels = {{ version = "v1" }}\n'
+            f'[[workload]]\nname = "reviews-v2"\nservice_account = "reviews"\naddress = "{r2_ip}"\n'
+            f'ports = [{REVIEWS_PORT}]\nservices = ["reviews"]\nlabels = {{ version = "v2" }}\n'
+            f'[[workload]]\nname = "echo"\naddress = "{b_ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
+            f'[[service]]\nname = "reviews"\nwaypoint = "wp"\n'
+            f'ports = [{{ port = {REVIEWS_PORT}, protocol = "http" }}]\n'
+            f'[[service]]\nname = "echo"\nwaypoint = "wp"\nports = [{{ port = {ECHO_PORT} }}]\n'
+            f'[[service]]\nname = "bypass"\nports = [{{ port = 9081, target_port = {REVIEWS_PORT} }}]\n'
+        ),
+    )
+    wp_cfg = node_config(
+        tmp / "wp.toml",
+        "wp",
+        tmp / "ca",
+        peers=[f"{a_ip}:15008", f"{b_ip}:15008"],
+        policy_dir=tmp / "wp-policy",
+        body="",
+    )
+    wp_cfg.write_text('role = "waypoint"\n' + wp_cfg.read_text())
+    (tmp / "wp-policy" / "routes.toml").write_text(ROUTES)
+    install_boom_plugin(tmp / "site")
+    with (
+        http_backend("reviews-v1", r1_ip, REVIEWS_PORT) as v1,
+        http_backend("reviews-v2", r2_ip, REVIEWS_PORT) as v2,
+        echo_server(b_ip, ECHO_PORT),
+    ):
+        beta, alpha = Meshd(beta_cfg, b_ip), Meshd(alpha_cfg, a_ip)
+        wp = Meshd(wp_cfg, w_ip, env={"PYTHONPATH": str(tmp / "site")})
+        daemons = [beta, alpha, wp]
+        try:
+            for d in daemons:
+                d.start()
+            for d in daemons:
+                d.wait_ready()
+            wait_for(lambda: knows(alpha, services=("reviews.default", "echo.default"), nodes=("wp",)), alpha)
+            wait_for(lambda: knows(beta, nodes=("wp",)), beta)
+            wait_for(lambda: knows(wp, services=("reviews.default",), nodes=("beta",)), wp)
+            yield Mesh(
+                alpha,
+                beta,
+                wp,
+                v1,
+                v2,
+                (a_ip, HTTP_UPSTREAM),
+                (a_ip, TCP_UPSTREAM),
+                (a_ip, BYPASS_UPSTREAM),
+            )
+        finally:
+            for d in daemons:
+                if d.proc is not None and d.proc.poll() is None:
+                    d.proc.kill()
+                    d.proc.wait()
+
+
+def test_routing_by_path_and_by_header(mesh: Mesh) -> None:
+    conn = mesh.client()
+    for _ in range(3):  # keep-alive: one client connection, several requests
+        status, headers, body = request(conn, "/v1/items")
+        assert (status, headers["x-backend"]) == (200, "reviews-v1"), body
+        status, headers, body = request(conn, "/anything", headers={"x-version": "v2"})
+        assert (status, headers["x-backend"]) == (200, "reviews-v2"), body
+    conn.close()
+
+
+def test_weighted_split_90_10(mesh: Mesh) -> None:
+    conn = mesh.client()
+    counts = {"reviews-v1": 0, "reviews-v2": 0}
+    n = 1000
+    for _ in range(n):
+        status, headers, _ = request(conn, "/split")
+        assert status == 200
+        counts[headers["x-backend"]] += 1
+    conn.close()
+    # 10% of 1000: sd = sqrt(1000 * 0.1 * 0.9) ~ 9.5; 5 sd either side
+    assert 52 <= counts["reviews-v2"] <= 148, counts
+
+
+def test_traceparent_propagated_and_created(mesh: Mesh) -> None:
+    conn = mesh.client()
+    _, headers, _ = request(conn, "/v1/trace")
+    created = headers["x-seen-traceparent"]
+    assert created.startswith("00-") and len(created.split("-")[1]) == 32
+    assert headers["x-seen-request-id"]
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    _, headers, _ = request(conn, "/v1/trace", headers={"traceparent": incoming})
+    seen = headers["x-seen-traceparent"].split("-")
+    assert seen[1] == "0af7651916cd43dd8448eb211c80319c" and seen[2] != "b7ad6b7169203331"
+    conn.close()
+
+
+def test_retry_succeeds_and_large_post_is_not_retried(mesh: Mesh) -> None:
+    conn = mesh.client()
+    rid = uuid.uuid4().hex
+    status, headers, _ = request(conn, "/flaky/1", headers={"x-request-id": rid})
+    assert status == 200 and headers["x-backend"] == "reviews-v1"
+    assert sum(1 for s in mesh.v1.requests if s.headers.get("x-request-id") == rid) == 2
+    rid = uuid.uuid4().hex
+    status, _, _ = request(conn, "/flaky/2", "POST", {"x-request-id": rid}, body=b"x" * 4096)
+    assert status == 503  # the backend's first answer: the body went beyond buffer_limit
+    assert sum(1 for s in mesh.v1.requests if s.headers.get("x-request-id") == rid) == 1
+    conn.close()
+
+
+def test_timeout_gives_504_ut(mesh: Mesh) -> None:
+    conn = mesh.client()
+    status, _, body = request(conn, "/slow?ms=2000")
+    assert status == 504, body
+    status, _, _ = request(conn, "/v1/after-timeout")  # the client connection still works
+    assert status == 200
+    conn.close()
+    wait_for(
+        lambda: metric(mesh.wp, "istio_requests_total", response_code="504", response_flags="UT") >= 1,
+        mesh.wp,
+    )
+
+
+def test_rate_limit_429_after_max_tokens(mesh: Mesh) -> None:
+    conn = mesh.client()
+    statuses = [request(conn, "/limited")[0] for _ in range(8)]
+    conn.close()
+    assert statuses == [200] * 5 + [429] * 3
+
+
+def test_fault_abort(mesh: Mesh) -> None:
+    before = len(mesh.v1.requests) + len(mesh.v2.requests)
+    conn = mesh.client()
+    status, _, _ = request(conn, "/fault")
+    conn.close()
+    assert status == 418
+    assert len(mesh.v1.requests) + len(mesh.v2.requests) == before
+
+
+def test_l7_deny_403_backend_sees_nothing(mesh: Mesh) -> None:
+    conn = mesh.client()
+    status, _, body = request(conn, "/admin/users", "POST", body=b"secret")
+    assert status == 403 and b"denied" in body
+    status, _, _ = request(conn, "/v1/still-ok")  # keep-alive survives a denial
+    assert status == 200
+    conn.close()
+    assert not any(p.startswith("/admin") for p in mesh.v1.paths() + mesh.v2.paths())
+    assert metric(mesh.wp, "istio_requests_total", response_code="403", response_flags="UAEX") >= 1
+
+
+def test_raising_plugin_gives_500_and_next_request_succeeds(mesh: Mesh) -> None:
+    conn = mesh.client()
+    status, _, _ = request(conn, "/boom", headers={"x-boom": "1"})
+    assert status == 500
+    status, _, _ = request(conn, "/boom")
+    assert status == 200
+    conn.close()
+    assert "plugin 'boom'" in mesh.wp.log()
+    plugins = dump(mesh.wp)["plugins"]
+    assert isinstance(plugins, list)
+    assert any(p["name"] == "boom" and "boom" in p["filters"] for p in plugins)
+
+
+def test_request_metrics_have_istio_labels(mesh: Mesh) -> None:
+    conn = mesh.client()
+    assert request(conn, "/v1/metrics")[0] == 200
+    conn.close()
+    labels = {
+        "reporter": "waypoint",
+        "source_principal": "spiffe://home.arpa/ns/default/sa/client",
+        "source_workload": "client",
+        "destination_workload": "reviews-v1",
+        "destination_principal": "spiffe://home.arpa/ns/default/sa/reviews",
+        "destination_service": "reviews.default",
+        "response_code": "200",
+        "response_flags": "-",
+    }
+    assert metric(mesh.wp, "istio_requests_total", **labels) >= 1
+    assert metric(mesh.wp, "istio_request_duration_milliseconds_count", **labels) >= 1
+    assert metric(mesh.wp, "istio_request_bytes_count", **labels) >= 1
+    assert metric(mesh.wp, "istio_response_bytes_sum", **labels) > 0
+    assert "request complete" in mesh.wp.log()
+
+
+def test_tcp_service_passes_through_the_waypoint(mesh: Mesh) -> None:
+    with socket.create_connection(mesh.tcp, timeout=10) as s:
+        s.sendall(b"plain tcp")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_closed(s) == b"plain tcp"
+    wait_for(lambda: metric(mesh.wp, "istio_tcp_connections_closed_total", reporter="waypoint") >= 1, mesh.wp)
+
+
+def test_bypassing_the_waypoint_is_refused(mesh: Mesh) -> None:
+    with socket.create_connection(mesh.bypass, timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert recv_until_closed(s) == b""
+    wait_for(lambda: "is bound to waypoint wp" in mesh.beta.log(), mesh.beta)
