@@ -1,0 +1,765 @@
+"""L7 benchmark: keep-alive HTTP load on the backend directly, through nginx, and through meshd's waypoint path.
+
+Side by side in one run, all on loopback (127.56.0.0/24):
+  direct        wrk -> backend nginx
+  nginx         wrk -> nginx reverse proxy (proxy_pass, upstream keep-alive) -> backend nginx
+  meshd         wrk -> alpha's [[upstream]] listener -> HBONE -> waypoint "wp" (HTTP parse, route) -> HBONE
+                -> beta (destination node) -> backend nginx
+  meshd+filters the same, on a route with the `headers` and `ratelimit` filters (a rate that never limits)
+
+See bench/README.md ("L7") for what each figure means. Usage:
+
+    .venv/bin/python bench/l7.py [--quick] [--repeat N] [--seconds S] [--profile]
+
+Writes bench/results/l7-<timestamp>.json and prints a table. If the meshd waypoint path is not
+available (a daemon refuses its config, or a request does not pass through the waypoint), the
+direct and nginx columns are still measured, the reason is printed, and the exit status is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c
+import _l7_common as h
+from l4 import Procs, http_get, meshd, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+NET = "127.56.0"  # l4.py uses 127.55.0.x, `make demo` 127.0.0.2/3, the tests 127.20-220.x.y
+ALPHA_IP = f"{NET}.2"  # meshd alpha (client node): the [[upstream]] listener
+BETA_IP = f"{NET}.3"  # meshd beta (destination node); the backend nginx listens here too
+PROXY_IP = f"{NET}.4"  # the nginx reverse proxy
+WP_IP = f"{NET}.5"  # meshd waypoint "wp"
+BACKEND_L4_IP = f"{NET}.6"  # the same backend nginx, as a second workload on beta not bound to the waypoint
+BACKEND_PORT = 8080
+PROXY_PORT = 8080
+UPSTREAM_PORT = 18080  # alpha's listener for SERVICE (through the waypoint)
+UPSTREAM_L4_PORT = 18081  # alpha's listener for SERVICE_L4 (same backend, no waypoint): --paths ...,meshd-l4
+TD = "bench.arpa"
+SERVICE = "web.default"
+SERVICE_L4 = "web-l4.default"
+FILTERED_PREFIX = "/filtered"  # requests under this path take the route with two filters
+FILTER_HEADER = "x-bench-filters"  # set on responses by the `headers` filter: proof the chain ran
+
+PATH_NAMES = ("direct", "nginx", "meshd", "meshd+filters")  # the default set
+ALL_PATHS = (*PATH_NAMES, "meshd-l4")  # meshd-l4: alpha -> beta -> backend, no waypoint (a reference)
+WAYPOINT_PATHS = ("meshd", "meshd+filters")
+
+
+@dataclass
+class Path_:
+    name: str
+    url: str
+    proxies: dict[str, int]  # role -> pid (their CPU is the path's cost)
+    samples: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    cpu_proxy: float = 0.0
+    cpu_backend: float = 0.0
+    cpu_loadgen: float = 0.0
+    requests: int = 0
+    backend_conns: int = 0  # TCP connections the backend accepted while this path was measured
+    non_2xx: int = 0
+    socket_errors: int = 0
+    cpu_share: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+
+
+# ---------------------------------------------------------------------------------------------------
+# set-up: nginx
+
+
+def start_nginx(procs: Procs, work: Path, name: str, conf_for: Any, listen: tuple[str, int]) -> list[int]:
+    """Start one nginx (master + workers); wait until it answers 200; return [master, *workers]."""
+    prefix = work / name
+    conf = conf_for(prefix)
+    (prefix / "error.log").touch()
+    p = procs.start(name, h.nginx_cmd(prefix, conf), work / f"{name}.log")
+    url = f"http://{listen[0]}:{listen[1]}/"
+    wait_until(f"{name} answers", lambda: http_get(url)[0] == 200, p, prefix / "error.log", timeout=15)
+    workers: list[int] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not workers:  # workers are forked right after start
+        workers = h.children(p.pid)
+        if not workers:
+            time.sleep(0.05)
+    return [p.pid, *workers]
+
+
+# ---------------------------------------------------------------------------------------------------
+# set-up: meshd (two nodes + a waypoint)
+
+
+def daemon_config(
+    name: str, ip: str, ca: Path, peers: list[str], body: str, work: Path, role: str = "node"
+) -> Path:
+    pol = work / f"{name}-policy"
+    pol.mkdir(exist_ok=True)
+    cfg = work / f"{name}.toml"
+    peer_list = ", ".join(f'"{p}:15008"' for p in peers)
+    cfg.write_text(
+        (f'role = "{role}"\n' if role != "node" else "") + f'trust_domain = "{TD}"\nnode_name = "{name}"\n'
+        f'[listen]\nhbone = "{ip}:15008"\nadmin = "{ip}:15000"\nmetrics = "{ip}:15020"\n'
+        f'readiness = "{ip}:15021"\nplaintext = "{ip}:15006"\n'
+        f'[identity]\nca_dir = "{ca}"\n'
+        f'[discovery]\nmdns = false\npeers = [{peer_list}]\nrefresh = "1s"\n'
+        f'[log]\nlevel = "warning"\naccess_log = false\n'
+        f'[policy]\ndir = "{pol}"\n' + body
+    )
+    return cfg
+
+
+def routes_toml(rate: int) -> str:
+    """Two routes for the service: the first (under FILTERED_PREFIX) with two filters, the second bare.
+
+    Routes are tried in order, so a request to "/" skips the first (path prefix mismatch) and takes
+    the second, which has no filters and no backends list (every endpoint of the service).
+    """
+    return (
+        "[[route]]\n"
+        'name = "bench-filtered"\n'
+        f'service = "{SERVICE}"\n'
+        f'match = [{{ path = {{ prefix = "{FILTERED_PREFIX}" }} }}]\n'
+        "filters = [\n"
+        '  { name = "headers", settings = { request = { set = { x-bench = "1" } }, '
+        f'response = {{ set = {{ {FILTER_HEADER} = "headers,ratelimit" }} }} }} }},\n'
+        f'  {{ name = "ratelimit", settings = {{ max_tokens = {rate}, fill_interval = "1s" }} }},\n'
+        "]\n\n"
+        "[[route]]\n"
+        'name = "bench-plain"\n'
+        f'service = "{SERVICE}"\n'
+    )
+
+
+def first_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"error|invalid|unknown|refus|traceback|exception|not ", ln, re.I):
+            return ln[:300]
+    return lines[0][:300] if lines else "(no output)"
+
+
+def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]:
+    """alpha (client node) -> wp (waypoint) -> beta (destination node, hosts the backend).
+
+    Raises RuntimeError with a one-line reason if a daemon refuses its config or does not get ready.
+    """
+    alpha = daemon_config(
+        "alpha",
+        ALPHA_IP,
+        ca,
+        [BETA_IP, WP_IP],
+        f'[[workload]]\nname = "client"\naddress = "{ALPHA_IP}"\nports = [8000]\n'
+        f'[[upstream]]\nservice = "{SERVICE}"\nport = {BACKEND_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_PORT}"\n'
+        f'[[upstream]]\nservice = "{SERVICE_L4}"\nport = {BACKEND_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_L4_PORT}"\n',
+        work,
+    )
+    beta = daemon_config(
+        "beta",
+        BETA_IP,
+        ca,
+        [ALPHA_IP, WP_IP],
+        f'[[workload]]\nname = "web"\naddress = "{BETA_IP}"\nports = [{BACKEND_PORT}]\nservices = ["web"]\n'
+        f'[[workload]]\nname = "web-l4"\naddress = "{BACKEND_L4_IP}"\nports = [{BACKEND_PORT}]\n'
+        'services = ["web-l4"]\n'
+        f'[[service]]\nname = "web"\nwaypoint = "wp"\n'
+        f'ports = [{{ port = {BACKEND_PORT}, protocol = "http" }}]\n'
+        f'[[service]]\nname = "web-l4"\nports = [{{ port = {BACKEND_PORT} }}]\n',
+        work,
+    )
+    wp = daemon_config("wp", WP_IP, ca, [ALPHA_IP, BETA_IP], "", work, role="waypoint")
+    (work / "wp-policy" / "routes.toml").write_text(routes_toml(rate))
+    # Refused configs (e.g. route keys the waypoint does not know yet) are reported by `config check`.
+    for name, cfg in (("beta", beta), ("wp", wp), ("alpha", alpha)):
+        chk = subprocess.run(
+            [sys.executable, "-m", "meshd", "config", "check", "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if chk.returncode != 0:
+            raise RuntimeError(f"meshd {name} config refused: {first_error_line(chk.stderr + chk.stdout)}")
+    started = {}
+    for name, cfg, ip in (("beta", beta, BETA_IP), ("wp", wp, WP_IP), ("alpha", alpha, ALPHA_IP)):
+        log = work / f"meshd-{name}.log"
+        p = procs.start(f"meshd-{name}", [sys.executable, "-m", "meshd", "run", "-c", str(cfg)], log)
+        started[name] = (p, ip, log)
+    for name, (p, ip, log) in started.items():
+        url = f"http://{ip}:15021/healthz/ready"
+        try:
+            wait_until(f"meshd {name} ready", lambda u=url: http_get(u)[0] == 200, p, log)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"meshd {name} did not start: {first_error_line(log.read_text() or str(exc))}"
+            ) from exc
+    p, ip, log = started["alpha"]
+
+    def catalog_lists_service() -> bool:
+        dump = json.loads(http_get(f"http://{ip}:15000/config_dump")[1])
+        return SERVICE in dump["catalog"]["services"] and SERVICE_L4 in dump["catalog"]["services"]
+
+    try:
+        wait_until(f"alpha's catalog lists {SERVICE}", catalog_lists_service, p, log, timeout=20)
+    except RuntimeError as exc:
+        raise RuntimeError(f"alpha's catalog never listed {SERVICE}: {first_error_line(str(exc))}") from exc
+    return {name: s[0].pid for name, s in started.items()}
+
+
+def waypoint_request_count(ip: str) -> float:
+    """Requests (L7) or tunnels (L4) the waypoint daemon has counted: proof that traffic went through it."""
+    _, body = http_get(f"http://{ip}:15020/metrics")
+    total = 0.0
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith(("istio_requests_total", "istio_tcp_connections_opened_total")):
+            with contextlib.suppress(ValueError):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def failure_flags(ip: str) -> dict[str, float]:
+    """Counts of failed connections by response flag on one daemon (a hint at which hop refused)."""
+    with contextlib.suppress(OSError, ValueError):
+        _, body = http_get(f"http://{ip}:15020/metrics")
+        out: dict[str, float] = collections.defaultdict(float)
+        for line in body.decode(errors="replace").splitlines():
+            if line.startswith("meshd_tcp_connections_failed_total{") or (
+                line.startswith("istio_requests_total{") and 'response_flags="-"' not in line
+            ):
+                m = re.search(r'(?:reason|response_flags)="([^"]*)"', line)
+                if m:
+                    out[m.group(1)] += float(line.rsplit(" ", 1)[1])
+        return {k: v for k, v in out.items() if v}
+    return {}
+
+
+FLAG_MEANING = {
+    "NR": "no route / no workload for that address at that hop",
+    "UH": "no healthy upstream (the next hop answered 503)",
+    "UF": "upstream connect failure",
+    "UAEX": "denied by policy",
+    "UO": "circuit breaker overflow",
+    "PLUGIN_ERROR": "a filter raised",
+}
+
+
+def probe_l4(timeout: float = 10.0) -> None:
+    """The no-waypoint reference path answers with the backend's body (bounded retries)."""
+    url = f"http://{ALPHA_IP}:{UPSTREAM_L4_PORT}/"
+    deadline = time.monotonic() + timeout
+    for _ in range(1000):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200 and resp.read().decode(errors="replace") == h.BODY:
+                    return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"GET / via alpha's meshd-l4 listener: {exc}") from exc
+        if time.monotonic() >= deadline:
+            raise RuntimeError("GET / via alpha's meshd-l4 listener: wrong answer")
+        time.sleep(0.25)
+
+
+def probe_meshd(timeout: float = 15.0) -> None:
+    """One request per meshd path; RuntimeError (one line) unless it is served by the backend via the waypoint.
+
+    Retried for up to `timeout` seconds (discovery of the waypoint may lag the service), then the last
+    reason is raised.
+    """
+    deadline = time.monotonic() + timeout
+    reason = "no attempt made"
+    path = "/"
+    for _ in range(1000):  # bounded by the deadline, and by count
+        try:
+            before = waypoint_request_count(WP_IP)
+            for path in ("/", FILTERED_PREFIX + "/x"):
+                url = f"http://{ALPHA_IP}:{UPSTREAM_PORT}{path}"
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    body = resp.read().decode(errors="replace")
+                    if resp.status != 200 or body != h.BODY:
+                        raise RuntimeError(f"GET {path} -> {resp.status} {body[:80]!r}")
+                    if path != "/" and resp.headers.get(FILTER_HEADER) is None:
+                        raise RuntimeError(
+                            f"GET {path} reached the backend but without the `{FILTER_HEADER}` header the "
+                            "route's `headers` filter sets: the request did not pass through the waypoint's filters"
+                        )
+            if waypoint_request_count(WP_IP) <= before:
+                raise RuntimeError(
+                    "requests reached the backend, but the waypoint's /metrics counted nothing: "
+                    "they bypassed the waypoint"
+                )
+            return
+        except Exception as exc:  # the reason is reported, not swallowed
+            first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            reason = f"GET {path} via alpha's [[upstream]] listener: {first}"[:300]
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)  # retry interval while the catalog settles
+    hints = []
+    for name, ip in (("alpha", ALPHA_IP), ("wp", WP_IP), ("beta", BETA_IP)):
+        for flag, n in failure_flags(ip).items():
+            hints.append(f"{name} {flag} x{n:.0f} ({FLAG_MEANING.get(flag, '?')})")
+    raise RuntimeError(reason + ("; failed-connection flags: " + ", ".join(hints) if hints else ""))
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurement
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for k, pid in pids.items():
+        try:
+            out[k] = c.cpu_seconds(pid)
+        except OSError:
+            out[k] = 0.0
+    return out
+
+
+def measure(
+    path: Path_, backend: dict[str, int], args: argparse.Namespace, work: Path, seconds: float
+) -> h.Load:
+    accepts = h.backend_accepts(BETA_IP, BACKEND_PORT)
+    before_p, before_b = cpu_of(path.proxies), cpu_of(backend)
+    machine = h.machine_cpu()
+    t = time.perf_counter()
+    load = h.run_load(args.loadgen, path.url, seconds, args.threads, args.connections, work)
+    wall = time.perf_counter() - t
+    after_p, after_b = cpu_of(path.proxies), cpu_of(backend)
+    machine_after = h.machine_cpu()
+    accepts_after = h.backend_accepts(BETA_IP, BACKEND_PORT)
+    if accepts is not None and accepts_after is not None:
+        path.backend_conns += accepts_after - accepts - 1  # minus the status request itself
+    path.samples["rps"].append(load.rps)
+    path.samples["p50_ms"].append(load.p50_ms)
+    path.samples["p99_ms"].append(load.p99_ms)
+    path.requests += load.requests
+    path.non_2xx += load.non_2xx
+    path.socket_errors += load.socket_errors
+    path.cpu_proxy += sum(after_p[k] - before_p[k] for k in after_p)
+    path.cpu_backend += sum(after_b[k] - before_b[k] for k in after_b)
+    path.cpu_loadgen += load.loadgen_cpu_s
+    for k in after_p:
+        path.cpu_share[k].append((after_p[k] - before_p[k]) / wall)
+    path.cpu_share["backend"].append(sum(after_b[k] - before_b[k] for k in after_b) / wall)
+    path.cpu_share["loadgen"].append(load.loadgen_cpu_s / wall)
+    # every process on the machine (cores): shows whether the machine, or something else, was the limit
+    path.cpu_share["machine"].append((machine_after[0] - machine[0]) / wall)
+    return load
+
+
+def profile(
+    path: Path_, backend: dict[str, int], args: argparse.Namespace, work: Path, stamp: str
+) -> dict[str, Any]:
+    """py-spy record (non-blocking) on each meshd daemon during one extra load run; top self-time functions."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        print("  --profile: py-spy not found (.venv/bin/pip install py-spy); skipped")
+        return {}
+    secs = max(5.0, args.seconds)
+    spies = {}
+    for role, pid in path.proxies.items():
+        out = RESULTS / f"l7-{stamp}-pyspy-{role}.txt"
+        cmd = [pyspy, "record", "--pid", str(pid), "--nonblocking", "--rate", "200"]
+        cmd += ["--duration", str(int(secs)), "--format", "raw", "--output", str(out)]
+        spies[role] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
+    time.sleep(0.5)  # py-spy attaches
+    try:
+        load = h.run_load(args.loadgen, path.url, secs, args.threads, args.connections, work)
+    finally:
+        for p, _ in spies.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+    top: dict[str, Any] = {"under_py_spy_rps": load.rps}
+    for role, (_, out) in spies.items():
+        if not out.exists():
+            continue
+        self_time: collections.Counter[str] = collections.Counter()
+        module_time: collections.Counter[str] = collections.Counter()
+        total = 0
+        for line in out.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            leaf = stack.rsplit(";", 1)[-1]
+            func = leaf.split(" (")[0]
+            where = leaf.split(" (")[-1].split(":")[0].rstrip(")")
+            self_time[f"{func} ({'/'.join(where.split('/')[-2:])})"] += int(n)
+            module_time[_area(where)] += int(n)
+            total += int(n)
+        top[role] = {
+            "self": [(f, 100 * n / max(total, 1)) for f, n in self_time.most_common(12)],
+            "by_area": [(f, 100 * n / max(total, 1)) for f, n in module_time.most_common(12)],
+        }
+    return top
+
+
+AREAS = (  # (path fragment, area) for the "where the time goes" summary; first match wins
+    ("/h11/", "h11 (HTTP/1.1)"),
+    ("/h2/", "h2/hpack/hyperframe"),
+    ("/hpack/", "h2/hpack/hyperframe"),
+    ("/hyperframe/", "h2/hpack/hyperframe"),
+    ("ssl.py", "TLS (ssl, trio SSLStream)"),
+    ("/trio/_socket.py", "socket syscalls + epoll"),
+    ("/trio/_highlevel_socket.py", "socket syscalls + epoll"),
+    ("_io_epoll.py", "socket syscalls + epoll"),
+    ("/trio/", "trio scheduler"),
+    ("/outcome/", "trio scheduler"),
+    ("/prometheus_client/", "metrics (prometheus_client)"),
+    ("logging/", "logging"),
+)
+
+
+def _area(filename: str) -> str:
+    """Which library or meshd package a frame's file belongs to."""
+    w = "/" + filename
+    for frag, area in AREAS:
+        if frag in w:
+            return area
+    if "/meshd/" in w:
+        parts = w.split("/meshd/")[-1].split("/")
+        return "meshd/" + parts[0]
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(path: Path_) -> dict[str, Any]:
+    k = path.requests / 1000
+    out: dict[str, Any] = {k_: med(v) for k_, v in path.samples.items()}
+    out["samples"] = dict(path.samples)
+    out["requests"] = path.requests
+    out["non_2xx"] = path.non_2xx
+    out["socket_errors"] = path.socket_errors
+    out["backend_conns_per_1k"] = path.backend_conns / k if k else None
+    out["cpu_s_per_1k_proxies"] = path.cpu_proxy / k if path.proxies and k else None
+    out["cpu_s_per_1k_backend"] = path.cpu_backend / k if k else None
+    out["cpu_s_per_1k_loadgen"] = path.cpu_loadgen / k if k else None
+    out["cpu_cores_busy"] = {k_: med(v) for k_, v in path.cpu_share.items()}
+    out["peak_rss_mib"] = {}
+    for role, pid in path.proxies.items():
+        with contextlib.suppress(OSError):
+            out["peak_rss_mib"][role] = c.status_kib(pid, "VmHWM") / 1024
+    return out
+
+
+ROWS = [
+    ("rps", "req/s", "{:.0f}"),
+    ("p50_ms", "latency p50 (ms)", "{:.2f}"),
+    ("p99_ms", "latency p99 (ms)", "{:.2f}"),
+    ("cpu", "proxy CPU s / 1k req", "{:.3f}"),
+    ("cpu_backend", "backend CPU s / 1k req", "{:.3f}"),
+    ("backend_conns_per_1k", "backend conns / 1k req", "{:.1f}"),
+    ("errors", "non-2xx / socket errors", "{}"),
+]
+
+
+def cell(res: dict[str, Any] | None, key: str, fmt: str) -> tuple[str, float | None]:
+    if res is None:
+        return "missing", None
+    if key == "cpu":
+        v = res["cpu_s_per_1k_proxies"]
+        return ("-" if v is None else fmt.format(v)), v
+    if key == "cpu_backend":
+        v = res["cpu_s_per_1k_backend"]
+        return ("-" if v is None else fmt.format(v)), v
+    if key == "errors":
+        return f"{res['non_2xx']} / {res['socket_errors']}", None
+    v = res.get(key)
+    return ("n/a" if v is None else fmt.format(v)), v
+
+
+def print_table(results: dict[str, dict[str, Any] | None]) -> None:
+    names = [n for n in ALL_PATHS if n in results]
+    ratio_of = [n for n in names if n.startswith("meshd")] if "nginx" in results else []
+    head = ["", *names, *(f"{n.replace('filters', 'f')}/nginx" for n in ratio_of)]
+    lines = [head]
+    for key, label, fmt in ROWS:
+        row = [label]
+        vals = {}
+        for name in names:
+            text, vals[name] = cell(results.get(name), key, fmt)
+            row.append(text)
+        for name in ratio_of:
+            a, b = vals[name], vals["nginx"]
+            if key == "backend_conns_per_1k":  # nginx's ~0 makes a ratio meaningless
+                a = None
+            row.append(f"{a / b:.2f}x" if a is not None and b else "-")
+        lines.append(row)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    for i, r in enumerate(lines):
+        print("  ".join(x.ljust(widths[j]) if j == 0 else x.rjust(widths[j]) for j, x in enumerate(r)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def target_verdict(results: dict[str, dict[str, Any] | None]) -> list[str]:
+    """Issue 5's target: meshd's full L7 path >= 0.5x nginx's req/s at p99 <= 2x nginx's."""
+    ng = results.get("nginx")
+    out = []
+    for name in WAYPOINT_PATHS:
+        r = results.get(name)
+        if not (r and ng and ng.get("rps") and ng.get("p99_ms")):
+            continue
+        rr, pr = r["rps"] / ng["rps"], r["p99_ms"] / ng["p99_ms"]
+        ok = rr >= 0.5 and pr <= 2.0
+        out.append(
+            f"target (>= 0.5x nginx req/s at p99 <= 2x): {name} {rr:.2f}x req/s, p99 {pr:.2f}x -> "
+            + ("met" if ok else "NOT met")
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~30 s: 1 repeat, 3 s load phases")
+    ap.add_argument("--repeat", type=int, help="runs per figure; the median is reported [3, quick: 1]")
+    ap.add_argument("--seconds", type=float, help="duration of each load phase [10, quick: 3]")
+    ap.add_argument("--threads", type=int, default=2, help="load generator threads [2]")
+    ap.add_argument("--connections", type=int, default=50, help="keep-alive connections [50]")
+    ap.add_argument(
+        "--loadgen", choices=("auto", "wrk", "h2load"), default="auto", help="[auto: wrk, else h2load]"
+    )
+    ap.add_argument("--nginx-workers", default="auto", help="worker_processes of both nginx instances [auto]")
+    ap.add_argument(
+        "--rate",
+        type=int,
+        default=10_000_000,
+        help="ratelimit filter's max_tokens per second (never limits) [1e7]",
+    )
+    ap.add_argument(
+        "--paths",
+        default=",".join(PATH_NAMES),
+        help=f"comma-separated, of {','.join(ALL_PATHS)} [{','.join(PATH_NAMES)}]",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="py-spy the meshd daemons during one extra load run"
+    )
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.repeat = a.repeat or (1 if q else 3)
+    a.seconds = a.seconds or (3.0 if q else 10.0)
+    if not 0 < a.seconds <= 3600 or not 0 < a.repeat <= 100:
+        ap.error("--seconds must be in (0, 3600] and --repeat in [1, 100]")
+    return a
+
+
+def run(args: argparse.Namespace) -> int:
+    wanted = set(args.paths.split(","))
+    unknown = wanted - set(ALL_PATHS)
+    if unknown:
+        raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {', '.join(ALL_PATHS)}")
+    tool = h.which_loadgen(args.loadgen)
+    if tool is None:
+        print(
+            "ERROR: no load generator: install Debian's `wrk` (or `nghttp2-client` for h2load): "
+            "apt-get install wrk nghttp2-client",
+            file=sys.stderr,
+        )
+        return 2
+    args.loadgen = tool
+    if h.NGINX is None:
+        print(
+            "ERROR: nginx not installed (apt-get install nginx): it is both the backend and the yardstick",
+            file=sys.stderr,
+        )
+        return 2
+    for ip in (ALPHA_IP, BETA_IP, PROXY_IP, WP_IP, BACKEND_L4_IP):
+        c.check_loopback(ip)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="meshd-bench-l7-"))
+    procs = Procs()
+    t_start = time.monotonic()
+    load_before = os.getloadavg()
+    try:
+        workers = args.nginx_workers
+        backend_pids = start_nginx(
+            procs,
+            work,
+            "nginx-backend",
+            lambda p: h.nginx_backend_conf(
+                p, [f"{BETA_IP}:{BACKEND_PORT}", f"{BACKEND_L4_IP}:{BACKEND_PORT}"], workers
+            ),
+            (BETA_IP, BACKEND_PORT),
+        )
+        backend = {f"backend{i}": pid for i, pid in enumerate(backend_pids)}
+        paths: list[Path_] = []
+        if "direct" in wanted:
+            paths.append(Path_("direct", f"http://{BETA_IP}:{BACKEND_PORT}/", {}))
+        if "nginx" in wanted:
+            pids = start_nginx(
+                procs,
+                work,
+                "nginx-proxy",
+                lambda p: h.nginx_proxy_conf(
+                    p, f"{PROXY_IP}:{PROXY_PORT}", f"{BETA_IP}:{BACKEND_PORT}", workers
+                ),
+                (PROXY_IP, PROXY_PORT),
+            )
+            paths.append(
+                Path_(
+                    "nginx", f"http://{PROXY_IP}:{PROXY_PORT}/", {f"nginx{i}": p for i, p in enumerate(pids)}
+                )
+            )
+        meshd_missing: str | None = None
+        mesh_pids: dict[str, int] = {}
+        l4_missing: str | None = None
+        if wanted & {"meshd", "meshd+filters", "meshd-l4"}:
+            try:
+                ca = work / "ca"
+                meshd("ca", "init", "--dir", str(ca), "--trust-domain", TD)
+                mesh_pids = start_meshd(procs, work, ca, args.rate)
+                if wanted & set(WAYPOINT_PATHS):
+                    probe_meshd()
+            except RuntimeError as exc:
+                meshd_missing = str(exc).splitlines()[0]
+            if "meshd-l4" in wanted:
+                try:
+                    if not mesh_pids:
+                        raise RuntimeError(meshd_missing or "meshd did not start")
+                    probe_l4()
+                    l4 = {k: v for k, v in mesh_pids.items() if k != "wp"}  # the waypoint is not on this path
+                    paths.append(Path_("meshd-l4", f"http://{ALPHA_IP}:{UPSTREAM_L4_PORT}/", l4))
+                except RuntimeError as exc:
+                    l4_missing = str(exc).splitlines()[0]
+                    print(f"\nNOTE: the meshd-l4 column is missing: {l4_missing}\n")
+            if meshd_missing is None:
+                base = f"http://{ALPHA_IP}:{UPSTREAM_PORT}"
+                if "meshd" in wanted:
+                    paths.append(Path_("meshd", base + "/", dict(mesh_pids)))
+                if "meshd+filters" in wanted:
+                    paths.append(Path_("meshd+filters", base + FILTERED_PREFIX + "/", dict(mesh_pids)))
+            elif wanted & set(WAYPOINT_PATHS):
+                print(f"\nNOTE: the meshd columns are missing: {meshd_missing}\n")
+        paths.sort(key=lambda p: ALL_PATHS.index(p.name))
+        warm = min(2.0, args.seconds)
+        for p in paths:  # warm-up: connections, pools, caches (not recorded)
+            h.run_load(args.loadgen, p.url, warm, args.threads, args.connections, work)
+        print(
+            f"set-up done in {time.monotonic() - t_start:.1f}s; measuring {[p.name for p in paths]} with "
+            f"{args.loadgen} -t{args.threads} -c{args.connections}, {args.seconds:g}s x {args.repeat}"
+        )
+        for r in range(args.repeat):
+            for p in paths:  # interleaved, so drift over the run hits every path alike
+                load = measure(p, backend, args, work, args.seconds)
+                print(
+                    f"  run {r + 1}/{args.repeat} {p.name:13s} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
+                    f"p99 {load.p99_ms:6.2f} ms  non-2xx {load.non_2xx}  socket errors {load.socket_errors}"
+                )
+        results: dict[str, dict[str, Any] | None] = {p.name: summarize(p) for p in paths}
+        if meshd_missing:
+            for name in WAYPOINT_PATHS:
+                if name in wanted:
+                    results[name] = None
+        if l4_missing:
+            results["meshd-l4"] = None
+        mesh = next((p for p in paths if p.name == "meshd+filters"), None) or next(
+            (p for p in paths if p.name == "meshd"), None
+        )
+        top = profile(mesh, backend, args, work, stamp) if mesh is not None and args.profile else {}
+
+        print()
+        print_table(results)
+        for line in target_verdict(results):
+            print(line)
+        if meshd_missing and wanted & set(WAYPOINT_PATHS):
+            print(f"meshd columns missing: {meshd_missing}")
+        for name, res in results.items():
+            if res:
+                busy = res["cpu_cores_busy"]
+                print(
+                    f"cores busy during {name} (nproc={os.cpu_count()}): "
+                    + ", ".join(f"{k}={v:.2f}" for k, v in busy.items() if v is not None)
+                )
+        for role, prof in top.items():
+            if isinstance(prof, dict):
+                print(
+                    f"py-spy {role} by area: "
+                    + "; ".join(f"{f} {pct:.0f}%" for f, pct in prof["by_area"][:8])
+                )
+                print(
+                    f"py-spy {role} self time: " + "; ".join(f"{f} {pct:.0f}%" for f, pct in prof["self"][:5])
+                )
+        if any(r and (r["non_2xx"] or r["socket_errors"]) for r in results.values()):
+            print("WARNING: some responses were not 2xx or had socket errors (see the table); check the logs")
+        doc = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": {
+                "nproc": os.cpu_count(),
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "nginx": subprocess.run([h.NGINX, "-v"], capture_output=True, text=True).stderr.strip(),
+            },
+            "args": vars(args),
+            "units": {
+                "rps": "requests/s",
+                "ms": "milliseconds (load generator's latency distribution)",
+                "cpu_s_per_1k": "user+sys CPU seconds per 1,000 requests",
+                "rss": "MiB (VmHWM)",
+            },
+            "results": results,
+            "meshd_missing": meshd_missing,
+            "meshd_l4_missing": l4_missing,
+            "profile": top,
+            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+            "elapsed_s": time.monotonic() - t_start,
+        }
+        out = RESULTS / f"l7-{stamp}.json"
+        out.write_text(json.dumps(doc, indent=2, default=str))
+        la = os.getloadavg()[0]
+        print(
+            f"load average (1 min) before/after: {load_before[0]:.2f}/{la:.2f}; other busy processes skew figures"
+        )
+        shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+        print(f"\nwrote {shown} ({time.monotonic() - t_start:.0f}s)")
+        return 0
+    finally:
+        procs.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    try:
+        return run(parse_args(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("\ninterrupted; child processes stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
