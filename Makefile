@@ -24,8 +24,15 @@ lint: install
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Long-budget fuzzing of every parser and sans-I/O core: FUZZ_SECONDS=300 make fuzz (FUZZ_ENGINE=atheris
+# for coverage-guided runs, if atheris installs). CI runs the same targets bounded in tests/reliability/.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m fuzz.run
+
 bench: install
 	$(PY) bench/l4.py
+	$(PY) bench/l7.py
 
 # One file that runs meshd on a Linux host with Python >= 3.11 and nothing else installed.
 pyz: install
