@@ -214,7 +214,10 @@ class ServiceConfig:
     name: str = field(metadata=doc("service name"))
     ports: tuple[ServicePort, ...] = field(metadata=doc("[{ port, target_port, protocol }]"))
     namespace: str = field(default="default", metadata=doc("namespace"))
-    waypoint: str | None = field(default=None, metadata=doc("waypoint that handles this service's L7"))
+    waypoint: str | None = field(
+        default=None,
+        metadata=doc('waypoint that handles this service\'s L7; "none": not the namespace default'),
+    )
 
     @property
     def key(self) -> str:
@@ -225,6 +228,15 @@ class ServiceConfig:
         if not self.ports:
             issues.append(Issue(("ports",), "ports is empty", "add { port = 7000 }"))
         return issues
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    name: str = field(metadata=doc("namespace"))
+    waypoint: str = field(metadata=doc("waypoint of every service of the namespace that names none"))
+
+    def check(self) -> list[Issue]:
+        return _check_name(self.name, "name") + _check_name(self.waypoint, "waypoint")
 
 
 @dataclass(frozen=True)
@@ -311,6 +323,9 @@ class Config:
         default=(), metadata=doc("workloads on this host", toml="workload")
     )
     services: tuple[ServiceConfig, ...] = field(default=(), metadata=doc("services", toml="service"))
+    namespaces: tuple[NamespaceConfig, ...] = field(
+        default=(), metadata=doc("namespace defaults (waypoint)", toml="namespace")
+    )
     upstreams: tuple[UpstreamConfig, ...] = field(
         default=(), metadata=doc("explicit outbound", toml="upstream")
     )
@@ -324,6 +339,7 @@ class Config:
         issues += _check_name(self.node_name, "node_name")
         issues += _duplicates([(w.namespace, w.name) for w in self.workloads], "workload", "name", "workload")
         issues += _duplicates([s.key for s in self.services], "service", "name", "service")
+        issues += _duplicates([n.name for n in self.namespaces], "namespace", "name", "namespace")
         issues += _duplicates([str(u.listen) for u in self.upstreams], "upstream", "listen", "listen address")
         local = {w.name for w in self.workloads}
         for i, up in enumerate(self.upstreams):

@@ -16,7 +16,7 @@ import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshd.config.model import Config
@@ -88,6 +88,7 @@ class NodeCatalog:
     hbone: Address  # as configured; a wildcard host means "where you reached me"
     workloads: tuple[WorkloadEntry, ...]
     services: tuple[ServiceEntry, ...]
+    namespaces: tuple[tuple[str, str], ...] = ()  # (namespace, default waypoint), sorted
 
     @property
     def identity(self) -> SpiffeId:
@@ -124,6 +125,12 @@ class NodeCatalog:
                 }
                 for s in self.services
             ],
+            # Only when set: catalogs without namespace defaults keep the encoding (and revision) they had.
+            **(
+                {"namespaces": [{"name": n, "waypoint": w} for n, w in self.namespaces]}
+                if self.namespaces
+                else {}
+            ),
         }
 
     def encode(self) -> bytes:
@@ -208,6 +215,7 @@ def _from_json(raw: Any) -> NodeCatalog:
                 _str(s["name"]), _str(s["namespace"]), ports, None if waypoint is None else _str(waypoint)
             )
         )
+    namespaces = tuple(sorted((_str(n["name"]), _str(n["waypoint"])) for n in raw.get("namespaces", [])))
     return NodeCatalog(
         node=node,
         trust_domain=td,
@@ -215,6 +223,7 @@ def _from_json(raw: Any) -> NodeCatalog:
         hbone=Address.parse(_str(raw["hbone"])),
         workloads=tuple(workloads),
         services=tuple(services),
+        namespaces=namespaces,
     )
 
 
@@ -242,8 +251,15 @@ def local_catalog(config: Config) -> NodeCatalog:
         )
         for w in config.workloads
     )
+    namespaces = tuple(sorted((n.name, n.waypoint) for n in config.namespaces))
     return NodeCatalog(
-        config.node_name, config.trust_domain, config.role, config.listen.hbone, workloads, services
+        config.node_name,
+        config.trust_domain,
+        config.role,
+        config.listen.hbone,
+        workloads,
+        services,
+        namespaces,
     )
 
 
@@ -395,6 +411,20 @@ def _dial_host(listen_host: str, reached_at: str, workload_address: str) -> str:
     return reached_at if ip.is_loopback or ip.is_unspecified else workload_address
 
 
+NO_WAYPOINT = "none"  # a service's `waypoint = "none"`: not its namespace's default waypoint
+
+
+def _effective_waypoint(svc: ServiceEntry, defaults: Mapping[str, tuple[str, str]]) -> ServiceEntry:
+    """The service as the merged catalog serves it: its own waypoint, else its namespace's default
+    (unless it says "none"). Every consumer (nodes' outbound and inbound, the waypoint) reads
+    `ServiceEntry.waypoint` of the merged catalog, so the default is resolved in one place."""
+    if svc.waypoint == NO_WAYPOINT:
+        return replace(svc, waypoint=None)
+    if svc.waypoint is None and svc.namespace in defaults:
+        return replace(svc, waypoint=defaults[svc.namespace][0])
+    return svc
+
+
 def merge(local: NodeCatalog, peers: Iterable[PeerRecord] = ()) -> Catalog:
     """One catalog from ours and the peers'. Conflicts resolve deterministically and are reported:
     a workload claimed by several nodes stays with ours, else with the lowest node name; a service
@@ -405,6 +435,7 @@ def merge(local: NodeCatalog, peers: Iterable[PeerRecord] = ()) -> Catalog:
     services: dict[str, ServiceEntry] = {}
     service_owner: dict[str, str] = {}
     workloads: dict[str, WorkloadEntry] = {}
+    namespace_waypoints: dict[str, tuple[str, str]] = {}  # namespace -> (waypoint, node that set it)
     for cat in order:
         for s in cat.services:
             if s.key in services and services[s.key] != s:
@@ -423,11 +454,19 @@ def merge(local: NodeCatalog, peers: Iterable[PeerRecord] = ()) -> Catalog:
                 )
                 continue
             workloads[w.key] = w
+        for ns, wp in cat.namespaces:
+            if ns in namespace_waypoints and namespace_waypoints[ns][0] != wp:
+                conflicts.append(
+                    f"namespace {ns}: node {cat.node} sets waypoint {wp!r}, node {namespace_waypoints[ns][1]} "
+                    f"sets {namespace_waypoints[ns][0]!r}; using {namespace_waypoints[ns][1]}'s"
+                )
+                continue
+            namespace_waypoints.setdefault(ns, (wp, cat.node))
     return Catalog(
         trust_domain=local.trust_domain,
         local=local,
         peers=by_node,
-        services=services,
+        services={k: _effective_waypoint(s, namespace_waypoints) for k, s in services.items()},
         workloads=tuple(workloads.values()),
         conflicts=tuple(conflicts),
     )

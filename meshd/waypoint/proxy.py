@@ -1,9 +1,10 @@
-"""The waypoint role's data plane: HBONE in, HTTP/1.1 inside each tunnel, out over HBONE.
+"""The waypoint role's data plane: HBONE in, HTTP/1.1 or HTTP/2 inside each tunnel, out over HBONE.
 
 Per tunnel (`:authority` = a service VIP:port bound to this waypoint):
   * protocol "tcp": L4 authorization (the client's identity against the chosen endpoint's workload),
     then a plain tunnel to the endpoint's node (bytes pumped both ways).
-  * protocol "http": requests are parsed (h11, keep-alive). Per request: L7 authorization (403 if
+  * protocol "http": requests are parsed (h11, keep-alive; or h2 when the tunnel starts with the
+    HTTP/2 preface, see http2.py). Per request, whatever the version (`_pipeline`): L7 authorization (403 if
     denied, the backend never sees it), route match (`meshd_no_route` / 404 NR), the route's filter
     chain, a backend endpoint (subset by workload labels, round robin / least request, outlier
     ejection, circuit breaking -> 503 UO), and the request forwarded as HTTP/1.1 over pooled HBONE to
@@ -45,6 +46,7 @@ from meshd.observe.accesslog import (
     RequestTelemetry,
 )
 from meshd.plugins.filters import (
+    FilterContext,
     HttpRequest,
     HttpResponse,
     LocalResponse,
@@ -61,6 +63,7 @@ from meshd.policy.evaluate import (
 )
 from meshd.policy.model import Origin, Route
 from meshd.waypoint.http1 import H11Stream, forwardable, headers_from_h11, trace_headers
+from meshd.waypoint.http2 import H2Exchange, H2Session, sniff
 from meshd.waypoint.router import (
     Backend,
     CircuitBreaker,
@@ -142,7 +145,16 @@ class Waypoint:
         stream = await reply.accept()
         self.state.track_inflight(1)
         try:
-            await self._serve_http(tunnel, H11Stream(stream, h11.SERVER))
+            try:
+                is_h2, initial = await sniff(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if is_h2:
+                await self._serve_h2(tunnel, stream, initial)
+                return
+            io = H11Stream(stream, h11.SERVER)
+            io.conn.receive_data(initial)  # b"": the client closed before a byte
+            await self._serve_http(tunnel, io)
         finally:
             self.state.track_inflight(-1)
 
@@ -238,65 +250,129 @@ class Waypoint:
     async def _request(self, t: Tunnel, io: H11Stream, event: h11.Request) -> bool:
         """Handle one request; True if the connection may carry the next one."""
         headers = headers_from_h11(event.headers)
-        method = event.method.decode("ascii")
-        target = event.target.decode("latin-1")
-        authority = headers.get("host") or f"{t.vip}:{t.port.port}"
+        request = HttpRequest(
+            event.method.decode("ascii"),
+            event.target.decode("latin-1"),
+            headers.get("host") or f"{t.vip}:{t.port.port}",
+            headers,
+        )
+        rec = self._record(t, request, f"HTTP/{event.http_version.decode('ascii')}")
+        done = await self._pipeline(t, request, rec, self._client_body(io, rec))
+        keep = await self._respond(io, done.response, rec, done.info)
+        if keep and io.conn.their_state is not h11.DONE:
+            keep = await self._discard_body(io)
+        await self._finish(rec, done)
+        return keep
+
+    def _record(self, t: Tunnel, request: HttpRequest, protocol: str) -> RequestRecord:
         rec = RequestRecord(
             src=t.src,
-            method=method,
-            path=target,
-            authority=authority,
-            protocol=f"HTTP/{event.http_version.decode('ascii')}",
+            method=request.method,
+            path=request.path,
+            authority=request.authority,
+            protocol=protocol,
             source_identity=t.source,
             destination_service=t.service.key,
-            user_agent=headers.get("user-agent"),
+            user_agent=request.headers.get("user-agent"),
         )
-        rec.trace_id = trace_headers(headers)
-        rec.request_id = headers.get("x-request-id")
-        request = HttpRequest(method, target, authority, headers)
-        route: CompiledRoute | None = None
-        ctxs = None
+        rec.trace_id = trace_headers(request.headers)
+        rec.request_id = request.headers.get("x-request-id")
+        return rec
+
+    async def _pipeline(
+        self, t: Tunnel, request: HttpRequest, rec: RequestRecord, body: AsyncIterator[bytes]
+    ) -> _Outcome:
+        """The per-request pipeline, whatever the client's HTTP version: L7 authorization, route,
+        filter chain, upstream. Returns the response to send (its body still streaming)."""
         info = RequestInfo("", source_principal=t.source.principal, source_address=t.src)
         decision = self._authorize(t, request)
         if not decision.allowed:
-            log.info("request denied", extra={"reason": decision.reason, "path": target, "method": method})
-            response = LocalResponse(403, body=FORBIDDEN_BODY, flag=FLAG_UNAUTHORIZED).to_response()
+            log.info(
+                "request denied",
+                extra={"reason": decision.reason, "path": request.path, "method": request.method},
+            )
             info.flag(FLAG_UNAUTHORIZED)
             rec.error = decision.reason
-        else:
-            choice = self._match(request, t.service.key)
-            if choice is None:
-                local = await self._no_route(request, t.service.key)
-                if local.flag:
-                    info.flag(local.flag)
-                response = local.to_response()
-            else:
-                route = choice.route
-                chain = route.chain
-                info.route = route.name
-                rec.route = route.name
-                ctxs = chain.contexts(info)
-                request.body = RequestBody(self._client_body(io, rec), chain.buffer_limit)
-                send = self._sender(t, choice, rec, info)
-                try:
-                    response = await chain.handle(request, send, info, ctxs)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-                    raise
-                except Exception as exc:  # a bug in the proxy: answer 500, keep serving
-                    log.exception("waypoint failed on %s %s", method, target)
-                    rec.error = repr(exc)
-                    response = LocalResponse(500, body=b"internal error\n").to_response()
-        keep = await self._respond(io, response, rec, info)
-        if keep and io.conn.their_state is not h11.DONE:
-            keep = await self._discard_body(io)
-        rec.response_flags = list(info.response_flags)
-        rec.attempts = info.upstream_attempts
+            return _Outcome(
+                LocalResponse(403, body=FORBIDDEN_BODY, flag=FLAG_UNAUTHORIZED).to_response(), info
+            )
+        choice = self._match(request, t.service.key)
+        if choice is None:
+            local = await self._no_route(request, t.service.key)
+            if local.flag:
+                info.flag(local.flag)
+            return _Outcome(local.to_response(), info)
+        route = choice.route
+        chain = route.chain
+        info.route = rec.route = route.name
+        ctxs = chain.contexts(info)
+        request.body = RequestBody(body, chain.buffer_limit)
+        send = self._sender(t, choice, rec, info)
+        try:
+            response = await chain.handle(request, send, info, ctxs)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            raise
+        except Exception as exc:  # a bug in the proxy: answer 500, keep serving
+            log.exception("waypoint failed on %s %s", request.method, request.path)
+            rec.error = repr(exc)
+            response = LocalResponse(500, body=b"internal error\n").to_response()
+        return _Outcome(response, info, route, ctxs)
+
+    async def _finish(self, rec: RequestRecord, done: _Outcome) -> None:
+        """Telemetry once the response went out: metrics, access log, filters' on_log, the hook."""
+        rec.response_flags = list(done.info.response_flags)
+        rec.attempts = done.info.upstream_attempts
         self.telemetry.access_log = self.state.config.log.access_log
         record = self.telemetry.finished(rec)
-        if route is not None and ctxs is not None:
-            await route.chain.log(ctxs, record)
+        if done.route is not None and done.ctxs is not None:
+            await done.route.chain.log(done.ctxs, record)
         await self._access_log_hook(record)
-        return keep
+
+    # ---- HTTP/2 (prior knowledge) ----------------------------------------------------------------
+    async def _serve_h2(self, t: Tunnel, stream: trio.abc.Stream, initial: bytes) -> None:
+        async def handler(ex: H2Exchange) -> None:
+            await self._h2_request(t, ex)
+
+        await H2Session(stream, handler).run(initial)
+
+    async def _h2_request(self, t: Tunnel, ex: H2Exchange) -> None:
+        head = ex.head
+        request = HttpRequest(
+            head.method,
+            head.path,
+            head.authority or f"{t.vip}:{t.port.port}",
+            head.headers,
+            scheme=head.scheme,
+        )
+        rec = self._record(t, request, "HTTP/2")
+
+        async def body() -> AsyncIterator[bytes]:
+            async for chunk in ex.body():
+                rec.request_bytes += len(chunk)
+                yield chunk
+
+        done = await self._pipeline(t, request, rec, body())
+        response = done.response
+        rec.response_code = response.status
+        headers = forwardable(response.headers)
+        try:
+            if head.method == "HEAD":
+                await ex.respond_headers(response.status, headers, end=True)
+                await response.aclose()
+            else:
+                await ex.respond_headers(response.status, headers, end=False)
+                async for chunk in response.body:
+                    rec.response_bytes += len(chunk)
+                    await ex.send(chunk)
+                await ex.send(b"", end=True)
+        except (ResponseAborted, UpstreamBodyError) as exc:
+            rec.error = str(exc)
+            if isinstance(exc, UpstreamBodyError):
+                done.info.flag("UR")
+            ex.abort()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish(rec, done)
 
     async def _client_body(self, io: H11Stream, rec: RequestRecord) -> AsyncIterator[bytes]:
         if io.conn.their_state is h11.DONE:
@@ -487,6 +563,14 @@ class Waypoint:
                 for (_, i), (route, state) in self._backends.items()
             },
         }
+
+
+@dataclass
+class _Outcome:
+    response: HttpResponse
+    info: RequestInfo
+    route: CompiledRoute | None = None
+    ctxs: list[FilterContext] | None = None
 
 
 def _overflow(info: RequestInfo) -> HttpResponse:

@@ -234,6 +234,8 @@ class UpstreamPool:
         headers = forwardable(request.headers)
         if "host" not in request.headers:
             headers.insert(0, ("host", request.authority))
+        if "transfer-encoding" in request.headers and "content-length" not in request.headers:
+            headers.append(("transfer-encoding", "chunked"))  # h11 frames it; forwardable() dropped it
         await _send(http, h11.Request(method=request.method, target=request.path, headers=headers))
         async for chunk in request.body.chunks():
             await _send(http, h11.Data(data=chunk))

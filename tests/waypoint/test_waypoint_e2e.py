@@ -22,6 +22,7 @@ from meshd.identity.ca import LocalCA
 from meshd.tools.echo import echo_server
 from tests.node.test_node_e2e import metric, recv_until_closed, wait_for
 from tests.support.configs import node_config
+from tests.support.h2_client import H2Request, h2_exchange
 from tests.support.http_backend import Backend, http_backend
 from tests.support.procs import Meshd, http_get, unique_loopback
 
@@ -30,6 +31,8 @@ ECHO_PORT = 7000
 HTTP_UPSTREAM = 17080
 TCP_UPSTREAM = 17070
 BYPASS_UPSTREAM = 17090
+RATINGS_UPSTREAM = 17091  # ratings.apps: no waypoint of its own, the namespace default (wp)
+DETAILS_UPSTREAM = 17092  # details.apps: waypoint = "none", opted out of the namespace default
 
 ROUTES = """
 [[authorization]]
@@ -127,6 +130,8 @@ class Mesh:
     http: tuple[str, int]
     tcp: tuple[str, int]
     bypass: tuple[str, int]
+    ratings: Backend
+    details: Backend
 
     def client(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(*self.http, timeout=10)
@@ -160,7 +165,7 @@ def knows(d: Meshd, *, services: tuple[str, ...] = (), nodes: tuple[str, ...] = 
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tmp = tmp_path_factory.mktemp("waypoint")
     LocalCA.init(tmp / "ca", "home.arpa")
-    a_ip, b_ip, w_ip, r1_ip, r2_ip = (unique_loopback() for _ in range(5))
+    a_ip, b_ip, w_ip, r1_ip, r2_ip, rt_ip, dt_ip = (unique_loopback() for _ in range(7))
     alpha_cfg = node_config(
         tmp / "alpha.toml",
         "alpha",
@@ -169,7 +174,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
         f'[[upstream]]\nservice = "reviews.default"\nport = {REVIEWS_PORT}\nlisten = "{a_ip}:{HTTP_UPSTREAM}"\n'
         f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{a_ip}:{TCP_UPSTREAM}"\n'
-        f'[[upstream]]\nservice = "bypass.default"\nport = 9081\nlisten = "{a_ip}:{BYPASS_UPSTREAM}"\n',
+        f'[[upstream]]\nservice = "bypass.default"\nport = 9081\nlisten = "{a_ip}:{BYPASS_UPSTREAM}"\n'
+        f'[[upstream]]\nservice = "ratings.apps"\nport = 80\nlisten = "{a_ip}:{RATINGS_UPSTREAM}"\n'
+        f'[[upstream]]\nservice = "details.apps"\nport = 80\nlisten = "{a_ip}:{DETAILS_UPSTREAM}"\n',
     )
     beta_cfg = node_config(
         tmp / "beta.toml",
@@ -186,6 +193,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             f'ports = [{{ port = {REVIEWS_PORT}, protocol = "http" }}]\n'
             f'[[service]]\nname = "echo"\nwaypoint = "wp"\nports = [{{ port = {ECHO_PORT} }}]\n'
             f'[[service]]\nname = "bypass"\nports = [{{ port = 9081, target_port = {REVIEWS_PORT} }}]\n'
+            f'[[workload]]\nname = "ratings"\nnamespace = "apps"\naddress = "{rt_ip}"\n'
+            f'ports = [{REVIEWS_PORT}]\nservices = ["ratings"]\n'
+            f'[[workload]]\nname = "details"\nnamespace = "apps"\naddress = "{dt_ip}"\n'
+            f'ports = [{REVIEWS_PORT}]\nservices = ["details"]\n'
+            f'[[service]]\nname = "ratings"\nnamespace = "apps"\n'
+            f'ports = [{{ port = 80, target_port = {REVIEWS_PORT}, protocol = "http" }}]\n'
+            f'[[service]]\nname = "details"\nnamespace = "apps"\nwaypoint = "none"\n'
+            f'ports = [{{ port = 80, target_port = {REVIEWS_PORT}, protocol = "http" }}]\n'
         ),
     )
     wp_cfg = node_config(
@@ -194,7 +209,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         tmp / "ca",
         peers=[f"{a_ip}:15008", f"{b_ip}:15008"],
         policy_dir=tmp / "wp-policy",
-        body="",
+        # The namespace default lives in the waypoint's own catalog: every node merges it from there.
+        body='[[namespace]]\nname = "apps"\nwaypoint = "wp"\n',
     )
     wp_cfg.write_text('role = "waypoint"\n' + wp_cfg.read_text())
     (tmp / "wp-policy" / "routes.toml").write_text(ROUTES)
@@ -203,6 +219,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         http_backend("reviews-v1", r1_ip, REVIEWS_PORT) as v1,
         http_backend("reviews-v2", r2_ip, REVIEWS_PORT) as v2,
         echo_server(b_ip, ECHO_PORT),
+        http_backend("ratings", rt_ip, REVIEWS_PORT) as ratings,
+        http_backend("details", dt_ip, REVIEWS_PORT) as details,
     ):
         beta, alpha = Meshd(beta_cfg, b_ip), Meshd(alpha_cfg, a_ip)
         wp = Meshd(wp_cfg, w_ip, env={"PYTHONPATH": str(tmp / "site")})
@@ -212,7 +230,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 d.start()
             for d in daemons:
                 d.wait_ready()
-            wait_for(lambda: knows(alpha, services=("reviews.default", "echo.default"), nodes=("wp",)), alpha)
+            wait_for(
+                lambda: knows(
+                    alpha, services=("reviews.default", "echo.default", "ratings.apps"), nodes=("wp",)
+                ),
+                alpha,
+            )
             wait_for(lambda: knows(beta, nodes=("wp",)), beta)
             wait_for(lambda: knows(wp, services=("reviews.default",), nodes=("beta",)), wp)
             yield Mesh(
@@ -224,6 +247,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 (a_ip, HTTP_UPSTREAM),
                 (a_ip, TCP_UPSTREAM),
                 (a_ip, BYPASS_UPSTREAM),
+                ratings,
+                details,
             )
         finally:
             for d in daemons:
@@ -368,3 +393,51 @@ def test_bypassing_the_waypoint_is_refused(mesh: Mesh) -> None:
         s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         assert recv_until_closed(s) == b""
     wait_for(lambda: "is bound to waypoint wp" in mesh.beta.log(), mesh.beta)
+
+
+def test_h2_prior_knowledge_concurrent_streams(mesh: Mesh) -> None:
+    """One h2c connection (prior knowledge) through alpha's upstream listener: streams run
+    concurrently (a fast one sent after a slow one ends first), are routed, and a denied one gets 403
+    while its body is refused (the backend never sees it); a body larger than the stream window is
+    acknowledged as it is consumed."""
+    big = b"b" * (3 << 20)
+    rid = uuid.uuid4().hex
+    responses, order = h2_exchange(
+        mesh.http,
+        [
+            H2Request("/slow?ms=150"),  # 1
+            H2Request("/v1/h2-items"),  # 3
+            H2Request("/anything-h2", headers=[("x-version", "v2")]),  # 5
+            H2Request("/admin/h2", "POST", body=b"secret" * 20000),  # 7
+            H2Request("/v1/h2-upload", "POST", headers=[("x-request-id", rid)], body=big),  # 9
+        ],
+    )
+    assert responses[1].status == 200
+    assert (responses[3].status, responses[3].headers["x-backend"]) == (200, "reviews-v1")
+    assert responses[3].body == b"reviews-v1 GET /v1/h2-items\n"
+    assert (responses[5].status, responses[5].headers["x-backend"]) == (200, "reviews-v2")
+    assert responses[7].status == 403 and b"denied" in responses[7].body
+    assert responses[9].status == 200
+    assert order.index(3) < order.index(1), order  # no head-of-line blocking behind the slow stream
+    seen = [s for s in mesh.v1.requests if s.headers.get("x-request-id") == rid]
+    assert [s.body_size for s in seen] == [len(big)]
+    assert not any(p.startswith("/admin") for p in mesh.v1.paths() + mesh.v2.paths())
+    wait_for(lambda: "HTTP/2" in mesh.wp.log(), mesh.wp)  # the access log names the protocol
+
+
+def test_namespace_default_waypoint(mesh: Mesh) -> None:
+    """ratings.apps names no waypoint: the namespace default (`[[namespace]]` in wp's catalog) sends it
+    through wp; details.apps says `waypoint = "none"` and goes straight to its node."""
+    for port, backend, via_waypoint in (
+        (RATINGS_UPSTREAM, mesh.ratings, True),
+        (DETAILS_UPSTREAM, mesh.details, False),
+    ):
+        conn = http.client.HTTPConnection(mesh.http[0], port, timeout=10)
+        status, headers, _ = request(conn, "/ns-default")
+        conn.close()
+        assert (status, headers["x-backend"]) == (200, backend.name)
+        seen = [s for s in backend.requests if s.path == "/ns-default"]
+        # The waypoint adds trace context; the L4 path passes the request untouched.
+        assert bool(seen[-1].headers.get("traceparent")) is via_waypoint, seen[-1].headers
+    assert metric(mesh.wp, "istio_requests_total", destination_service="ratings.apps") >= 1
+    assert metric(mesh.wp, "istio_requests_total", destination_service="details.apps") == 0
