@@ -24,7 +24,15 @@ def parse_duration(text: str) -> timedelta:
         pos = m.end()
     if not s:
         raise ValueError("empty duration (write e.g. 10s or 24h)")
-    return timedelta(seconds=total)
+    return seconds_to_timedelta(total, text)
+
+
+def seconds_to_timedelta(total: float, text: object) -> timedelta:
+    """`total` seconds as a timedelta; ValueError naming `text` if it does not fit."""
+    try:
+        return timedelta(seconds=total)
+    except (OverflowError, ValueError):  # inf, nan, or beyond timedelta's 999999999 days
+        raise ValueError(f"{text!r} is not a usable duration (too long, or not finite)") from None
 
 
 def format_duration(d: timedelta) -> str:

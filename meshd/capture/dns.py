@@ -42,10 +42,13 @@ class Decision:
 
 
 def parse(wire: bytes) -> dns.message.Message | None:
+    """The query in `wire`, or None if it is not one: unparseable, or a response (QR set), which a
+    proxy neither answers nor forwards (answering would raise, forwarding would reflect it)."""
     try:
-        return dns.message.from_wire(wire)
+        message = dns.message.from_wire(wire)
     except dns.exception.DNSException:
         return None
+    return None if message.flags & dns.flags.QR else message
 
 
 def formerr(wire: bytes) -> bytes | None:

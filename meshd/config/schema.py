@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from meshd.config.toml_lines import KeyLines
 from meshd.errors import ConfigError, Problem
-from meshd.units import Address, format_duration, parse_duration
+from meshd.units import Address, format_duration, parse_duration, seconds_to_timedelta
 
 T = TypeVar("T")
 KeyPath = tuple[str | int, ...]
@@ -159,13 +159,17 @@ class _Converter:
             if not isinstance(raw, str) or not raw:
                 self.fail(path, f"{name} must be a non-empty path string, not {raw!r}")
                 return None
-            p = Path(raw).expanduser()
+            try:
+                p = Path(raw).expanduser()
+            except RuntimeError:  # "~user" for a user that does not exist
+                self.fail(path, f"{name}: cannot expand {raw!r} (no such user's home)")
+                return None
             # normpath, not resolve(): "../x" reads well in messages, and symlinks stay as written
             return p if p.is_absolute() else Path(os.path.normpath(self.base_dir / p))
         if tp is timedelta:
-            if isinstance(raw, int | float) and not isinstance(raw, bool):
-                return timedelta(seconds=raw)
             try:
+                if isinstance(raw, int | float) and not isinstance(raw, bool):
+                    return seconds_to_timedelta(raw, raw)
                 return parse_duration(str(raw))
             except ValueError as exc:
                 self.fail(path, f"{name}: {exc}")

@@ -118,7 +118,7 @@ def parse_txt(properties: Mapping[Any, object]) -> Announcement:
             raise TxtError(f"TXT entry {k!r} has an unexpected type")
         props[key.lower()] = value
     version_text = _text("v", props)
-    if not version_text.isdigit() or len(version_text) > 4:
+    if not (version_text.isascii() and version_text.isdigit()) or len(version_text) > 4:  # not "¹"
         raise TxtError(f"protocol version {version_text!r} is not a number")
     if int(version_text) != PROTOCOL_VERSION:
         raise TxtError(f"protocol version {version_text}, this meshd speaks {PROTOCOL_VERSION}")
@@ -134,7 +134,11 @@ def parse_txt(properties: Mapping[Any, object]) -> Announcement:
     if not _NODE.match(node):
         raise TxtError(f"node name {node!r} is not valid")
     port_text = _text("port", props)
-    if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
+    if (
+        not (port_text.isascii() and port_text.isdigit())
+        or len(port_text) > 5
+        or not 0 < int(port_text) < 65536
+    ):
         raise TxtError(f"HBONE port {port_text!r} is not a port")
     rev = _text("rev", props)
     if not _REVISION.match(rev):

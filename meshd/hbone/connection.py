@@ -41,7 +41,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame
+from h2.stream import StreamClosedBy
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from meshd.hbone import events as ev
 from meshd.hbone.errors import LocalProtocolError, RemoteProtocolError
@@ -109,6 +110,32 @@ def _elided_body_repr() -> str:
     return "<payload not shown>"
 
 
+class _H2Connection(h2.connection.H2Connection):
+    """h2, plus: a HEADERS frame that would exceed our MAX_CONCURRENT_STREAMS refuses that one stream
+    (REFUSED_STREAM, a stream error as RFC 9113 5.1.2 allows) instead of failing the whole connection
+    with every tunnel on it, as h2's TooManyStreamsError does. A peer that floods CONNECTs loses the
+    extra streams only."""
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
+        sid = frame.stream_id
+        if (
+            not self.config.client_side
+            and sid not in self.streams
+            and sid % 2 == 1
+            and sid > self.highest_inbound_stream_id
+            and self.open_inbound_streams >= self.local_settings.max_concurrent_streams
+        ):
+            list(h2.connection._decode_headers(self.decoder, frame.data))  # HPACK state follows every block
+            self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+            self.highest_inbound_stream_id = sid
+            # Later frames on it (DATA, CONTINUATION...) are then answered with RST, not a connection error.
+            self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
+            rst = RstStreamFrame(sid)
+            rst.error_code = REFUSED_STREAM
+            return [rst], []
+        return super()._receive_headers_frame(frame)
+
+
 class _QuietFrameBuffer(FrameBuffer):
     """h2's frame iterator, plus: cheap DATA repr, and GOAWAY frames set aside for the wrapper."""
 
@@ -163,7 +190,7 @@ class HboneConnection:
         self.settings = settings or HboneSettings()
         s = self.settings
         config = h2.config.H2Configuration(client_side=role is Role.CLIENT, header_encoding=None)
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = _H2Connection(config=config)
         self._h2.incoming_buffer = self._frames = _QuietFrameBuffer(server=role is Role.SERVER)
         codes = h2.settings.SettingCodes
         initial = {
@@ -579,10 +606,16 @@ class HboneConnection:
             self._on_request(event, out)
         elif isinstance(event, h2.events.ResponseReceived):
             assert event.stream_id is not None and event.headers is not None
-            if event.stream_id in self._streams:
+            rec = self._streams.get(event.stream_id)
+            if rec is not None:
                 headers = _decode(event.headers)
                 pseudo, rest = _pseudo(headers)
-                out.append(ev.ResponseReceived(event.stream_id, int(pseudo[":status"]), rest))
+                status = pseudo.get(":status", "")
+                if not (len(status) == 3 and status.isdigit()):  # h2 does not check it
+                    self._reset(event.stream_id, rec, PROTOCOL_ERROR)
+                    out.append(ev.StreamReset(event.stream_id, PROTOCOL_ERROR, remote=False))
+                    return
+                out.append(ev.ResponseReceived(event.stream_id, int(status), rest))
         elif isinstance(event, h2.events.StreamEnded):
             assert event.stream_id is not None
             rec = self._streams.get(event.stream_id)
