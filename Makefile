@@ -17,8 +17,8 @@ demo: install
 	bash scripts/demo.sh
 
 lint: install
-	$(VENV)/bin/ruff check meshd tests bench
-	$(VENV)/bin/ruff format --check meshd tests bench
+	$(VENV)/bin/ruff check meshd tests bench fuzz scripts
+	$(VENV)/bin/ruff format --check meshd tests bench fuzz scripts
 	$(VENV)/bin/mypy
 
 test: lint

@@ -1,0 +1,707 @@
+"""Fuzz targets: one per sans-I/O core or parser, each a Hypothesis strategy plus a check.
+
+A check feeds one generated input to meshd's code and asserts what must hold for *any* input: only the
+documented error type escapes (RemoteProtocolError, ConfigError, CatalogError, TxtError, h11's
+RemoteProtocolError; the DNS answer function raises nothing), and what comes out is well formed.
+
+The same targets run twice: bounded in CI (`tests/reliability/test_fuzz_*.py`) and with a time budget
+from `make fuzz` (`fuzz/run.py`, Hypothesis batches or atheris driving Hypothesis' `fuzz_one_input`).
+Every crash either run finds becomes an `@example` (or an explicit test) in `tests/reliability/`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.rdatatype
+import h11
+from hpack import Encoder
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from hypothesis import strategies as st
+
+from meshd.capture.dns import decide, formerr, parse, to_wire
+from meshd.capture.vip import allocate
+from meshd.config.load import parse_overrides
+from meshd.config.model import Config
+from meshd.config.schema import leaf_keys, load_document
+from meshd.discovery.catalog import (
+    CatalogError,
+    NodeCatalog,
+    PeerRecord,
+    ServiceEntry,
+    ServicePortEntry,
+    merge,
+)
+from meshd.discovery.mdns import TxtError, parse_txt
+from meshd.errors import ConfigError
+from meshd.hbone import events as ev
+from meshd.hbone.connection import HboneConnection, Role
+from meshd.hbone.errors import RemoteProtocolError
+from meshd.policy.load import load_policy_dir
+from meshd.waypoint.http1 import HOP_BY_HOP, MAX_HEADERS, forwardable, headers_from_h11, trace_headers
+
+REPO = Path(__file__).resolve().parent.parent
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass
+class Target:
+    """A named fuzz target: `check(value)` for values drawn from `strategy`."""
+
+    name: str
+    surface: str  # the row of docs/reliability.md it counts towards
+    strategy: st.SearchStrategy[Any]
+    check: Callable[[Any], None]
+    tried: int = 0
+
+    def run(self, value: Any) -> None:
+        self.tried += 1
+        self.check(value)
+
+
+def _cuts(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)] or [b""]
+
+
+# ---- HBONE / HTTP/2 frames ----------------------------------------------------------------------
+
+_STREAM_IDS = st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1])
+_AUTHORITIES = st.sampled_from(["10.0.0.1:80", "[fd00::1]:8080", "10.0.0.1", "echo:80", "", "1.2.3.4:0"])
+_HEADER_NAMES = st.sampled_from(
+    [
+        ":method",
+        ":authority",
+        ":path",
+        ":scheme",
+        ":status",
+        ":protocol",
+        "forwarded",
+        "te",
+        "connection",
+        "content-length",
+        "baggage",
+        "x-a",
+        "X-Upper",
+        "",
+    ]
+)
+_HEADER_VALUES = st.one_of(
+    st.sampled_from(["CONNECT", "GET", "200", "401", "503", "abc", "/", "https", "trailers", "-1"]),
+    _AUTHORITIES,
+    st.text(max_size=20),
+)
+
+
+@st.composite
+def _header_block(draw: st.DrawFn) -> list[tuple[str, str]]:
+    kind = draw(st.sampled_from(["connect", "get", "response", "random"]))
+    if kind == "connect":
+        hdrs = [(":method", "CONNECT"), (":authority", draw(_AUTHORITIES))]
+    elif kind == "get":
+        hdrs = [(":method", "GET"), (":scheme", "https"), (":authority", "n"), (":path", "/catalog")]
+    elif kind == "response":
+        hdrs = [(":status", draw(st.sampled_from(["200", "100", "401", "503", "abc", "999"])))]
+    else:
+        hdrs = []
+    hdrs += draw(st.lists(st.tuples(_HEADER_NAMES, _HEADER_VALUES), max_size=4))
+    return hdrs
+
+
+_FRAME_SPECS = st.one_of(
+    st.tuples(
+        st.just("headers"),
+        _STREAM_IDS,
+        _header_block(),
+        st.sets(st.sampled_from(["END_STREAM", "END_HEADERS", "PRIORITY"])),
+    ),
+    st.tuples(st.just("continuation"), _STREAM_IDS, _header_block(), st.sets(st.just("END_HEADERS"))),
+    st.tuples(
+        st.just("data"),
+        _STREAM_IDS,
+        st.binary(max_size=3000),
+        st.sets(st.sampled_from(["END_STREAM", "PADDED"])),
+    ),
+    st.tuples(st.just("rst"), _STREAM_IDS, st.integers(0, 2**32 - 1), st.just(set())),
+    st.tuples(
+        st.just("settings"),
+        st.just(0),
+        st.dictionaries(st.integers(1, 10), st.integers(0, 2**32 - 1), max_size=4),
+        st.sets(st.just("ACK")),
+    ),
+    st.tuples(
+        st.just("ping"), st.sampled_from([0, 1]), st.binary(min_size=8, max_size=8), st.sets(st.just("ACK"))
+    ),
+    st.tuples(
+        st.just("goaway"),
+        st.just(0),
+        st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 13)),
+        st.just(set()),
+    ),
+    st.tuples(st.just("window"), _STREAM_IDS, st.integers(0, 2**31 - 1), st.just(set())),
+    st.tuples(st.just("priority"), _STREAM_IDS, st.integers(0, 7), st.just(set())),
+    st.tuples(
+        st.just("raw"),
+        _STREAM_IDS,
+        st.tuples(st.integers(0, 255), st.integers(0, 255), st.binary(max_size=64)),
+        st.just(set()),
+    ),
+)
+
+
+def _serialize(specs: list[tuple[str, int, Any, set[str]]]) -> bytes:
+    encoder = Encoder()  # one HPACK context per connection, as a real peer has
+    out = bytearray()
+    for kind, sid, arg, flags in specs:
+        if kind in ("headers", "continuation"):
+            block = encoder.encode([(n.encode(), v.encode("utf-8", "surrogatepass")) for n, v in arg])
+            frame: Any = (HeadersFrame if kind == "headers" else ContinuationFrame)(1, data=block)
+        elif kind == "data":
+            frame = DataFrame(1, data=arg, pad_length=3 if "PADDED" in flags else 0)
+        elif kind == "rst":
+            frame = RstStreamFrame(1, error_code=arg)
+        elif kind == "settings":
+            frame = SettingsFrame(0, settings={} if "ACK" in flags else arg)
+        elif kind == "ping":
+            frame = PingFrame(0, opaque_data=arg)
+        elif kind == "goaway":
+            frame = GoAwayFrame(0, last_stream_id=arg[0], error_code=arg[1])
+        elif kind == "window":
+            frame = WindowUpdateFrame(0, window_increment=arg)
+        elif kind == "priority":
+            frame = PriorityFrame(1, depends_on=arg, stream_weight=15)
+        else:  # any type (unknown ones too) and flags, hand-built
+            ftype, fflags, payload = arg
+            out += len(payload).to_bytes(3, "big") + bytes([ftype, fflags]) + sid.to_bytes(4, "big") + payload
+            continue
+        for flag in flags:
+            frame.flags.add(flag)
+        frame.stream_id = sid  # after construction: hyperframe refuses wrong ids, a hostile peer does not
+        out += frame.serialize()
+    return bytes(out)
+
+
+HBONE_INPUT = st.tuples(
+    st.sampled_from([Role.SERVER, Role.CLIENT]),
+    st.lists(_FRAME_SPECS, max_size=12),
+    st.binary(max_size=40),  # garbage after the frames
+    st.lists(st.integers(0, 10_000), max_size=6),  # where the transport splits the bytes
+)
+
+
+def _react(conn: HboneConnection, events: list[ev.Event]) -> None:
+    """What a well-behaved app does with each event (so the fuzzer reaches the app-facing paths)."""
+    for e in events:
+        if isinstance(e, ev.TunnelRequested | ev.RequestReceived) and conn.role is Role.CLIENT:
+            conn.release_stream(e.stream_id)  # a server-opened stream: the client link drops it so
+        elif isinstance(e, ev.TunnelRequested | ev.RequestReceived) and not conn.can_send(e.stream_id):
+            conn.release_stream(e.stream_id)  # reset later in the same batch (as ServerReply checks)
+        elif isinstance(e, ev.TunnelRequested):
+            if e.stream_id % 4 == 1:
+                conn.accept(e.stream_id)
+                if conn.send_window(e.stream_id) >= 5:
+                    conn.send_data(e.stream_id, b"hello")
+            else:
+                conn.refuse(e.stream_id, 503, "fuzz")
+                conn.release_stream(e.stream_id)
+        elif isinstance(e, ev.RequestReceived):
+            conn.send_response(e.stream_id, 200, end_stream=True)
+        elif isinstance(e, ev.DataReceived):
+            conn.acknowledge(e.stream_id, len(e.data))
+        elif isinstance(e, ev.StreamEnded) and conn.can_send(e.stream_id):
+            conn.end_stream(e.stream_id)
+        elif isinstance(e, ev.StreamReset):
+            conn.release_stream(e.stream_id)
+
+
+def check_hbone(value: tuple[Role, list[Any], bytes, list[int]]) -> None:
+    role, specs, garbage, cuts = value
+    conn = HboneConnection(role)
+    if role is Role.CLIENT:
+        conn.open_tunnel("10.0.0.1:80")
+        conn.open_tunnel("10.0.0.2:80")
+        conn.send_request("GET", "n", "/catalog")
+        wire = _serialize([("settings", 0, {}, set())]) + _serialize(specs) + garbage
+    else:
+        wire = PREFACE + _serialize([("settings", 0, {}, set())]) + _serialize(specs) + garbage
+    conn.data_to_send()
+    limit = conn.settings.max_concurrent_streams
+    for chunk in _cuts(wire, cuts):
+        try:
+            events = conn.receive_data(chunk)
+        except RemoteProtocolError:
+            assert conn.closed
+            assert conn.receive_data(b"\x00" * 9) == []
+            conn.data_to_send()
+            return
+        if not conn.closed:
+            _react(conn, events)
+        assert conn.active_stream_count <= limit + 3
+        conn.data_to_send()
+
+
+HBONE = Target("hbone_frames", "HBONE / HTTP/2 frames (sans-I/O core, both roles)", HBONE_INPUT, check_hbone)
+
+
+# ---- HTTP/1.1 in the waypoint --------------------------------------------------------------------
+
+_METHODS = st.sampled_from(["GET", "POST", "HEAD", "CONNECT", "OPTIONS", "G T", "", "PUT"])
+_H1_HEADERS = st.sampled_from(
+    [
+        "Host: a",
+        "Content-Length: 5",
+        "Content-Length: -1",
+        "Content-Length: 99999999999999999999",
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: gzip, chunked",
+        "Connection: close, x-drop",
+        "Connection: keep-alive",
+        "X-Drop: 1",
+        "traceparent: 00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        "traceparent: 00-" + "0" * 32 + "-" + "0" * 16 + "-01",
+        "traceparent: garbage",
+        "x-request-id: r1",
+        "Expect: 100-continue",
+        "Upgrade: h2c",
+        " folded",
+        "Bad Header: x",
+        "x:\x00",
+        "Te: trailers",
+    ]
+)
+
+
+@st.composite
+def _h1_stream(draw: st.DrawFn) -> bytes:
+    out = b""
+    for _ in range(draw(st.integers(1, 3))):
+        method = draw(_METHODS)
+        target = draw(st.sampled_from(["/", "/api/x?q=1", "*", "http://h/p", "", "/%00", "/a b"]))
+        version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2", "HTTP/1.1 "]))
+        headers = draw(st.lists(_H1_HEADERS, max_size=6))
+        body = draw(st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"0\r\n\r\n"]))
+        eol = draw(st.sampled_from(["\r\n", "\n"]))
+        out += (f"{method} {target} {version}{eol}" + "".join(h + eol for h in headers) + eol).encode()
+        out += body
+    return out
+
+
+H1_INPUT = st.tuples(
+    st.one_of(_h1_stream(), st.binary(max_size=300)),
+    st.lists(st.integers(0, 2000), max_size=6),
+)
+
+
+def check_http1(value: tuple[bytes, list[int]]) -> None:
+    data, cuts = value
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+    try:
+        for chunk in [*_cuts(data, cuts), b""]:  # b"": the client closed
+            conn.receive_data(chunk)
+            while True:
+                event = conn.next_event()
+                if event in (h11.NEED_DATA, h11.PAUSED) or isinstance(event, h11.ConnectionClosed):
+                    break
+                if isinstance(event, h11.Request):
+                    headers = headers_from_h11(event.headers)
+                    kept = forwardable(headers)
+                    assert not {k for k, _ in kept} & HOP_BY_HOP
+                    trace = trace_headers(headers, new_id=lambda: "fixed")
+                    assert len(trace) == 32 and int(trace, 16) != 0
+                    assert headers.get("x-request-id")
+                elif isinstance(event, h11.EndOfMessage) and conn.our_state is h11.SEND_RESPONSE:
+                    try:  # as the waypoint does: our own send refused (e.g. CONNECT switched) ends it
+                        conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+                        conn.send(h11.EndOfMessage())
+                    except h11.LocalProtocolError:
+                        return
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                        conn.start_next_cycle()
+            if conn.their_state in (h11.CLOSED, h11.MUST_CLOSE):
+                break
+    except h11.RemoteProtocolError:
+        pass
+
+
+HTTP1 = Target("http1", "HTTP/1.1 requests (waypoint: h11 + header rules)", H1_INPUT, check_http1)
+
+
+# ---- config and policy TOML -----------------------------------------------------------------------
+
+_SCALARS = st.sampled_from(
+    [
+        '""',
+        '"x"',
+        "0",
+        "-1",
+        "65536",
+        "99999999999999999999",
+        "1.5",
+        "true",
+        "[]",
+        "[1, 2]",
+        '["a", 3]',
+        "{}",
+        "{ a = 1 }",
+        '"1s"',
+        '"-1s"',
+        '"1e9h"',
+        '"0s"',
+        '"10.0.0.1:80"',
+        '"[::1]:15008"',
+        '"::"',
+        '"*"',
+        '"spiffe://x/ns/a/sa/b"',
+        '"home.arpa/ns/a/sa/b"',
+        '"\\u0000"',
+        '"ALLOW"',
+        '"DENY"',
+        '"STRICT"',
+        "1979-05-27T07:32:00Z",
+        "inf",
+        "nan",
+        '"/nonexistent"',
+        '"echo"',
+        '"10.0.0.0/8"',
+        '"http"',
+    ]
+)
+_CONFIG_KEYS = sorted(leaf_keys(Config))
+_POLICY_KEYS = [
+    "name",
+    "namespace",
+    "workloads",
+    "action",
+    "rules",
+    "from",
+    "to",
+    "when",
+    "principals",
+    "not_principals",
+    "namespaces",
+    "ip_blocks",
+    "ports",
+    "methods",
+    "paths",
+    "hosts",
+    "key",
+    "values",
+    "mode",
+    "service",
+    "match",
+    "backends",
+    "weight",
+    "timeout",
+    "retries",
+    "filters",
+    "settings",
+    "path",
+    "prefix",
+    "exact",
+    "regex",
+    "subset",
+    "headers",
+    "port_level_mtls",
+]
+_TABLES = [
+    "[listen]",
+    "[identity]",
+    "[discovery]",
+    "[policy]",
+    "[dns]",
+    "[[workload]]",
+    "[[service]]",
+    "[[upstream]]",
+    "[[authorization]]",
+    "[[authorization.rules]]",
+    "[[peer_authentication]]",
+    "[[route]]",
+    "[capture]",
+    "[[route.match]]",
+    "[log]",
+    "[[",
+]
+
+
+def _seed_lines(*globs: str) -> list[str]:
+    lines: list[str] = []
+    for pattern in globs:
+        for path in sorted(REPO.glob(pattern)):
+            lines += [line for line in path.read_text().splitlines() if line.strip()]
+    return lines or ['trust_domain = "home.arpa"']
+
+
+@st.composite
+def _toml_doc(draw: st.DrawFn, seeds: list[str], keys: list[str]) -> str:
+    fragments = st.one_of(
+        st.sampled_from(seeds),
+        st.sampled_from(_TABLES),
+        st.builds(lambda k, v: f"{k} = {v}", st.sampled_from(keys), _SCALARS),
+        st.text(max_size=30),
+    )
+    return "\n".join(draw(st.lists(fragments, max_size=25)))
+
+
+_CONFIG_SEEDS = _seed_lines("configs/*.toml", "configs/homelab/*.toml")
+_POLICY_SEEDS = _seed_lines("configs/policy.d/*.toml", "configs/policy-examples/*.toml")
+_BASE = Path(tempfile.gettempdir())
+
+CONFIG_INPUT = st.tuples(
+    _toml_doc(_CONFIG_SEEDS, _CONFIG_KEYS),
+    st.lists(
+        st.builds(lambda k, v: f"{k}={v}", st.sampled_from(_CONFIG_KEYS), st.text(max_size=12)), max_size=2
+    ),
+)
+
+
+def check_config(value: tuple[str, list[str]]) -> None:
+    text, overrides = value
+    try:
+        typed = parse_overrides(overrides)
+        load_document(Config, text, "fuzz.toml", _BASE, overrides=typed)
+    except ConfigError as exc:
+        assert exc.problems, "a ConfigError must name at least one problem"
+        str(exc)
+
+
+CONFIG = Target("config", "config TOML (+ KEY=VALUE overrides)", CONFIG_INPUT, check_config)
+
+POLICY_INPUT = st.tuples(_toml_doc(_POLICY_SEEDS, _POLICY_KEYS), st.sampled_from(["node", "waypoint"]))
+_policy_dir: Path | None = None
+
+
+def check_policy(value: tuple[str, str]) -> None:
+    global _policy_dir
+    text, role = value
+    if _policy_dir is None:
+        _policy_dir = Path(tempfile.mkdtemp(prefix="meshd-fuzz-policy-"))
+    (_policy_dir / "fuzz.toml").write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        load_policy_dir(_policy_dir, role=role)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        assert exc.problems
+        str(exc)
+    except UnicodeEncodeError:
+        pass  # a lone surrogate cannot even be written as a file; nothing to test
+
+
+POLICY = Target(
+    "policy", "policy TOML (authorization, peer authentication, routes)", POLICY_INPUT, check_policy
+)
+
+
+# ---- catalog JSON -------------------------------------------------------------------------------
+
+_GOOD_CATALOG: dict[str, Any] = {
+    "version": 1,
+    "node": "beta",
+    "trust_domain": "home.arpa",
+    "role": "node",
+    "hbone": "10.0.0.2:15008",
+    "workloads": [
+        {
+            "name": "echo",
+            "namespace": "default",
+            "service_account": "echo",
+            "address": "10.0.0.2",
+            "ports": [7000],
+            "services": ["echo"],
+            "labels": {"app": "echo"},
+        }
+    ],
+    "services": [
+        {
+            "name": "echo",
+            "namespace": "default",
+            "ports": [{"port": 7000, "target_port": 7000, "protocol": "tcp"}],
+            "waypoint": None,
+        }
+    ],
+}
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def _catalog_bytes(draw: st.DrawFn) -> bytes:
+    doc = json.loads(json.dumps(_GOOD_CATALOG))
+    for _ in range(draw(st.integers(0, 3))):
+        path = draw(st.sampled_from(_paths(doc)))
+        if not path:
+            continue
+        parent = doc
+        for p in path[:-1]:
+            parent = parent[p]
+        if draw(st.booleans()):
+            parent[path[-1]] = draw(_JSON)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+    return json.dumps(doc).encode()
+
+
+CATALOG_INPUT = st.one_of(
+    _catalog_bytes(), st.binary(max_size=200), _JSON.map(lambda j: json.dumps(j).encode())
+)
+_LOCAL = NodeCatalog.decode(
+    json.dumps({**_GOOD_CATALOG, "node": "alpha", "hbone": "10.0.0.1:15008", "workloads": []}).encode(),
+    trust_domain="home.arpa",
+)
+
+
+def check_catalog(data: bytes) -> None:
+    try:
+        cat = NodeCatalog.decode(data, trust_domain="home.arpa")
+    except CatalogError as exc:
+        assert str(exc)
+        return
+    assert NodeCatalog.decode(cat.encode(), trust_domain="home.arpa") == cat
+    merged = merge(_LOCAL, [PeerRecord(cat, "10.0.0.9")])
+    for key, svc in merged.services.items():
+        for port in svc.ports:
+            merged.endpoints(key, port.port)
+    merged.to_json()
+
+
+CATALOG = Target("catalog", "catalog JSON from peers (decode + merge)", CATALOG_INPUT, check_catalog)
+
+
+# ---- mDNS TXT -----------------------------------------------------------------------------------
+
+_GOOD_TXT: dict[Any, Any] = {
+    b"v": b"1",
+    b"td": b"home.arpa",
+    b"role": b"node",
+    b"node": b"beta",
+    b"port": b"15008",
+    b"rev": b"0123abcd",
+}
+_TXT_KEYS = st.one_of(
+    st.sampled_from([b"v", b"td", b"role", b"node", b"port", b"rev", b"V", b"Port"]),
+    st.binary(max_size=6),
+    st.text(max_size=4),
+)
+_TXT_VALUES = st.one_of(
+    st.none(),
+    st.binary(max_size=20),
+    st.text(max_size=10),
+    st.sampled_from([b"1", b"01", b"65536", b"0", b"\xff", b"waypoint", b"x" * 300]),
+)
+TXT_INPUT = st.one_of(
+    st.dictionaries(_TXT_KEYS, _TXT_VALUES, max_size=4).map(lambda change: {**_GOOD_TXT, **change}),
+    st.dictionaries(_TXT_KEYS, _TXT_VALUES, max_size=8),
+)
+
+
+def check_txt(props: dict[Any, Any]) -> None:
+    try:
+        ann = parse_txt(props)
+    except TxtError as exc:
+        assert str(exc)
+        return
+    assert parse_txt({k.encode(): v.encode() for k, v in ann.to_txt().items()}) == ann
+
+
+MDNS = Target("mdns_txt", "mDNS TXT records", TXT_INPUT, check_txt)
+
+
+# ---- DNS proxy packets --------------------------------------------------------------------------
+
+_SERVICES = {
+    "echo.default": ServiceEntry(
+        "echo", "default", (ServicePortEntry(7000, 7000, "tcp"), ServicePortEntry(80, 8080, "http"))
+    ),
+    "db.prod": ServiceEntry("db", "prod", (ServicePortEntry(5432, 5432, "tcp"),)),
+}
+_VIPS = allocate(_SERVICES)
+_NAMES = st.sampled_from(
+    [
+        "echo.default.mesh.",
+        "ECHO.default.",
+        "_7000._tcp.echo.default.mesh.",
+        "x.mesh.",
+        "_99._tcp.db.prod.mesh.",
+        "mesh.",
+        ".",
+        "example.com.",
+        "a.b.c.d.e.mesh.",
+        "_x._tcp.echo.default.mesh.",
+        "\\000.mesh.",
+        "db.prod",
+    ]
+)
+_RDTYPES = st.sampled_from(["A", "AAAA", "SRV", "ANY", "TXT", "PTR", "AXFR", "OPT", "TYPE65000"])
+
+
+@st.composite
+def _dns_wire(draw: st.DrawFn) -> bytes:
+    q = dns.message.make_query(
+        draw(_NAMES),
+        dns.rdatatype.from_text(draw(_RDTYPES)),
+        use_edns=draw(st.sampled_from([False, 0])),
+        payload=draw(st.sampled_from([0, 100, 512, 4096, 65535])),
+    )
+    wire = bytearray(q.to_wire())
+    for pos, byte in draw(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3)):
+        if wire:
+            wire[pos % len(wire)] = byte
+    return bytes(wire[: draw(st.integers(0, len(wire)))] if draw(st.booleans()) else wire)
+
+
+DNS_INPUT = st.tuples(
+    st.one_of(_dns_wire(), st.binary(max_size=100)),
+    st.booleans(),
+    st.sampled_from(["mesh", "Mesh.", "", "a.b"]),
+)
+
+
+def check_dns(value: tuple[bytes, bool, str]) -> None:
+    wire, udp, domain = value
+    query = parse(wire)
+    if query is None:
+        answer = formerr(wire)
+        if answer is not None:
+            assert len(answer) == 12 and answer[:2] == wire[:2]
+        return
+    decision = decide(query, domain, _SERVICES, _VIPS)
+    if decision.response is not None:
+        out = to_wire(decision.response, query, udp=udp)
+        limit = 65535 if not udp else max(query.payload, 512) if query.edns >= 0 else 512
+        assert len(out) <= limit
+        assert dns.message.from_wire(out).id == query.id
+
+
+DNS = Target("dns", "DNS proxy queries (pure answer function)", DNS_INPUT, check_dns)
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS)}
