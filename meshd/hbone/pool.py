@@ -234,12 +234,13 @@ class HbonePool:
         path: str,
         *,
         server_hostname: str | None = None,
+        max_body: int = MAX_GET_BODY,
     ) -> tuple[int, tuple[tuple[str, str], ...], bytes, SpiffeId]:
         """A GET on a one-off connection to a peer whose identity is not known yet (catalog fetch from
         a discovered node): (status, headers, body, the peer's identity). The peer must be in
         `source`'s trust domain; the caller decides whether that identity may answer.
         `server_hostname` is sent as SNI (tunnels never send SNI; a control name lets the peer pick
-        its node certificate)."""
+        its node certificate). A body over `max_body` bytes fails the request as soon as it is seen."""
         if self._nursery is None:
             raise RuntimeError("HbonePool.run() is not running")
         addr = (address[0], int(address[1]))
@@ -254,7 +255,7 @@ class HbonePool:
             slot = link.slot(sid)
             assert slot is not None and slot.response is not None
             headers = slot.response.headers
-            body = await self._read_body(link, sid, MAX_GET_BODY, strict=True)
+            body = await self._read_body(link, sid, max_body, strict=True)
         finally:
             link.close()
         return status, headers, body, identity

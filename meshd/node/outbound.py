@@ -51,7 +51,8 @@ class EndpointHealth:
     def failed(self, ep: Endpoint, now: float) -> None:
         e = self.ejected.setdefault(ep.key, _Ejection())
         e.failures += 1
-        e.until = now + min(EJECT_BASE * 2 ** (e.failures - 1), EJECT_MAX)
+        # The exponent is capped: 2 ** 1024 does not fit a float (OverflowError after 1025 failures).
+        e.until = now + min(EJECT_BASE * 2 ** min(e.failures - 1, 32), EJECT_MAX)
 
     def succeeded(self, ep: Endpoint) -> None:
         self.ejected.pop(ep.key, None)

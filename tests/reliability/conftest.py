@@ -21,10 +21,18 @@ Record = Callable[..., None]
 
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Record:
-    """`record(surface, fault, survived=True, bytes_sent=0, bytes_lost=0)` for the report."""
+    """`record(surface, fault, survived=True, bytes_sent=0, bytes_lost=0, **extra)` for the report.
+    `extra` adds keys the report may show or ignore (faults under load add `bytes_received`,
+    `bytes_corrupted`, `transfers`, `transfers_failed`, `requests`, `requests_failed`)."""
 
     def add(
-        surface: str, fault: str, *, survived: bool = True, bytes_sent: int = 0, bytes_lost: int = 0
+        surface: str,
+        fault: str,
+        *,
+        survived: bool = True,
+        bytes_sent: int = 0,
+        bytes_lost: int = 0,
+        **extra: int | str,
     ) -> None:
         _faults.append(
             {
@@ -34,6 +42,7 @@ def record(request: pytest.FixtureRequest) -> Record:
                 "survived": survived,
                 "bytes_sent": bytes_sent,
                 "bytes_lost": bytes_lost,
+                **extra,
             }
         )
 
