@@ -12,7 +12,14 @@ import trio
 
 from meshd.capture.transparent import Capture
 from meshd.config.model import UpstreamConfig
-from meshd.discovery.catalog import CATALOG_PATH, CatalogError, NodeCatalog, local_catalog, merge
+from meshd.discovery.catalog import (
+    CATALOG_PATH,
+    MAX_CATALOG_BYTES,
+    CatalogError,
+    NodeCatalog,
+    local_catalog,
+    merge,
+)
 from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.hbone.pool import HbonePool
@@ -82,6 +89,8 @@ class NodeProxy:
             self._connections = connections
             await nursery.start(self.pool.run)
             await nursery.start(self.server.serve, cfg.listen.hbone.host, cfg.listen.hbone.port)
+            if self.waypoint is not None:
+                await nursery.start(self.waypoint.upstreams.run)  # expires idle upstream tunnels
             await nursery.start(self._accept_until_drained, self.inbound.serve_plaintext)
             for up in cfg.upstreams:
                 await self.start_upstream(up)
@@ -136,11 +145,17 @@ class NodeProxy:
         if self.mdns is not None:
             self.mdns.drain()  # goodbye first: peers stop choosing us while tunnels finish
         self.server.drain()
+        if self.waypoint is not None:
+            self.waypoint.drain()  # keep-alive clients inside the tunnels: connection: close / GOAWAY
         self.pool.drain()
 
     async def fetch_catalog(self, address: Address) -> NodeCatalog:
         status, _, body, peer = await self.pool.get_control(
-            self.state.node_identity, (address.host, address.port), CATALOG_PATH, server_hostname=CONTROL_SNI
+            self.state.node_identity,
+            (address.host, address.port),
+            CATALOG_PATH,
+            server_hostname=CONTROL_SNI,
+            max_body=MAX_CATALOG_BYTES,  # stop reading at the limit decode() enforces anyway
         )
         if not peer.is_node:
             raise CatalogError(f"{address} presented {peer}, not a meshd node identity")

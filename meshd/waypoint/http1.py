@@ -6,8 +6,9 @@ Nothing here knows routes, policy or the catalog.
 
 from __future__ import annotations
 
+import os
+import random
 import re
-import secrets
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,6 +35,28 @@ HOP_BY_HOP = frozenset(
     }
 )
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# Trace, span and request ids need to be unique, not secret (W3C trace context 3.2.2.3): a PRNG seeded
+# from the OS, rather than `secrets`/`uuid4`, which cost a getrandom() syscall for every id.
+_ids = random.Random(os.urandom(32))
+_getrandbits = _ids.getrandbits
+
+
+def _random_hex(bits: int) -> str:
+    value = 0
+    while not value:  # all zeros is an invalid trace or span id
+        value = _getrandbits(bits)
+    return f"{value:0{bits // 4}x}"
+
+
+def _request_id() -> str:
+    return uuid.UUID(int=_getrandbits(128), version=4).hex
+
+
+def _reseed_after_fork() -> None:
+    _ids.seed(os.urandom(32))
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
 class H11Stream:
@@ -68,19 +91,23 @@ def headers_from_h11(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
 
 def forwardable(headers: Headers) -> list[tuple[str, str]]:
     """Header fields to forward: hop-by-hop ones (and those `connection` names) removed."""
+    items = headers.items()
+    out = [(k, v) for k, v in items if k not in HOP_BY_HOP]
+    if len(out) == len(items):
+        return out  # no `connection` field (it is hop-by-hop): nothing else to remove
     named = {t.strip().lower() for v in headers.get_all("connection") for t in v.split(",")}
-    return [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP and k not in named]
+    return [(k, v) for k, v in out if k not in named] if named else out
 
 
-def trace_headers(headers: Headers, new_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> str:
+def trace_headers(headers: Headers, new_id: Callable[[], str] = _request_id) -> str:
     """W3C trace context: keep the caller's trace id (new one if missing or invalid), give this hop a
     new parent span id; add `x-request-id` if missing. Returns the trace id."""
     m = _TRACEPARENT.fullmatch(headers.get("traceparent") or "")
     if m is not None and m[1] != "0" * 32 and m[2] != "0" * 16:
         trace, flags = m[1], m[3]
     else:
-        trace, flags = secrets.token_hex(16), "01"
-    headers.set("traceparent", f"00-{trace}-{secrets.token_hex(8)}-{flags}")
+        trace, flags = _random_hex(128), "01"
+    headers.set("traceparent", f"00-{trace}-{_random_hex(64)}-{flags}")
     if "x-request-id" not in headers:
         headers.set("x-request-id", new_id())
     return trace

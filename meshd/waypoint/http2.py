@@ -34,7 +34,7 @@ import h2.settings
 import trio
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
-from hyperframe.frame import DataFrame, Frame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
 from meshd.plugins.filters import Headers
 
@@ -170,6 +170,8 @@ class H2Server:
         )
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._prefix = b""  # a graceful GOAWAY, serialized by hand (h2 would close the connection)
+        self.goaway_last: int | None = None  # the last stream id our graceful GOAWAY accepted
 
     def receive(self, data: bytes) -> list[Event]:
         """Feed bytes from the client; h2.exceptions.ProtocolError if they break the protocol."""
@@ -177,6 +179,9 @@ class H2Server:
         for ev in self.conn.receive_data(data):
             if isinstance(ev, h2.events.RequestReceived):
                 assert ev.stream_id is not None and ev.headers is not None
+                if self.goaway_last is not None and ev.stream_id > self.goaway_last:
+                    self.reset(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)  # after our GOAWAY
+                    continue
                 try:
                     out.append(request_head(ev.stream_id, ev.headers, ev.stream_ended is not None))
                 except BadRequest as exc:
@@ -196,6 +201,9 @@ class H2Server:
         return out
 
     def data_to_send(self) -> bytes:
+        if self._prefix:
+            out, self._prefix = self._prefix + self.conn.data_to_send(), b""
+            return out
         return bytes(self.conn.data_to_send())
 
     def acknowledge(self, stream_id: int, length: int) -> None:
@@ -232,6 +240,20 @@ class H2Server:
 
     def goaway(self) -> None:
         self.conn.close_connection()
+
+    def graceful_goaway(self) -> None:
+        """GOAWAY(NO_ERROR) naming the last stream accepted: the client opens no new streams, those
+        open finish. Written by hand: h2 moves to CLOSED on sending GOAWAY and then refuses every
+        frame of the streams still open (the same reason as meshd/hbone/connection.py)."""
+        if self.goaway_last is not None:
+            return
+        last = self.conn.highest_inbound_stream_id
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+        # h2's queued frames go first: the byte stream must stay in order.
+        self._prefix += bytes(self.conn.data_to_send()) + frame.serialize()
+        self.goaway_last = last
 
 
 # ---- the trio driver ------------------------------------------------------------------------------
@@ -310,6 +332,8 @@ class H2Session:
         self._wake = trio.Event()
         self._window = trio.Event()
         self._closing = False
+        self._draining = False
+        self._reader_scope: trio.CancelScope | None = None
         self.requests = 0
 
     def kick(self) -> None:
@@ -324,11 +348,26 @@ class H2Session:
             self.server.acknowledge(stream_id, length)
             self.kick()
 
+    def drain(self) -> None:
+        """Graceful GOAWAY: streams in flight finish, then the session ends (the tunnel closes)."""
+        if self._draining:
+            return
+        self._draining = True
+        self.server.graceful_goaway()
+        self.kick()
+        self._end_if_drained()
+
+    def _end_if_drained(self) -> None:
+        if self._draining and not self.streams and self._reader_scope is not None:
+            self._reader_scope.cancel()  # the writer flushes what is queued (the GOAWAY), then returns
+
     async def run(self, initial: bytes) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             try:
-                await self._reader(nursery, initial)
+                with trio.CancelScope() as self._reader_scope:
+                    self._end_if_drained()
+                    await self._reader(nursery, initial)
             finally:
                 for io in self.streams.values():
                     io.scope.cancel()
@@ -401,6 +440,7 @@ class H2Session:
                 # Answered before the request body ended (RFC 9113 8.1): stop the client sending it.
                 self.server.reset(head.stream_id, h2.errors.ErrorCodes.NO_ERROR)
             self.kick()
+            self._end_if_drained()
 
     async def _writer(self) -> None:
         """The only task that writes to the tunnel."""

@@ -23,7 +23,8 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import h11
@@ -31,7 +32,7 @@ import pluggy
 import trio
 
 from meshd.capture.vip import VipIndex
-from meshd.discovery.catalog import Endpoint, ServiceEntry, ServicePortEntry, WorkloadEntry
+from meshd.discovery.catalog import Catalog, Endpoint, ServiceEntry, ServicePortEntry, WorkloadEntry
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
@@ -94,6 +95,11 @@ class Tunnel:
     port: ServicePortEntry
     vip: str
 
+    @cached_property
+    def upstream_headers(self) -> list[tuple[str, str]]:
+        """Headers of the tunnels this client's requests take upstream (informational at the node)."""
+        return [("forwarded", f'for="{self.src}"'), ("baggage", f"source.principal={self.source.uri}")]
+
 
 class Waypoint:
     def __init__(self, state: NodeState, pool: HbonePool, plugins: pluggy.PluginManager | None) -> None:
@@ -109,6 +115,27 @@ class Waypoint:
         self._defaults: dict[str, CompiledRoute] = {}
         self._tcp_balancers: dict[str, RoundRobin[EndpointKey]] = {}
         self._hook_errors: set[str] = set()
+        # Per-request lookups derived from the catalog / the router, cached until either is swapped
+        # (both are immutable values, replaced whole on every change).
+        self._catalog: Catalog | None = None
+        self._endpoints: dict[tuple[str, int, tuple[tuple[str, str], ...]], list[Endpoint]] = {}
+        self._service_workloads: dict[str, list[WorkloadEntry | None]] = {}
+        self._routed: dict[str, bool] = {}  # service -> does any route of the router name it (or none)?
+        self._draining = False
+        self._h1: set[_H1Conn] = set()  # open HTTP/1.1 client connections (closed early by a drain)
+        self._h2: set[H2Session] = set()
+
+    def drain(self) -> None:
+        """Let keep-alive clients go: idle HTTP/1.1 connections close now, busy ones answer their
+        request with `connection: close`; HTTP/2 sessions get a GOAWAY and end after their streams.
+        Idle upstream connections are closed."""
+        self._draining = True
+        for c in list(self._h1):
+            if c.idle and not c.io.conn.trailing_data[0]:  # not even part of a next request read
+                c.scope.cancel()
+        for session in list(self._h2):
+            session.drain()
+        self.upstreams.close_idle()
 
     # ---- tunnels ---------------------------------------------------------------------------------
     async def handle(self, req: InboundRequest, reply: ServerReply) -> None:
@@ -209,13 +236,31 @@ class Waypoint:
 
     # ---- HTTP/1.1 --------------------------------------------------------------------------------
     async def _serve_http(self, t: Tunnel, io: H11Stream) -> None:
+        c = _H1Conn(io)
+        self._h1.add(c)
+        try:
+            with c.scope:  # cancelled by a drain only while idle (see _serve_h1)
+                await self._serve_h1(t, c)
+        finally:
+            self._h1.discard(c)
+
+    async def _serve_h1(self, t: Tunnel, c: _H1Conn) -> None:
+        io = c.io
         while True:
+            if self._draining and not io.conn.trailing_data[0]:
+                return  # draining and idle: close
+            c.idle = True
             try:
                 event = await io.next_event()
             except h11.RemoteProtocolError as exc:
                 await self._bad_request(io, exc)
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            c.idle = False
+            if c.scope.cancel_called:
+                # A drain found it idle just as a request arrived: close without starting it (as a
+                # keep-alive connection closed by the server races with a client's next request).
                 return
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed (or PAUSED after a close)
@@ -224,7 +269,7 @@ class Waypoint:
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
                 log.debug("client connection ended: %s", exc)
                 return
-            if not keep or not io.reusable:
+            if not keep or not io.reusable or self._draining:
                 return
             try:
                 io.conn.start_next_cycle()
@@ -333,7 +378,14 @@ class Waypoint:
         async def handler(ex: H2Exchange) -> None:
             await self._h2_request(t, ex)
 
-        await H2Session(stream, handler).run(initial)
+        session = H2Session(stream, handler)
+        self._h2.add(session)
+        if self._draining:
+            session.drain()
+        try:
+            await session.run(initial)
+        finally:
+            self._h2.discard(session)
 
     async def _h2_request(self, t: Tunnel, ex: H2Exchange) -> None:
         head = ex.head
@@ -411,7 +463,10 @@ class Waypoint:
         if io.conn.our_state is not h11.SEND_RESPONSE:
             await response.aclose()
             return False
-        head = io.conn.send(h11.Response(status_code=response.status, headers=forwardable(response.headers)))
+        headers = forwardable(response.headers)
+        if self._draining:
+            headers.append(("connection", "close"))  # h11 closes the connection after this response
+        head = io.conn.send(h11.Response(status_code=response.status, headers=headers))
         if "content-length" not in response.headers:
             await io.stream.send_all(head)  # a stream of unknown length: the client gets headers now
             head = b""
@@ -443,12 +498,42 @@ class Waypoint:
             workload_labels=w.label_map if w is not None else {},
         )
 
+    def _current_catalog(self) -> Catalog:
+        catalog = self.state.catalog
+        if catalog is not self._catalog:
+            self._catalog = catalog
+            self._endpoints.clear()
+            self._service_workloads.clear()
+        return catalog
+
+    def _workloads_of(self, service: str) -> list[WorkloadEntry | None]:
+        catalog = self._current_catalog()
+        workloads = self._service_workloads.get(service)
+        if workloads is None:
+            workloads = self._service_workloads[service] = [
+                w for w in catalog.workloads if service in w.services
+            ] or [None]
+        return workloads
+
+    def _endpoints_of(self, backend: Backend, port: int) -> list[Endpoint]:
+        """The catalog's endpoints of the backend's service port, in the backend's subset."""
+        catalog = self._current_catalog()
+        key = (backend.service, port, tuple(backend.subset.items()))
+        endpoints = self._endpoints.get(key)
+        if endpoints is None:
+            endpoints = self._endpoints[key] = [
+                ep
+                for ep in catalog.endpoints(backend.service, port)
+                if backend.selects(ep.workload.label_map)
+            ]
+        return endpoints
+
     def _authorize(self, t: Tunnel, request: HttpRequest) -> Decision:
         """Allowed only if allowed for every workload of the service (see the module docstring)."""
-        workloads: list[WorkloadEntry | None] = [
-            w for w in self.state.catalog.workloads if t.service.key in w.services
-        ] or [None]
-        hdrs = {k: request.headers.get(k) or "" for k, _ in request.headers.items()}
+        workloads = self._workloads_of(t.service.key)
+        hdrs: dict[str, str] = {}  # repeated fields joined with ", ", as Headers.get() does
+        for k, v in request.headers.items():
+            hdrs[k] = f"{hdrs[k]}, {v}" if k in hdrs else v
         decision = Decision(True, None, "no workload")
         for w in workloads:
             attrs = RequestAttrs(
@@ -468,7 +553,11 @@ class Waypoint:
         if router is not self._router:
             self._router = router
             self._backends.clear()
-        if not any(r.spec.service in (None, service) for r in router.routes):
+            self._routed.clear()
+        routed = self._routed.get(service)
+        if routed is None:
+            routed = self._routed[service] = any(r.spec.service in (None, service) for r in router.routes)
+        if not routed:
             route = self._defaults.get(service)
             if route is None:
                 spec = Route(name=f"default.{service}", service=service)
@@ -517,15 +606,10 @@ class Waypoint:
         state = self._backend(choice.route, backend)
         port = backend.port or t.port.port
         td = self.state.config.trust_domain
-        tunnel_headers = [("forwarded", f'for="{t.src}"'), ("baggage", f"source.principal={t.source.uri}")]
+        tunnel_headers = t.upstream_headers
 
         async def send(request: HttpRequest) -> HttpResponse:
-            endpoints = [
-                ep
-                for ep in self.state.catalog.endpoints(backend.service, port)
-                if backend.selects(ep.workload.label_map)
-            ]
-            ep = state.pick(endpoints)
+            ep = state.pick(self._endpoints_of(backend, port))
             if ep is None:
                 info.flag(FLAG_NO_HEALTHY)
                 return LocalResponse(503, body=b"no healthy upstream\n").to_response()
@@ -563,6 +647,15 @@ class Waypoint:
                 for (_, i), (route, state) in self._backends.items()
             },
         }
+
+
+@dataclass(eq=False)
+class _H1Conn:
+    """An HTTP/1.1 client connection as a drain sees it: idle (waiting for a request) or not."""
+
+    io: H11Stream
+    idle: bool = True
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 @dataclass

@@ -3,13 +3,15 @@ and HTTP/1.1 exchanges over pooled HBONE tunnels to the destination nodes (kept 
 
 One tunnel carries one HTTP/1.1 connection to one endpoint (workload ip:port). After a response
 that ends cleanly on a keep-alive connection, the tunnel goes back to an idle list per endpoint and
-the next request to that endpoint reuses it. A reused tunnel that turns out to be closed before any
+the next request to that endpoint reuses it (the most recently used first). A tunnel idle for
+`IDLE_TIMEOUT` is closed (`run()` sweeps; a drain closes every idle one at once). A reused tunnel that turns out to be closed before any
 response byte is replaced by a fresh one once (when the request body can be replayed).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,10 @@ log = logging.getLogger("meshd.waypoint")
 # Idle upstream connections kept per endpoint: above the concurrency a busy client drives (wrk -c50 churned
 # ~11% of requests into new tunnels at 32), still a bound on what an idle waypoint holds.
 MAX_IDLE_PER_ENDPOINT = 128
+# Seconds an upstream tunnel may stay idle before it is closed: below the usual keep-alive timeouts of
+# HTTP servers behind the destination node (nginx 75 s, Node.js 5 s aside), so that the waypoint rarely
+# reuses a connection the backend is closing, and an idle waypoint does not pin backend connections.
+IDLE_TIMEOUT = 60.0
 EndpointKey = tuple[str, str, int]
 
 
@@ -87,6 +93,7 @@ class UpstreamConnection:
     http: H11Stream
     on_close: Callable[[], None]
     closed: bool = False
+    idle_since: float = 0.0  # trio.current_time() when it went back to the idle list
 
     def close(self) -> None:
         if not self.closed:
@@ -146,18 +153,58 @@ class UpstreamBody:
 class UpstreamPool:
     """HTTP/1.1-in-HBONE connections to endpoints, opened as the waypoint's identity."""
 
-    def __init__(self, pool: HbonePool, identity: Callable[[], SpiffeId]) -> None:
+    def __init__(
+        self, pool: HbonePool, identity: Callable[[], SpiffeId], *, idle_timeout: float = IDLE_TIMEOUT
+    ) -> None:
         self.pool = pool
         self.identity = identity
-        self.idle: dict[EndpointKey, list[UpstreamConnection]] = {}
+        self.idle_timeout = idle_timeout
+        # Per endpoint, oldest first: reuse takes from the right, expiry sweeps from the left.
+        self.idle: dict[EndpointKey, deque[UpstreamConnection]] = {}
         self.opened = 0
         self.reused = 0
+        self.expired = 0
+        self._idle_added = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close idle connections once they have been idle for `idle_timeout`; runs until cancelled."""
+        task_status.started()
+        while True:
+            deadline = self._next_expiry()
+            if deadline is None:
+                self._idle_added = trio.Event()
+                await self._idle_added.wait()
+                continue
+            await trio.sleep_until(deadline)
+            self.sweep(trio.current_time())
+
+    def _next_expiry(self) -> float | None:
+        firsts = [idle[0].idle_since for idle in self.idle.values() if idle]
+        return min(firsts) + self.idle_timeout if firsts else None
+
+    def sweep(self, now: float) -> None:
+        """Close the connections idle since `now - idle_timeout` or longer."""
+        limit = now - self.idle_timeout
+        for key, idle in list(self.idle.items()):
+            while idle and idle[0].idle_since <= limit:
+                idle.popleft().close()
+                self.expired += 1
+            if not idle:
+                del self.idle[key]
+
+    def close_idle(self) -> None:
+        """Close every idle connection (drain)."""
+        idle, self.idle = self.idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
 
     def statistics(self) -> dict[str, int]:
         return {
             "opened": self.opened,
             "reused": self.reused,
             "idle": sum(len(v) for v in self.idle.values()),
+            "expired": self.expired,
         }
 
     def _take_idle(self, ep: Endpoint) -> UpstreamConnection | None:
@@ -178,11 +225,15 @@ class UpstreamPool:
         except h11.LocalProtocolError:
             conn.close()
             return
-        idle = self.idle.setdefault(conn.endpoint.key, [])
+        idle = self.idle.get(conn.endpoint.key)
+        if idle is None:
+            idle = self.idle[conn.endpoint.key] = deque()
         if len(idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.close()
             return
+        conn.idle_since = trio.current_time()
         idle.append(conn)
+        self._idle_added.set()
 
     async def _connect(
         self, ep: Endpoint, breaker: CircuitBreaker, headers: Sequence[tuple[str, str]]
@@ -234,9 +285,10 @@ class UpstreamPool:
     async def _exchange(self, conn: UpstreamConnection, request: HttpRequest) -> HttpResponse:
         http = conn.http
         headers = forwardable(request.headers)
-        if "host" not in request.headers:
+        names = {k for k, _ in request.headers.items()}  # lower case already (Headers)
+        if "host" not in names:
             headers.insert(0, ("host", request.authority))
-        if "transfer-encoding" in request.headers and "content-length" not in request.headers:
+        if "transfer-encoding" in names and "content-length" not in names:
             headers.append(("transfer-encoding", "chunked"))  # h11 frames it; forwardable() dropped it
         await _send(http, h11.Request(method=request.method, target=request.path, headers=headers))
         async for chunk in request.body.chunks():

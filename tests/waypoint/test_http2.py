@@ -8,6 +8,7 @@ import h2.errors
 import h2.events
 import trio
 import trio.testing
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from meshd.waypoint.http2 import (
     CONNECTION_WINDOW,
@@ -197,5 +198,69 @@ def test_client_reset_mid_body_cancels_the_handler() -> None:
                 await cancelled.wait()
             assert session.streams == {}
             await a.aclose()
+
+    trio.run(main)
+
+
+def _frames(data: bytes) -> list[Frame]:
+    frames: list[Frame] = []
+    view = memoryview(data)
+    while len(view) >= 9:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        frames.append(frame)
+        view = view[9 + length :]
+    return frames
+
+
+def test_drain_sends_goaway_refuses_new_streams_and_finishes_open_ones() -> None:
+    """A drain: GOAWAY(NO_ERROR, last stream = the one in flight), a stream opened after it is refused,
+    the one in flight gets its whole response, then the session ends by itself."""
+    started, release, ended = trio.Event(), trio.Event(), trio.Event()
+
+    async def handler(ex: H2Exchange) -> None:
+        started.set()
+        await release.wait()
+        await ex.respond_headers(200, [("content-length", "4")], end=False)
+        await ex.send(b"done", end=True)
+
+    get = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")]
+
+    async def main() -> None:
+        a, b = trio.testing.memory_stream_pair()
+        session = H2Session(b, handler)
+
+        async def serve() -> None:
+            await session.run(b"")
+            ended.set()
+
+        received = b""
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                c = _client()
+                c.send_headers(1, get, end_stream=True)
+                await a.send_all(c.data_to_send())
+                await started.wait()
+                session.drain()
+                c.send_headers(3, get, end_stream=True)  # the client has not read the GOAWAY yet
+                await a.send_all(c.data_to_send())
+                while not any(type(f) is RstStreamFrame and f.stream_id == 3 for f in _frames(received)):
+                    received += await a.receive_some(1 << 16)
+                assert not ended.is_set()  # stream 1 is still in flight
+                release.set()
+                await ended.wait()  # no client action needed: the session ends after its last stream
+                await b.aclose()
+                while data := await a.receive_some(1 << 16):
+                    received += data
+        frames = _frames(received)
+        goaway = [f for f in frames if type(f) is GoAwayFrame]
+        assert [(f.last_stream_id, f.error_code) for f in goaway] == [(1, 0)]
+        rst = [f for f in frames if type(f) is RstStreamFrame]
+        assert [(f.stream_id, f.error_code) for f in rst] == [(3, h2.errors.ErrorCodes.REFUSED_STREAM)]
+        assert any(type(f) is HeadersFrame and f.stream_id == 1 for f in frames)
+        data = [f for f in frames if type(f) is DataFrame and f.stream_id == 1]
+        assert b"".join(f.data for f in data) == b"done" and "END_STREAM" in data[-1].flags
+        assert session.requests == 1
 
     trio.run(main)
