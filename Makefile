@@ -34,6 +34,13 @@ bench: install
 	$(PY) bench/l4.py
 	$(PY) bench/l7.py
 
+# Soak: mixed L4 + L7 traffic with churn; fails if RSS, fds or tasks grow without bound (bench/README.md).
+# Writes bench/results/soak-<stamp>.{json,png} and build/soak.json for scripts/reliability_report.py.
+SOAK_MINUTES ?= 2
+.PHONY: soak
+soak: install
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
+
 # One file that runs meshd on a Linux host with Python >= 3.11 and nothing else installed.
 pyz: install
 	mkdir -p dist

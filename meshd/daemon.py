@@ -306,6 +306,7 @@ class Daemon:
             "config_file": str(self.config_path.resolve()) if self.config_path else None,
             "overrides": list(self.overrides),
             "uptime_s": round(time.time() - self.started_at, 1),
+            "trio_tasks": trio.lowlevel.current_statistics().tasks_living,  # read by bench/soak.py
             "ready": self.readiness.ready,
             "listeners": self.bound,
             "config": to_plain(self.config),
