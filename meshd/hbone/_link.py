@@ -113,6 +113,7 @@ class HboneLink:
         self._streams_changed = Signal()
         self._pong = Signal()
         self._last_pong: bytes = b""
+        self._pongs = 0  # PING acknowledgements received (any payload: each proves the link is alive)
         self._finishing = False  # no new streams; close once the queued bytes are out
         self._done = False
 
@@ -282,6 +283,7 @@ class HboneLink:
                 self._on_request(self, event)
         elif isinstance(event, ev.PingAcked):
             self._last_pong = event.payload
+            self._pongs += 1
             self._pong.fire()
         elif isinstance(event, ev.GoAwayReceived):
             log.debug("GOAWAY from %s (last stream %d)", self.peer_address, event.last_stream_id)
@@ -331,6 +333,17 @@ class HboneLink:
                 continue
             self.fail(f"no answer to PING within {timeout:g} s: peer or network is stuck")
             return
+
+    async def probe(self, timeout: float) -> bool:
+        """PING now; True once any PING is acknowledged within `timeout`. False (the link failed, or no
+        answer) means the peer or the network is stuck; the caller decides whether to fail the link."""
+        seen = self._pongs
+        self.conn.ping()
+        self.wake_writer()
+        with trio.move_on_after(timeout):
+            while self._pongs == seen and self.failure is None and not self._done:
+                await self._pong.wait()
+        return self._pongs != seen
 
     async def _idle_watch(self, timeout: float) -> None:
         while not self._finishing:

@@ -45,6 +45,12 @@ log = logging.getLogger("meshd.hbone.pool")
 
 MAX_REASON = 4096  # bytes of a refusal body kept as the reason
 MAX_GET_BODY = 64 * 1024 * 1024
+# A reply that has not come after PROBE_AFTER seconds makes the pool PING the connection; no answer
+# within PROBE_TIMEOUT fails it (and a first attempt is retried on a new connection). Without this, a
+# CONNECT on a pooled connection that died silently (a partition) waited for the keep-alive PING's
+# timeout. A slow but live peer (a workload slow to accept) answers the PING and is waited for.
+PROBE_AFTER = 2.0
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,11 @@ class PoolStatistics:
     streams: int
     keys: int
     connects: int  # connections opened since start
+
+
+_STUCK = (
+    f"no reply to a request nor to a PING within {PROBE_AFTER + PROBE_TIMEOUT:g} s: peer or network is stuck"
+)
 
 
 class _Retry(Exception):
@@ -201,8 +212,15 @@ class HbonePool:
                     f"{_peer(link)} reset the stream before answering (HTTP/2 error {slot.reset_code})"
                 )
             if link.broken or link.slot(sid) is None:
+                if retryable and link.failure == _STUCK:
+                    link.release(sid)
+                    raise _Retry
                 raise HboneConnectError(_explain_failure(link))
-            await slot.readable.wait()
+            with trio.move_on_after(PROBE_AFTER) as waited:
+                await slot.readable.wait()
+            stuck = waited.cancelled_caught and slot.response is None and not link.broken
+            if stuck and not await link.probe(PROBE_TIMEOUT):
+                link.fail(_STUCK)
         return slot.response.status
 
     async def _read_body(self, link: HboneLink, sid: int, limit: int, *, strict: bool = False) -> bytes:
@@ -357,7 +375,7 @@ def _peer(link: HboneLink) -> str:
 
 def _explain_failure(link: HboneLink) -> str:
     failure = link.failure or "connection closed"
-    if not link.heard_from_peer:
+    if not link.heard_from_peer and failure != _STUCK:
         # With TLS 1.3 the server checks our certificate after our side of the handshake is done,
         # so its refusal arrives as the first read failing.
         return (
