@@ -106,6 +106,17 @@ def format_forwarded(host: str, port: int) -> str:
     return f'for="{Address(host, port)}"'
 
 
+def parse_forwarded_for(value: str | None) -> str | None:
+    """The `for=` of a `forwarded` header (`for="1.2.3.4:5"` -> `1.2.3.4:5`); None if absent."""
+    if not value:
+        return None
+    for part in value.split(";"):
+        key, _, val = part.strip().partition("=")
+        if key.lower() == "for":
+            return val.strip('"')
+    return None
+
+
 def _elided_body_repr() -> str:
     return "<payload not shown>"
 

@@ -21,7 +21,14 @@ import trio
 
 from meshd.hbone import events as ev
 from meshd.hbone._link import HboneLink
-from meshd.hbone.connection import INTERNAL_ERROR, HboneConnection, HboneSettings, Role, parse_authority
+from meshd.hbone.connection import (
+    INTERNAL_ERROR,
+    HboneConnection,
+    HboneSettings,
+    Role,
+    parse_authority,
+    parse_forwarded_for,
+)
 from meshd.hbone.errors import LocalProtocolError, PeerIdentityError
 from meshd.hbone.stream import TunnelStream
 from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_trust_domain
@@ -50,6 +57,13 @@ class InboundRequest:
     def destination(self) -> tuple[str, int] | None:
         """The CONNECT target (ip, port), or None if the authority is not ip:port."""
         return parse_authority(self.authority)
+
+    @property
+    def client_address(self) -> str:
+        """The original client's ip:port: the `forwarded` header's `for=` when a proxy sent one, else
+        the peer's address. Informational (logs, telemetry): never used for policy."""
+        forwarded = parse_forwarded_for(self.header("forwarded"))
+        return forwarded or f"{self.peer_address[0]}:{self.peer_address[1]}"
 
     def header(self, name: str) -> str | None:
         """First value of a header (names are lowercase in HTTP/2)."""

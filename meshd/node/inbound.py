@@ -3,6 +3,8 @@
 HBONE: the peer is already authenticated (mTLS, our trust domain) by HboneServer; this module
 decides what its CONNECT may reach: the authority must be a local workload's ip:port (else 503),
 L4 authorization must allow it (else 401), and the workload must accept the connection (else 503).
+A workload bound to a waypoint is reached only from that waypoint; any other HBONE client is
+hairpinned: tunnelled on to the waypoint as our node identity (docs/waypoint.md, "Hairpin").
 Plaintext (15006): no identity; only PERMISSIVE workloads, the destination taken from the
 connection's original destination (capture) and L4 policy applied with no principal.
 """
@@ -16,7 +18,10 @@ from typing import Any
 
 import trio
 
+from meshd.capture.vip import VipIndex
 from meshd.discovery.catalog import CATALOG_PATH, WorkloadEntry
+from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
+from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
 from meshd.node.pump import pump
@@ -28,6 +33,7 @@ from meshd.observe.accesslog import (
     ConnectionRecord,
 )
 from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mode
+from meshd.waypoint.hairpin import bound_service, claim_headers
 
 log = logging.getLogger("meshd.inbound")
 
@@ -37,8 +43,10 @@ SO_ORIGINAL_DST = 80
 
 
 class Inbound:
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, pool: HbonePool, vips: VipIndex) -> None:
         self.state = state
+        self.pool = pool  # hairpin tunnels to waypoints
+        self.vips = vips
         self.ca_handler: Handler | None = None  # the CA service's endpoints, on the CA host only
 
     def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
@@ -58,7 +66,7 @@ class Inbound:
         ip, port = dest
         rec = ConnectionRecord(
             reporter="destination",
-            src=_forwarded_for(req.header("forwarded")) or f"{req.peer_address[0]}:{req.peer_address[1]}",
+            src=req.client_address,
             dst=req.authority,
             source_identity=req.peer_identity,
             source_workload=req.peer_identity.service_account,
@@ -74,7 +82,7 @@ class Inbound:
 
     async def _admit(
         self, rec: ConnectionRecord, source: SpiffeId | None, source_ip: str, ip: str, port: int
-    ) -> tuple[trio.SocketStream | None, int, str]:
+    ) -> tuple[trio.abc.HalfCloseableStream | None, int, str]:
         """Find the local workload, apply mTLS mode (plaintext only) and L4 policy, connect to it.
         Returns (the workload connection, 200, "") or (None, HBONE status, reason), the refusal
         already counted and logged."""
@@ -88,12 +96,14 @@ class Inbound:
             # (L7, with the client's identity) already, so L4 policy is not evaluated again here.
             if source is not None and self._is_waypoint(source, bound):
                 return await self._connect(rec, ip, port)
+            if source is not None:
+                return await self._hairpin(rec, source, workload, ip, port)
             return self._refused(
                 rec,
                 FLAG_UNAUTHORIZED,
                 401,
-                f"workload {workload.key} is bound to waypoint {', '.join(bound)}: traffic must go "
-                "through the waypoint (dial the service, not the workload); direct tunnels are refused",
+                f"workload {workload.key} is bound to waypoint {', '.join(bound)}: plaintext cannot be "
+                "sent through it (no client identity to vouch for); connect over HBONE",
             )
         if source is None:
             configured = next(
@@ -132,6 +142,46 @@ class Inbound:
             for name in names
         )
 
+    async def _hairpin(
+        self, rec: ConnectionRecord, source: SpiffeId, workload: WorkloadEntry, ip: str, port: int
+    ) -> tuple[trio.abc.HalfCloseableStream | None, int, str]:
+        """A client dialled a waypoint-bound workload directly: send it through the waypoint, as our
+        node identity, claiming the client's identity and the workload it dialled (see
+        meshd/waypoint/hairpin.py for why the waypoint may believe us)."""
+        catalog = self.state.catalog
+        found = bound_service(catalog, workload, port)
+        vip = self.vips.table(catalog.services)[0].vip(found[0].key) if found else None
+        ep = catalog.waypoint_endpoint(found[0].key, found[1].port, vip) if found and vip else None
+        if found is None or ep is None:
+            reason = f"workload {workload.key} is bound to a waypoint that is not in the catalog (yet)"
+            return self._refused(rec, FLAG_NO_ROUTE, 503, reason)
+        svc = found[0]
+        rec.destination_service = svc.key
+        headers = [("forwarded", f'for="{rec.src}"'), *claim_headers(source, f"{ip}:{port}")]
+        try:
+            tunnel = await self.pool.open_tunnel(
+                self.state.node_identity, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers
+            )
+        except TunnelRefused as exc:
+            return self._refused(
+                rec,
+                FLAG_UNAUTHORIZED if exc.status == 401 else FLAG_UPSTREAM_CONNECT,
+                exc.status,
+                f"waypoint {svc.waypoint} refused the hairpin: {exc}",
+            )
+        except (HboneConnectError, PeerIdentityError) as exc:
+            return self._refused(rec, FLAG_UPSTREAM_CONNECT, 503, f"waypoint {svc.waypoint}: {exc}")
+        log.info(
+            "hairpinned a direct tunnel through the waypoint",
+            extra={
+                "source": source.uri,
+                "workload": workload.key,
+                "waypoint": svc.waypoint,
+                "via": ep.authority,
+            },
+        )
+        return tunnel, 200, ""
+
     async def _connect(
         self, rec: ConnectionRecord, ip: str, port: int
     ) -> tuple[trio.SocketStream | None, int, str]:
@@ -147,7 +197,10 @@ class Inbound:
         return None, status, reason
 
     async def _proxy(
-        self, rec: ConnectionRecord, client: trio.abc.HalfCloseableStream, upstream: trio.SocketStream
+        self,
+        rec: ConnectionRecord,
+        client: trio.abc.HalfCloseableStream,
+        upstream: trio.abc.HalfCloseableStream,
     ) -> None:
         self.state.telemetry.opened(rec)
         self.state.track_inflight(1)
@@ -223,14 +276,3 @@ def original_destination(sock: trio.socket.SocketType) -> tuple[str, int] | None
     dest = (socket.inet_ntoa(packed), port)
     local = sock.getsockname()
     return None if (dest[0], dest[1]) == (local[0], local[1]) else dest
-
-
-def _forwarded_for(value: str | None) -> str | None:
-    """`for="1.2.3.4:5"` from a forwarded header (informational only: never used for policy)."""
-    if not value:
-        return None
-    for part in value.split(";"):
-        key, _, val = part.strip().partition("=")
-        if key.lower() == "for":
-            return val.strip('"')
-    return None

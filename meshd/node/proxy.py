@@ -44,8 +44,8 @@ class NodeProxy:
             state.identities, state.node_identity, lambda ip: self.state.catalog.local.tunnel_identity(ip)
         )
         self.pool = HbonePool(self.contexts.client)
-        self.inbound = Inbound(state)
         self.outbound = Outbound(state, self.pool)
+        self.inbound = Inbound(state, self.pool, self.outbound.vips)
         self.capture = Capture(state, self.outbound)  # transparent mode and the DNS proxy
         self.waypoint: Waypoint | None = None
         handler: Handler = self.inbound.handle

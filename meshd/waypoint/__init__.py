@@ -1,1 +1,1 @@
-"""The waypoint role: L7 routing (`router`, pure) and, later, the HTTP-over-HBONE proxy."""
+"""The waypoint role: L7 routing (`router`), the HTTP-over-HBONE proxy (`proxy`), hairpin claims (`hairpin`)."""

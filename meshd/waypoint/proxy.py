@@ -9,6 +9,9 @@ Per tunnel (`:authority` = a service VIP:port bound to this waypoint):
     chain, a backend endpoint (subset by workload labels, round robin / least request, outlier
     ejection, circuit breaking -> 503 UO), and the request forwarded as HTTP/1.1 over pooled HBONE to
     the endpoint's node, as the waypoint's own node identity. The response streams back.
+  * Hairpin: a destination node may send back a client that dialled a bound workload directly, as its
+    node identity with a claim of the client's identity (hairpin.py); an accepted claim makes the
+    tunnel the client's, its requests pinned to the workload it dialled.
   * Telemetry: Istio's request metrics (reporter="waypoint"), one access-log line per request, the
     filters' `on_log` and the `meshd_access_log` hook; W3C `traceparent` propagated or created.
 
@@ -63,6 +66,7 @@ from meshd.policy.evaluate import (
     authorize_request,
 )
 from meshd.policy.model import Origin, Route
+from meshd.waypoint.hairpin import SOURCE_HEADER, TARGET_HEADER, HairpinRefused, accept_claim
 from meshd.waypoint.http1 import H11Stream, forwardable, headers_from_h11, trace_headers
 from meshd.waypoint.http2 import H2Exchange, H2Session, sniff
 from meshd.waypoint.router import (
@@ -94,6 +98,7 @@ class Tunnel:
     service: ServiceEntry
     port: ServicePortEntry
     vip: str
+    pinned: tuple[str, int] | None = None  # hairpin: the workload ip:port the client dialled, the only target
 
     @cached_property
     def upstream_headers(self) -> list[tuple[str, str]]:
@@ -164,8 +169,18 @@ class Waypoint:
         if sp is None:
             await reply.refuse(503, f"service {svc.key} has no port {port}")
             return
-        src = _forwarded_for(req.header("forwarded")) or f"{req.peer_address[0]}:{req.peer_address[1]}"
-        tunnel = Tunnel(req.peer_identity, req.peer_address[0], src, svc, sp, ip)
+        try:
+            claim = accept_claim(
+                catalog, req.peer_identity, svc, sp, req.header(SOURCE_HEADER), req.header(TARGET_HEADER)
+            )
+        except HairpinRefused as exc:
+            log.warning("refused a hairpin tunnel from %s: %s", req.peer_identity, exc)
+            await reply.refuse(401, f"hairpin refused: {exc}")
+            return
+        if claim is None:
+            tunnel = Tunnel(req.peer_identity, req.peer_address[0], req.client_address, svc, sp, ip)
+        else:  # a destination node sent back a client that dialled its workload directly
+            tunnel = Tunnel(claim.source, req.peer_address[0], req.client_address, svc, sp, ip, claim.target)
         if sp.protocol != "http":
             await self._tcp(tunnel, req, reply)
             return
@@ -197,7 +212,7 @@ class Waypoint:
             destination_service=t.service.key,
         )
         telemetry = self.state.telemetry
-        endpoints = self.state.catalog.endpoints(t.service.key, t.port.port)
+        endpoints = self._pinned(t) if t.pinned else self.state.catalog.endpoints(t.service.key, t.port.port)
         rr = self._tcp_balancers.setdefault(f"{t.service.key}:{t.port.port}", RoundRobin())
         by_key = {ep.key: ep for ep in endpoints}
         key = rr.pick(list(by_key))
@@ -528,6 +543,15 @@ class Waypoint:
             ]
         return endpoints
 
+    def _pinned(self, t: Tunnel) -> list[Endpoint]:
+        """A hairpinned client's requests go to the workload it dialled, whatever the route's backends:
+        the claim that brought them here vouches for that workload only (see hairpin.py)."""
+        return [
+            ep
+            for ep in self.state.catalog.endpoints(t.service.key, t.port.port)
+            if (ep.workload.address, ep.target_port) == t.pinned
+        ]
+
     def _authorize(self, t: Tunnel, request: HttpRequest) -> Decision:
         """Allowed only if allowed for every workload of the service (see the module docstring)."""
         workloads = self._workloads_of(t.service.key)
@@ -609,7 +633,7 @@ class Waypoint:
         tunnel_headers = t.upstream_headers
 
         async def send(request: HttpRequest) -> HttpResponse:
-            ep = state.pick(self._endpoints_of(backend, port))
+            ep = state.pick(self._pinned(t) if t.pinned else self._endpoints_of(backend, port))
             if ep is None:
                 info.flag(FLAG_NO_HEALTHY)
                 return LocalResponse(503, body=b"no healthy upstream\n").to_response()
@@ -681,13 +705,3 @@ def _describe(rec: ConnectionRecord, ep: Endpoint, td: str) -> None:
     rec.destination_identity = ep.workload.identity(td)
     rec.destination_workload = ep.workload.name
     rec.destination_namespace = ep.workload.namespace
-
-
-def _forwarded_for(value: str | None) -> str | None:
-    if not value:
-        return None
-    for part in value.split(";"):
-        key, _, val = part.strip().partition("=")
-        if key.lower() == "for":
-            return val.strip('"')
-    return None

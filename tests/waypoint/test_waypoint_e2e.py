@@ -17,9 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
+from meshd.capture.vip import allocate
+from meshd.hbone.errors import TunnelRefused
+from meshd.hbone.pool import HbonePool
+from meshd.hbone.tls import StaticCertificates
 from meshd.identity.ca import LocalCA
+from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
+from meshd.waypoint.hairpin import claim_headers
 from tests.node.test_node_e2e import metric, recv_until_closed, wait_for
 from tests.support.configs import node_config
 from tests.support.h2_client import H2Request, h2_exchange
@@ -132,6 +139,8 @@ class Mesh:
     bypass: tuple[str, int]
     ratings: Backend
     details: Backend
+    ca_dir: Path
+    v1_address: str  # reviews-v1's ip:port
 
     def client(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(*self.http, timeout=10)
@@ -249,6 +258,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 (a_ip, BYPASS_UPSTREAM),
                 ratings,
                 details,
+                tmp / "ca",
+                f"{r1_ip}:{REVIEWS_PORT}",
             )
         finally:
             for d in daemons:
@@ -388,11 +399,51 @@ def test_tcp_service_passes_through_the_waypoint(mesh: Mesh) -> None:
     wait_for(lambda: metric(mesh.wp, "istio_tcp_connections_closed_total", reporter="waypoint") >= 1, mesh.wp)
 
 
-def test_bypassing_the_waypoint_is_refused(mesh: Mesh) -> None:
-    with socket.create_connection(mesh.bypass, timeout=10) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        assert recv_until_closed(s) == b""
-    wait_for(lambda: "is bound to waypoint wp" in mesh.beta.log(), mesh.beta)
+def test_bypassing_the_waypoint_is_hairpinned_through_it(mesh: Mesh) -> None:
+    """alpha's `bypass` service points straight at reviews-v1 (bound to wp through `reviews`): beta does
+    not connect it but sends the tunnel back through wp, which applies L7 policy as the client and
+    forwards to reviews-v1 only (the workload the client dialled, whatever the routes say)."""
+    conn = http.client.HTTPConnection(*mesh.bypass, timeout=10)
+    for _ in range(3):
+        # The by-header route would send this to v2: a hairpinned request stays with the dialled workload.
+        status, headers, body = request(conn, "/hairpin", headers={"x-version": "v2"})
+        assert (status, headers["x-backend"]) == (200, "reviews-v1"), body
+        assert headers["x-seen-traceparent"]  # it went through the waypoint's HTTP path
+    status, _, body = request(conn, "/admin/hairpin")
+    assert status == 403 and b"RBAC: access denied" in body
+    assert "/admin/hairpin" not in mesh.v1.paths() + mesh.v2.paths()
+    conn.close()
+    wait_for(lambda: "hairpinned a direct tunnel through the waypoint" in mesh.beta.log(), mesh.beta)
+    client = {"reporter": "waypoint", "source_principal": "spiffe://home.arpa/ns/default/sa/client"}
+    assert metric(mesh.wp, "istio_requests_total", response_code="403", **client) >= 1
+
+
+async def test_a_node_cannot_speak_for_clients_of_another_nodes_workload(mesh: Mesh) -> None:
+    """alpha's node identity claims a client of reviews-v1, which beta hosts: wp refuses (401) and logs it.
+    Accepting would let any node borrow any client's identity to reach workloads on other nodes."""
+    ca = LocalCA.load(mesh.ca_dir)
+    alpha_node = SpiffeId.node("home.arpa", "alpha")
+    issued = ca.issue(alpha_node)
+    provider = StaticCertificates(issued.cert_pem, issued.key_pem, issued.ca_pem).client_provider()
+    services = dump(mesh.wp)["catalog"]["services"]  # type: ignore[index]
+    vip = allocate(services).vip("reviews.default")
+    reviews_v1 = mesh.v1_address
+    pool = HbonePool(provider, connect_timeout=10, ping_interval=None)
+    mark = len(mesh.wp.log())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            with pytest.raises(TunnelRefused, match="only its node, 'beta'") as refused:
+                await pool.open_tunnel(
+                    alpha_node,
+                    SpiffeId.node("home.arpa", "wp"),
+                    (mesh.wp.ip, 15008),
+                    f"{vip}:{REVIEWS_PORT}",
+                    claim_headers(SpiffeId("home.arpa", "default", "client"), reviews_v1),
+                )
+            assert refused.value.status == 401
+            nursery.cancel_scope.cancel()
+    wait_for(lambda: "refused a hairpin tunnel" in mesh.wp.log()[mark:], mesh.wp)
 
 
 def test_h2_prior_knowledge_concurrent_streams(mesh: Mesh) -> None:
