@@ -70,10 +70,13 @@ async def _read_frame(stream: trio.abc.ReceiveStream) -> bytes | None:
 
 
 class DnsServer:
-    def __init__(self, config: DnsConfig, view: View, queries: Counter | None = None) -> None:
+    def __init__(
+        self, config: DnsConfig, view: View, queries: Counter | None = None, *, mark: int | None = None
+    ) -> None:
         self.config = config
         self.view = view
         self.queries = queries
+        self.mark = mark  # SO_MARK on forwarded queries (port-53 capture lets marked packets pass)
         self.upstreams: list[Address] = list(config.upstreams)
         self._udp_inflight = 0
         self._tcp_open = 0
@@ -191,8 +194,18 @@ class DnsServer:
             log.warning("DNS upstream %s did not answer within %gs", up, timeout)
         return None
 
+    def _socket(self, up: Address, kind: socket.SocketKind) -> trio.socket.SocketType:
+        sock = trio.socket.socket(_family(up.host), kind)
+        if self.mark is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)  # needs CAP_NET_ADMIN
+            except OSError:
+                sock.close()
+                raise
+        return sock
+
     async def _forward_udp(self, up: Address, data: bytes) -> bytes | None:
-        with trio.socket.socket(_family(up.host), socket.SOCK_DGRAM) as sock:
+        with self._socket(up, socket.SOCK_DGRAM) as sock:
             await sock.connect((up.host, up.port))
             await sock.send(data)
             while True:
@@ -201,7 +214,13 @@ class DnsServer:
                     return reply
 
     async def _forward_tcp(self, up: Address, data: bytes) -> bytes | None:
-        stream = await trio.open_tcp_stream(up.host, up.port)
+        sock = self._socket(up, socket.SOCK_STREAM)
+        try:
+            await sock.connect((up.host, up.port))
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(sock)
         async with stream:
             await stream.send_all(len(data).to_bytes(2, "big") + data)
             return await _read_frame(stream)

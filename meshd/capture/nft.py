@@ -6,7 +6,8 @@ deletes it and defines it again, so a table left by a crashed meshd is replaced,
 
 Chains:
 - `output` (nat, hook output): TCP from this host to the VIP range -> the capture port (15001).
-  meshd's own connections never go to a VIP, so they are not captured.
+  meshd's own connections never go to a VIP, so they are not captured. With `dns.capture`, UDP and
+  TCP to port 53 -> the DNS proxy, except packets marked DNS_MARK (the proxy's own forwarded queries).
 - with inbound protection, for each workload port reachable from other hosts (not loopback):
   `prerouting` (nat) redirects plaintext to a PERMISSIVE port -> the plaintext port (15006);
   `input` (filter) drops it for a STRICT port. Traffic on `lo` (this host, meshd included) is untouched.
@@ -28,6 +29,9 @@ TABLE = "meshd"
 FAMILY = "ip"
 NFT_TIMEOUT = 10.0
 CAP_NET_ADMIN = 12
+# SO_MARK on the DNS proxy's forwarded queries, so that port-53 capture does not send them back to it
+# ("MESH" in ASCII: unlikely to clash with marks other software sets).
+DNS_MARK = 0x4D455348
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +41,16 @@ class InboundRule:
     action: Literal["redirect", "drop"]  # PERMISSIVE -> redirect to 15006; STRICT -> drop
 
 
-def ruleset(vip_range: str, capture_port: int, plaintext_port: int, inbound: Sequence[InboundRule]) -> str:
-    """The `nft -f` input that (re)creates meshd's table atomically."""
+def ruleset(
+    vip_range: str,
+    capture_port: int,
+    plaintext_port: int,
+    inbound: Sequence[InboundRule],
+    dns_port: int | None = None,
+) -> str:
+    """The `nft -f` input that (re)creates meshd's table atomically. With `dns_port`, DNS queries
+    (UDP and TCP to port 53) from this host go to the DNS proxy, except the proxy's own forwarded
+    queries, which carry DNS_MARK."""
     net = ipaddress.IPv4Network(vip_range)
     t = f"{FAMILY} {TABLE}"
     lines = [
@@ -48,8 +60,14 @@ def ruleset(vip_range: str, capture_port: int, plaintext_port: int, inbound: Seq
         "\tchain output {",
         "\t\ttype nat hook output priority -100; policy accept;",
         f"\t\tip daddr {net} ip protocol tcp redirect to :{capture_port}",
-        "\t}",
     ]
+    if dns_port is not None:
+        lines += [
+            f"\t\tmeta mark {DNS_MARK:#x} return",
+            f"\t\tudp dport 53 redirect to :{dns_port}",
+            f"\t\ttcp dport 53 redirect to :{dns_port}",
+        ]
+    lines.append("\t}")
     redirects = [r for r in inbound if r.action == "redirect"]
     drops = [r for r in inbound if r.action == "drop"]
     if redirects:

@@ -82,7 +82,11 @@ class Capture:
     def ruleset(self) -> str:
         cfg = self.state.config
         return nft.ruleset(
-            cfg.capture.vip_range, cfg.capture.listen.port, cfg.listen.plaintext.port, self.inbound_rules()
+            cfg.capture.vip_range,
+            cfg.capture.listen.port,
+            cfg.listen.plaintext.port,
+            self.inbound_rules(),
+            dns_port=cfg.dns.listen.port if cfg.dns.capture else None,
         )
 
     async def serve(
@@ -101,6 +105,9 @@ class Capture:
             task_status.started()
             return
         self.status = "active"
+        if self.dns is not None and self.state.config.dns.capture:
+            # Port 53 is redirected to the proxy now: its own forwarded queries must be let through.
+            self.dns.mark = nft.DNS_MARK
         log.info(
             "capture installed",
             extra={
@@ -108,6 +115,7 @@ class Capture:
                 "vip_range": cfg.vip_range,
                 "listen": str(cfg.listen),
                 "inbound_rules": len(self.inbound_rules()),
+                "dns_capture": self.state.config.dns.capture,
             },
         )
         try:
@@ -117,6 +125,8 @@ class Capture:
         finally:
             self.status = "removed"
             await nft.remove(cfg.nft)
+            if self.dns is not None:
+                self.dns.mark = None
 
     async def handle(self, stream: trio.SocketStream) -> None:
         dest = original_destination(stream.socket)

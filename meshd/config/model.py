@@ -296,9 +296,24 @@ class DnsConfig:
     forward_timeout: timedelta = field(
         default=timedelta(seconds=2), metadata=doc("wait per upstream before trying the next")
     )
+    capture: bool = field(
+        default=False,
+        metadata=doc("with capture.mode = nftables: redirect this host's DNS (port 53, IPv4) to the proxy"),
+    )
 
     def check(self) -> list[Issue]:
-        return _check_name(self.domain, "domain")
+        issues = _check_name(self.domain, "domain")
+        if self.capture and not self.enabled:
+            issues.append(Issue(("capture",), "dns.capture needs the DNS proxy", "set dns.enabled = true"))
+        if self.capture and self.listen.host not in ("127.0.0.1", "0.0.0.0"):
+            issues.append(
+                Issue(
+                    ("listen",),
+                    f"dns.capture redirects to 127.0.0.1, but dns.listen is {self.listen}",
+                    f'listen on "127.0.0.1:{self.listen.port}" (or 0.0.0.0)',
+                )
+            )
+        return issues
 
 
 @dataclass(frozen=True)
@@ -341,6 +356,14 @@ class Config:
         issues += _duplicates([s.key for s in self.services], "service", "name", "service")
         issues += _duplicates([n.name for n in self.namespaces], "namespace", "name", "namespace")
         issues += _duplicates([str(u.listen) for u in self.upstreams], "upstream", "listen", "listen address")
+        if self.dns.capture and self.capture.mode == "off":
+            issues.append(
+                Issue(
+                    ("dns", "capture"),
+                    "dns.capture needs transparent capture",
+                    'set capture.mode = "nftables"',
+                )
+            )
         local = {w.name for w in self.workloads}
         for i, up in enumerate(self.upstreams):
             if up.workload is not None and up.workload not in local:

@@ -43,6 +43,12 @@ def test_set(tmp_path: Path) -> None:
         ('[capture]\nvip_range = "10.0.0.0/31"\n', ":4: capture.vip_range 10.0.0.0/31 is too small"),
         ('[capture]\nmode = "iptables"\n', ":4: capture.mode = 'iptables' is not one of"),
         ('[dns]\ndomain = "Bad Domain"\n', ":4: domain 'Bad Domain' must be lowercase"),
+        ("[dns]\nenabled = true\ncapture = true\n", ":5: dns.capture needs transparent capture"),
+        ('[capture]\nmode = "nftables"\n[dns]\ncapture = true\n', ":6: dns.capture needs the DNS proxy"),
+        (
+            '[capture]\nmode = "nftables"\n[dns]\nenabled = true\ncapture = true\nlisten = "127.0.0.2:53"\n',
+            ":8: dns.capture redirects to 127.0.0.1, but dns.listen is 127.0.0.2:53",
+        ),
     ],
 )
 def test_errors_name_the_line(tmp_path: Path, text: str, expected: str) -> None:

@@ -1,8 +1,10 @@
 """Transparent mode across two hosts (network namespaces, real daemons, real nftables).
 
-h1 runs meshd with `capture.mode = "nftables"`, inbound protection and the DNS proxy on
-127.0.0.1:53 (so h1's resolv.conf, `nameserver 127.0.0.1`, sends every lookup there), a fake
-upstream resolver on 127.0.0.1:5300, and two workloads of its own: `web` (PERMISSIVE, port 8000)
+h1 runs meshd with `capture.mode = "nftables"`, inbound protection, the DNS proxy on
+127.0.0.1:15053 with port-53 capture (`dns.capture`), a fake upstream resolver on 127.0.0.1:53 (h1's
+resolv.conf says `nameserver 127.0.0.1`: without meshd, it would answer every lookup; with meshd, the
+lookups reach it only as the proxy's own forwarded queries, which the redirect lets pass), and two
+workloads of its own: `web` (PERMISSIVE, port 8000)
 and `vault` (STRICT, port 7100). h2 runs meshd with the `echo` workload on 10.77.0.2:7000.
 The client on h1 is an unmodified program: it dials the name `echo.default.mesh`.
 
@@ -38,7 +40,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 ECHO_PORT = 7000
 WEB_PORT = 8000  # PERMISSIVE workload on h1
 VAULT_PORT = 7100  # STRICT workload on h1
-FAKE_UPSTREAM = ("127.0.0.1", 5300)
+FAKE_UPSTREAM = ("127.0.0.1", 53)
 FORWARDED_ANSWER = "192.0.2.7"
 TIMEOUT = 20.0
 
@@ -133,10 +135,11 @@ def write_config(tmp: Path, host: Host, peer: Host, body: str) -> Path:
     return path
 
 
-def h1_body(h1: Host, nft_binary: str = "nft") -> str:
+def h1_body(h1: Host, nft_binary: str = "nft", *, dns: bool = True) -> str:
     return (
         f'[capture]\nmode = "nftables"\ninbound = true\nnft = "{nft_binary}"\n'
-        f'[dns]\nenabled = true\nlisten = "127.0.0.1:53"\nupstreams = ["{FAKE_UPSTREAM[0]}:{FAKE_UPSTREAM[1]}"]\n'
+        f'[dns]\nenabled = {str(dns).lower()}\ncapture = {str(dns).lower()}\nlisten = "127.0.0.1:15053"\n'
+        f'upstreams = ["{FAKE_UPSTREAM[0]}:{FAKE_UPSTREAM[1]}"]\n'
         f'[[workload]]\nname = "web"\naddress = "{h1.ip}"\nports = [{WEB_PORT}]\n'
         f'[[workload]]\nname = "vault"\naddress = "{h1.ip}"\nports = [{VAULT_PORT}]\nmtls = "STRICT"\n'
     )
@@ -204,12 +207,15 @@ def mesh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 
 def query(host: Host, name: str, rdtype: str, *, tcp: bool = False) -> dns.message.Message:
+    """A lookup as any program on the host makes it: to resolv.conf's nameserver, 127.0.0.1:53."""
     q = dns.message.make_query(name, rdtype)
     send = dns.query.tcp if tcp else dns.query.udp
     return host.call(lambda: send(q, "127.0.0.1", timeout=5, port=53))
 
 
 def test_dns_proxy_answers_mesh_names_and_forwards_others(mesh: Mesh) -> None:
+    """Every query goes to 127.0.0.1:53, where the fake resolver listens: mesh names are answered by
+    meshd's proxy (port-53 capture), the rest reach the fake through the proxy without looping."""
     vip = mesh.d1.dump()["capture"]["vips"]["echo.default"]
     assert vip.startswith("240.240.")
     for tcp in (False, True):
@@ -291,6 +297,9 @@ def test_table_removed_on_sigterm_and_replaced_after_sigkill(mesh: Mesh) -> None
     gone = nft(h1, "list", "table", "ip", "meshd")
     assert gone.returncode != 0 and "No such file" in gone.stderr, gone
     assert "capture removed" in d1.log()
+    # Port 53 is not redirected any more: the fake resolver answers a mesh name itself.
+    plain = query(h1, "echo.default.mesh", "A")
+    assert [r.to_text() for r in plain.answer[0]] == [FORWARDED_ANSWER]
 
     d1.start().wait_ready()
     assert nft(h1, "list", "table", "ip", "meshd").returncode == 0
@@ -317,7 +326,7 @@ def test_without_nft_meshd_says_so_and_runs_explicit(lab: Lab, tmp_path: Path) -
             tmp_path,
             h3,
             h3,
-            h1_body(h3, "/nonexistent/nft").replace("[dns]\nenabled = true", "[dns]\nenabled = false"),
+            h1_body(h3, "/nonexistent/nft", dns=False),
         ),
     ).start()
     try:

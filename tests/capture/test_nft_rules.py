@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshd.capture.nft import InboundRule, delete_command, has_net_admin, ruleset
+from meshd.capture.nft import DNS_MARK, InboundRule, delete_command, has_net_admin, ruleset
 
 
 def test_outbound_only() -> None:
@@ -16,6 +16,16 @@ def test_outbound_only() -> None:
         "\t}\n"
         "}\n"
     )
+
+
+def test_dns_capture_redirects_port_53_except_the_proxys_own_queries() -> None:
+    text = ruleset("240.240.0.0/16", 15001, 15006, [], dns_port=15053)
+    assert (
+        "\t\tip daddr 240.240.0.0/16 ip protocol tcp redirect to :15001\n"
+        f"\t\tmeta mark {DNS_MARK:#x} return\n"
+        "\t\tudp dport 53 redirect to :15053\n"
+        "\t\ttcp dport 53 redirect to :15053\n\t}\n"
+    ) in text
 
 
 def test_inbound_protection_redirects_permissive_and_drops_strict_off_loopback() -> None:

@@ -164,6 +164,13 @@ async def test_expired_client_certificate_is_refused(beta: Beta) -> None:
     await assert_refused(beta, ctx, "CERTIFICATE_VERIFY_FAILED")
 
 
+async def test_not_yet_valid_client_certificate_is_refused(beta: Beta) -> None:
+    future = beta.ca.issue(CLIENT, now=datetime.now(UTC) + timedelta(hours=2), ttl=timedelta(hours=1))
+    assert future.not_before > datetime.now(UTC)
+    ctx = client_context(future.cert_pem, future.key_pem, beta.ca.cert_pem)
+    await assert_refused(beta, ctx, "CERTIFICATE_VERIFY_FAILED")
+
+
 async def test_client_without_certificate_is_refused(beta: Beta) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
