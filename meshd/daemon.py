@@ -72,7 +72,11 @@ class Daemon:
         self._drain_hooks: list[Callable[[], None]] = []
         self.readiness = Readiness()
         self.started_at = time.time()
-        self.ca = CaWiring(config, lambda: self.config)
+        self.ca = CaWiring(
+            config,
+            lambda: self.config,
+            lambda kind, result: self.metrics.ca_requests.labels(kind, result).inc(),
+        )
         self.identities = IdentityManager(self.ca.cert_source(), local_identities(config))
         self.plugins = make_plugin_manager()
         self.plugins.hook.meshd_startup.call_historic(kwargs={"config": config})

@@ -50,11 +50,18 @@ def workload_id(trust_domain: str, text: str) -> SpiffeId:
 
 
 class CaAuthority:
-    def __init__(self, directory: Path, ttl: timedelta, node_table: NodeTable = dict) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ttl: timedelta,
+        node_table: NodeTable = dict,
+        count: Callable[[str, str], None] = lambda kind, result: None,
+    ) -> None:
         self.directory = Path(directory)
         self.ttl = ttl
         self.node_table = node_table
         self.store = CaStore(self.directory)
+        self.count = count  # (kind: enroll | sign, result: issued | refused) -> metrics
 
     def ca(self) -> LocalCA:
         """Loaded per request: a rotation on disk applies at once."""
@@ -118,7 +125,9 @@ class CaAuthority:
                 )
         except (TokenError, CAError, InvalidSpiffeId) as exc:
             log.warning("CA refused enrollment from %s: %s", peer, exc, extra={"peer": peer})
+            self.count("enroll", "refused")
             raise Refused(str(exc)) from None
+        self.count("enroll", "issued")
         log.info(
             "CA enrolled node %s",
             claims.node,
@@ -163,7 +172,9 @@ class CaAuthority:
                 raise Refused(str(exc)) from None
         except Refused as exc:
             log.warning("CA refused a certificate: %s", exc, extra=where)
+            self.count("sign", "refused")
             raise
+        self.count("sign", "issued")
         log.info("CA issued a certificate", extra={**where, "not_after": issued.not_after.isoformat()})
         return _with_bundle(issued, self.bundle())
 

@@ -27,7 +27,12 @@ log = logging.getLogger("meshd.identity")
 
 
 class CaWiring:
-    def __init__(self, config: Config, config_now: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_now: Callable[[], Config] | None = None,
+        count: Callable[[str, str], None] = lambda kind, result: None,
+    ) -> None:
         self.config = config
         current = config_now or (lambda: config)
         node = SpiffeId.node(config.trust_domain, config.node_name)
@@ -41,6 +46,7 @@ class CaWiring:
                 config.ca.dir,
                 config.ca.cert_ttl,
                 lambda: {name: n.workloads for name, n in current().ca.nodes.items()},
+                count,
             )
             self.service = CaService(authority, node, config.listen.hbone.port, wall_clock=system_wall_clock)
 

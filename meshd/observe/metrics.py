@@ -104,6 +104,12 @@ class Metrics:
             "meshd_catalog_fetch_failures", "failed fetches of a peer's catalog", registry=r
         )
         self.peers = Gauge("meshd_peers", "peers whose catalog is current", registry=r)
+        self.ca_requests = Counter(
+            "meshd_ca_requests",
+            "CA service decisions (the CA host only): enrollments and certificate signings",
+            ("kind", "result"),
+            registry=r,
+        )
         self.connect_duration = Histogram(
             "meshd_hbone_connect_duration_seconds",
             "time to open an HBONE tunnel (including TLS when a new connection is needed)",

@@ -135,6 +135,23 @@ def test_enrolled_host_serves_traffic_and_tokens_and_identities_are_enforced(hos
     dump = json.loads(http_get(beta.admin_url + "/config_dump")[1])
     assert "spiffe://home.arpa/ns/default/sa/payments" not in dump["certificates"]
     assert echo_through((beta.ip, UPSTREAM_PORT), b"still fine") == b"still fine"
+    # every decision is counted on the CA host
+    assert ca_requests(hosts.alpha, "enroll", "issued") >= 1
+    assert ca_requests(hosts.alpha, "enroll", "refused") >= 1
+    assert ca_requests(hosts.alpha, "sign", "issued") >= 1
+    assert ca_requests(hosts.alpha, "sign", "refused") >= 1
+
+
+def ca_requests(daemon: Meshd, kind: str, result: str) -> float:
+    _, body = http_get(daemon.metrics_url)
+    for line in body.decode().splitlines():
+        if (
+            line.startswith("meshd_ca_requests_total{")
+            and f'kind="{kind}"' in line
+            and f'result="{result}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_bundle_rotation_keeps_a_tunnel_and_new_connections_verify_against_the_new_root(hosts: Hosts) -> None:
