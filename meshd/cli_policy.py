@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
 
 import click
 
-from meshd.cli_admin import fetch_dump
 from meshd.config.load import config_path, load_config
-from meshd.config.model import Config, WorkloadConfig
 from meshd.errors import ConfigError
-from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId
-from meshd.policy.evaluate import ConnectionAttrs, RequestAttrs
-from meshd.policy.explain import explain, render
 from meshd.policy.load import load_policy_dir
+from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer, parse_headers
 
 
 @click.group()
@@ -22,38 +22,12 @@ def policy() -> None:
     """Inspect authorization policy."""
 
 
-def _destinations(cfg: Config, to: str) -> tuple[list[WorkloadConfig], int]:
-    target, sep, port_text = to.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise click.BadParameter(f"{to!r} is not SERVICE:PORT (e.g. echo.default:7000)", param_hint="--to")
-    port = int(port_text)
-    name, _, ns = target.partition(".")
-    ns = ns or "default"
-    key = f"{name}.{ns}"
-    svc = next((s for s in cfg.services if s.key == key), None)
-    target_port = next((p.target for p in svc.ports if p.port == port), port) if svc else port
-    serving = [
-        w
-        for w in cfg.workloads
-        if w.namespace == ns and (key in w.services or name in w.services) and target_port in w.ports
-    ]
-    named = [w for w in cfg.workloads if (w.name, w.namespace) == (name, ns) and port in w.ports]
-    found = serving or named
-    if not found:
-        hosted = ", ".join(f"{w.name}.{w.namespace}:{list(w.ports)}" for w in cfg.workloads) or "none"
-        raise click.ClickException(
-            f"no workload in this config serves {key} port {port} (workloads here: {hosted}); "
-            "policy is enforced where the workload runs: use that node's config"
-        )
-    return found, (target_port if serving else port)
-
-
 @policy.command("explain")
 @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="config file")
 @click.option(
     "--admin",
     metavar="HOST:PORT",
-    help="explain with the config a running meshd was started with (read from its /config_dump)",
+    help="ask a running meshd: its in-memory config and policy (GET /policy/explain on its admin API)",
 )
 @click.option("--from", "source", required=True, metavar="SPIFFE_ID", help="source identity, or 'plaintext'")
 @click.option("--to", "to", required=True, metavar="SERVICE:PORT", help="e.g. echo.default:7000")
@@ -77,52 +51,57 @@ def policy_explain(
 ) -> None:
     """Evaluate the policy files of a config for one connection (or HTTP request) and explain it:
     the decision, the policy and rule that made it (file:line), and why every other policy did not."""
-    overrides: list[str] = []
-    if admin:
-        dump = fetch_dump(admin)
-        if not dump.get("config_file"):
-            raise click.ClickException(f"the meshd at {admin} does not report its config file")
-        config_file = dump["config_file"]
-        overrides = list(dump.get("overrides", []))
     try:
-        cfg = load_config(config_path(config_file), overrides)
-        policies, _ = load_policy_dir(cfg.policy.dir, role="waypoint")
-    except ConfigError as exc:
-        for p in exc.problems:
-            click.echo(p.format(), err=True)
-        sys.exit(2)
-    try:
-        src = None if source == "plaintext" else SpiffeId.parse_principal(source)
-    except InvalidSpiffeId as exc:
-        raise click.BadParameter(str(exc), param_hint="--from") from None
-    header_map: dict[str, str] = {}
-    for h in headers:
-        k, sep, v = h.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{h!r} is not K=V", param_hint="--header")
-        header_map[k.strip().lower()] = v
-    l7 = any(x is not None for x in (method, path_, host)) or bool(header_map)
-    workloads, port = _destinations(cfg, to)
-    results = []
-    for w in workloads:
-        conn = ConnectionAttrs(
-            source=src,
+        query = ExplainQuery(
+            source=source,
+            to=to,
             source_ip=source_ip,
-            destination_ip=w.address,
-            destination_port=port,
-            workload_namespace=w.namespace,
-            workload_name=w.name,
-            workload_labels=w.labels,
+            method=method,
+            path=path_,
+            host=host,
+            headers=parse_headers(headers),
         )
-        attrs: ConnectionAttrs | RequestAttrs = conn
-        if l7:
-            attrs = RequestAttrs(conn, (method or "GET").upper(), path_ or "/", host or to, header_map)
-        results.append((w, explain(policies, attrs)))
+        if admin:
+            results = _ask_daemon(admin, query)
+        else:
+            try:
+                cfg = load_config(config_path(config_file))
+                policies, _ = load_policy_dir(cfg.policy.dir, role="waypoint")
+            except ConfigError as exc:
+                for p in exc.problems:
+                    click.echo(p.format(), err=True)
+                sys.exit(2)
+            results = [a.to_json() for a in answer(cfg, policies, query)]
+    except NotServedHere as exc:
+        raise click.ClickException(str(exc)) from None
+    except QueryError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"--{exc.param}") from None
     if as_json:
-        out = [{"workload": f"{w.name}.{w.namespace}", **ex.to_json()} for w, ex in results]
-        click.echo(json.dumps(out, indent=2))
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "text"} for r in results], indent=2))
     else:
-        for w, ex in results:
-            click.echo(f"{source} -> {w.name}.{w.namespace} ({w.address}:{port})")
-            click.echo(render(ex))
-    sys.exit(0 if all(ex.decision.allowed for _, ex in results) else 3)
+        for r in results:
+            click.echo(f"{source} -> {r['workload']} ({r['address']})")
+            click.echo(r["text"])
+    sys.exit(0 if all(r["allowed"] for r in results) else 3)
+
+
+def _ask_daemon(admin: str, query: ExplainQuery) -> list[dict[str, Any]]:
+    """The running daemon's answer (its in-memory config and policy, as they are after reloads)."""
+    params: list[tuple[str, str]] = [("from", query.source), ("to", query.to), ("source_ip", query.source_ip)]
+    params += [(k, v) for k, v in (("method", query.method), ("path", query.path), ("host", query.host)) if v]
+    params += [("header", f"{k}={v}") for k, v in query.headers.items()]
+    url = f"http://{admin}/policy/explain?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            results: list[dict[str, Any]] = json.load(resp)["results"]
+            return results
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read() or b"{}")
+        if exc.code == 400 and "error" in body:
+            kind = NotServedHere if body.get("not_served_here") else QueryError
+            raise kind(body["error"], body.get("param", "to")) from None
+        raise click.ClickException(f"meshd at {admin} answered {exc.code}: {body}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(
+            f"cannot reach meshd's admin API at {admin}: {exc} (is meshd running? pass --admin HOST:PORT)"
+        ) from None

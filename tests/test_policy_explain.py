@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 from meshd.identity.ca import LocalCA
 from tests.conftest import REPO
-from tests.support.procs import Meshd
+from tests.node.test_node_e2e import wait_for
+from tests.support.procs import Meshd, http_get
 from tests.test_cli import meshd
 from tests.test_daemon import example_node
 
@@ -117,3 +119,21 @@ def test_explain_against_a_running_daemon(
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ALLOW: no ALLOW policy applies" in out.stdout
     assert "allow-client-to-echo" in out.stdout and "scoped to workloads ['echo'], not 'client'" in out.stdout
+
+    # A broken policy file on disk: the daemon refuses the reload and keeps its policy; --admin answers
+    # with what is in force (the files alone cannot be read), and its errors are the CLI's.
+    policy_dir = Path(json.loads(http_get(node.admin_url + "/config_dump")[1])["config"]["policy"]["dir"])
+    (policy_dir / "zz-broken.toml").write_text("[[authorization]]\nname = 3\n")
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: "reload rejected" in node.log(), node)
+    ask = ("policy", "explain", "--admin", f"{loopback}:15000", "--from", "home.arpa/ns/default/sa/client")
+    again = meshd(*ask, "--to", "client.default:8000")
+    assert again.returncode == 0 and "ALLOW: no ALLOW policy applies" in again.stdout, again.stderr
+    as_json = json.loads(meshd(*ask, "--to", "client.default:8000", "--json").stdout)
+    assert as_json[0]["workload"] == "client.default" and as_json[0]["allowed"] is True
+    elsewhere = meshd(*ask, "--to", "nope.data:1")
+    assert (
+        elsewhere.returncode == 1 and "no workload in this config serves nope.data port 1" in elsewhere.stderr
+    )
+    malformed = meshd(*ask, "--to", "client.default")
+    assert malformed.returncode == 2 and "--to" in malformed.stderr

@@ -1,4 +1,5 @@
-"""Admin endpoints (127.0.0.1:15000): /config_dump, /logging, /quitquitquit and a status page."""
+"""Admin endpoints (127.0.0.1:15000): /config_dump, /logging, /policy/explain, /quitquitquit and a
+status page."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshd.observe.http import Request, Response
+from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer
 
 if TYPE_CHECKING:
     from meshd.daemon import Daemon
@@ -39,6 +41,16 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         daemon.stop()
         return Response.text(200, "draining and exiting\n")
 
+    def policy_explain(req: Request) -> Response:
+        """`meshd policy explain --admin`: answered with the policy in force now (after reloads)."""
+        state = daemon.state
+        try:
+            answers = answer(state.config, state.policy, ExplainQuery.from_params(req.query))
+        except QueryError as exc:
+            why = {"error": str(exc), "param": exc.param, "not_served_here": isinstance(exc, NotServedHere)}
+            return Response(400, dumps(why), "application/json")
+        return Response(200, dumps({"results": [a.to_json() for a in answers]}), "application/json")
+
     def status_page(_: Request) -> Response:
         dump = daemon.config_dump()
         rows = "".join(
@@ -54,4 +66,10 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         )
         return Response(200, body.encode(), "text/html; charset=utf-8")
 
-    return {"/": status_page, "/config_dump": config_dump, "/logging": logging_level, "/quitquitquit": quit_}
+    return {
+        "/": status_page,
+        "/config_dump": config_dump,
+        "/logging": logging_level,
+        "/policy/explain": policy_explain,
+        "/quitquitquit": quit_,
+    }
