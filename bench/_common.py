@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import socketserver
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshd.tools.echo import EchoHandler, ThreadedServer
@@ -218,3 +220,18 @@ class Percentiles:
 def percentiles(samples: list[float]) -> Percentiles:
     q = statistics.quantiles(samples, n=100, method="inclusive")
     return Percentiles(p50=statistics.median(samples), p99=q[98])
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main_with_cleanup(run: Callable[[], int]) -> int:
+    """Run a benchmark so that SIGTERM and Ctrl-C unwind it (its `finally` blocks stop every child)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("\ninterrupted; child processes stopped", file=sys.stderr)
+        return 130

@@ -527,21 +527,11 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_serve":
         c.serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
-    try:
-        return run(parse_args(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
+    return c.main_with_cleanup(lambda: run(parse_args(sys.argv[1:])))
 
 
 if __name__ == "__main__":

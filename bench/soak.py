@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c
 import _soak_common as s
 from l4 import Procs, http_get, meshd, wait_until
 
@@ -548,21 +549,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_serve":
         s.serve([(BETA_IP, ECHO_PORT), (GAMMA_WL_IP, ECHO_PORT)], (BETA_IP, WEB_PORT))
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return run(parse_args(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
+    return c.main_with_cleanup(lambda: run(parse_args(sys.argv[1:])))
 
 
 if __name__ == "__main__":
