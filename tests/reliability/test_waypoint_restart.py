@@ -1,11 +1,13 @@
-"""A waypoint SIGKILLed and restarted under HTTP load: client -> alpha -> HBONE -> wp -> HBONE ->
-beta -> backend. Requests while it is down fail cleanly (a 5xx or a connection error), none hangs
-(each is bounded by a client timeout, which would count as a hang), and once the new waypoint is
-ready the requests after it succeed, with no daemon restarted but the waypoint."""
+"""A waypoint restarted under HTTP load: client -> alpha -> HBONE -> wp -> HBONE -> beta -> backend.
+SIGKILL: requests while it is down fail cleanly (a 5xx or a connection error), none hangs (each is
+bounded by a client timeout, which would count as a hang), and once the new waypoint is ready the
+requests after it succeed, with no daemon restarted but the waypoint. SIGTERM: the same, and the
+requests in flight when it was told to stop are answered (the drain lets them finish), exit 0."""
 
 from __future__ import annotations
 
 import http.client
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from meshd.identity.ca import LocalCA
 from tests.node.test_node_e2e import wait_for
 from tests.reliability.conftest import Record
 from tests.support.configs import node_config
-from tests.support.http_backend import http_backend
+from tests.support.http_backend import Backend, http_backend
 from tests.support.procs import Meshd, unique_loopback
 
 pytestmark = pytest.mark.slow
@@ -41,6 +43,7 @@ class Mesh:
     beta: Meshd
     wp: Meshd
     http: tuple[str, int]
+    backend: Backend
 
 
 def get(mesh: Mesh, path: str) -> Outcome:
@@ -119,10 +122,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     )
     wp_cfg = node_config(tmp / "wp.toml", "wp", tmp / "ca", peers=[f"{a_ip}:15008", f"{b_ip}:15008"])
     wp_cfg.write_text('role = "waypoint"\n' + wp_cfg.read_text())
-    with http_backend("reviews-v1", r_ip, PORT):
+    with http_backend("reviews-v1", r_ip, PORT) as backend:
         daemons = [Meshd(beta_cfg, b_ip), Meshd(alpha_cfg, a_ip), Meshd(wp_cfg, w_ip)]
         beta, alpha, wp = daemons
-        m = Mesh(alpha, beta, wp, (a_ip, UPSTREAM))
+        m = Mesh(alpha, beta, wp, (a_ip, UPSTREAM), backend)
         try:
             for d in daemons:
                 d.start()
@@ -177,3 +180,58 @@ def test_waypoint_sigkilled_and_restarted_under_http_load(mesh: Mesh, record: Re
     assert all(o.body.startswith(b"reviews-v1 GET") for o in outcomes + first if o.status == 200)
     assert not failed_after, (failed_after[:3], mesh.alpha.log()[-2000:])
     assert same
+
+
+def test_waypoint_drained_with_sigterm_under_http_load(mesh: Mesh, record: Record) -> None:
+    load = HttpLoad(mesh).start()
+    wait_for(lambda: load.ok() >= 20, mesh.alpha)
+    slow: list[Outcome] = []
+    # Two requests the backend answers after 1.5 s: in flight when the waypoint is told to stop.
+    threads = [
+        threading.Thread(target=lambda i=i: slow.append(get(mesh, f"/slow?ms=1500&n={i}")), daemon=True)
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(p.startswith("/slow") for p in mesh.backend.paths()) >= 2, mesh.wp)
+    assert mesh.wp.proc is not None
+    stopped_at = time.monotonic()
+    mesh.wp.signal(signal.SIGTERM)
+    exit_code = mesh.wp.proc.wait(20)
+    exited_at = time.monotonic()
+    for t in threads:
+        t.join(CLIENT_TIMEOUT + 5)
+    mesh.wp.start()
+    mesh.wp.wait_ready()
+    ready_at = time.monotonic()
+    wait_for(
+        lambda: sum(o.started > ready_at and o.status == 200 for o in list(load.outcomes)) >= 20, mesh.alpha
+    )
+    outcomes = load.finish()
+
+    hung = [o for o in outcomes + slow if o.error.startswith("timeout")]
+    unclean = [o for o in outcomes if o.status is not None and o.status != 200 and o.status < 500]
+    down = [o for o in outcomes if stopped_at <= o.started < ready_at]
+    failed_during = [o for o in down if o.status != 200]
+    failed_after = [o for o in outcomes if o.started >= ready_at and o.status != 200]
+    record(
+        "waypoint under HTTP load (4 clients + 2 slow requests)",
+        f"waypoint SIGTERMed (drained, exit {exit_code} after {exited_at - stopped_at:.1f} s) and restarted: "
+        f"{sum(o.status == 200 for o in slow)}/2 requests in flight answered, "
+        f"{len(failed_during)}/{len(down)} requests while down failed cleanly, "
+        f"{len(failed_after)} after ready failed",
+        survived=exit_code == 0
+        and not hung
+        and not unclean
+        and not failed_after
+        and len(slow) == 2
+        and all(o.status == 200 for o in slow),
+        requests=len(outcomes) + len(slow),
+        requests_failed=len([o for o in outcomes + slow if o.status != 200]),
+    )
+    assert exit_code == 0
+    assert [o.status for o in slow] == [200, 200], slow  # the drain let them finish
+    assert all(o.body.startswith(b"reviews-v1 GET /slow") for o in slow)
+    assert not hung, hung[:3]
+    assert not unclean, unclean[:3]
+    assert not failed_after, (failed_after[:3], mesh.alpha.log()[-2000:])
