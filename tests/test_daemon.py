@@ -67,9 +67,26 @@ def test_admin_logging_and_quitquitquit(
     assert http_post(node.admin_url + "/logging?level=loud")[0] == 400
     assert http_get(node.admin_url + "/")[0] == 200
     assert http_get(node.admin_url + "/nope")[0] == 404
+    status, body = http_get(node.admin_url + "/debug/memory")  # not traced: says how to turn it on
+    assert status == 404 and b"PYTHONTRACEMALLOC" in body
     assert http_post(node.admin_url + "/quitquitquit")[0] == 200
     assert node.proc is not None
     assert node.proc.wait(15) == 0
+
+
+def test_debug_memory_with_tracemalloc(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    node.env = {"PYTHONTRACEMALLOC": "3"}
+    daemons.append(node)
+    node.start().wait_ready(60)  # tracing slows start-up
+    status, first = http_get(node.admin_url + "/debug/memory", timeout=60)
+    assert status == 200 and first.startswith(b"traced: ") and b"largest:" in first
+    assert b".py:" in first  # allocation sites are file:line
+    status, second = http_get(node.admin_url + "/debug/memory", timeout=60)
+    assert status == 200 and b"grown since the previous call:" in second
+    assert node.stop() == 0
 
 
 def test_sigint_also_exits_0(tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]) -> None:

@@ -4,6 +4,7 @@ status page."""
 from __future__ import annotations
 
 import html
+import tracemalloc
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,26 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
             return Response(400, dumps(why), "application/json")
         return Response(200, dumps({"results": [a.to_json() for a in answers]}), "application/json")
 
+    snapshots: list[tracemalloc.Snapshot] = []
+
+    def debug_memory(_: Request) -> Response:
+        """Where Python memory is allocated, and what grew since the previous call. Only when meshd
+        runs with PYTHONTRACEMALLOC=N (tracing costs CPU and memory, so it is never on by default).
+        Taking the snapshot pauses the daemon (a second or more under load): a debugging aid."""
+        if not tracemalloc.is_tracing():
+            return Response.text(404, "start meshd with PYTHONTRACEMALLOC=10 to trace allocations\n")
+        snap = tracemalloc.take_snapshot().filter_traces(
+            (tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>"))
+        )
+        current, peak = tracemalloc.get_traced_memory()
+        lines = [f"traced: {current / 2**20:.1f} MiB now, {peak / 2**20:.1f} MiB peak", "", "largest:"]
+        lines += [f"  {stat}" for stat in snap.statistics("lineno")[:25]]
+        if snapshots:
+            lines += ["", "grown since the previous call:"]
+            lines += [f"  {d}" for d in snap.compare_to(snapshots[-1], "lineno")[:25] if d.size_diff > 0]
+        snapshots[:] = [snap]
+        return Response.text(200, "\n".join(lines) + "\n")
+
     def status_page(_: Request) -> Response:
         dump = daemon.config_dump()
         rows = "".join(
@@ -69,6 +90,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
     return {
         "/": status_page,
         "/config_dump": config_dump,
+        "/debug/memory": debug_memory,
         "/logging": logging_level,
         "/policy/explain": policy_explain,
         "/quitquitquit": quit_,
