@@ -33,6 +33,7 @@ from meshd.observe.accesslog import (
     ConnectionRecord,
 )
 from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mode
+from meshd.units import Address
 from meshd.waypoint.hairpin import bound_service, claim_headers
 
 log = logging.getLogger("meshd.inbound")
@@ -157,7 +158,7 @@ class Inbound:
             return self._refused(rec, FLAG_NO_ROUTE, 503, reason)
         svc = found[0]
         rec.destination_service = svc.key
-        headers = [("forwarded", f'for="{rec.src}"'), *claim_headers(source, f"{ip}:{port}")]
+        headers = [("forwarded", f'for="{rec.src}"'), *claim_headers(source, str(Address(ip, port)))]
         try:
             tunnel = await self.pool.open_tunnel(
                 self.state.node_identity, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers
