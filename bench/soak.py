@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,22 @@ def write_configs(work: Path, ca: Path) -> dict[str, tuple[str, Path]]:
     }
 
 
-def start_daemon(procs: Procs, work: Path, name: str, ip: str, cfg: Path, gen: int = 0) -> Daemon:
+def start_daemon(
+    procs: Procs, work: Path, name: str, ip: str, cfg: Path, gen: int = 0, trace_frames: int = 0
+) -> Daemon:
     log = work / (f"meshd-{name}.log" if not gen else f"meshd-{name}-{gen}.log")
-    p = procs.start(f"meshd-{name}", [sys.executable, "-m", "meshd", "run", "-c", str(cfg)], log)
+    env = {**os.environ, "PYTHONTRACEMALLOC": str(trace_frames)} if trace_frames else None
+    p = procs.start(f"meshd-{name}", [sys.executable, "-m", "meshd", "run", "-c", str(cfg)], log, env=env)
     return Daemon(name, ip, cfg, p, log)
+
+
+def memory_report(d: Daemon) -> str:
+    """The daemon's /debug/memory (tracemalloc: largest sites, growth since the previous call)."""
+    try:
+        with urllib.request.urlopen(f"http://{d.ip}:15000/debug/memory", timeout=120) as resp:
+            return str(resp.read().decode())
+    except OSError as exc:
+        return f"/debug/memory failed: {exc}\n"
 
 
 def wait_ready(d: Daemon, timeout: float = 30) -> None:
@@ -332,7 +345,12 @@ def run(args: argparse.Namespace) -> int:
             meshd("ca", "init", "--dir", str(ca), "--trust-domain", TD)
             start_backend(procs, work)
             cfgs = write_configs(work, ca)
-            daemons = {n: start_daemon(procs, work, n, ip, cfg) for n, (ip, cfg) in cfgs.items()}
+            daemons = {
+                n: start_daemon(
+                    procs, work, n, ip, cfg, trace_frames=args.trace_memory if n in LONG_LIVED else 0
+                )
+                for n, (ip, cfg) in cfgs.items()
+            }
             for d in daemons.values():
                 wait_ready(d)
             probe()
@@ -373,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
 
         samples: list[dict[str, Any]] = []
         exits: dict[str, int] = {}
+        memory_marks: dict[str, str] = {}
         prev, t_prev = counters.snapshot(), t0
         n_samples = int(args.minutes * 60 / args.sample_seconds) + 2
         for k in range(n_samples):  # bounded: one pass per sample
@@ -401,9 +420,21 @@ def run(args: argparse.Namespace) -> int:
                     + f" MiB  alpha fds {a['fds']} tasks {a['tasks']}",
                     flush=True,
                 )
+            if args.trace_memory and not memory_marks and now - t0 >= args.minutes * 30:
+                # The slope test's window starts here: growth from now on is what the second call shows.
+                memory_marks.update({n: memory_report(current[n]) for n in LONG_LIVED})
             if exits or now >= deadline:
                 break
         stop.set()
+        if args.trace_memory:
+            out_dir = Path(args.out)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for n in LONG_LIVED:
+                report = memory_report(daemons[n])  # second call: what grew over the second half
+                (out_dir / f"soak-{stamp}-memory-{n}.txt").write_text(
+                    memory_marks.get(n, "") + "\n---- at the end ----\n" + report
+                )
+            print(f"tracemalloc reports: {out_dir}/soak-{stamp}-memory-*.txt", flush=True)
         for th in threads:
             th.join(s.IO_TIMEOUT + 20)
         hung = [th.name for th in threads if th.is_alive()]
@@ -535,6 +566,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--max-error-rate", type=float, default=0.01, help="steady-path error fraction that fails [0.01]"
     )
     ap.add_argument("--stall-seconds", type=float, default=10.0, help="no progress this long fails [10]")
+    ap.add_argument(
+        "--trace-memory",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="run alpha, beta and wp with PYTHONTRACEMALLOC=FRAMES and write where their memory grew over the "
+        "second half (soak-<stamp>-memory-<daemon>.txt); slows them down [0 = off]",
+    )
     ap.add_argument("--out", default=str(RESULTS), help="directory for the JSON and PNG [bench/results]")
     ap.add_argument(
         "--build-json", default=str(ROOT / "build" / "soak.json"), help="copy of the JSON ('' = none)"
