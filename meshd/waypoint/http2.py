@@ -36,6 +36,7 @@ from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
+from meshd.hbone.connection import MAX_CLOSED_STREAMS
 from meshd.plugins.filters import Headers
 
 log = logging.getLogger("meshd.waypoint")
@@ -152,12 +153,18 @@ def request_head(stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]],
     return RequestHead(stream_id, method, path, authority, pseudo.get(":scheme", "http"), headers, end)
 
 
+class _ServerConnection(h2.connection.H2Connection):
+    """h2 remembering fewer closed streams: see MAX_CLOSED_STREAMS in meshd/hbone/connection.py."""
+
+    MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
+
+
 class H2Server:
     """The server side of one HTTP/2 connection, without I/O."""
 
     def __init__(self) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = _ServerConnection(config=config)
         self.conn.incoming_buffer = _QuietFrames(server=True)
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(

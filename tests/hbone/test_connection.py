@@ -28,6 +28,7 @@ from meshd.hbone.connection import (
     CANCEL,
     FRAME_SIZE_ERROR,
     INTERNAL_ERROR,
+    MAX_CLOSED_STREAMS,
     NO_ERROR,
     REFUSED_STREAM,
     HboneConnection,
@@ -579,3 +580,22 @@ def test_random_operations_keep_the_window_accounting_exact(ops: list[tuple[str,
     pair.pump()
     manager = pair.client._h2._inbound_flow_control_window_manager
     assert manager.current_window_size + manager._bytes_processed == manager.max_window_size
+
+
+def test_closed_streams_are_remembered_up_to_a_bound() -> None:
+    """h2 keeps how each closed stream ended; a long-lived pooled connection must not keep 65,536 of
+    them (~6.5 MiB) per connection. Checked on h2's own table: the bound is our setting of it."""
+    pair = Pair()
+    for _ in range(MAX_CLOSED_STREAMS + 500):
+        sid = pair.tunnel()
+        pair.client.end_stream(sid)
+        pair.server.send_data(sid, b"x", end_stream=True)
+        pair.pump()
+        pair.client.release_stream(sid)
+        pair.server.release_stream(sid)
+    for side in (pair.client, pair.server):
+        assert len(side._h2._closed_streams) <= MAX_CLOSED_STREAMS
+    sid = pair.tunnel()  # and the connection still carries new tunnels
+    pair.client.send_data(sid, b"still here")
+    _, at_server = pair.pump()
+    assert data_of(at_server, sid) == b"still here"
