@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshd.tools.echo import EchoHandler, ThreadedServer
 
@@ -235,3 +236,23 @@ def main_with_cleanup(run: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; child processes stopped", file=sys.stderr)
         return 130
+
+
+def daemon_config(
+    name: str, ip: str, ca: Path, peers: list[str], body: str, work: Path, *, trust_domain: str, top: str = ""
+) -> Path:
+    """A benchmark daemon's config: every listener on `ip`, static peers, quiet logs, its own policy folder."""
+    pol = work / f"{name}-policy"
+    pol.mkdir(exist_ok=True)
+    cfg = work / f"{name}.toml"
+    peer_list = ", ".join(f'"{p}:15008"' for p in peers)
+    cfg.write_text(
+        top + f'trust_domain = "{trust_domain}"\nnode_name = "{name}"\n'
+        f'[listen]\nhbone = "{ip}:15008"\nadmin = "{ip}:15000"\nmetrics = "{ip}:15020"\n'
+        f'readiness = "{ip}:15021"\nplaintext = "{ip}:15006"\n'
+        f'[identity]\nca_dir = "{ca}"\n'
+        f'[discovery]\nmdns = false\npeers = [{peer_list}]\nrefresh = "1s"\n'
+        f'[log]\nlevel = "warning"\naccess_log = false\n'
+        f'[policy]\ndir = "{pol}"\n' + body
+    )
+    return cfg

@@ -109,20 +109,8 @@ def start_nginx(procs: Procs, work: Path, name: str, conf_for: Any, listen: tupl
 def daemon_config(
     name: str, ip: str, ca: Path, peers: list[str], body: str, work: Path, role: str = "node"
 ) -> Path:
-    pol = work / f"{name}-policy"
-    pol.mkdir(exist_ok=True)
-    cfg = work / f"{name}.toml"
-    peer_list = ", ".join(f'"{p}:15008"' for p in peers)
-    cfg.write_text(
-        (f'role = "{role}"\n' if role != "node" else "") + f'trust_domain = "{TD}"\nnode_name = "{name}"\n'
-        f'[listen]\nhbone = "{ip}:15008"\nadmin = "{ip}:15000"\nmetrics = "{ip}:15020"\n'
-        f'readiness = "{ip}:15021"\nplaintext = "{ip}:15006"\n'
-        f'[identity]\nca_dir = "{ca}"\n'
-        f'[discovery]\nmdns = false\npeers = [{peer_list}]\nrefresh = "1s"\n'
-        f'[log]\nlevel = "warning"\naccess_log = false\n'
-        f'[policy]\ndir = "{pol}"\n' + body
-    )
-    return cfg
+    top = f'role = "{role}"\n' if role != "node" else ""
+    return c.daemon_config(name, ip, ca, peers, body, work, trust_domain=TD, top=top)
 
 
 def routes_toml(rate: int) -> str:
