@@ -70,8 +70,6 @@ class Inbound:
             src=req.client_address,
             dst=req.authority,
             source_identity=req.peer_identity,
-            source_workload=req.peer_identity.service_account,
-            source_namespace=req.peer_identity.namespace,
         )
         upstream, status, reason = await self._admit(rec, req.peer_identity, req.peer_address[0], ip, port)
         if upstream is None:

@@ -137,8 +137,6 @@ class Outbound:
                 src=f"{peer[0]}:{peer[1]}",
                 dst=f"{up.service_key}:{up.port}",
                 source_identity=source,
-                source_workload=source.service_account,
-                source_namespace=source.namespace,
                 destination_service=up.service_key,
             )
             endpoints, why = self.endpoints(up.service_key, up.port)

@@ -27,14 +27,21 @@ class ConnectionRecord:
     dst: str
     source_identity: SpiffeId | None = None
     destination_identity: SpiffeId | None = None
-    source_workload: str = "unknown"
-    source_namespace: str = "unknown"
     destination_workload: str = "unknown"
     destination_namespace: str = "unknown"
     destination_service: str = "unknown"
     security: str = "mutual_tls"
     started: float = field(default_factory=time.monotonic)
     opened: bool = False
+
+    @property
+    def source_workload(self) -> str:
+        """Istio's source_workload label: the client identity's service account (no pod names here)."""
+        return self.source_identity.service_account if self.source_identity else "unknown"
+
+    @property
+    def source_namespace(self) -> str:
+        return self.source_identity.namespace if self.source_identity else "unknown"
 
     def labels(self, flags: str = "-") -> tuple[str, ...]:
         return (

@@ -207,8 +207,6 @@ class Waypoint:
             src=t.src,
             dst=req.authority,
             source_identity=t.source,
-            source_workload=t.source.service_account,
-            source_namespace=t.source.namespace,
             destination_service=t.service.key,
         )
         telemetry = self.state.telemetry
