@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import socketserver
 import statistics
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from meshd.tools.echo import EchoHandler, ThreadedServer
+
+T = TypeVar("T")
 
 BULK_CHUNK = 1 << 20  # 1 MiB per sendall / recv_into
 MSG = 100  # request/response message size (bytes)
@@ -256,3 +261,55 @@ def daemon_config(
         f'[policy]\ndir = "{pol}"\n' + body
     )
     return cfg
+
+
+def print_aligned(lines: list[list[str]]) -> None:
+    """A text table: the first row is the header (underlined), the first column left-aligned."""
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    for i, r in enumerate(lines):
+        print("  ".join(x.ljust(widths[j]) if j == 0 else x.rjust(widths[j]) for j, x in enumerate(r)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def py_spy_record(
+    pids: dict[str, int], seconds: float, rate: int, output: Callable[[str], Path], load: Callable[[], T]
+) -> tuple[T, dict[str, Path]] | None:
+    """Run `load` while `py-spy record` (non-blocking, raw format) samples each process; None if py-spy
+    is not installed. Returns the load's result and each role's raw output file."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        print("  --profile: py-spy not found (.venv/bin/pip install py-spy); skipped")
+        return None
+    spies = {}
+    for role, pid in pids.items():
+        out = output(role)
+        cmd = [pyspy, "record", "--pid", str(pid), "--nonblocking", "--rate", str(rate)]
+        cmd += ["--duration", str(int(seconds)), "--format", "raw", "--output", str(out)]
+        spies[role] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
+    time.sleep(0.5)  # py-spy attaches
+    try:
+        result = load()
+    finally:
+        for p, _ in spies.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+    return result, {role: out for role, (_, out) in spies.items() if out.exists()}
+
+
+def py_spy_leaves(raw: Path) -> Iterator[tuple[str, str, int]]:
+    """(function, file, samples) of the innermost frame of each stack in a py-spy raw file."""
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        yield leaf.split(" (")[0], leaf.split(" (")[-1].split(":")[0].rstrip(")"), int(n)
+
+
+def short_function(func: str, where: str) -> str:
+    """`func (dir/file.py)`: the last two parts of the file path."""
+    return f"{func} ({'/'.join(where.split('/')[-2:])})"

@@ -275,42 +275,22 @@ def idle_growth(path: Path_, count: int) -> dict[str, Any]:
 
 def profile(path: Path_, args: argparse.Namespace, stamp: str) -> dict[str, list[tuple[str, float]]]:
     """py-spy record (non-blocking) on each meshd while one bulk stream runs; top self-time functions."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(pyspy).exists():
-        print("  --profile: py-spy not found (.venv/bin/pip install py-spy); skipped")
-        return {}
     secs = max(3.0, args.seconds)
-    spies = {}
-    for role, pid in path.proxies.items():
-        out = RESULTS / f"l4-{stamp}-pyspy-{role}.txt"
-        cmd = [pyspy, "record", "--pid", str(pid), "--nonblocking", "--rate", "250"]
-        cmd += ["--duration", str(int(secs)), "--format", "raw", "--output", str(out)]
-        spies[role] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
-    time.sleep(0.5)  # py-spy attaches
-    try:
-        c.bulk(path.sink, 1, secs, 0)
-    finally:
-        for p, _ in spies.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+    recorded = c.py_spy_record(
+        path.proxies,
+        secs,
+        250,
+        lambda role: RESULTS / f"l4-{stamp}-pyspy-{role}.txt",
+        lambda: c.bulk(path.sink, 1, secs, 0),
+    )
+    if recorded is None:
+        return {}
     top: dict[str, list[tuple[str, float]]] = {}
-    for role, (_, out) in spies.items():
-        if not out.exists():
-            continue
+    for role, raw in recorded[1].items():
         self_time: collections.Counter[str] = collections.Counter()
-        total = 0
-        for line in out.read_text().splitlines():
-            stack, _, n = line.rpartition(" ")
-            if not stack or not n.isdigit():
-                continue
-            leaf = stack.rsplit(";", 1)[-1]
-            func = leaf.split(" (")[0]
-            where = leaf.split(" (")[-1].split(":")[0].rstrip(")")
-            self_time[f"{func} ({'/'.join(where.split('/')[-2:])})"] += int(n)
-            total += int(n)
+        for func, where, n in c.py_spy_leaves(raw):
+            self_time[c.short_function(func, where)] += n
+        total = sum(self_time.values())
         top[role] = [(f, 100 * n / max(total, 1)) for f, n in self_time.most_common(8)]
     return top
 
@@ -379,11 +359,7 @@ def print_table(results: dict[str, dict[str, Any] | None]) -> None:
             a, b = vals["meshd"], vals[other]
             row.append(f"{a / b:.2f}x" if a is not None and b else "-")
         lines.append(row)
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    for i, r in enumerate(lines):
-        print("  ".join(x.ljust(widths[j]) if j == 0 else x.rjust(widths[j]) for j, x in enumerate(r)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    c.print_aligned(lines)
 
 
 # ---------------------------------------------------------------------------------------------------

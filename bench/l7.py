@@ -355,44 +355,25 @@ def profile(
     path: Path_, backend: dict[str, int], args: argparse.Namespace, work: Path, stamp: str
 ) -> dict[str, Any]:
     """py-spy record (non-blocking) on each meshd daemon during one extra load run; top self-time functions."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(pyspy).exists():
-        print("  --profile: py-spy not found (.venv/bin/pip install py-spy); skipped")
-        return {}
     secs = max(5.0, args.seconds)
-    spies = {}
-    for role, pid in path.proxies.items():
-        out = RESULTS / f"l7-{stamp}-pyspy-{role}.txt"
-        cmd = [pyspy, "record", "--pid", str(pid), "--nonblocking", "--rate", "200"]
-        cmd += ["--duration", str(int(secs)), "--format", "raw", "--output", str(out)]
-        spies[role] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
-    time.sleep(0.5)  # py-spy attaches
-    try:
-        load = h.run_load(args.loadgen, path.url, secs, args.threads, args.connections, work)
-    finally:
-        for p, _ in spies.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+    recorded = c.py_spy_record(
+        path.proxies,
+        secs,
+        200,
+        lambda role: RESULTS / f"l7-{stamp}-pyspy-{role}.txt",
+        lambda: h.run_load(args.loadgen, path.url, secs, args.threads, args.connections, work),
+    )
+    if recorded is None:
+        return {}
+    load, raws = recorded
     top: dict[str, Any] = {"under_py_spy_rps": load.rps}
-    for role, (_, out) in spies.items():
-        if not out.exists():
-            continue
+    for role, raw in raws.items():
         self_time: collections.Counter[str] = collections.Counter()
         module_time: collections.Counter[str] = collections.Counter()
-        total = 0
-        for line in out.read_text().splitlines():
-            stack, _, n = line.rpartition(" ")
-            if not stack or not n.isdigit():
-                continue
-            leaf = stack.rsplit(";", 1)[-1]
-            func = leaf.split(" (")[0]
-            where = leaf.split(" (")[-1].split(":")[0].rstrip(")")
-            self_time[f"{func} ({'/'.join(where.split('/')[-2:])})"] += int(n)
-            module_time[_area(where)] += int(n)
-            total += int(n)
+        for func, where, n in c.py_spy_leaves(raw):
+            self_time[c.short_function(func, where)] += n
+            module_time[_area(where)] += n
+        total = sum(self_time.values())
         top[role] = {
             "self": [(f, 100 * n / max(total, 1)) for f, n in self_time.most_common(12)],
             "by_area": [(f, 100 * n / max(total, 1)) for f, n in module_time.most_common(12)],
@@ -498,11 +479,7 @@ def print_table(results: dict[str, dict[str, Any] | None]) -> None:
                 a = None
             row.append(f"{a / b:.2f}x" if a is not None and b else "-")
         lines.append(row)
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    for i, r in enumerate(lines):
-        print("  ".join(x.ljust(widths[j]) if j == 0 else x.rjust(widths[j]) for j, x in enumerate(r)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    c.print_aligned(lines)
 
 
 def target_verdict(results: dict[str, dict[str, Any] | None]) -> list[str]:
