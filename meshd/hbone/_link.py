@@ -1,13 +1,21 @@
-"""One live HBONE connection under trio: a TLS stream driven by a sans-I/O `HboneConnection`.
+"""One live HBONE connection under trio: a `Wire` (socket + TLS) driven by a sans-I/O `HboneConnection`.
 
 Must never know: listening, pooling, identities beyond carrying them, what a handler does.
 
+Writing: whoever makes the connection produce bytes hands them to the wire at once (`send_pending`):
+a tunnel's sender after framing its chunk, the reader after the frames it answers (PING and SETTINGS
+acks, WINDOW_UPDATE), a handler after its response headers. `Wire.write` is synchronous (encrypt,
+offer to the socket, keep the rest in order), so there is never a half-done TLS write to cancel and
+writers cannot interleave: one writer at a time holds by construction. A chunk therefore goes out
+from the task that read it, without waiting for another task's turn; the old single writer task sent
+what fifty streams queued in one scheduler batch, and requests crossed daemons in herds.
+
 Tasks (all in the link's own nursery, so a link's lifetime is one `run()` call):
-- reader: receive_some -> `conn.receive_data` -> update per-stream slots and wake their waiters. It never
-  awaits anything but the socket, so it cannot deadlock behind a sender (DESIGN.md trap).
-- writer: the only task that calls `send_all` on the TLS stream. Cancelling a send_all half way breaks
-  an SSLStream for every stream on it, so nobody else writes and the writer is only cancelled when the
-  whole connection is going away anyway.
+- reader: `wire.receive` -> `conn.receive_data` -> update per-stream slots and wake their waiters. It
+  never waits for anything but the socket, so it cannot deadlock behind a sender (a reader that waits
+  on a send deadlocks under two-way bulk traffic).
+- flusher: the only task that waits for the socket to take the bytes the kernel refused (trio allows
+  one waiter per direction); senders whose bytes pile up behind it wait for it (`wait_drained`).
 - keepalive (optional): PING every `ping_interval`; no answer within `ping_timeout` fails the link.
 - idle watch (optional, client side): retire the connection after `idle_timeout` without streams.
 - request handlers (server side): spawned here so they die with their connection.
@@ -19,7 +27,6 @@ transport or a protocol error fails every stream at once with the recorded `fail
 from __future__ import annotations
 
 import logging
-import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,11 +36,14 @@ import trio
 from meshd.hbone import events as ev
 from meshd.hbone.connection import HboneConnection
 from meshd.hbone.errors import RemoteProtocolError
+from meshd.hbone.wire import Wire
 from meshd.identity.spiffe import SpiffeId
 
 log = logging.getLogger("meshd.hbone")
 
-RECEIVE_SIZE = 256 * 1024
+# Senders wait once this much ciphertext waits for the socket (then until all of it is out): a fast
+# sender buffers at most about this much per connection.
+HIGH_WATER = 256 * 1024
 FLUSH_TIMEOUT = 2.0  # how long a failing link tries to tell the peer why (GOAWAY) before hanging up
 
 
@@ -86,7 +96,7 @@ RequestCallback = Callable[["HboneLink", "ev.TunnelRequested | ev.RequestReceive
 class HboneLink:
     def __init__(
         self,
-        transport: trio.abc.Stream,
+        wire: Wire,
         conn: HboneConnection,
         *,
         peer_identity: SpiffeId,
@@ -96,7 +106,7 @@ class HboneLink:
         ping_timeout: float = 20.0,
         idle_timeout: float | None = None,
     ) -> None:
-        self.transport = transport
+        self.wire = wire
         self.conn = conn
         self.peer_identity = peer_identity
         self.peer_address = peer_address
@@ -108,8 +118,8 @@ class HboneLink:
         self._idle_timeout = idle_timeout
         self._slots: dict[int, Slot] = {}
         self._nursery: trio.Nursery | None = None
-        self._wake_writer = Signal()
-        self._flushed = Signal()  # the writer took everything the connection had queued
+        self._wake_flusher = Signal()
+        self._drained = Signal()  # the kernel took everything written (or the link failed)
         self._streams_changed = Signal()
         self._pong = Signal()
         self._last_pong: bytes = b""
@@ -147,19 +157,35 @@ class HboneLink:
         self.conn.release_stream(stream_id)
         if slot is not None:
             slot.wake()
-        self.wake_writer()
+        self.send_pending()
         self._streams_changed.fire()
         self._maybe_finish()
 
-    def wake_writer(self) -> None:
-        if self.conn.wants_write:
-            self._wake_writer.fire()
+    def send_pending(self) -> None:
+        """Hand what the connection has queued to the wire now (never blocks; see the module doc)."""
+        if not self.conn.wants_write or self._done:
+            return
+        data = self.conn.data_to_send()
+        if not data:
+            return
+        try:
+            self.wire.write(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.fail(_describe(e))
+            return
+        if self.wire.pending:
+            self._wake_flusher.fire()
 
-    async def wait_flushed(self) -> None:
-        """Wait until the writer has taken what is queued (bounds buffering to about two batches)."""
-        while self.conn.wants_write and not self._done and self.failure is None:
-            self._wake_writer.fire()
-            await self._flushed.wait()
+    @property
+    def backed_up(self) -> bool:
+        """More than HIGH_WATER bytes wait for the socket: senders should `wait_drained()`."""
+        return self.wire.pending > HIGH_WATER
+
+    async def wait_drained(self) -> None:
+        """Wait until the kernel has taken everything written (or the link failed)."""
+        while self.wire.pending and not self._done and self.failure is None:
+            self._wake_flusher.fire()
+            await self._drained.wait()
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         assert self._nursery is not None, "spawn() before run() started"
@@ -170,7 +196,7 @@ class HboneLink:
         if self._done or self.conn.closed:
             return
         self.conn.goaway()
-        self.wake_writer()
+        self.send_pending()
         self._maybe_finish()
 
     def close(self) -> None:
@@ -187,7 +213,7 @@ class HboneLink:
 
     def _finish(self) -> None:
         self._finishing = True
-        self._wake_writer.fire()
+        self._wake_flusher.fire()
 
     def fail(self, reason: str) -> None:
         """The link is unusable: wake everyone; the writer tries to flush, then everything stops."""
@@ -196,7 +222,7 @@ class HboneLink:
             log.debug("HBONE link to %s failed: %s", self.peer_address, reason)
         for slot in self._slots.values():
             slot.wake()
-        self._flushed.fire()
+        self._drained.fire()
         self._pong.fire()
         self._finish()
 
@@ -206,7 +232,7 @@ class HboneLink:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
+                nursery.start_soon(self._flusher)
                 nursery.start_soon(self._reader)
                 if self._ping_interval is not None:
                     nursery.start_soon(self._keepalive, self._ping_interval, self._ping_timeout)
@@ -219,15 +245,13 @@ class HboneLink:
                 self.failure = "connection closed"
             for slot in self._slots.values():
                 slot.wake()
-            self._flushed.fire()
-            await trio.aclose_forcefully(self.transport)
+            self._drained.fire()
+            self.wire.close()
 
     async def _reader(self) -> None:
         try:
             while not self._finishing:
-                data = await self.transport.receive_some(RECEIVE_SIZE)
-                if data and isinstance(self.transport, trio.SSLStream):
-                    data += read_decrypted(self.transport, RECEIVE_SIZE - len(data))
+                data = await self.wire.receive()
                 if not data:
                     if not self._finishing:
                         self.fail("peer closed the connection")
@@ -247,7 +271,7 @@ class HboneLink:
     def _dispatch_all(self, events: list[ev.Event]) -> None:
         for event in events:
             self._dispatch(event)
-        self.wake_writer()
+        self.send_pending()
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.DataReceived):
@@ -294,30 +318,32 @@ class HboneLink:
         elif isinstance(event, ev.RequestRejected):
             log.info("rejected request from %s: %d %s", self.peer_identity, event.status, event.reason)
 
-    async def _writer(self) -> None:
-        transport = self.transport
+    async def _flusher(self) -> None:
+        wire = self.wire
         try:
             while True:
-                data = self.conn.data_to_send()
-                self._flushed.fire()
-                if data:
+                self.send_pending()
+                if wire.pending:
                     if self.failure is not None:
                         with trio.move_on_after(FLUSH_TIMEOUT):
-                            await transport.send_all(data)
+                            await wire.flush()
                         break
-                    await transport.send_all(data)
+                    await wire.flush()
                     continue
+                self._drained.fire()
                 if self._finishing:
                     break
-                await self._wake_writer.wait()
+                await self._wake_flusher.wait()
             if self.failure is None:
+                wire.close_notify()
                 with trio.move_on_after(FLUSH_TIMEOUT):
-                    await transport.aclose()
+                    await wire.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self.fail(_describe(e))
         finally:
             assert self._nursery is not None
             self._done = True
+            self._drained.fire()
             self._nursery.cancel_scope.cancel()
 
     async def _keepalive(self, interval: float, timeout: float) -> None:
@@ -326,7 +352,7 @@ class HboneLink:
             if self._finishing:
                 return
             payload = self.conn.ping()
-            self.wake_writer()
+            self.send_pending()
             with trio.move_on_after(timeout):
                 while self._last_pong != payload and not self._finishing:
                     await self._pong.wait()
@@ -339,7 +365,7 @@ class HboneLink:
         answer) means the peer or the network is stuck; the caller decides whether to fail the link."""
         seen = self._pongs
         self.conn.ping()
-        self.wake_writer()
+        self.send_pending()
         with trio.move_on_after(timeout):
             while self._pongs == seen and self.failure is None and not self._done:
                 await self._pong.wait()
@@ -363,27 +389,3 @@ def _describe(e: BaseException) -> str:
     if cause is not None and str(cause):
         return f"{e.__class__.__name__}: {cause}"
     return str(e) or e.__class__.__name__
-
-
-def read_decrypted(tls: trio.SSLStream[Any], limit: int) -> bytes:
-    """Plaintext already decryptable from bytes trio has buffered, without waiting: more records.
-
-    `SSLStream.receive_some` hands out at most one TLS record (16 KiB) per call, each a full trip
-    through trio's locks and scheduler; a 256 KiB socket read holds ~16 of them. Reading the rest
-    here halves the per-byte cost of the reader. Reaches into trio's SSLStream (`_ssl_object`):
-    only the connection's single reader task may call it, right after its own receive_some.
-    """
-    ssl_object: ssl.SSLObject = tls._ssl_object
-    chunks: list[bytes] = []
-    while limit > 0:
-        try:
-            chunk = ssl_object.read(limit)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            break
-        except ssl.SSLError:
-            break  # let the next receive_some report it the trio way
-        if not chunk:
-            break
-        chunks.append(chunk)
-        limit -= len(chunk)
-    return b"".join(chunks)

@@ -29,6 +29,7 @@ from meshd.hbone.connection import REFUSED_STREAM, HboneConnection, HboneSetting
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.stream import TunnelStream
 from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_identity
+from meshd.hbone.wire import Wire
 from meshd.identity.spiffe import SpiffeId
 from meshd.units import Address
 
@@ -191,7 +192,7 @@ class HbonePool:
             # No checkpoint between picking and opening: the free stream cannot be taken meanwhile.
             sid = opener(link.conn)
             link.add_slot(sid)
-            link.wake_writer()
+            link.send_pending()
         return link, sid
 
     def _pick(self, key: PoolKey) -> HboneLink | None:
@@ -236,7 +237,7 @@ class HbonePool:
                     if strict:
                         raise HboneConnectError(f"response from {_peer(link)} is larger than {limit} bytes")
                     return bytes(body[:limit])
-            link.wake_writer()
+            link.send_pending()
             if slot.remote_ended or slot.reset_code is not None:
                 return bytes(body)
             if link.broken:
@@ -268,7 +269,7 @@ class HbonePool:
         try:
             sid = link.conn.send_request("GET", str(Address(*addr)), path)
             link.add_slot(sid)
-            link.wake_writer()
+            link.send_pending()
             status = await self._wait_response(link, sid, retryable=False)
             slot = link.slot(sid)
             assert slot is not None and slot.response is not None
@@ -289,7 +290,7 @@ class HbonePool:
 
     def _new_link(
         self,
-        tls: trio.SSLStream[trio.SocketStream],
+        tls: Wire,
         identity: SpiffeId,
         address: tuple[str, int],
         *,
@@ -312,23 +313,18 @@ class HbonePool:
         server_hostname: str | None,
         *,
         expected: SpiffeId | None,
-    ) -> tuple[trio.SSLStream[trio.SocketStream], SpiffeId]:
+    ) -> tuple[Wire, SpiffeId]:
         """TCP + TLS under connect_timeout; checks ALPN, cipher and the server's identity (exactly
         `expected`, or else any identity in `source`'s trust domain)."""
         host, port = address
         where = str(Address(host, port))
         tcp: trio.SocketStream | None = None
-        tls: trio.SSLStream[trio.SocketStream] | None = None
+        tls: Wire | None = None
         try:
             with trio.fail_after(self._connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
-                tls = trio.SSLStream(
-                    tcp,
-                    self._context_provider(source),
-                    server_hostname=server_hostname,
-                    https_compatible=True,
-                )
-                await tls.do_handshake()
+                context = self._context_provider(source)
+                tls = await Wire.handshake(tcp, context, server_side=False, server_hostname=server_hostname)
             if tls.selected_alpn_protocol() != ALPN:
                 raise HboneConnectError(f"{where} did not negotiate HTTP/2 (ALPN h2): is that an HBONE port?")
             check_cipher(tls.cipher())
@@ -341,8 +337,8 @@ class HbonePool:
                 )
         except BaseException as e:
             if tls is not None:
-                await trio.aclose_forcefully(tls)
-            elif tcp is not None:
+                tls.close()
+            elif tcp is not None and tcp.socket.fileno() != -1:  # Wire.handshake took it over otherwise
                 await trio.aclose_forcefully(tcp)
             if isinstance(e, trio.TooSlowError):
                 raise HboneConnectError(

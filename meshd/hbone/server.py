@@ -32,6 +32,7 @@ from meshd.hbone.connection import (
 from meshd.hbone.errors import LocalProtocolError, PeerIdentityError
 from meshd.hbone.stream import TunnelStream
 from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_trust_domain
+from meshd.hbone.wire import Wire
 from meshd.identity.spiffe import SpiffeId
 
 log = logging.getLogger("meshd.hbone.server")
@@ -98,7 +99,7 @@ class ServerReply:
         """200: the tunnel is open. The returned stream is closed for you when the handler returns."""
         self._start(200)
         self._link.conn.accept(self._stream_id)
-        self._link.wake_writer()
+        self._link.send_pending()
         self._stream = TunnelStream(self._link, self._stream_id)
         await trio.lowlevel.checkpoint()
         return self._stream
@@ -107,7 +108,7 @@ class ServerReply:
         """400 (bad request), 401 (denied by policy), 503 (no upstream), ...; `reason` goes in the body."""
         self._start(status)
         self._link.conn.refuse(self._stream_id, status, reason)
-        self._link.wake_writer()
+        self._link.send_pending()
         await trio.lowlevel.checkpoint()
 
     async def respond(self, status: int, headers: Sequence[tuple[str, str]] = (), body: bytes = b"") -> None:
@@ -115,7 +116,7 @@ class ServerReply:
         self._start(status)
         hdrs = [*headers, ("content-length", str(len(body)))]
         self._link.conn.send_response(self._stream_id, status, hdrs, end_stream=not body)
-        self._link.wake_writer()
+        self._link.send_pending()
         self._stream = TunnelStream(self._link, self._stream_id)
         if body:
             await self._stream.send_all(body)
@@ -239,11 +240,11 @@ class HboneServer:
             self._links.discard(link)
 
     async def _authenticate(self, tcp: trio.SocketStream, peer_address: tuple[str, int]) -> HboneLink | None:
-        tls: trio.SSLStream[trio.SocketStream] | None = None
+        tls: Wire | None = None
         try:
-            tls = trio.SSLStream(tcp, self._context_for(tcp), server_side=True, https_compatible=True)
+            context = self._context_for(tcp)
             with trio.fail_after(self._handshake_timeout):
-                await tls.do_handshake()
+                tls = await Wire.handshake(tcp, context, server_side=True)
             if tls.selected_alpn_protocol() != ALPN:
                 raise PeerIdentityError("client did not negotiate ALPN h2")
             check_cipher(tls.cipher())
@@ -253,7 +254,10 @@ class HboneServer:
             self._refused += 1
             reason = "handshake timed out" if isinstance(e, trio.TooSlowError) else _reason(e)
             log.info("refused HBONE connection from %s:%d: %s", *peer_address, reason)
-            await trio.aclose_forcefully(tls if tls is not None else tcp)
+            if tls is not None:
+                tls.close()
+            elif tcp.socket.fileno() != -1:  # Wire.handshake takes the socket over (and closes it)
+                await trio.aclose_forcefully(tcp)
             return None
         return HboneLink(
             tls,

@@ -3,8 +3,9 @@
 Must never know: TLS, sockets, pooling, how the stream was opened (client CONNECT or server accept).
 
 Mapping to TCP:
-- `send_all` waits for HTTP/2 flow-control window, and for the connection's writer to take the previous
-  batch, so a fast sender buffers at most about two batches per connection.
+- `send_all` waits for HTTP/2 flow-control window; each chunk is framed, encrypted and offered to the
+  socket by the sending task itself. When the socket backs up (`HboneLink.backed_up`) the sender waits
+  until the kernel has taken everything, so a fast sender buffers at most about HIGH_WATER + one chunk.
 - `receive_some` returns buffered payload, acknowledging it (that reopens the peer's window: the only
   back-pressure there is); b"" after END_STREAM (FIN); BrokenResourceError after a reset without FIN.
 - `send_eof` sends END_STREAM. `aclose` sends END_STREAM if we had not, and RST_STREAM(CANCEL) too if the
@@ -20,7 +21,7 @@ from meshd.hbone.connection import CANCEL
 from meshd.hbone.errors import LocalProtocolError
 from meshd.identity.spiffe import SpiffeId
 
-SEND_CHUNK = 1024 * 1024  # one max-size frame per writer wake-up
+SEND_CHUNK = 1024 * 1024  # one max-size frame per write
 
 
 class TunnelStream(trio.abc.HalfCloseableStream):
@@ -84,8 +85,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     raise trio.BrokenResourceError(str(e)) from e
                 view = view[n:]
                 self.bytes_sent += n
-                self._link.wake_writer()
-                await self._link.wait_flushed()
+                self._link.send_pending()
+                if self._link.backed_up:
+                    await self._link.wait_drained()
         finally:
             self._send_busy = False
 
@@ -113,7 +115,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._send_closed = self._eof_sent = True
             if self._conn.can_send(self.stream_id):
                 self._conn.end_stream(self.stream_id)
-                self._link.wake_writer()
+                self._link.send_pending()
         await trio.lowlevel.checkpoint()
 
     # ---- receiving ---------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 chunk = chunk[:max_bytes]
             self.bytes_received += len(chunk)
             self._conn.acknowledge(self.stream_id, len(chunk))
-            self._link.wake_writer()
+            self._link.send_pending()
             return chunk
         finally:
             self._receive_busy = False

@@ -108,7 +108,7 @@ def client_context(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> ssl.SSLCon
 def peer_identity(ssl_stream: _HasPeerCert) -> SpiffeId:
     """The SPIFFE ID of the peer's leaf certificate (its single spiffe:// URI SAN).
 
-    Works on `trio.SSLStream`, `ssl.SSLObject` and `ssl.SSLSocket` after the handshake.
+    Works on `Wire`, `trio.SSLStream`, `ssl.SSLObject` and `ssl.SSLSocket` after the handshake.
     """
     der = ssl_stream.getpeercert(binary_form=True)
     if not der:

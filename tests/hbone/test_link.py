@@ -1,19 +1,21 @@
-"""The connection driver on its own, over an in-memory stream and trio's virtual clock."""
+"""The connection driver on its own, over a plaintext socketpair and trio's virtual clock."""
 
 from __future__ import annotations
 
+import socket
+
 import trio
-import trio.testing
 
 from meshd.hbone._link import HboneLink
 from meshd.hbone.connection import HboneConnection, Role
+from meshd.hbone.wire import Wire
 from tests.hbone.conftest import SERVER_ID
 
 
 async def test_unanswered_ping_fails_the_link_after_the_timeout(autojump_clock: trio.abc.Clock) -> None:
-    ours, silent_peer = trio.testing.memory_stream_pair()
+    ours, silent_peer = socket.socketpair()
     link = HboneLink(
-        ours,
+        Wire(ours),
         HboneConnection(Role.CLIENT),
         peer_identity=SERVER_ID,
         peer_address=("127.0.0.1", 15008),
@@ -25,13 +27,13 @@ async def test_unanswered_ping_fails_the_link_after_the_timeout(autojump_clock: 
         await link.run()
     assert link.failure is not None and "PING" in link.failure
     assert 30.0 <= trio.current_time() - start < 31.0
-    del silent_peer
+    silent_peer.close()
 
 
 async def test_idle_link_closes_itself(autojump_clock: trio.abc.Clock) -> None:
-    ours, peer = trio.testing.memory_stream_pair()
+    ours, peer = socket.socketpair()
     link = HboneLink(
-        ours,
+        Wire(ours),
         HboneConnection(Role.CLIENT),
         peer_identity=SERVER_ID,
         peer_address=("127.0.0.1", 15008),
@@ -43,4 +45,4 @@ async def test_idle_link_closes_itself(autojump_clock: trio.abc.Clock) -> None:
         await link.run()
     assert link.failure is None  # a clean, idle close: GOAWAY then hang up
     assert 60.0 <= trio.current_time() - start < 61.0
-    del peer
+    peer.close()
