@@ -354,7 +354,8 @@ def measure(
 def profile(
     path: Path_, backend: dict[str, int], args: argparse.Namespace, work: Path, stamp: str
 ) -> dict[str, Any]:
-    """py-spy record (non-blocking) on each meshd daemon during one extra load run; top self-time functions."""
+    """py-spy record (non-blocking) on each meshd daemon during one extra load run of `path`; top
+    self-time functions."""
     secs = max(5.0, args.seconds)
     recorded = c.py_spy_record(
         path.proxies,
@@ -386,7 +387,7 @@ AREAS = (  # (path fragment, area) for the "where the time goes" summary; first 
     ("/h2/", "h2/hpack/hyperframe"),
     ("/hpack/", "h2/hpack/hyperframe"),
     ("/hyperframe/", "h2/hpack/hyperframe"),
-    ("ssl.py", "TLS (ssl, trio SSLStream)"),
+    ("ssl.py", "TLS (ssl)"),
     ("/trio/_socket.py", "socket syscalls + epoll"),
     ("/trio/_highlevel_socket.py", "socket syscalls + epoll"),
     ("_io_epoll.py", "socket syscalls + epoll"),
@@ -527,13 +528,67 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--profile", action="store_true", help="py-spy the meshd daemons during one extra load run"
     )
+    ap.add_argument(
+        "--profile-path",
+        choices=ALL_PATHS[2:],
+        help="which meshd path --profile records [meshd+filters, else meshd, else meshd-l4]",
+    )
+    ap.add_argument(
+        "--scan",
+        help="concurrency scan instead of the table: comma-separated connection counts (e.g. 1,10,50,200); "
+        "each path at each count, --repeat times, with cores busy per process",
+    )
     a = ap.parse_args(argv)
     q = a.quick
     a.repeat = a.repeat or (1 if q else 3)
     a.seconds = a.seconds or (3.0 if q else 10.0)
     if not 0 < a.seconds <= 3600 or not 0 < a.repeat <= 100:
         ap.error("--seconds must be in (0, 3600] and --repeat in [1, 100]")
+    try:
+        a.scan = [int(n) for n in a.scan.split(",")] if a.scan else []
+    except ValueError:
+        ap.error(f"--scan takes connection counts like 1,10,50,200, not {a.scan!r}")
+    if any(not 1 <= n <= 1000 for n in a.scan):
+        ap.error("--scan connection counts must be in [1, 1000]")
     return a
+
+
+def scan(
+    paths: list[Path_], backend: dict[str, int], args: argparse.Namespace, work: Path
+) -> dict[str, dict[str, Any]]:
+    """Each path at each connection count (interleaved, --repeat times); medians per (count, path)."""
+    cells: dict[tuple[int, str], Path_] = {}
+    for conns in args.scan:
+        args.connections = conns
+        for r in range(args.repeat):
+            for p in paths:
+                cell_ = cells.setdefault((conns, p.name), Path_(p.name, p.url, p.proxies))
+                load = measure(cell_, backend, args, work, args.seconds)
+                print(
+                    f"  -c{conns:<4d} run {r + 1}/{args.repeat} {p.name:13s} {load.rps:9.0f} req/s  "
+                    f"p50 {load.p50_ms:6.2f} ms  p99 {load.p99_ms:6.2f} ms"
+                )
+    lines = [["-c", "path", "req/s", "p50 ms", "p99 ms", "CPU us/req", "cores busy (per process, machine)"]]
+    out: dict[str, dict[str, Any]] = {}
+    for (conns, name), cell_ in cells.items():
+        res = summarize(cell_)
+        out[f"{name}@c{conns}"] = res
+        cpu = res["cpu_s_per_1k_proxies"]
+        busy = ", ".join(f"{k}={v:.2f}" for k, v in res["cpu_cores_busy"].items() if v is not None)
+        lines.append(
+            [
+                str(conns),
+                name,
+                f"{res['rps']:.0f}",
+                f"{res['p50_ms']:.2f}",
+                f"{res['p99_ms']:.2f}",
+                "-" if cpu is None else f"{cpu * 1000:.0f}",
+                busy,
+            ]
+        )
+    print()
+    c.print_aligned(lines)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -628,6 +683,15 @@ def run(args: argparse.Namespace) -> int:
         warm = min(2.0, args.seconds)
         for p in paths:  # warm-up: connections, pools, caches (not recorded)
             h.run_load(args.loadgen, p.url, warm, args.threads, args.connections, work)
+        if args.scan:
+            print(f"set-up done in {time.monotonic() - t_start:.1f}s; scanning -c {args.scan}")
+            scanned = scan(paths, backend, args, work)
+            out = RESULTS / f"l7-scan-{stamp}.json"
+            doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args), "scan": scanned}
+            out.write_text(json.dumps(doc, indent=2, default=str))
+            print(f"load average (1 min) before/after: {load_before[0]:.2f}/{os.getloadavg()[0]:.2f}")
+            print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+            return 0
         print(
             f"set-up done in {time.monotonic() - t_start:.1f}s; measuring {[p.name for p in paths]} with "
             f"{args.loadgen} -t{args.threads} -c{args.connections}, {args.seconds:g}s x {args.repeat}"
@@ -646,9 +710,8 @@ def run(args: argparse.Namespace) -> int:
                     results[name] = None
         if l4_missing:
             results["meshd-l4"] = None
-        mesh = next((p for p in paths if p.name == "meshd+filters"), None) or next(
-            (p for p in paths if p.name == "meshd"), None
-        )
+        order = [args.profile_path] if args.profile_path else ["meshd+filters", "meshd", "meshd-l4"]
+        mesh = next((p for name in order for p in paths if p.name == name), None)
         top = profile(mesh, backend, args, work, stamp) if mesh is not None and args.profile else {}
 
         print()

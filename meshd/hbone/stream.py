@@ -68,28 +68,57 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_busy = True
         try:
             self._check_send()
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             view = memoryview(data).cast("B")
             while view:
                 self._check_send()
-                window = self._conn.send_window(self.stream_id)
-                if window <= 0:
-                    await self._slot.writable.wait()
-                    continue
-                n = min(window, len(view), SEND_CHUNK)
-                # Whole `bytes` go down as they are: the frame serializer then makes no copy.
-                payload = data if n == len(view) == len(data) and type(data) is bytes else view[:n]
-                try:
-                    self._conn.send_data(self.stream_id, payload)
-                except LocalProtocolError as e:
-                    raise trio.BrokenResourceError(str(e)) from e
+                n = self._send_some(data, view)
                 view = view[n:]
-                self.bytes_sent += n
-                self._link.send_pending()
-                if self._link.backed_up:
-                    await self._link.wait_drained()
+                if n == 0 or (view and self._link.backed_up):
+                    waited = True
+                    await self._wait_writable()
+            if self._link.backed_up:
+                waited = True
+                await self._link.wait_drained()
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._send_busy = False
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Frame and send what the flow-control window allows now, without yielding; returns the bytes
+        taken (0 when the window is shut or the connection is backed up: then use `send_all`)."""
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this tunnel stream")
+        self._check_send()
+        if self._link.backed_up:
+            return 0
+        return self._send_some(data, memoryview(data).cast("B"))
+
+    def _send_some(self, data: bytes | bytearray | memoryview, view: memoryview) -> int:
+        window = self._conn.send_window(self.stream_id)
+        if window <= 0:
+            return 0
+        n = min(window, len(view), SEND_CHUNK)
+        # Whole `bytes` go down as they are: the frame serializer then makes no copy.
+        payload = data if n == len(view) == len(data) and type(data) is bytes else view[:n]
+        try:
+            self._conn.send_data(self.stream_id, payload)
+        except LocalProtocolError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+        self.bytes_sent += n
+        self._link.send_pending()
+        return n
+
+    async def _wait_writable(self) -> None:
+        """Until the window opens (if shut) and the connection is no longer backed up."""
+        if self._link.backed_up:
+            await self._link.wait_drained()
+        while self._conn.can_send(self.stream_id) and self._conn.send_window(self.stream_id) <= 0:
+            self._check_send()
+            await self._slot.writable.wait()
+        self._check_send()
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:
@@ -132,18 +161,20 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         try:
             if self._closed:
                 raise trio.ClosedResourceError("tunnel stream is closed")
-            await trio.lowlevel.checkpoint()
             slot = self._slot
+            if slot.chunks:
+                await trio.lowlevel.checkpoint()
+            waited = False  # waiting is the schedule point; else a checkpoint before returning
             while not slot.chunks:
-                if self._closed:
-                    raise trio.ClosedResourceError("tunnel stream is closed")
-                if slot.remote_ended:
+                end = self._end_of_data()
+                if end is not None:
+                    if not waited:
+                        await trio.lowlevel.checkpoint()
+                    if isinstance(end, Exception):
+                        raise end
                     return b""
-                if slot.reset_code is not None:
-                    raise trio.BrokenResourceError(f"peer reset the tunnel (HTTP/2 error {slot.reset_code})")
-                if self._link.broken:
-                    raise trio.BrokenResourceError(self._link.failure or "connection lost")
                 await slot.readable.wait()
+                waited = True
             chunk = slot.chunks[0]
             if max_bytes is None or len(chunk) <= max_bytes:
                 slot.chunks.popleft()
@@ -156,6 +187,19 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return chunk
         finally:
             self._receive_busy = False
+
+    def _end_of_data(self) -> Exception | bytes | None:
+        """Why no more data can come (b"" = the peer's END_STREAM, or an error to raise); None if it may."""
+        slot = self._slot
+        if self._closed:
+            return trio.ClosedResourceError("tunnel stream is closed")
+        if slot.remote_ended:
+            return b""
+        if slot.reset_code is not None:
+            return trio.BrokenResourceError(f"peer reset the tunnel (HTTP/2 error {slot.reset_code})")
+        if self._link.broken:
+            return trio.BrokenResourceError(self._link.failure or "connection lost")
+        return None
 
     # ---- closing -----------------------------------------------------------------------------------
 

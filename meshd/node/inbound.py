@@ -26,6 +26,7 @@ from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
+from meshd.node.tcp import TcpStream
 from meshd.observe.accesslog import (
     FLAG_NO_ROUTE,
     FLAG_UNAUTHORIZED,
@@ -181,12 +182,10 @@ class Inbound:
         )
         return tunnel, 200, ""
 
-    async def _connect(
-        self, rec: ConnectionRecord, ip: str, port: int
-    ) -> tuple[trio.SocketStream | None, int, str]:
+    async def _connect(self, rec: ConnectionRecord, ip: str, port: int) -> tuple[TcpStream | None, int, str]:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                return await trio.open_tcp_stream(ip, port), 200, ""
+                return await TcpStream.connect(ip, port), 200, ""
         except (OSError, trio.TooSlowError) as exc:
             reason = f"connect to workload {ip}:{port} failed: {exc or 'timed out'}"
             return self._refused(rec, FLAG_UPSTREAM_CONNECT, 503, reason)
@@ -244,8 +243,8 @@ class Inbound:
             self._handle_plaintext, listeners, handler_nursery=connections, task_status=task_status
         )
 
-    async def _handle_plaintext(self, stream: trio.SocketStream) -> None:
-        async with stream:
+    async def _handle_plaintext(self, accepted: trio.SocketStream) -> None:
+        async with TcpStream.adopt(accepted) as stream:
             peer = stream.socket.getpeername()
             dest = original_destination(stream.socket)
             rec = ConnectionRecord(
@@ -265,7 +264,7 @@ class Inbound:
                 await self._proxy(rec, stream, upstream)
 
 
-def original_destination(sock: trio.socket.SocketType) -> tuple[str, int] | None:
+def original_destination(sock: socket.socket | trio.socket.SocketType) -> tuple[str, int] | None:
     """Where a redirected (captured) connection was headed; None if it was not redirected."""
     try:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)

@@ -24,6 +24,7 @@ from meshd.hbone.stream import TunnelStream
 from meshd.identity.spiffe import SpiffeId
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
+from meshd.node.tcp import TcpStream
 from meshd.observe.accesslog import FLAG_NO_HEALTHY, FLAG_NO_ROUTE, FLAG_UNAUTHORIZED, ConnectionRecord
 
 log = logging.getLogger("meshd.outbound")
@@ -128,8 +129,8 @@ class Outbound:
 
         await trio.serve_listeners(handle, listeners, handler_nursery=connections, task_status=task_status)
 
-    async def handle(self, client: trio.SocketStream, up: UpstreamConfig) -> None:
-        async with client:
+    async def handle(self, accepted: trio.SocketStream, up: UpstreamConfig) -> None:
+        async with TcpStream.adopt(accepted) as client:
             peer = client.socket.getpeername()
             source = source_identity(self.state, up)
             rec = ConnectionRecord(
