@@ -165,11 +165,11 @@ class HboneLink:
         """Hand what the connection has queued to the wire now (never blocks; see the module doc)."""
         if not self.conn.wants_write or self._done:
             return
-        data = self.conn.data_to_send()
-        if not data:
+        pieces = self.conn.pieces_to_send()
+        if not pieces:
             return
         try:
-            self.wire.write(data)
+            self.wire.write(*pieces)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self.fail(_describe(e))
             return

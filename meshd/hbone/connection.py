@@ -31,6 +31,7 @@ Errors: misuse raises `LocalProtocolError`; a peer that breaks HTTP/2 makes `rec
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ import h2.exceptions
 import h2.settings
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamClosedBy
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from meshd.hbone import events as ev
@@ -128,6 +130,10 @@ def _elided_body_repr() -> str:
 # with RST_STREAM (h2 handles DATA on any closed stream), only a late HEADERS would fail the connection.
 MAX_CLOSED_STREAMS = 4096
 
+DATA_BY_REFERENCE = 4096  # DATA payloads this large are not copied into the output buffer
+END_STREAM_FLAG = 0x1
+_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length (16 + 8), type, flags, stream id
+
 
 class _H2Connection(h2.connection.H2Connection):
     """h2, plus: a HEADERS frame that would exceed our MAX_CONCURRENT_STREAMS refuses that one stream
@@ -136,6 +142,38 @@ class _H2Connection(h2.connection.H2Connection):
     extra streams only. And it remembers fewer closed streams (MAX_CLOSED_STREAMS)."""
 
     MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self._pieces: list[bytes] = []  # output ahead of _data_to_send, in order
+
+    # Output as pieces: h2 serializes every frame into one bytearray and copies it out again in
+    # data_to_send (three copies of each payload byte); a large DATA payload is kept by reference
+    # instead, behind its 9-byte header, and the TLS writer takes the pieces as they are.
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            if type(frame) is DataFrame and len(frame.data) >= DATA_BY_REFERENCE and not frame.pad_length:
+                size = len(frame.data)
+                flags = END_STREAM_FLAG if "END_STREAM" in frame.flags else 0
+                self._data_to_send += _FRAME_HEADER.pack(size >> 8, size & 0xFF, 0x0, flags, frame.stream_id)
+                self._pieces.append(bytes(self._data_to_send))
+                self._pieces.append(frame.data)
+                self._data_to_send = bytearray()
+            else:
+                self._data_to_send += frame.serialize()
+
+    def pieces_to_send(self) -> list[bytes]:
+        pieces = self._pieces
+        if self._data_to_send:
+            pieces.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        self._pieces = []
+        return pieces
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        assert amount is None, "HboneConnection takes all output at once"
+        return b"".join(self.pieces_to_send())
 
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
         sid = frame.stream_id
@@ -158,23 +196,69 @@ class _H2Connection(h2.connection.H2Connection):
 
 
 class _QuietFrameBuffer(FrameBuffer):
-    """h2's frame iterator, plus: cheap DATA repr, and GOAWAY frames set aside for the wrapper."""
+    """h2's frame iterator, reading the whole frames `HboneConnection` hands it in place, plus: cheap
+    DATA repr, and GOAWAY frames set aside for the wrapper.
+
+    h2's own buffer copies everything into a bytearray, copies each frame's body out of it and then
+    moves the rest of the buffer down (`del data[:n]`) frame by frame: four copies of every payload
+    byte, quadratic with many frames per read. Here each frame is parsed from a memoryview of the
+    caller's bytes, and only the frame parser's own copy of the body remains. `release()` drops the
+    view once h2 is done, so the caller may reuse its buffer.
+    """
 
     def __init__(self, server: bool) -> None:
         super().__init__(server=server)
         self.goaways: list[GoAwayFrame] = []
+        self._view = _EMPTY_VIEW
+        self._pos = 0
+
+    def add_data(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+        if self._preamble_len:  # the client preface: h2 checks it (HboneConnection sends it alone)
+            super().add_data(data)
+            data, self._data = bytes(self._data), bytearray()
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def release(self) -> None:
+        self._view = _EMPTY_VIEW
 
     def __next__(self) -> Frame:
+        view = self._view
         while True:
-            frame = super().__next__()
-            if type(frame) is DataFrame:
+            pos = self._pos
+            if len(view) - pos < 9:
+                if pos != len(view):
+                    raise h2.exceptions.ProtocolError("partial frame handed to the frame buffer")
+                raise StopIteration
+            try:
+                frame, length = Frame.parse_frame_header(view[pos : pos + 9])
+            except (InvalidDataError, InvalidFrameError) as err:
+                raise h2.exceptions.ProtocolError(f"Received frame with invalid header: {err!s}") from err
+            end = pos + 9 + length
+            if end > len(view):
+                raise h2.exceptions.ProtocolError("partial frame handed to the frame buffer")
+            self._validate_frame_length(length)
+            try:
+                frame.parse_body(view[pos + 9 : end])
+            except InvalidDataError as err:
+                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
+            except InvalidFrameError as err:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+            self._pos = end
+            complete = self._update_header_buffer(frame)
+            if complete is None:
+                continue  # a HEADERS frame waiting for its CONTINUATIONs
+            if type(complete) is DataFrame:
                 # Instance attribute shadows the method that hex-encodes the payload for repr().
-                frame._body_repr = _elided_body_repr  # type: ignore[method-assign]
-                return frame
-            if type(frame) is GoAwayFrame:
-                self.goaways.append(frame)
+                complete._body_repr = _elided_body_repr  # type: ignore[method-assign]
+                return complete
+            if type(complete) is GoAwayFrame:
+                self.goaways.append(complete)
                 continue
-            return frame
+            return complete
+
+
+_EMPTY_VIEW = memoryview(b"")
 
 
 @dataclass(slots=True)
@@ -232,8 +316,9 @@ class HboneConnection:
         # Inbound bytes held back until they complete a frame (see receive_data).
         self._inbox = bytearray()
         self._inbox_need = 0  # bytes the inbox must hold before a frame can be complete
+        self._parsed_from_inbox = 0  # bytes at the inbox's start that h2 is parsing (see _drop_parsed)
         self._preface_left = 24 if role is Role.SERVER else 0
-        self._prefix = bytearray()  # frames we serialized ourselves (GOAWAY), ahead of h2's output
+        self._prefix: list[bytes] = []  # output taken from h2 early, and GOAWAYs we serialized ourselves
         self._wants_write = True
         self._ping_counter = 0
         self._goaway_sent: int | None = None  # last_stream_id we announced
@@ -517,8 +602,8 @@ class HboneConnection:
         frame.error_code = error_code
         frame.additional_data = additional_data
         # Keep h2's queued frames ahead of ours: the byte stream must stay in order.
-        self._prefix += self._h2.data_to_send()
-        self._prefix += frame.serialize()
+        self._prefix += self._h2.pieces_to_send()
+        self._prefix.append(frame.serialize())
         self._goaway_sent = last
         self._wants_write = True
 
@@ -536,17 +621,21 @@ class HboneConnection:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the transport, in order; empty if there are none."""
+        return b"".join(self.pieces_to_send())
+
+    def pieces_to_send(self) -> list[bytes]:
+        """`data_to_send()` as the pieces it is made of (large DATA payloads as the objects the app
+        passed in, not copied); write them in order."""
         self._wants_write = False
-        if self._prefix:
-            out = bytes(self._prefix) + self._h2.data_to_send()
-            self._prefix.clear()
-            return out
-        return self._h2.data_to_send()
+        pieces = self._prefix + self._h2.pieces_to_send() if self._prefix else self._h2.pieces_to_send()
+        self._prefix = []
+        return pieces
 
     # ---- receiving ---------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
-        """Feed bytes from the transport; returns the events they complete."""
+        """Feed bytes from the transport; returns the events they complete. `data` is not kept: the
+        caller may reuse its buffer once this returns."""
         if self._closed:
             return []
         complete = self._complete_frames(data)
@@ -558,6 +647,9 @@ class HboneConnection:
             self._closed = True
             self._collect_output()
             raise RemoteProtocolError(f"peer broke HTTP/2: {e}", int(e.error_code)) from e
+        finally:
+            self._frames.release()
+            self._drop_parsed(complete)
         out: list[ev.Event] = []
         for event in raw:
             self._translate(event, out)
@@ -568,32 +660,42 @@ class HboneConnection:
         self._collect_output()
         return out
 
-    def _complete_frames(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Buffer `data`; return the bytes that end on a frame boundary (b"" if none yet).
+    def _complete_frames(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """The longest prefix of (held bytes + `data`) that ends on a frame boundary (b"" if none);
+        the rest is held for the next call.
 
-        h2 re-parses the pending frame header (allocating a frame object) on every call until the
-        frame is complete; with 1 MiB frames arriving as 16 KiB TLS records that was a third of the
-        receive cost. h2 also only checks a frame's length once all of it has arrived, so an
-        oversized frame is refused here, from its header.
+        Whole frames in `data` are handed on as a view of it, not copied; only a frame split across
+        reads is assembled in the inbox (and handed on as a view of the inbox, dropped by
+        `_drop_parsed` once h2 has parsed it). h2 would re-parse the pending frame header (allocating
+        a frame object) on every call until the frame is complete; with 1 MiB frames arriving as
+        16 KiB TLS records that was a third of the receive cost. h2 also only checks a frame's length
+        once all of it has arrived, so an oversized frame is refused here, from its header.
         """
         view = memoryview(data)
         head = b""
         if self._preface_left:
-            # The client preface goes to h2 at once so it rejects non-HTTP/2 bytes early.
+            # The client preface goes to h2 on its own, so it rejects non-HTTP/2 bytes early.
             take = min(self._preface_left, len(view))
             head, view = bytes(view[:take]), view[take:]
             self._preface_left -= take
             if self._preface_left or not view:
                 return head
+            frames = self._complete_frames(view)
+            return head + frames  # once per connection: the copy does not matter
         inbox = self._inbox
-        inbox += view
-        size = len(inbox)
-        if size < self._inbox_need:
-            return head  # the pending frame is still incomplete: nothing to parse
+        if inbox:
+            inbox += view
+            if len(inbox) < self._inbox_need:
+                return b""  # the pending frame is still incomplete: nothing to parse
+            source = memoryview(inbox)
+        else:
+            source = view
+        size = len(source)
         pos = 0
         limit = self._h2.max_inbound_frame_size
+        length = 0
         while pos + 9 <= size:
-            length = int.from_bytes(inbox[pos : pos + 3], "big")
+            length = int.from_bytes(source[pos : pos + 3], "big")
             if length > limit:
                 self._h2.close_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
                 self._closed = True
@@ -605,17 +707,28 @@ class HboneConnection:
                 break
             pos += 9 + length
         self._inbox_need = (pos + 9 + length if pos + 9 <= size else pos + 9) - pos
+        if source is view:
+            inbox += view[pos:]  # an incomplete frame waits in the inbox
+            return view[:pos] if pos else b""
+        self._parsed_from_inbox = pos
+        return source[:pos] if pos else b""
+
+    def _drop_parsed(self, complete: bytes | memoryview) -> None:
+        """After h2 parsed a view of the inbox: remove those bytes from it."""
+        pos, self._parsed_from_inbox = self._parsed_from_inbox, 0
         if not pos:
-            return head
-        with memoryview(inbox) as whole:
-            complete = bytes(whole[:pos])  # one copy (slicing the bytearray first would make two)
-        del inbox[:pos]
-        return head + complete if head else complete
+            return
+        if isinstance(complete, memoryview):
+            complete.release()
+        try:
+            del self._inbox[:pos]
+        except BufferError:  # a view of it is still alive somewhere: start a new inbox instead
+            self._inbox = bytearray(self._inbox[pos:])
 
     def _collect_output(self) -> None:
         # Small control frames h2 produced (ACKs, WINDOW_UPDATE, RST) move to our queue, so
         # `wants_write` is exact and the writer is not woken for nothing.
-        out = self._h2.data_to_send()
+        out = self._h2.pieces_to_send()
         if out:
             self._prefix += out
             self._wants_write = True
@@ -694,7 +807,9 @@ class HboneConnection:
             target = parse_authority(authority)
             if target is None:
                 reason = f"CONNECT authority {authority!r} is not ip:port"
-                self.refuse(sid, 400, reason)
+                stream = self._h2.streams.get(sid)
+                if stream is not None and not stream.closed:  # a RST later in the same read closed it
+                    self.refuse(sid, 400, reason)
                 self.release_stream(sid)
                 out.append(ev.RequestRejected(sid, 400, reason))
                 return

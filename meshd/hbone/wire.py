@@ -27,11 +27,16 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from collections import deque
+from collections.abc import Iterator
+from itertools import islice
 from typing import cast
 
 import trio
 
 RECEIVE_SIZE = 256 * 1024
+TLS_RECORD = 16384  # the largest TLS record's plaintext
+_IOV_MAX = 1024  # Linux's limit on the buffers one sendmsg takes
 
 
 class Wire:
@@ -49,7 +54,10 @@ class Wire:
         self._tls = tls
         self._incoming = incoming if incoming is not None else ssl.MemoryBIO()
         self._outgoing = outgoing if outgoing is not None else ssl.MemoryBIO()
-        self._out = bytearray()  # ciphertext the kernel has not taken yet, in order
+        # Ciphertext the kernel has not taken yet, in order, as the pieces it was written in (so a
+        # large backlog is sent from where it lies: no copying it along, no moving its rest down).
+        self._out: deque[memoryview] = deque()
+        self._pending = 0
         self._buffer = bytearray(RECEIVE_SIZE)
         self._view = memoryview(self._buffer)
         self._eof = False
@@ -114,20 +122,25 @@ class Wire:
     @property
     def pending(self) -> int:
         """Bytes written but not yet taken by the kernel (`flush()` sends them)."""
-        return len(self._out)
+        return self._pending
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt `data` and send it now, as far as the socket takes it; the rest waits for `flush()`.
-        Never blocks. Raises `trio.BrokenResourceError` once the socket has failed."""
+    def write(self, *pieces: bytes | bytearray | memoryview) -> None:
+        """Encrypt the pieces (in order, as one byte stream) and send them now, as far as the socket
+        takes them; the rest waits for `flush()`. Never blocks. Raises `trio.BrokenResourceError` once
+        the socket has failed."""
         self._check_usable()
-        if self._tls is not None:
-            try:
-                self._tls.write(data)
-            except ssl.SSLError as e:
-                self._failure = e
-                raise trio.BrokenResourceError(f"TLS error: {e}") from e
-            data = self._outgoing.read()
-        self._send_now(data)
+        tls = self._tls
+        if tls is None:
+            for piece in pieces:
+                self._send_now(piece)
+            return
+        try:
+            for record in _records(pieces):
+                tls.write(record)
+        except ssl.SSLError as e:
+            self._failure = e
+            raise trio.BrokenResourceError(f"TLS error: {e}") from e
+        self._send_now(self._outgoing.read())
 
     def _send_outgoing(self) -> None:
         """Send TLS output that reading or the handshake produced (alerts, Finished, KeyUpdate)."""
@@ -138,7 +151,7 @@ class Wire:
         if not data:
             return
         if self._out:  # keep the byte order: behind what is already waiting
-            self._out += data
+            self._queue(memoryview(data))
             return
         try:
             sent = self._sock.send(data)
@@ -148,7 +161,11 @@ class Wire:
             self._failure = e
             raise trio.BrokenResourceError(_describe_os_error(e)) from e
         if sent < len(data):
-            self._out += memoryview(data)[sent:]
+            self._queue(memoryview(data)[sent:])
+
+    def _queue(self, piece: memoryview) -> None:
+        self._out.append(piece)
+        self._pending += len(piece)
 
     async def flush(self) -> None:
         """Wait until the kernel has taken everything written. One task at a time (trio allows one
@@ -158,13 +175,21 @@ class Wire:
             self._check_usable()
             await trio.lowlevel.wait_writable(self._sock)
             try:
-                sent = self._sock.send(out)
+                # All waiting pieces in one syscall (up to the kernel's iovec limit).
+                sent = self._sock.sendmsg(list(islice(out, _IOV_MAX)))
             except BlockingIOError:
                 continue
             except OSError as e:
                 self._failure = e
                 raise trio.BrokenResourceError(_describe_os_error(e)) from e
-            del out[:sent]
+            self._pending -= sent
+            while sent:
+                head = out[0]
+                if sent < len(head):
+                    out[0] = head[sent:]
+                    break
+                sent -= len(head)
+                out.popleft()
 
     # ---- reading -----------------------------------------------------------------------------------
 
@@ -259,6 +284,31 @@ class Wire:
             raise trio.ClosedResourceError("the connection is closed")
         if self._failure is not None:
             raise trio.BrokenResourceError(str(self._failure)) from self._failure
+
+
+def _records(pieces: tuple[bytes | bytearray | memoryview, ...]) -> Iterator[bytes | bytearray | memoryview]:
+    """The pieces regrouped for TLS writes: each write ends a TLS record, so small pieces (a frame
+    header, a WINDOW_UPDATE) are joined with what follows up to a full record, and the rest of a large
+    piece is written from where it lies, uncopied."""
+    small = bytearray()
+    for piece in pieces:
+        size = len(piece)
+        if size < TLS_RECORD:
+            small += piece
+            if len(small) >= TLS_RECORD:
+                yield small
+                small = bytearray()
+            continue
+        view = memoryview(piece)
+        if small:
+            cut = TLS_RECORD - len(small)
+            small += view[:cut]
+            yield small
+            small = bytearray()
+            view = view[cut:]
+        yield view
+    if small:
+        yield small
 
 
 def _describe_os_error(e: OSError) -> str:
