@@ -52,6 +52,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.observe.http import reason
 from meshd.plugins.filters import (
     FilterContext,
     HttpRequest,
@@ -314,6 +315,7 @@ class Waypoint:
             await io.send(
                 h11.Response(
                     status_code=exc.error_status_hint,
+                    reason=reason(exc.error_status_hint),
                     headers=[("content-type", "text/plain"), ("content-length", str(len(body)))],
                 )
             )
@@ -461,7 +463,7 @@ class Waypoint:
         if io.conn.their_state is h11.DONE:
             return
         if io.conn.they_are_waiting_for_100_continue:
-            await io.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await io.send(h11.InformationalResponse(status_code=100, headers=[], reason=reason(100)))
         while True:
             event = await io.next_event()
             if isinstance(event, h11.Data):
@@ -497,7 +499,9 @@ class Waypoint:
         headers = forwardable(response.headers)
         if self._draining:
             headers.append(("connection", "close"))  # h11 closes the connection after this response
-        head = io.conn.send(h11.Response(status_code=response.status, headers=headers))
+        head = io.conn.send(
+            h11.Response(status_code=response.status, headers=headers, reason=reason(response.status))
+        )
         if "content-length" not in response.headers:
             await io.stream.send_all(head)  # a stream of unknown length: the client gets headers now
             head = b""

@@ -357,6 +357,16 @@ def test_l7_deny_403_backend_sees_nothing(mesh: Mesh) -> None:
     assert metric(mesh.wp, "istio_requests_total", response_code="403", response_flags="UAEX") >= 1
 
 
+def test_waypoint_status_lines_carry_reason_phrases(mesh: Mesh) -> None:
+    conn = mesh.client()
+    for path, method, expected in (("/v1/ok", "GET", (200, "OK")), ("/admin/x", "POST", (403, "Forbidden"))):
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        resp = conn.getresponse()
+        resp.read()
+        assert (resp.status, resp.reason) == expected
+    conn.close()
+
+
 def test_raising_plugin_gives_500_and_next_request_succeeds(mesh: Mesh) -> None:
     conn = mesh.client()
     status, _, _ = request(conn, "/boom", headers={"x-boom": "1"})
