@@ -403,6 +403,17 @@ class Catalog:
             "local": self.local.node,
             "nodes": sorted([self.local.node, *self.peers]),
             "services": sorted(self.services),
+            "service_entries": [
+                {
+                    "service": key,
+                    "ports": [
+                        {"port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+                        for p in self.services[key].ports
+                    ],
+                    "waypoint": self.services[key].waypoint,
+                }
+                for key in sorted(self.services)
+            ],
             "workloads": [
                 {
                     "node": w.node,

@@ -81,7 +81,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         body = (
             "<!doctype html><title>meshd</title><h1>meshd</h1>"
             f"<p>role <b>{html.escape(dump['role'])}</b>, node <b>{html.escape(dump['node_name'])}</b>, "
-            f"version {html.escape(dump['version'])}, ready: {dump['ready']}</p>"
+            f"version {html.escape(dump['version'])}, {'ready' if dump['ready'] else 'not ready'}</p>"
             f"<h2>Certificates</h2><table><tr><th>identity</th><th>expires</th></tr>{rows}</table>"
             '<p><a href="/config_dump">/config_dump</a></p>'
         )
