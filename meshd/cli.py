@@ -148,7 +148,7 @@ def config_check(config_file: str | None, overrides: tuple[str, ...]) -> None:
             problems.append(Problem(str(path), None, f"identity.ca_dir: {exc}"))
     warnings: list[Problem] = []
     try:
-        _, warnings = load_policy_dir(cfg.policy.dir, role=cfg.role)
+        _, warnings = load_policy_dir(cfg.policy.dir, role=cfg.role, trust_domain=cfg.trust_domain)
     except ConfigError as exc:
         problems.extend(exc.problems)
     for w in warnings:
