@@ -46,7 +46,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         """`meshd policy explain --admin`: answered with the policy in force now (after reloads)."""
         state = daemon.state
         try:
-            answers = answer(state.config, state.policy, ExplainQuery.from_params(req.query))
+            answers = answer(state.config, state.policy, ExplainQuery.from_params(req.query), state.catalog)
         except QueryError as exc:
             why = {"error": str(exc), "param": exc.param, "not_served_here": isinstance(exc, NotServedHere)}
             return Response(400, dumps(why), "application/json")
