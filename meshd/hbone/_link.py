@@ -4,7 +4,7 @@ Must never know: listening, pooling, identities beyond carrying them, what a han
 
 Tasks (all in the link's own nursery, so a link's lifetime is one `run()` call):
 - reader: receive_some -> `conn.receive_data` -> update per-stream slots and wake their waiters. It never
-  awaits anything but the socket, so it cannot deadlock behind a sender (DESIGN.md trap).
+  awaits anything but the socket, so it cannot deadlock behind a sender (docs/design.md, "Traps").
 - writer: the only task that calls `send_all` on the TLS stream. Cancelling a send_all half way breaks
   an SSLStream for every stream on it, so nobody else writes and the writer is only cancelled when the
   whole connection is going away anyway.
