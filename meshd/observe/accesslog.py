@@ -55,16 +55,6 @@ class WorkloadLabels:
             return cls(name, identity.namespace, name, DEFAULT_REVISION, identity.trust_domain)
         return cls(namespace=identity.namespace, cluster=identity.trust_domain)
 
-    def labels(self) -> tuple[str, str, str, str]:
-        """(canonical service, canonical revision, app, version): ztunnel reports app and version
-        as the canonical service and revision."""
-        return (
-            self.canonical_service,
-            self.canonical_revision,
-            self.canonical_service,
-            self.canonical_revision,
-        )
-
 
 UNKNOWN_WORKLOAD = WorkloadLabels()
 
@@ -87,7 +77,8 @@ def _istio_labels(
     destination_service: str,
     protocol: str,
 ) -> tuple[str, ...]:
-    """Istio's common traffic labels in metrics.TCP_LABELS order, up to request_protocol."""
+    """Istio's common traffic labels in metrics.TCP_LABELS order, up to request_protocol. `*_app` and
+    `*_version` repeat the canonical service and revision, as ztunnel writes them."""
     name, _, ns = destination_service.partition(".")
     return (
         reporter,

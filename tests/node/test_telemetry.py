@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from meshd.discovery.catalog import WorkloadEntry
 from meshd.identity.ca import LocalCA
+from meshd.identity.spiffe import SpiffeId
+from meshd.observe.accesslog import WorkloadLabels
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, node_config
 from tests.support.procs import Meshd, http_get, unique_loopback
@@ -170,3 +173,40 @@ def test_a_denied_client_is_told_apart_in_metrics_and_access_log(pair: Pair) -> 
         ),
         pair.alpha,
     )
+
+
+@pytest.mark.parametrize(
+    ("labels", "service", "revision"),
+    [
+        ({}, "web", "latest"),
+        ({"app": "shop", "version": "v3"}, "shop", "v3"),
+        (
+            {"app.kubernetes.io/name": "k", "app": "a", "app.kubernetes.io/version": "9", "version": "v"},
+            "k",
+            "9",
+        ),
+        (
+            {"service.istio.io/canonical-name": "c", "app": "a", "service.istio.io/canonical-revision": "r"},
+            "c",
+            "r",
+        ),
+        ({"app": "", "version": ""}, "web", "latest"),
+    ],
+)
+def test_canonical_service_and_revision_follow_istios_label_order(
+    labels: dict[str, str], service: str, revision: str
+) -> None:
+    w = WorkloadEntry("n", "web", "default", "sa", "10.0.0.1", (80,), (), tuple(sorted(labels.items())))
+    assert WorkloadLabels.of(w, "home.arpa") == WorkloadLabels(
+        "web", "default", service, revision, "home.arpa"
+    )
+
+
+def test_identities_without_a_catalog_workload() -> None:
+    node = SpiffeId.node("home.arpa", "wp")
+    assert WorkloadLabels.of_identity(node) == WorkloadLabels(
+        "wp", "meshd-system", "wp", "latest", "home.arpa"
+    )
+    stranger = SpiffeId("home.arpa", "apps", "ghost")
+    assert WorkloadLabels.of_identity(stranger) == WorkloadLabels(namespace="apps", cluster="home.arpa")
+    assert WorkloadLabels.of_identity(None) == WorkloadLabels()
