@@ -22,6 +22,7 @@ from meshd.cli_policy import policy
 from meshd.config.load import config_path, load_config
 from meshd.config.schema import describe_type, leaf_keys, to_plain
 from meshd.errors import ConfigError, Problem, UserFacingError
+from meshd.units import plural
 
 EXIT_INVALID = 2  # `config check`: the configuration is invalid
 
@@ -147,14 +148,17 @@ def config_check(config_file: str | None, overrides: tuple[str, ...]) -> None:
             problems.append(Problem(str(path), None, f"identity.ca_dir: {exc}"))
     warnings: list[Problem] = []
     try:
-        _, warnings = load_policy_dir(cfg.policy.dir, role=cfg.role)
+        _, warnings = load_policy_dir(cfg.policy.dir, role=cfg.role, trust_domain=cfg.trust_domain)
     except ConfigError as exc:
         problems.extend(exc.problems)
     for w in warnings:
         click.echo(f"warning: {w.format()}", err=True)
     if problems:
         _fail_config(ConfigError(problems), EXIT_INVALID)
-    click.echo(f"{path}: OK ({len(cfg.workloads)} workloads, {len(cfg.services)} services, role {cfg.role})")
+    click.echo(
+        f"{path}: OK ({plural(len(cfg.workloads), 'workload')}, {plural(len(cfg.services), 'service')}, "
+        f"role {cfg.role})"
+    )
 
 
 @config.command("keys")

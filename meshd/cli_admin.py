@@ -18,6 +18,7 @@ import click
 
 from meshd.config.load import config_path, load_config
 from meshd.errors import ConfigError
+from meshd.units import plural
 
 DEFAULT_ADMIN = "127.0.0.1:15000"
 
@@ -65,8 +66,8 @@ def status_text(d: dict[str, Any]) -> str:
     lines = [
         f"meshd {d['version']}  role {d['role']}  node {d['node_name']}  "
         f"{'ready' if d['ready'] else 'NOT READY'}  up {d['uptime_s']}s",
-        f"peers {len(d.get('peers', []))}  services {len(d['catalog']['services'])}  "
-        f"workloads {len(d['catalog']['workloads'])}  "
+        f"{plural(len(d.get('peers', [])), 'peer')}, {plural(len(d['catalog']['services']), 'service')}, "
+        f"{plural(len(d['catalog']['workloads']), 'workload')}; "
         f"connections: {conns.get('proxied', 0)} proxied now, "
         f"{conns.get('hbone_inbound', {}).get('connections', 0)} HBONE in, "
         f"{conns.get('pool', {}).get('connections', 0)} HBONE out",
@@ -92,13 +93,33 @@ def peers_text(d: dict[str, Any]) -> str:
     return table(rows, ["name", "address", "role", "found by", "last seen (s ago)", "revision", "last error"])
 
 
+def _ports(entry: dict[str, Any]) -> str:
+    """ "80->8080/http, 7000/tcp": service port, the workloads' port when it differs, protocol."""
+    out = []
+    for p in entry["ports"]:
+        target = f"->{p['target_port']}" if p["target_port"] != p["port"] else ""
+        out.append(f"{p['port']}{target}/{p['protocol']}")
+    return ", ".join(out)
+
+
 def services_text(d: dict[str, Any]) -> str:
     by_service: dict[str, list[str]] = {s: [] for s in d["catalog"]["services"]}
     for w in d["catalog"]["workloads"]:
         for s in w["services"]:
             by_service.setdefault(s, []).append(f"{w['workload']}@{w['node']}")
-    rows = [(s, len(eps), ", ".join(eps) or "(no endpoints)") for s, eps in sorted(by_service.items())]
-    return table(rows, ["service", "endpoints", "workloads"])
+    # An older daemon's dump has no service_entries: its ports and waypoint show as "-".
+    entries = {e["service"]: e for e in d["catalog"].get("service_entries", [])}
+    rows = [
+        (
+            s,
+            _ports(entries[s]) if s in entries else None,
+            (entries[s]["waypoint"] or "none") if s in entries else None,
+            len(eps),
+            ", ".join(eps) or "(no endpoints)",
+        )
+        for s, eps in sorted(by_service.items())
+    ]
+    return table(rows, ["service", "ports", "waypoint", "endpoints", "workloads"])
 
 
 def _command(

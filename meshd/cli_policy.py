@@ -31,7 +31,11 @@ def policy() -> None:
 )
 @click.option("--from", "source", required=True, metavar="SPIFFE_ID", help="source identity, or 'plaintext'")
 @click.option("--to", "to", required=True, metavar="SERVICE:PORT", help="e.g. echo.default:7000")
-@click.option("--source-ip", default="127.0.0.1", show_default=True, help="source address (ip_blocks)")
+@click.option(
+    "--source-ip",
+    help="the client's address (ip_blocks, when source.ip); without it 127.0.0.1 is evaluated and the "
+    "answer says whether the address matters",
+)
 @click.option("--method", help="HTTP method (evaluates as the waypoint)")
 @click.option("--path", "path_", help="HTTP path (evaluates as the waypoint)")
 @click.option("--host", help="HTTP host (evaluates as the waypoint)")
@@ -42,7 +46,7 @@ def policy_explain(
     admin: str | None,
     source: str,
     to: str,
-    source_ip: str,
+    source_ip: str | None,
     method: str | None,
     path_: str | None,
     host: str | None,
@@ -87,7 +91,8 @@ def policy_explain(
 
 def _ask_daemon(admin: str, query: ExplainQuery) -> list[dict[str, Any]]:
     """The running daemon's answer (its in-memory config and policy, as they are after reloads)."""
-    params: list[tuple[str, str]] = [("from", query.source), ("to", query.to), ("source_ip", query.source_ip)]
+    params: list[tuple[str, str]] = [("from", query.source), ("to", query.to)]
+    params += [("source_ip", query.source_ip)] if query.source_ip else []
     params += [(k, v) for k, v in (("method", query.method), ("path", query.path), ("host", query.host)) if v]
     params += [("header", f"{k}={v}") for k, v in query.headers.items()]
     url = f"http://{admin}/policy/explain?{urllib.parse.urlencode(params)}"

@@ -81,7 +81,10 @@ class Daemon:
         self.plugins = make_plugin_manager()
         self.plugins.hook.meshd_startup.call_historic(kwargs={"config": config})
         policy, warnings = load_policy_dir(
-            config.policy.dir, role=config.role, filter_types=filter_types(self.plugins)
+            config.policy.dir,
+            role=config.role,
+            filter_types=filter_types(self.plugins),
+            trust_domain=config.trust_domain,
         )
         for w in warnings:
             log.warning("policy: %s", w.format())
@@ -196,7 +199,10 @@ class Daemon:
         try:
             new = load_config(self.config_path, self.overrides) if self.config_path else self.config
             policy, warnings = load_policy_dir(
-                new.policy.dir, role=new.role, filter_types=filter_types(self.plugins)
+                new.policy.dir,
+                role=new.role,
+                filter_types=filter_types(self.plugins),
+                trust_domain=new.trust_domain,
             )
         except ConfigError as exc:
             return rejected(p.format() for p in exc.problems)

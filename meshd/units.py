@@ -44,6 +44,11 @@ def format_duration(d: timedelta) -> str:
     return f"{int(secs * 1000)}ms"
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """ "1 peer", "2 peers" (`nouns` for an irregular plural)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """A host:port pair; host is an IP literal or a name. IPv6 is written [::1]:15008."""

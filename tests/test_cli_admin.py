@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from meshd.identity.ca import LocalCA
-from tests.support.procs import Meshd
+from tests.support.configs import node_config
+from tests.support.procs import Meshd, http_get
 from tests.test_cli import meshd
 from tests.test_daemon import example_node
 
@@ -45,3 +46,35 @@ def test_status_says_clearly_when_meshd_is_not_running(loopback: str) -> None:
     assert out.returncode == 1
     assert "cannot reach meshd's admin API" in out.stderr and "is meshd running?" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_services_show_ports_protocol_and_waypoint_and_counts_read_as_words(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    cfg = node_config(
+        tmp_path / "n.toml",
+        "n1",
+        tmp_path / "ca",
+        body=(
+            f'[[workload]]\nname = "web"\naddress = "{loopback}"\nports = [8080, 7000]\nservices = ["web", "raw"]\n'
+            '[[service]]\nname = "web"\nwaypoint = "wp"\nports = [{ port = 80, target_port = 8080, protocol = "http" }]\n'
+            '[[service]]\nname = "raw"\nports = [{ port = 7000 }]\n'
+        ),
+    )
+    node = Meshd(cfg, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    admin = f"{loopback}:15000"
+    out = meshd("services", "--admin", admin)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["service", "ports", "waypoint", "endpoints", "workloads"]
+    assert lines[1].split() == ["raw.default", "7000/tcp", "none", "1", "web.default@n1"]
+    assert lines[2].split() == ["web.default", "80->8080/http", "wp", "1", "web.default@n1"]
+    status = meshd("status", "--admin", admin).stdout
+    assert "0 peers, 2 services, 1 workload;" in status, status
+    assert meshd("config", "check", "-c", str(cfg)).stdout.endswith(
+        "OK (1 workload, 2 services, role node)\n"
+    )
+    page = http_get(f"http://{admin}/")[1].decode()
+    assert ", ready</p>" in page and "True" not in page

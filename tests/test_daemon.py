@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,3 +144,28 @@ def test_missing_ca_fails_start_with_a_clear_message(tmp_path: Path, loopback: s
     assert last.startswith("error: cannot get a certificate for spiffe://home.arpa/ns/meshd-system/sa/node-")
     assert "meshd ca init --dir" in last
     assert "Traceback" not in out.stderr
+
+
+def _status_line(address: tuple[str, int], request: bytes) -> bytes:
+    with socket.create_connection(address, timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n" not in data and (chunk := s.recv(4096)):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_status_lines_carry_reason_phrases(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    get = b"GET %s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    assert _status_line((loopback, 15021), get % b"/healthz/ready") == b"HTTP/1.1 200 OK"
+    assert _status_line((loopback, 15020), get % b"/metrics") == b"HTTP/1.1 200 OK"
+    assert _status_line((loopback, 15000), get % b"/no-such-page") == b"HTTP/1.1 404 Not Found"
+    assert (
+        _status_line((loopback, 15000), b"POST /quitquitquit HTTP/1.1\r\nhost: x\r\n\r\n")
+        == b"HTTP/1.1 200 OK"
+    )

@@ -6,7 +6,17 @@ import json
 import signal
 from pathlib import Path
 
+from meshd.discovery.catalog import (
+    NodeCatalog,
+    PeerRecord,
+    ServiceEntry,
+    ServicePortEntry,
+    WorkloadEntry,
+    merge,
+)
 from meshd.identity.ca import LocalCA
+from meshd.policy.query import where_to_ask
+from meshd.units import Address
 from tests.conftest import REPO
 from tests.node.test_node_e2e import wait_for
 from tests.support.procs import Meshd, http_get
@@ -135,5 +145,53 @@ def test_explain_against_a_running_daemon(
     assert (
         elsewhere.returncode == 1 and "no workload in this config serves nope.data port 1" in elsewhere.stderr
     )
+    assert "nope.data is not in this node's catalog (yet): no node to ask" in elsewhere.stderr
     malformed = meshd(*ask, "--to", "client.default")
     assert malformed.returncode == 2 and "--to" in malformed.stderr
+
+
+def test_without_source_ip_the_answer_says_when_the_address_matters() -> None:
+    base = ("policy", "explain", "-c", NAS, "--from", "home.arpa/ns/apps/sa/grafana", "--to", "db.data:5432")
+    out = meshd(*base)
+    assert out.returncode == 0, out.stderr
+    assert (
+        "note: the answer depends on the source address (policy lan-only looks at it); "
+        "it was evaluated for 127.0.0.1: give the client's address (--source-ip, source_ip=)"
+    ) in out.stdout
+    assert json.loads(meshd(*base, "--json").stdout)[0]["depends_on_source_ip"] == ["lan-only"]
+    given = meshd(*base, "--source-ip", "10.9.9.9", "--json")
+    assert given.returncode == 3 and json.loads(given.stdout)[0]["depends_on_source_ip"] == []
+
+
+def test_not_served_here_names_the_node_and_waypoint_to_ask() -> None:
+    def entry(node: str, name: str, ip: str, port: int, services: tuple[str, ...]) -> WorkloadEntry:
+        return WorkloadEntry(node, name, "default", name, ip, (port,), services)
+
+    web = ServiceEntry("web", "default", (ServicePortEntry(80, 8080, "http"),), waypoint="wp")
+    echo = ServiceEntry("echo", "default", (ServicePortEntry(7000, 7000, "tcp"),))
+    alpha = NodeCatalog("alpha", "home.arpa", "node", Address.parse("10.0.0.2:15008"), (), ())
+    beta = NodeCatalog(
+        "beta",
+        "home.arpa",
+        "node",
+        Address.parse("10.0.0.3:15008"),
+        (
+            entry("beta", "web", "10.0.0.3", 8080, ("web.default",)),
+            entry("beta", "echo", "10.0.0.3", 7000, ()),
+        ),
+        (web, echo),
+    )
+    catalog = merge(alpha, [PeerRecord(beta, "10.0.0.3")])
+    assert where_to_ask(catalog, "web.default", 80) == (
+        "ask node beta (HBONE 10.0.0.3:15008): run `meshd policy explain` there; "
+        "L7 policy (methods, paths, hosts, headers) is enforced by waypoint 'wp'"
+    )
+    assert (
+        where_to_ask(catalog, "echo.default", 7000)
+        == "echo.default has no endpoint for port 7000 (yet): no node to ask"
+    )
+    assert (
+        where_to_ask(catalog, "nope.default", 1)
+        == "nope.default is not in this node's catalog (yet): no node to ask"
+    )
+    assert "with --admin HOST:PORT" in where_to_ask(None, "web.default", 80)

@@ -254,6 +254,38 @@ def test_lowercase_method_warns(tmp_path: Path) -> None:
     assert (w.line, w.hint) == (4, "write 'GET'")
 
 
+FOREIGN = """\
+[[authorization]]
+name = "allow-typo"
+action = "ALLOW"
+[[authorization.rules]]
+from = [{ principals = ["home.arpa/ns/default/sa/ok", "spiffe://cluster.local/ns/default/sa/web"] }]
+[[authorization.rules]]
+from = [{ not_principals = ["*/ns/default/sa/any", "cluster.local/ns/x/*"] }]
+when = [{ key = "source.principal", values = ["other.td/ns/a/sa/b"] }]
+"""
+
+
+def test_principal_of_another_trust_domain_warns_with_file_line(tmp_path: Path) -> None:
+    d = write(tmp_path / "p", {"f.toml": FOREIGN})
+    _, warnings = load_policy_dir(d, role="node", trust_domain="home.arpa")
+    got = [(w.line, w.message, w.hint) for w in warnings]
+    assert [line for line, _, _ in got] == [5, 7, 8]
+    assert (
+        "principal 'spiffe://cluster.local/ns/default/sa/web' is in trust domain 'cluster.local', "
+        in got[0][1]
+    )
+    assert "not this mesh's 'home.arpa': no peer can present it, so it never matches" in got[0][1]
+    assert got[0][2] == 'write "home.arpa/ns/default/sa/web"'
+    assert "'cluster.local/ns/x/*'" in got[1][1] and "'other.td/ns/a/sa/b'" in got[2][1]
+    # Without a trust domain to compare with (or with the matching one) nothing is said.
+    assert load_policy_dir(d, role="node")[1] == []
+    assert (
+        load_policy_dir(write(tmp_path / "q", {"g.toml": GOOD}), role="node", trust_domain="home.arpa")[1]
+        == []
+    )
+
+
 def test_example_policy_folder_loads_cleanly_and_works() -> None:
     roles: tuple[Role, ...] = ("node", "waypoint")
     for role in roles:

@@ -17,6 +17,7 @@ import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from meshd.config.model import Config
@@ -330,6 +331,22 @@ class Catalog:
             )
         return out
 
+    @cached_property
+    def _by_identity(self) -> dict[SpiffeId, list[WorkloadEntry]]:
+        index: dict[SpiffeId, list[WorkloadEntry]] = {}
+        for w in self.workloads:
+            index.setdefault(w.identity(self.trust_domain), []).append(w)
+        return index
+
+    def source_workload(self, identity: SpiffeId, client_ip: str) -> WorkloadEntry | None:
+        """The workload a tunnel authenticated as `identity` came from (for telemetry only): the one
+        workload with that identity, or among several the one at the client's address. None when
+        no workload has it (a node identity) or several could be it."""
+        found = self._by_identity.get(identity, [])
+        if len(found) > 1:
+            found = [w for w in found if w.address == client_ip]
+        return found[0] if len(found) == 1 else None
+
     # ---- waypoints (see docs/waypoint.md) ----------------------------------------------------------
 
     def waypoint_node(self, name: str) -> tuple[NodeCatalog, str] | None:
@@ -386,6 +403,17 @@ class Catalog:
             "local": self.local.node,
             "nodes": sorted([self.local.node, *self.peers]),
             "services": sorted(self.services),
+            "service_entries": [
+                {
+                    "service": key,
+                    "ports": [
+                        {"port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+                        for p in self.services[key].ports
+                    ],
+                    "waypoint": self.services[key].waypoint,
+                }
+                for key in sorted(self.services)
+            ],
             "workloads": [
                 {
                     "node": w.node,

@@ -7,7 +7,7 @@ Theory of operation
 -------------------
 `HboneConnection` wraps one `h2.connection.H2Connection` and adds what HBONE needs on top of it:
 
-- Settings fixed by the wire format (DESIGN.md): stream window 4 MiB, connection window 16 MiB (never
+- Settings fixed by the wire format (docs/design.md): stream window 4 MiB, connection window 16 MiB (never
   equal: that can deadlock), frames up to 1 MiB, 100 concurrent streams.
 - Back-pressure: h2 never reopens a window by itself. The app calls `acknowledge(stream_id, n)` for the
   bytes it has consumed; only then does a WINDOW_UPDATE go out.

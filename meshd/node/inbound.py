@@ -32,6 +32,8 @@ from meshd.observe.accesslog import (
     FLAG_UNAUTHORIZED,
     FLAG_UPSTREAM_CONNECT,
     ConnectionRecord,
+    WorkloadLabels,
+    source_of,
 )
 from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mode
 from meshd.units import Address
@@ -71,6 +73,8 @@ class Inbound:
             src=req.client_address,
             dst=req.authority,
             source_identity=req.peer_identity,
+            source=source_of(self.state.catalog, req.peer_identity, req.client_address),
+            peer=str(Address(*req.peer_address)),
         )
         upstream, status, reason = await self._admit(rec, req.peer_identity, req.peer_address[0], ip, port)
         if upstream is None:
@@ -210,8 +214,7 @@ class Inbound:
 
     def _describe_destination(self, rec: ConnectionRecord, w: WorkloadEntry) -> None:
         rec.destination_identity = w.identity(self.state.config.trust_domain)
-        rec.destination_workload = w.name
-        rec.destination_namespace = w.namespace
+        rec.destination = WorkloadLabels.of(w, self.state.config.trust_domain)
         rec.destination_service = w.services[0] if w.services else "unknown"
 
     async def _handle_request(self, req: InboundRequest, reply: ServerReply) -> None:
@@ -247,9 +250,8 @@ class Inbound:
         async with TcpStream.adopt(accepted) as stream:
             peer = stream.socket.getpeername()
             dest = original_destination(stream.socket)
-            rec = ConnectionRecord(
-                reporter="destination", src=f"{peer[0]}:{peer[1]}", dst="", security="none"
-            )
+            src = str(Address(str(peer[0]), int(peer[1])))
+            rec = ConnectionRecord(reporter="destination", src=src, dst="", peer=src, security="none")
             if dest is None:
                 self.state.telemetry.failed(
                     rec, FLAG_NO_ROUTE, "plaintext connection without an original destination"

@@ -25,7 +25,14 @@ from meshd.identity.spiffe import SpiffeId
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.node.tcp import TcpStream
-from meshd.observe.accesslog import FLAG_NO_HEALTHY, FLAG_NO_ROUTE, FLAG_UNAUTHORIZED, ConnectionRecord
+from meshd.observe.accesslog import (
+    FLAG_NO_HEALTHY,
+    FLAG_NO_ROUTE,
+    FLAG_UNAUTHORIZED,
+    ConnectionRecord,
+    WorkloadLabels,
+    source_of,
+)
 
 log = logging.getLogger("meshd.outbound")
 
@@ -138,6 +145,7 @@ class Outbound:
                 src=f"{peer[0]}:{peer[1]}",
                 dst=f"{up.service_key}:{up.port}",
                 source_identity=source,
+                source=source_of(self.state.catalog, source, f"{peer[0]}:{peer[1]}"),
                 destination_service=up.service_key,
             )
             endpoints, why = self.endpoints(up.service_key, up.port)
@@ -171,8 +179,8 @@ class Outbound:
         last_error = "no endpoint tried"
         for ep in self.picker.candidates(f"{up.service_key}:{up.port}", endpoints, time.monotonic()):
             rec.destination_identity = ep.identity
-            rec.destination_workload = ep.workload.name
-            rec.destination_namespace = ep.workload.namespace
+            rec.destination = WorkloadLabels.of(ep.workload, self.state.config.trust_domain)
+            rec.peer = str(ep.dial)
             started = time.monotonic()
             try:
                 tunnel = await self.pool.open_tunnel(

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from meshd.discovery.catalog import Catalog, WorkloadEntry
 from meshd.identity.spiffe import SpiffeId
 from meshd.observe.metrics import Metrics
 
@@ -17,45 +18,149 @@ FLAG_NO_ROUTE = "NR"  # no workload/port, no endpoint
 FLAG_UPSTREAM_CONNECT = "UF"  # upstream connection failure
 FLAG_NO_HEALTHY = "UH"  # no healthy upstream
 
+UNKNOWN = "unknown"
+# Istio's canonical service / revision come from these workload labels, first one set wins
+# (then the workload name, and "latest").
+CANONICAL_SERVICE_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+DEFAULT_REVISION = "latest"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadLabels:
+    """One side of a connection as Istio's metrics label it. Built once per connection (or tunnel)."""
+
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = UNKNOWN
+    cluster: str = UNKNOWN
+
+    @classmethod
+    def of(cls, w: WorkloadEntry, cluster: str) -> WorkloadLabels:
+        """A catalog workload: its name, and Istio's defaults for what its labels do not say."""
+        labels = w.label_map
+        service = next((labels[k] for k in CANONICAL_SERVICE_LABELS if labels.get(k)), w.name)
+        revision = next((labels[k] for k in CANONICAL_REVISION_LABELS if labels.get(k)), DEFAULT_REVISION)
+        return cls(w.name, w.namespace, service, revision, cluster)
+
+    @classmethod
+    def of_identity(cls, identity: SpiffeId | None) -> WorkloadLabels:
+        """A peer no catalog workload matches: what its certificate says. A meshd node (a waypoint,
+        or a node hairpinning) is named after the node."""
+        if identity is None:
+            return cls()
+        if identity.is_node:
+            name = identity.service_account.removeprefix("node-")
+            return cls(name, identity.namespace, name, DEFAULT_REVISION, identity.trust_domain)
+        return cls(namespace=identity.namespace, cluster=identity.trust_domain)
+
+
+UNKNOWN_WORKLOAD = WorkloadLabels()
+
+
+def source_of(catalog: Catalog, identity: SpiffeId | None, client: str) -> WorkloadLabels:
+    """The client side of a tunnel: the catalog workload with its identity (at `client`, ip:port,
+    when several share it), else what the identity says."""
+    w = catalog.source_workload(identity, _host(client)) if identity is not None else None
+    return (
+        WorkloadLabels.of(w, catalog.trust_domain) if w is not None else WorkloadLabels.of_identity(identity)
+    )
+
+
+def _istio_labels(
+    reporter: str,
+    source: WorkloadLabels,
+    source_identity: SpiffeId | None,
+    destination: WorkloadLabels,
+    destination_identity: SpiffeId | None,
+    destination_service: str,
+    protocol: str,
+) -> tuple[str, ...]:
+    """Istio's common traffic labels in metrics.TCP_LABELS order, up to request_protocol. `*_app` and
+    `*_version` repeat the canonical service and revision, as ztunnel writes them."""
+    name, _, ns = destination_service.partition(".")
+    return (
+        reporter,
+        source.workload,
+        source.canonical_service,
+        source.canonical_revision,
+        source.namespace,
+        source_identity.uri if source_identity else UNKNOWN,
+        source.canonical_service,
+        source.canonical_revision,
+        source.cluster,
+        destination_service,
+        ns or UNKNOWN,
+        name or UNKNOWN,
+        destination.workload,
+        destination.canonical_service,
+        destination.canonical_revision,
+        destination.namespace,
+        destination_identity.uri if destination_identity else UNKNOWN,
+        destination.canonical_service,
+        destination.canonical_revision,
+        destination.cluster,
+        protocol,
+    )
+
 
 @dataclass
 class ConnectionRecord:
     """What a node knows about one proxied connection, filled in as it goes."""
 
-    reporter: str  # "source" (outbound) or "destination" (inbound)
+    reporter: str  # "source" (outbound), "destination" (inbound) or "waypoint"
     src: str
     dst: str
     source_identity: SpiffeId | None = None
     destination_identity: SpiffeId | None = None
-    destination_workload: str = "unknown"
-    destination_namespace: str = "unknown"
-    destination_service: str = "unknown"
+    source: WorkloadLabels | None = None  # None: derived from source_identity
+    destination: WorkloadLabels = UNKNOWN_WORKLOAD
+    destination_service: str = UNKNOWN
+    peer: str | None = None  # the other node's address: who opened the tunnel (inbound), or was dialled
     security: str = "mutual_tls"
     started: float = field(default_factory=time.monotonic)
     opened: bool = False
 
     @property
-    def source_workload(self) -> str:
-        """Istio's source_workload label: the client identity's service account (no pod names here)."""
-        return self.source_identity.service_account if self.source_identity else "unknown"
-
-    @property
-    def source_namespace(self) -> str:
-        return self.source_identity.namespace if self.source_identity else "unknown"
+    def source_labels(self) -> WorkloadLabels:
+        return self.source if self.source is not None else WorkloadLabels.of_identity(self.source_identity)
 
     def labels(self, flags: str = "-") -> tuple[str, ...]:
         return (
-            self.reporter,
-            self.source_workload,
-            self.source_namespace,
-            self.source_identity.uri if self.source_identity else "unknown",
-            self.destination_workload,
-            self.destination_namespace,
-            self.destination_identity.uri if self.destination_identity else "unknown",
-            self.destination_service,
+            *_istio_labels(
+                self.reporter,
+                self.source_labels,
+                self.source_identity,
+                self.destination,
+                self.destination_identity,
+                self.destination_service,
+                "tcp",
+            ),
             flags,
             self.security,
         )
+
+    def failed_labels(self, reason: str) -> tuple[str, ...]:
+        """metrics.FAILED_LABELS: the peer node's IP (not its ephemeral port) keeps the series few."""
+        src = self.source_labels
+        return (
+            self.reporter,
+            reason,
+            _host(self.peer) if self.peer else UNKNOWN,
+            src.workload,
+            src.namespace,
+            self.source_identity.uri if self.source_identity else UNKNOWN,
+            self.destination.workload,
+            self.destination.namespace,
+            self.destination_service,
+        )
+
+
+def _host(address: str) -> str:
+    """ "10.0.0.1:15008" -> "10.0.0.1", "[::1]:15008" -> "::1"."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    return host.strip("[]")
 
 
 class ConnectionTelemetry:
@@ -76,22 +181,27 @@ class ConnectionTelemetry:
 
     def failed(self, rec: ConnectionRecord, flag: str, reason: str) -> None:
         """A connection refused or failed before any byte was proxied."""
-        self.metrics.tcp_failed.labels(rec.reporter, flag).inc()
+        self.metrics.tcp_failed.labels(*rec.failed_labels(flag)).inc()
         self._log(rec, sent=0, received=0, error=reason, flags=flag)
 
     def _log(self, rec: ConnectionRecord, *, sent: int, received: int, error: str | None, flags: str) -> None:
         if not self.access_log:
             return
+        src = rec.source_labels
         log.info(
             "connection complete" if error is None else "connection failed",
             extra={
                 "reporter": rec.reporter,
                 "src.addr": rec.src,
                 "dst.addr": rec.dst,
+                "peer.addr": rec.peer,
+                "src.workload": src.workload,
+                "src.namespace": src.namespace,
                 "src.identity": rec.source_identity.uri if rec.source_identity else None,
                 "dst.identity": rec.destination_identity.uri if rec.destination_identity else None,
                 "dst.service": rec.destination_service,
-                "dst.workload": rec.destination_workload,
+                "dst.workload": rec.destination.workload,
+                "dst.namespace": rec.destination.namespace,
                 "bytes_sent": sent,
                 "bytes_recv": received,
                 "duration_ms": round((time.monotonic() - rec.started) * 1000, 1),
@@ -116,9 +226,9 @@ class RequestRecord:
     protocol: str = "HTTP/1.1"
     source_identity: SpiffeId | None = None
     destination_identity: SpiffeId | None = None
-    destination_workload: str = "unknown"
-    destination_namespace: str = "unknown"
-    destination_service: str = "unknown"
+    source: WorkloadLabels | None = None  # None: derived from source_identity
+    destination: WorkloadLabels = UNKNOWN_WORKLOAD
+    destination_service: str = UNKNOWN
     upstream: str | None = None  # the endpoint's address (workload ip:port)
     route: str | None = None
     response_code: int = 0
@@ -137,20 +247,17 @@ class RequestRecord:
         return ",".join(self.response_flags) or "-"
 
     def labels(self) -> tuple[str, ...]:
-        src = self.source_identity
-        name, _, ns = self.destination_service.partition(".")
+        source = self.source if self.source is not None else WorkloadLabels.of_identity(self.source_identity)
         return (
-            "waypoint",
-            src.service_account if src else "unknown",
-            src.namespace if src else "unknown",
-            src.uri if src else "unknown",
-            self.destination_workload,
-            self.destination_namespace,
-            self.destination_identity.uri if self.destination_identity else "unknown",
-            self.destination_service,
-            name or "unknown",
-            ns or "unknown",
-            "http",
+            *_istio_labels(
+                "waypoint",
+                source,
+                self.source_identity,
+                self.destination,
+                self.destination_identity,
+                self.destination_service,
+                "http",
+            ),
             str(self.response_code),
             self.flags,
             "mutual_tls",
@@ -161,6 +268,7 @@ class RequestRecord:
         return {
             "reporter": "waypoint",
             "src.addr": self.src,
+            "src.workload": (self.source or WorkloadLabels.of_identity(self.source_identity)).workload,
             "src.identity": self.source_identity.uri if self.source_identity else None,
             "method": self.method,
             "path": self.path,
@@ -168,7 +276,7 @@ class RequestRecord:
             "protocol": self.protocol,
             "route": self.route,
             "dst.service": self.destination_service,
-            "dst.workload": self.destination_workload,
+            "dst.workload": self.destination.workload,
             "dst.identity": self.destination_identity.uri if self.destination_identity else None,
             "upstream": self.upstream,
             "response_code": self.response_code,

@@ -46,7 +46,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         """`meshd policy explain --admin`: answered with the policy in force now (after reloads)."""
         state = daemon.state
         try:
-            answers = answer(state.config, state.policy, ExplainQuery.from_params(req.query))
+            answers = answer(state.config, state.policy, ExplainQuery.from_params(req.query), state.catalog)
         except QueryError as exc:
             why = {"error": str(exc), "param": exc.param, "not_served_here": isinstance(exc, NotServedHere)}
             return Response(400, dumps(why), "application/json")
@@ -81,7 +81,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         body = (
             "<!doctype html><title>meshd</title><h1>meshd</h1>"
             f"<p>role <b>{html.escape(dump['role'])}</b>, node <b>{html.escape(dump['node_name'])}</b>, "
-            f"version {html.escape(dump['version'])}, ready: {dump['ready']}</p>"
+            f"version {html.escape(dump['version'])}, {'ready' if dump['ready'] else 'not ready'}</p>"
             f"<h2>Certificates</h2><table><tr><th>identity</th><th>expires</th></tr>{rows}</table>"
             '<p><a href="/config_dump">/config_dump</a></p>'
         )

@@ -11,12 +11,22 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
 
 from meshd.units import Address
+
+# h11 writes an empty reason phrase unless given one ("HTTP/1.1 200 "); curl and browsers show it.
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase of a status code (b"" for a code without one)."""
+    return _REASONS.get(status, b"")
+
 
 log = logging.getLogger("meshd.http")
 
@@ -94,7 +104,13 @@ class HttpServer:
                     ("content-length", str(len(response.body))),
                     *response.headers,
                 ]
-                await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+                await stream.send_all(
+                    conn.send(
+                        h11.Response(
+                            status_code=response.status, headers=headers, reason=reason(response.status)
+                        )
+                    )
+                )
                 if request.method != "HEAD":
                     await stream.send_all(conn.send(h11.Data(data=response.body)))
                 await stream.send_all(conn.send(h11.EndOfMessage()))

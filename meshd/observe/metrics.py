@@ -21,35 +21,52 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshd import __version__
 
-# Istio's TCP labels (reporter is "destination" at inbound, "source" at outbound).
-TCP_LABELS = (
-    "reporter",
+# Istio's workload labels for one side of a connection (ztunnel's CommonTrafficLabels), in its order.
+_SOURCE_LABELS = (
     "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+)
+_DESTINATION_LABELS = (
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
     "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_workload_namespace",
     "destination_principal",
-    "destination_service",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+)
+# Istio's TCP labels (reporter is "destination" at inbound, "source" at outbound, "waypoint" at a waypoint).
+TCP_LABELS = (
+    "reporter",
+    *_SOURCE_LABELS,
+    *_DESTINATION_LABELS,
+    "request_protocol",
     "response_flags",
     "connection_security_policy",
 )
-# Istio's HTTP labels (reporter is "waypoint" at a waypoint).
-HTTP_LABELS = (
+# Istio's HTTP labels (reporter is "waypoint" at a waypoint): the TCP ones plus the status code.
+HTTP_LABELS = (*TCP_LABELS[:-2], "response_code", *TCP_LABELS[-2:])
+# A refused connection: enough to tell which client was refused, from which node, and why.
+FAILED_LABELS = (
     "reporter",
+    "reason",
+    "peer_address",
     "source_workload",
     "source_workload_namespace",
     "source_principal",
     "destination_workload",
     "destination_workload_namespace",
-    "destination_principal",
     "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "request_protocol",
-    "response_code",
-    "response_flags",
-    "connection_security_policy",
 )
 # Istio's default buckets: milliseconds for durations, bytes (powers of ten) for sizes.
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
@@ -81,7 +98,7 @@ class Metrics:
         self.tcp_failed = Counter(
             "meshd_tcp_connections_failed",
             "connections refused or failed before any byte was proxied",
-            ("reporter", "reason"),
+            FAILED_LABELS,
             registry=r,
         )
         self.cert_expiry = Gauge(

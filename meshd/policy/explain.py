@@ -129,6 +129,25 @@ def explain(policies: PolicySet, attrs: ConnectionAttrs | RequestAttrs) -> Expla
     return Explanation(decision, at, tuple(verdicts))
 
 
+def uses_source_ip(policy: AuthorizationPolicy) -> bool:
+    """Does the policy look at the client's address (`ip_blocks`, `not_ip_blocks`, `when source.ip`)?"""
+    return any(
+        any(src.ip_blocks or src.not_ip_blocks for src in rule.sources or ())
+        or any(c.key == "source.ip" for c in rule.conditions or ())
+        for rule in policy.rules
+    )
+
+
+def source_ip_dependence(policies: PolicySet, ex: Explanation) -> tuple[str, ...]:
+    """Names of the policies applying here whose answer can change with the source address."""
+    applying = {p.name for p in ex.policies if p.applies}
+    return tuple(
+        located.value.name
+        for located in policies.authorizations
+        if located.value.name in applying and uses_source_ip(located.value)
+    )
+
+
 def render(ex: Explanation) -> str:
     d = ex.decision
     deciding = next((p for p in ex.policies if p.name == d.policy), None)

@@ -25,6 +25,7 @@ from meshd.policy.model import (
     PolicyFile,
     Route,
     Rule,
+    canonical_principal,
 )
 
 if TYPE_CHECKING:
@@ -53,13 +54,18 @@ def policy_files(directory: Path) -> list[Path]:
 
 
 def load_policy_dir(
-    directory: Path | None, *, role: Role, filter_types: Mapping[str, RegisteredFilter] | None = None
+    directory: Path | None,
+    *,
+    role: Role,
+    filter_types: Mapping[str, RegisteredFilter] | None = None,
+    trust_domain: str | None = None,
 ) -> tuple[PolicySet, list[Problem]]:
     """Load every policy file; return (policies, warnings) or raise ConfigError listing all problems.
 
     `directory=None` (no `policy.dir` configured) gives an empty PolicySet: everything allowed, PERMISSIVE.
     Routes' filters come from `filter_types` (default: built when a route names a filter, from
-    `make_plugin_manager()`); their settings are validated and the filters built here.
+    `make_plugin_manager()`); their settings are validated and the filters built here. With
+    `trust_domain`, a principal of another trust domain is warned about (no peer can present it).
     """
     if directory is None:
         return PolicySet(), []
@@ -118,6 +124,8 @@ def load_policy_dir(
     for f in files:
         for i, policy in enumerate(f.doc.authorizations):
             warnings += _warnings(f, i, policy, role)
+            if trust_domain is not None:
+                warnings += _foreign_principals(f, i, policy, trust_domain)
     warnings.sort(key=lambda w: (w.file, w.line or 0))  # files are already in name order
     return PolicySet(authorizations, peer_auths, routes, router), warnings
 
@@ -177,6 +185,48 @@ def _l7_fields(rule: Rule) -> list[str]:
     fields = [f for f in L7_TO_FIELDS if any(getattr(op, f) for op in rule.operations or ())]
     fields += [f"when {c.key}" for c in rule.conditions or () if c.is_l7]
     return list(dict.fromkeys(fields))
+
+
+def _trust_domain_of(principal: str) -> str | None:
+    """The trust domain a principal (pattern) names, None when a wildcard covers it."""
+    td = canonical_principal(principal).partition("/")[0]
+    return None if "*" in td or not td else td
+
+
+def _foreign_principals(f: _File, i: int, policy: AuthorizationPolicy, trust_domain: str) -> list[Problem]:
+    """Principals of another trust domain: the HBONE server admits only its own, so such a principal
+    never matches (an ALLOW that admits nobody, a DENY that denies nobody): most likely a typo."""
+    out: list[Problem] = []
+    for j, rule in enumerate(policy.rules):
+        where = ("authorization", i, "rules", j)
+        found: list[tuple[tuple[str | int, ...], str]] = [
+            ((*where, "from", k, key, n), v)
+            for k, src in enumerate(rule.sources or ())
+            for key in ("principals", "not_principals")
+            for n, v in enumerate(getattr(src, key))
+        ]
+        found += [
+            ((*where, "when", k, key, n), v)
+            for k, c in enumerate(rule.conditions or ())
+            if c.key == "source.principal"
+            for key in ("values", "not_values")
+            for n, v in enumerate(getattr(c, key))
+        ]
+        for path, value in found:
+            td = _trust_domain_of(value)
+            if td is None or td == trust_domain:
+                continue
+            body = canonical_principal(value).partition("/")[2]
+            out.append(
+                Problem(
+                    f.name,
+                    f.line(path),
+                    f"rule {j + 1} of {policy.action} policy {policy.name!r}: principal {value!r} is in trust "
+                    f"domain {td!r}, not this mesh's {trust_domain!r}: no peer can present it, so it never matches",
+                    f'write "{trust_domain}/{body}"',
+                )
+            )
+    return out
 
 
 def _warnings(f: _File, i: int, policy: AuthorizationPolicy, role: Role) -> list[Problem]:

@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.config.model import Config, WorkloadConfig
+from meshd.discovery.catalog import Catalog
 from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId
 from meshd.policy.evaluate import ConnectionAttrs, PolicySet, RequestAttrs
-from meshd.policy.explain import Explanation, explain, render
+from meshd.policy.explain import Explanation, explain, render, source_ip_dependence
+
+# Evaluated for when no source address is given (the answer says when that matters).
+DEFAULT_SOURCE_IP = "127.0.0.1"
 
 
 class QueryError(ValueError):
@@ -30,7 +34,7 @@ class NotServedHere(QueryError):
 class ExplainQuery:
     source: str  # a SPIFFE ID / Istio principal, or "plaintext"
     to: str  # SERVICE[.NAMESPACE]:PORT, or WORKLOAD[.NAMESPACE]:PORT
-    source_ip: str = "127.0.0.1"
+    source_ip: str | None = None  # None: not given (DEFAULT_SOURCE_IP is evaluated, and flagged)
     method: str | None = None
     path: str | None = None
     host: str | None = None
@@ -50,7 +54,7 @@ class ExplainQuery:
         return cls(
             source=source,
             to=to,
-            source_ip=one("source_ip") or "127.0.0.1",
+            source_ip=one("source_ip"),
             method=one("method"),
             path=one("path"),
             host=one("host"),
@@ -63,13 +67,28 @@ class Answer:
     workload: WorkloadConfig
     port: int
     explanation: Explanation
+    # No source address given, and these applying policies look at it: the answer may differ.
+    depends_on_source_ip: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        text = render(self.explanation)
+        if self.depends_on_source_ip:
+            names = self.depends_on_source_ip
+            which = f"policy {names[0]} looks" if len(names) == 1 else f"policies {', '.join(names)} look"
+            text += (
+                f"\nnote: the answer depends on the source address ({which} at it); it was evaluated for "
+                f"{DEFAULT_SOURCE_IP}: give the client's address (--source-ip, source_ip=)"
+            )
+        return text
 
     def to_json(self) -> dict[str, Any]:
         return {
             "workload": f"{self.workload.name}.{self.workload.namespace}",
             "address": f"{self.workload.address}:{self.port}",
-            "text": render(self.explanation),
+            "text": self.text,
             **self.explanation.to_json(),
+            "depends_on_source_ip": list(self.depends_on_source_ip),
         }
 
 
@@ -83,14 +102,19 @@ def parse_headers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def destinations(cfg: Config, to: str) -> tuple[list[WorkloadConfig], int]:
-    """The workloads of this config that serve `to`, and the (target) port policy sees."""
+def _target(to: str) -> tuple[str, str, int]:
+    """SERVICE[.NAMESPACE]:PORT -> (name, namespace, port)."""
     target, sep, port_text = to.rpartition(":")
     if not sep or not port_text.isdigit():
         raise QueryError(f"{to!r} is not SERVICE:PORT (e.g. echo.default:7000)", "to")
-    port = int(port_text)
     name, _, ns = target.partition(".")
-    ns = ns or "default"
+    return name, ns or "default", int(port_text)
+
+
+def destinations(cfg: Config, to: str, catalog: Catalog | None = None) -> tuple[list[WorkloadConfig], int]:
+    """The workloads of this config that serve `to`, and the (target) port policy sees. With the
+    merged catalog, a NotServedHere names the nodes (and waypoint) to ask instead."""
+    name, ns, port = _target(to)
     key = f"{name}.{ns}"
     svc = next((s for s in cfg.services if s.key == key), None)
     target_port = next((p.target for p in svc.ports if p.port == port), port) if svc else port
@@ -104,26 +128,47 @@ def destinations(cfg: Config, to: str) -> tuple[list[WorkloadConfig], int]:
     if not found:
         hosted = ", ".join(f"{w.name}.{w.namespace}:{list(w.ports)}" for w in cfg.workloads) or "none"
         raise NotServedHere(
-            f"no workload in this config serves {key} port {port} (workloads here: {hosted}); "
-            "policy is enforced where the workload runs: ask that node",
+            f"no workload in this config serves {key} port {port} (node {cfg.node_name!r}, workloads: {hosted}); "
+            f"policy is enforced where the workload runs: {where_to_ask(catalog, key, port)}",
             "to",
         )
     return found, (target_port if serving else port)
 
 
-def answer(cfg: Config, policies: PolicySet, q: ExplainQuery) -> list[Answer]:
+def where_to_ask(catalog: Catalog | None, key: str, port: int) -> str:
+    """Which node(s) hold the answer, from the merged catalog (the running daemon's)."""
+    if catalog is None:
+        return (
+            "ask the node that runs it (or ask this node's running meshd with --admin HOST:PORT: "
+            "its catalog names that node)"
+        )
+    nodes: dict[str, str] = {}
+    for ep in catalog.endpoints(key, port):
+        found = catalog.node(ep.workload.node)
+        nodes[ep.workload.node] = f"{ep.workload.node} (HBONE {ep.dial})" if found else ep.workload.node
+    svc = catalog.services.get(key)
+    if not nodes:
+        known = "is not in this node's catalog" if svc is None else f"has no endpoint for port {port}"
+        return f"{key} {known} (yet): no node to ask"
+    text = f"ask node {', '.join(nodes[n] for n in sorted(nodes))}: run `meshd policy explain` there"
+    if svc is not None and svc.waypoint is not None:
+        text += f"; L7 policy (methods, paths, hosts, headers) is enforced by waypoint {svc.waypoint!r}"
+    return text
+
+
+def answer(cfg: Config, policies: PolicySet, q: ExplainQuery, catalog: Catalog | None = None) -> list[Answer]:
     """What `policies` decide for `q` at every workload of `cfg` that serves its destination."""
     try:
         src = None if q.source == "plaintext" else SpiffeId.parse_principal(q.source)
     except InvalidSpiffeId as exc:
         raise QueryError(str(exc), "from") from None
     l7 = any(x is not None for x in (q.method, q.path, q.host)) or bool(q.headers)
-    workloads, port = destinations(cfg, q.to)
+    workloads, port = destinations(cfg, q.to, catalog)
     out = []
     for w in workloads:
         conn = ConnectionAttrs(
             source=src,
-            source_ip=q.source_ip,
+            source_ip=q.source_ip or DEFAULT_SOURCE_IP,
             destination_ip=w.address,
             destination_port=port,
             workload_namespace=w.namespace,
@@ -134,5 +179,7 @@ def answer(cfg: Config, policies: PolicySet, q: ExplainQuery) -> list[Answer]:
         if l7:
             method = (q.method or "GET").upper()
             attrs = RequestAttrs(conn, method, q.path or "/", q.host or q.to, dict(q.headers))
-        out.append(Answer(w, port, explain(policies, attrs)))
+        ex = explain(policies, attrs)
+        depends = source_ip_dependence(policies, ex) if q.source_ip is None else ()
+        out.append(Answer(w, port, ex, depends))
     return out

@@ -45,10 +45,14 @@ from meshd.node.state import NodeState
 from meshd.observe.accesslog import (
     FLAG_NO_HEALTHY,
     FLAG_UNAUTHORIZED,
+    UNKNOWN_WORKLOAD,
     ConnectionRecord,
     RequestRecord,
     RequestTelemetry,
+    WorkloadLabels,
+    source_of,
 )
+from meshd.observe.http import reason
 from meshd.plugins.filters import (
     FilterContext,
     HttpRequest,
@@ -66,6 +70,7 @@ from meshd.policy.evaluate import (
     authorize_request,
 )
 from meshd.policy.model import Origin, Route
+from meshd.units import Address
 from meshd.waypoint.hairpin import SOURCE_HEADER, TARGET_HEADER, HairpinRefused, accept_claim
 from meshd.waypoint.http1 import H11Stream, forwardable, headers_from_h11, trace_headers
 from meshd.waypoint.http2 import H2Exchange, H2Session, sniff
@@ -99,6 +104,8 @@ class Tunnel:
     port: ServicePortEntry
     vip: str
     pinned: tuple[str, int] | None = None  # hairpin: the workload ip:port the client dialled, the only target
+    source_labels: WorkloadLabels = UNKNOWN_WORKLOAD  # the client as telemetry labels it
+    peer: str | None = None  # the node that opened the tunnel, ip:port
 
     @cached_property
     def upstream_headers(self) -> list[tuple[str, str]]:
@@ -177,10 +184,19 @@ class Waypoint:
             log.warning("refused a hairpin tunnel from %s: %s", req.peer_identity, exc)
             await reply.refuse(401, f"hairpin refused: {exc}")
             return
-        if claim is None:
-            tunnel = Tunnel(req.peer_identity, req.peer_address[0], req.client_address, svc, sp, ip)
-        else:  # a destination node sent back a client that dialled its workload directly
-            tunnel = Tunnel(claim.source, req.peer_address[0], req.client_address, svc, sp, ip, claim.target)
+        # claim: a destination node sent back a client that dialled its workload directly
+        source = req.peer_identity if claim is None else claim.source
+        tunnel = Tunnel(
+            source,
+            req.peer_address[0],
+            req.client_address,
+            svc,
+            sp,
+            ip,
+            None if claim is None else claim.target,
+            source_of(catalog, source, req.client_address),
+            str(Address(*req.peer_address)),
+        )
         if sp.protocol != "http":
             await self._tcp(tunnel, req, reply)
             return
@@ -207,7 +223,9 @@ class Waypoint:
             src=t.src,
             dst=req.authority,
             source_identity=t.source,
+            source=t.source_labels,
             destination_service=t.service.key,
+            peer=t.peer,
         )
         telemetry = self.state.telemetry
         endpoints = self._pinned(t) if t.pinned else self.state.catalog.endpoints(t.service.key, t.port.port)
@@ -297,6 +315,7 @@ class Waypoint:
             await io.send(
                 h11.Response(
                     status_code=exc.error_status_hint,
+                    reason=reason(exc.error_status_hint),
                     headers=[("content-type", "text/plain"), ("content-length", str(len(body)))],
                 )
             )
@@ -330,6 +349,7 @@ class Waypoint:
             authority=request.authority,
             protocol=protocol,
             source_identity=t.source,
+            source=t.source_labels,
             destination_service=t.service.key,
             user_agent=request.headers.get("user-agent"),
         )
@@ -443,7 +463,7 @@ class Waypoint:
         if io.conn.their_state is h11.DONE:
             return
         if io.conn.they_are_waiting_for_100_continue:
-            await io.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await io.send(h11.InformationalResponse(status_code=100, headers=[], reason=reason(100)))
         while True:
             event = await io.next_event()
             if isinstance(event, h11.Data):
@@ -479,7 +499,9 @@ class Waypoint:
         headers = forwardable(response.headers)
         if self._draining:
             headers.append(("connection", "close"))  # h11 closes the connection after this response
-        head = io.conn.send(h11.Response(status_code=response.status, headers=headers))
+        head = io.conn.send(
+            h11.Response(status_code=response.status, headers=headers, reason=reason(response.status))
+        )
         if "content-length" not in response.headers:
             await io.stream.send_all(head)  # a stream of unknown length: the client gets headers now
             head = b""
@@ -638,8 +660,7 @@ class Waypoint:
             if not state.breaker.try_start_request():
                 return _overflow(info)
             rec.upstream = ep.authority
-            rec.destination_workload = ep.workload.name
-            rec.destination_namespace = ep.workload.namespace
+            rec.destination = WorkloadLabels.of(ep.workload, td)
             rec.destination_identity = ep.workload.identity(td)
             balancer = state.balancer
             if isinstance(balancer, LeastRequest):
@@ -701,5 +722,4 @@ def _subset(b: Backend) -> str:
 
 def _describe(rec: ConnectionRecord, ep: Endpoint, td: str) -> None:
     rec.destination_identity = ep.workload.identity(td)
-    rec.destination_workload = ep.workload.name
-    rec.destination_namespace = ep.workload.namespace
+    rec.destination = WorkloadLabels.of(ep.workload, td)

@@ -50,6 +50,16 @@ action = "DENY"
 [[authorization.rules]]
 to = [{ paths = ["/admin*"] }]
 
+# `hosts` match the Host the app sent (docs/waypoint.md, "The authority"): through an [[upstream]]
+# listener that is the listener's address unless the app dials a name.
+[[authorization]]
+name = "by-name-only"
+namespace = "default"
+workloads = ["reviews-v1"]
+action = "DENY"
+[[authorization.rules]]
+to = [{ paths = ["/named*"], not_hosts = ["reviews.default.mesh*"] }]
+
 [[route]]
 name = "by-header"
 service = "reviews.default"
@@ -357,6 +367,29 @@ def test_l7_deny_403_backend_sees_nothing(mesh: Mesh) -> None:
     assert metric(mesh.wp, "istio_requests_total", response_code="403", response_flags="UAEX") >= 1
 
 
+def test_waypoint_status_lines_carry_reason_phrases(mesh: Mesh) -> None:
+    conn = mesh.client()
+    for path, method, expected in (("/v1/ok", "GET", (200, "OK")), ("/admin/x", "POST", (403, "Forbidden"))):
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        resp = conn.getresponse()
+        resp.read()
+        assert (resp.status, resp.reason) == expected
+    conn.close()
+
+
+def test_hosts_match_the_host_the_app_sent_through_an_upstream_listener(mesh: Mesh) -> None:
+    conn = mesh.client()
+    # The app dialled the upstream listener by address: that is the Host the waypoint sees.
+    status, _, body = request(conn, "/named")
+    assert status == 403 and b"denied" in body
+    # Dialled by name (a hosts-file entry for the listener's address), it sends the name: matched.
+    named = {"host": f"reviews.default.mesh:{HTTP_UPSTREAM}"}
+    assert request(conn, "/named", headers=named)[0] == 200
+    conn.close()
+    seen = mesh.v1.paths() + mesh.v2.paths()
+    assert seen.count("/named") == 1
+
+
 def test_raising_plugin_gives_500_and_next_request_succeeds(mesh: Mesh) -> None:
     conn = mesh.client()
     status, _, _ = request(conn, "/boom", headers={"x-boom": "1"})
@@ -378,7 +411,14 @@ def test_request_metrics_have_istio_labels(mesh: Mesh) -> None:
         "reporter": "waypoint",
         "source_principal": "spiffe://home.arpa/ns/default/sa/client",
         "source_workload": "client",
+        "source_canonical_service": "client",
+        "source_canonical_revision": "latest",
+        "source_cluster": "home.arpa",
         "destination_workload": "reviews-v1",
+        "destination_canonical_revision": "v1",
+        "destination_service_name": "reviews",
+        "destination_service_namespace": "default",
+        "request_protocol": "http",
         "destination_principal": "spiffe://home.arpa/ns/default/sa/reviews",
         "destination_service": "reviews.default",
         "response_code": "200",
