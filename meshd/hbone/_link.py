@@ -11,19 +11,11 @@ from the task that read it, without waiting for another task's turn; the old sin
 what fifty streams queued in one scheduler batch, and requests crossed daemons in herds.
 
 Tasks (all in the link's own nursery, so a link's lifetime is one `run()` call):
-<<<<<<< HEAD
 - reader: `wire.receive` -> `conn.receive_data` -> update per-stream slots and wake their waiters. It
-  never waits for anything but the socket, so it cannot deadlock behind a sender (a reader that waits
-  on a send deadlocks under two-way bulk traffic).
+  never waits for anything but the socket, so it cannot deadlock behind a sender (docs/design.md,
+  "Traps": a reader that waits on a send deadlocks under two-way bulk traffic).
 - flusher: the only task that waits for the socket to take the bytes the kernel refused (trio allows
   one waiter per direction); senders whose bytes pile up behind it wait for it (`wait_drained`).
-=======
-- reader: receive_some -> `conn.receive_data` -> update per-stream slots and wake their waiters. It never
-  awaits anything but the socket, so it cannot deadlock behind a sender (docs/design.md, "Traps").
-- writer: the only task that calls `send_all` on the TLS stream. Cancelling a send_all half way breaks
-  an SSLStream for every stream on it, so nobody else writes and the writer is only cancelled when the
-  whole connection is going away anyway.
->>>>>>> telemetry
 - keepalive (optional): PING every `ping_interval`; no answer within `ping_timeout` fails the link.
 - idle watch (optional, client side): retire the connection after `idle_timeout` without streams.
 - request handlers (server side): spawned here so they die with their connection.
