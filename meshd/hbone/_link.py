@@ -353,12 +353,12 @@ class HboneLink:
                 return
             payload = self.conn.ping()
             self.send_pending()
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout) as waited:
                 while self._last_pong != payload and not self._finishing:
                     await self._pong.wait()
-                continue
-            self.fail(f"no answer to PING within {timeout:g} s: peer or network is stuck")
-            return
+            if waited.cancelled_caught:
+                self.fail(f"no answer to PING within {timeout:g} s: peer or network is stuck")
+                return
 
     async def probe(self, timeout: float) -> bool:
         """PING now; True once any PING is acknowledged within `timeout`. False (the link failed, or no
@@ -375,13 +375,13 @@ class HboneLink:
         while not self._finishing:
             while self.conn.stream_count:
                 await self._streams_changed.wait()
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout) as waited:
                 while not self.conn.stream_count and not self._finishing:
                     await self._streams_changed.wait()
-                continue
-            log.debug("closing idle HBONE connection to %s", self.peer_address)
-            self.close()
-            return
+            if waited.cancelled_caught:
+                log.debug("closing idle HBONE connection to %s", self.peer_address)
+                self.close()
+                return
 
 
 def _describe(e: BaseException) -> str:

@@ -31,7 +31,6 @@ Errors: misuse raises `LocalProtocolError`; a peer that breaks HTTP/2 makes `rec
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,12 +40,11 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamClosedBy
-from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import GoAwayFrame
 
 from meshd.hbone import events as ev
+from meshd.hbone._h2 import MAX_CLOSED_STREAMS as MAX_CLOSED_STREAMS  # re-exported: the waypoint uses it
+from meshd.hbone._h2 import H2Connection, QuietFrameBuffer
 from meshd.hbone.errors import LocalProtocolError, RemoteProtocolError
 from meshd.units import Address
 
@@ -119,148 +117,6 @@ def parse_forwarded_for(value: str | None) -> str | None:
     return None
 
 
-def _elided_body_repr() -> str:
-    return "<payload not shown>"
-
-
-# h2 remembers how each closed stream ended (to answer late frames on it) for its last 65,536 closed
-# streams, ~100 B each: a pooled connection that carries a short tunnel per client connection reaches
-# that in minutes and then holds ~6.5 MiB for its lifetime (found by the soak with --trace-memory).
-# A few thousand covers every late frame a live peer sends; DATA on an older stream is still answered
-# with RST_STREAM (h2 handles DATA on any closed stream), only a late HEADERS would fail the connection.
-MAX_CLOSED_STREAMS = 4096
-
-DATA_BY_REFERENCE = 4096  # DATA payloads this large are not copied into the output buffer
-END_STREAM_FLAG = 0x1
-_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length (16 + 8), type, flags, stream id
-
-
-class _H2Connection(h2.connection.H2Connection):
-    """h2, plus: a HEADERS frame that would exceed our MAX_CONCURRENT_STREAMS refuses that one stream
-    (REFUSED_STREAM, a stream error as RFC 9113 5.1.2 allows) instead of failing the whole connection
-    with every tunnel on it, as h2's TooManyStreamsError does. A peer that floods CONNECTs loses the
-    extra streams only. And it remembers fewer closed streams (MAX_CLOSED_STREAMS)."""
-
-    MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config=config)
-        self._pieces: list[bytes] = []  # output ahead of _data_to_send, in order
-
-    # Output as pieces: h2 serializes every frame into one bytearray and copies it out again in
-    # data_to_send (three copies of each payload byte); a large DATA payload is kept by reference
-    # instead, behind its 9-byte header, and the TLS writer takes the pieces as they are.
-
-    def _prepare_for_sending(self, frames: list[Frame]) -> None:
-        for frame in frames:
-            if type(frame) is DataFrame and len(frame.data) >= DATA_BY_REFERENCE and not frame.pad_length:
-                size = len(frame.data)
-                flags = END_STREAM_FLAG if "END_STREAM" in frame.flags else 0
-                self._data_to_send += _FRAME_HEADER.pack(size >> 8, size & 0xFF, 0x0, flags, frame.stream_id)
-                self._pieces.append(bytes(self._data_to_send))
-                self._pieces.append(frame.data)
-                self._data_to_send = bytearray()
-            else:
-                self._data_to_send += frame.serialize()
-
-    def pieces_to_send(self) -> list[bytes]:
-        pieces = self._pieces
-        if self._data_to_send:
-            pieces.append(bytes(self._data_to_send))
-            self._data_to_send = bytearray()
-        self._pieces = []
-        return pieces
-
-    def data_to_send(self, amount: int | None = None) -> bytes:
-        assert amount is None, "HboneConnection takes all output at once"
-        return b"".join(self.pieces_to_send())
-
-    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
-        sid = frame.stream_id
-        if (
-            not self.config.client_side
-            and sid not in self.streams
-            and sid % 2 == 1
-            and sid > self.highest_inbound_stream_id
-            and self.open_inbound_streams >= self.local_settings.max_concurrent_streams
-        ):
-            list(h2.connection._decode_headers(self.decoder, frame.data))  # HPACK state follows every block
-            self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
-            self.highest_inbound_stream_id = sid
-            # Later frames on it (DATA, CONTINUATION...) are then answered with RST, not a connection error.
-            self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
-            rst = RstStreamFrame(sid)
-            rst.error_code = REFUSED_STREAM
-            return [rst], []
-        return super()._receive_headers_frame(frame)
-
-
-class _QuietFrameBuffer(FrameBuffer):
-    """h2's frame iterator, reading the whole frames `HboneConnection` hands it in place, plus: cheap
-    DATA repr, and GOAWAY frames set aside for the wrapper.
-
-    h2's own buffer copies everything into a bytearray, copies each frame's body out of it and then
-    moves the rest of the buffer down (`del data[:n]`) frame by frame: four copies of every payload
-    byte, quadratic with many frames per read. Here each frame is parsed from a memoryview of the
-    caller's bytes, and only the frame parser's own copy of the body remains. `release()` drops the
-    view once h2 is done, so the caller may reuse its buffer.
-    """
-
-    def __init__(self, server: bool) -> None:
-        super().__init__(server=server)
-        self.goaways: list[GoAwayFrame] = []
-        self._view = _EMPTY_VIEW
-        self._pos = 0
-
-    def add_data(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
-        if self._preamble_len:  # the client preface: h2 checks it (HboneConnection sends it alone)
-            super().add_data(data)
-            data, self._data = bytes(self._data), bytearray()
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def release(self) -> None:
-        self._view = _EMPTY_VIEW
-
-    def __next__(self) -> Frame:
-        view = self._view
-        while True:
-            pos = self._pos
-            if len(view) - pos < 9:
-                if pos != len(view):
-                    raise h2.exceptions.ProtocolError("partial frame handed to the frame buffer")
-                raise StopIteration
-            try:
-                frame, length = Frame.parse_frame_header(view[pos : pos + 9])
-            except (InvalidDataError, InvalidFrameError) as err:
-                raise h2.exceptions.ProtocolError(f"Received frame with invalid header: {err!s}") from err
-            end = pos + 9 + length
-            if end > len(view):
-                raise h2.exceptions.ProtocolError("partial frame handed to the frame buffer")
-            self._validate_frame_length(length)
-            try:
-                frame.parse_body(view[pos + 9 : end])
-            except InvalidDataError as err:
-                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
-            except InvalidFrameError as err:
-                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
-            self._pos = end
-            complete = self._update_header_buffer(frame)
-            if complete is None:
-                continue  # a HEADERS frame waiting for its CONTINUATIONs
-            if type(complete) is DataFrame:
-                # Instance attribute shadows the method that hex-encodes the payload for repr().
-                complete._body_repr = _elided_body_repr  # type: ignore[method-assign]
-                return complete
-            if type(complete) is GoAwayFrame:
-                self.goaways.append(complete)
-                continue
-            return complete
-
-
-_EMPTY_VIEW = memoryview(b"")
-
-
 @dataclass(slots=True)
 class _Stream:
     unacked: int = 0  # bytes delivered in DataReceived and not yet acknowledged
@@ -295,8 +151,8 @@ class HboneConnection:
         self.settings = settings or HboneSettings()
         s = self.settings
         config = h2.config.H2Configuration(client_side=role is Role.CLIENT, header_encoding=None)
-        self._h2 = _H2Connection(config=config)
-        self._h2.incoming_buffer = self._frames = _QuietFrameBuffer(server=role is Role.SERVER)
+        self._h2 = H2Connection(config=config)
+        self._h2.incoming_buffer = self._frames = QuietFrameBuffer(server=role is Role.SERVER)
         codes = h2.settings.SettingCodes
         initial = {
             codes.INITIAL_WINDOW_SIZE: s.stream_window,
