@@ -82,8 +82,8 @@ def run(config_file: str | None, overrides: tuple[str, ...]) -> None:
     except UserFacingError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except OSError as exc:
-        click.echo(f"error: {exc} (is another meshd or program using that address?)", err=True)
+    except OSError as exc:  # a bind failure is a ListenError (with its own hint); this is anything else
+        click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     sys.exit(code)
 

@@ -28,6 +28,7 @@ from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
 from meshd.identity.manager import IdentityError, IdentityManager
 from meshd.identity.spiffe import SpiffeId
+from meshd.listeners import ListenError
 from meshd.log import set_level
 from meshd.node.proxy import NodeProxy
 from meshd.node.state import NodeState
@@ -209,10 +210,10 @@ class Daemon:
         for up in plan.upstreams_added:
             try:
                 await self.node.start_upstream(up)
-            except OSError as exc:
+            except ListenError as exc:
                 for started in added:
                     self.node.stop_upstream(started)
-                return rejected([f"upstream {up.service_key}:{up.port}: cannot listen on {up.listen}: {exc}"])
+                return rejected([str(exc)])
             added.append(up)
         for up in plan.upstreams_removed:
             self.node.stop_upstream(up)

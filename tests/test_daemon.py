@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from meshd.identity.ca import LocalCA
 from tests.conftest import REPO
-from tests.support.procs import Meshd, http_get, http_post
+from tests.support.procs import Meshd, http_get, http_post, wait_for
 
 
 def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
@@ -143,3 +144,51 @@ def test_missing_ca_fails_start_with_a_clear_message(tmp_path: Path, loopback: s
     assert last.startswith("error: cannot get a certificate for spiffe://home.arpa/ns/meshd-system/sa/node-")
     assert "meshd ca init --dir" in last
     assert "Traceback" not in out.stderr
+
+
+def test_a_taken_address_names_the_address_and_key_and_suggests_another_program(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind((loopback, 15020))
+        holder.listen()
+        node = example_node(tmp_path, ca, loopback)
+        daemons.append(node)
+        node.start()
+        assert node.proc is not None and node.proc.wait(30) == 1
+    err = node.log().strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot listen on {loopback}:15020 (listen.metrics): "), err
+    assert "is another meshd or program using that address?" in err
+    assert "Traceback" not in node.log()
+
+
+def test_a_bind_error_that_is_not_a_taken_address_gets_no_other_program_hint(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface of this host: EADDRNOTAVAIL
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start("listen.plaintext=192.0.2.1:15006")
+    assert node.proc is not None and node.proc.wait(30) == 1
+    err = node.log().strip().splitlines()[-1]
+    assert err.startswith("error: cannot listen on 192.0.2.1:15006 (listen.plaintext): "), err
+    assert "not on any interface of this host" in err
+    assert "another meshd" not in node.log()
+
+
+def test_an_upstream_added_on_reload_that_cannot_bind_is_refused_by_name(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    node.config.write_text(
+        node.config.read_text()
+        + '\n[[upstream]]\nservice = "echo.default"\nport = 7000\nlisten = "192.0.2.1:17999"\n'
+    )
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: "reload rejected" in node.log(), node)
+    assert "cannot listen on 192.0.2.1:17999 ([[upstream]] listen (service echo.default:7000))" in node.log()
+    assert http_get(node.readiness_url)[0] == 200
+    assert node.stop() == 0

@@ -24,6 +24,7 @@ from meshd.capture.dns_server import DnsServer
 from meshd.capture.vip import VipIndex, VipTable
 from meshd.config.model import UpstreamConfig
 from meshd.discovery.catalog import ServiceEntry
+from meshd.listeners import open_listeners, per_connection
 from meshd.node.inbound import original_destination
 from meshd.node.outbound import Outbound
 from meshd.node.state import NodeState
@@ -94,7 +95,7 @@ class Capture:
     ) -> None:
         """Bind 15001, install the table, accept until cancelled, remove the table."""
         cfg = self.state.config.capture
-        listeners = await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.host)
+        listeners = await open_listeners("capture.listen", cfg.listen)
         try:
             await nft.install(cfg.nft, self.ruleset())
         except nft.NftUnavailable as exc:
@@ -120,7 +121,10 @@ class Capture:
         )
         try:
             await trio.serve_listeners(
-                self.handle, listeners, handler_nursery=connections, task_status=task_status
+                per_connection(self.handle, "capture"),
+                listeners,
+                handler_nursery=connections,
+                task_status=task_status,
             )
         finally:
             self.status = "removed"

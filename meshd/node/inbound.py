@@ -24,6 +24,7 @@ from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefus
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
+from meshd.listeners import open_listeners, per_connection
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.observe.accesslog import (
@@ -239,9 +240,12 @@ class Inbound:
     ) -> None:
         """Accept on 15006 until cancelled; connections run in `connections` and outlive the accept loop."""
         address = self.state.config.listen.plaintext
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        listeners = await open_listeners("listen.plaintext", address)
         await trio.serve_listeners(
-            self._handle_plaintext, listeners, handler_nursery=connections, task_status=task_status
+            per_connection(self._handle_plaintext, "plaintext inbound"),
+            listeners,
+            handler_nursery=connections,
+            task_status=task_status,
         )
 
     async def _handle_plaintext(self, stream: trio.SocketStream) -> None:

@@ -22,6 +22,7 @@ from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefus
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.stream import TunnelStream
 from meshd.identity.spiffe import SpiffeId
+from meshd.listeners import open_listeners, per_connection
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.observe.accesslog import FLAG_NO_HEALTHY, FLAG_NO_ROUTE, FLAG_UNAUTHORIZED, ConnectionRecord
@@ -118,7 +119,8 @@ class Outbound:
     ) -> None:
         """Accept on the upstream's listener until cancelled. Connections run in `connections`, so
         cancelling the accept loop (drain, or a reload removing the upstream) does not cut them."""
-        listeners = await trio.open_tcp_listeners(up.listen.port, host=up.listen.host)
+        where = f"[[upstream]] listen (service {up.service_key}:{up.port})"
+        listeners = await open_listeners(where, up.listen)
         log.info(
             "upstream listening", extra={"listen": str(up.listen), "service": f"{up.service_key}:{up.port}"}
         )
@@ -126,7 +128,12 @@ class Outbound:
         async def handle(stream: trio.SocketStream) -> None:
             await self.handle(stream, up)
 
-        await trio.serve_listeners(handle, listeners, handler_nursery=connections, task_status=task_status)
+        await trio.serve_listeners(
+            per_connection(handle, "upstream"),
+            listeners,
+            handler_nursery=connections,
+            task_status=task_status,
+        )
 
     async def handle(self, client: trio.SocketStream, up: UpstreamConfig) -> None:
         async with client:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,24 +15,9 @@ from cryptography import x509
 from meshd.identity.ca import LocalCA
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload
-from tests.support.procs import Meshd, http_get, unique_loopback
+from tests.support.procs import Meshd, http_get, meshd_cli, unique_loopback, wait_for
 
 UPSTREAM_PORT = 17000
-
-
-def meshd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshd", *args], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
-def wait_for(condition: Callable[[], bool], daemon: Meshd, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s:\n{daemon.log()[-4000:]}")
 
 
 def catalog_has(daemon: Meshd, service: str) -> bool:

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ class Meshd:
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
     log_path: Path | None = None
+    wrapper: Sequence[str] = ()  # a command prefix, e.g. read_only_mount(...)
 
     @property
     def readiness_url(self) -> str:
@@ -74,7 +75,7 @@ class Meshd:
             f"listen.readiness={self.ip}:15021",
             f"listen.plaintext={self.ip}:15006",
         ]
-        cmd = [sys.executable, "-m", "meshd", *([subcommand] if subcommand else [])]
+        cmd = [*self.wrapper, sys.executable, "-m", "meshd", *([subcommand] if subcommand else [])]
         cmd += ["-c", str(self.config), *listen, *self.overrides, *extra]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, **self.env} if self.env else None
@@ -118,6 +119,35 @@ class Meshd:
                 ) from None
         self._log.close()
         return self.proc.returncode
+
+
+def read_only_mount(*paths: Path) -> list[str]:
+    """A command prefix that runs the command in its own mount namespace with `paths` read-only
+    (as a unit's ProtectSystem= makes them). Root ignores file modes, so a mount is the real test."""
+    script = " && ".join(f"mount --bind {p} {p} && mount -o remount,bind,ro {p}" for p in paths)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{script} && exec "$@"', "sh"]
+
+
+def meshd_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`meshd ARGS...` as a user runs it; the result with stdout and stderr as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "meshd", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        input=stdin,
+    )
+
+
+def wait_for(condition: Callable[[], bool], daemon: Meshd, timeout: float = 15.0) -> None:
+    """Poll `condition` until true; fail with the daemon's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s:\n{daemon.log()[-4000:]}")
 
 
 @contextmanager
