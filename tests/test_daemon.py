@@ -192,3 +192,22 @@ def test_an_upstream_added_on_reload_that_cannot_bind_is_refused_by_name(
     assert "cannot listen on 192.0.2.1:17999 ([[upstream]] listen (service echo.default:7000))" in node.log()
     assert http_get(node.readiness_url)[0] == 200
     assert node.stop() == 0
+
+
+def test_two_nodes_share_a_host_without_setting_listen_plaintext_and_a_client_needs_no_ports(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    for offset, name in ((0, "one"), (100, "two")):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(
+            f'node_name = "{name}"\n[identity]\nca_dir = "{tmp_path / "ca"}"\n[discovery]\nmdns = false\n'
+            '[[workload]]\nname = "client"\n'  # dials out only: no ports
+        )
+        node = Meshd(cfg, loopback, port_offset=offset, set_plaintext=False)
+        daemons.append(node)
+        node.start().wait_ready()
+        dump = json.loads(http_get(node.admin_url + "/config_dump")[1])
+        assert dump["config"]["listen"]["plaintext"] == f"{loopback}:{15006 + offset}"
+        assert "spiffe://home.arpa/ns/default/sa/client" in dump["certificates"]
+    for node in daemons:
+        assert node.stop() == 0

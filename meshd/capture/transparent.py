@@ -85,7 +85,7 @@ class Capture:
         return nft.ruleset(
             cfg.capture.vip_range,
             cfg.capture.listen.port,
-            cfg.listen.plaintext.port,
+            cfg.listen.plaintext_address.port,
             self.inbound_rules(),
             dns_port=cfg.dns.listen.port if cfg.dns.capture else None,
         )

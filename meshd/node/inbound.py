@@ -239,7 +239,7 @@ class Inbound:
         self, connections: trio.Nursery, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept on 15006 until cancelled; connections run in `connections` and outlive the accept loop."""
-        address = self.state.config.listen.plaintext
+        address = self.state.config.listen.plaintext_address
         listeners = await open_listeners("listen.plaintext", address)
         await trio.serve_listeners(
             per_connection(self._handle_plaintext, "plaintext inbound"),

@@ -63,8 +63,14 @@ class Hosts:
 
     def enrolled_node(self, name: str, workload: str, token: str) -> Meshd:
         state = self.tmp / f"{name}-state"
-        out = meshd_cli("enroll", "--token", token, "--state-dir", str(state))
+        token_file = self.tmp / f"{name}.token"
+        token_file.write_text(token + "\n")
+        # the token from a file (not argv), the state folder relative: printed absolute, for the config
+        out = meshd_cli("enroll", "--token-file", token_file.name, "--state-dir", state.name, cwd=self.tmp)
         assert out.returncode == 0, out.stderr
+        assert f"{state}/cert.pem, {state}/key.pem (0600), {state}/ca.crt" in out.stdout, out.stdout
+        assert f'[identity] state_dir = "{state}"' in out.stdout, out.stdout
+        assert token not in " ".join(out.args)
         assert (state / "key.pem").stat().st_mode & 0o777 == 0o600
         ip = unique_loopback()
         cfg = self.tmp / f"{name}.toml"
@@ -98,7 +104,7 @@ def test_enrolled_host_serves_traffic_and_tokens_and_identities_are_enforced(hos
     assert "spiffe://home.arpa/ns/default/sa/client" in hosts.alpha.log()
 
     # the same token a second time: refused with the reason, and the CA logs it
-    again = meshd_cli("enroll", "--token", token, "--state-dir", str(hosts.tmp / "again"))
+    again = meshd_cli("enroll", "--token", "-", "--state-dir", str(hosts.tmp / "again"), stdin=token + "\n")
     assert again.returncode == 1
     assert "already used" in again.stderr
     wait_for(lambda: "CA refused enrollment" in hosts.alpha.log(), hosts.alpha)

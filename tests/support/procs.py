@@ -52,29 +52,35 @@ class Meshd:
     env: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
     log_path: Path | None = None
     wrapper: Sequence[str] = ()  # a command prefix, e.g. read_only_mount(...)
+    port_offset: int = 0  # added to every listener's port: two daemons on one IP
+    set_plaintext: bool = True  # False: listen.plaintext keeps its default (beside listen.hbone)
+
+    def port(self, default: int) -> int:
+        return default + self.port_offset
 
     @property
     def readiness_url(self) -> str:
-        return f"http://{self.ip}:15021/healthz/ready"
+        return f"http://{self.ip}:{self.port(15021)}/healthz/ready"
 
     @property
     def admin_url(self) -> str:
-        return f"http://{self.ip}:15000"
+        return f"http://{self.ip}:{self.port(15000)}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.ip}:15020/metrics"
+        return f"http://{self.ip}:{self.port(15020)}/metrics"
 
     def start(self, *extra: str, subcommand: str | None = "run") -> Meshd:
         """Launch; `subcommand=None` runs `meshd -c FILE KEY=VALUE...` with no `run` word."""
         self.log_path = self.config.with_suffix(f".{self.ip}.log")
         listen = [
-            f"listen.hbone={self.ip}:15008",
-            f"listen.admin={self.ip}:15000",
-            f"listen.metrics={self.ip}:15020",
-            f"listen.readiness={self.ip}:15021",
-            f"listen.plaintext={self.ip}:15006",
+            f"listen.hbone={self.ip}:{self.port(15008)}",
+            f"listen.admin={self.ip}:{self.port(15000)}",
+            f"listen.metrics={self.ip}:{self.port(15020)}",
+            f"listen.readiness={self.ip}:{self.port(15021)}",
         ]
+        if self.set_plaintext:
+            listen.append(f"listen.plaintext={self.ip}:{self.port(15006)}")
         cmd = [*self.wrapper, sys.executable, "-m", "meshd", *([subcommand] if subcommand else [])]
         cmd += ["-c", str(self.config), *listen, *self.overrides, *extra]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -128,7 +134,9 @@ def read_only_mount(*paths: Path) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{script} && exec "$@"', "sh"]
 
 
-def meshd_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def meshd_cli(
+    *args: str, stdin: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """`meshd ARGS...` as a user runs it; the result with stdout and stderr as text."""
     return subprocess.run(
         [sys.executable, "-m", "meshd", *args],
@@ -137,6 +145,7 @@ def meshd_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
         timeout=30,
         check=False,
         input=stdin,
+        cwd=cwd,
     )
 
 
