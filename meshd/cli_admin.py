@@ -81,7 +81,23 @@ def status_text(d: dict[str, Any]) -> str:
     ]
     if d["catalog"].get("conflicts"):
         lines += ["", "catalog conflicts:", *(f"  {c}" for c in d["catalog"]["conflicts"])]
+    lines += reload_lines(d.get("reload") or {})
     return "\n".join(lines)
+
+
+def reload_lines(reload: dict[str, Any]) -> list[str]:
+    """The last reload, and a refused one (kept until a later reload applies): what, when, where."""
+    out = []
+    last, refused = reload.get("last"), reload.get("refused")
+    if last and last is not refused and last["result"] == "applied":
+        out += ["", f"last reload: applied at {last['at']} ({last['trigger']})"]
+    if refused:
+        out += [
+            "",
+            f"RELOAD REFUSED at {refused['at']} ({refused['trigger']}); the config and policy from before stay in force:",
+            *(f"  {p}" for p in refused["problems"]),
+        ]
+    return out
 
 
 def peers_text(d: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ _HINTS = {
 class ListenError(UserFacingError):
     """A listener could not be opened; the message names the address, the key and the likely cause."""
 
-    def __init__(self, key: str, address: Address, cause: OSError) -> None:
+    def __init__(self, key: str, address: Address, cause: OSError, owner: str = "") -> None:
         self.key = key
         self.address = address
         self.cause = cause
@@ -40,15 +40,16 @@ class ListenError(UserFacingError):
         hint = _HINTS.get(cause.errno or 0, "check {key}").format(key=key)
         if isinstance(cause, socket.gaierror):
             hint = f"{address.host!r} is not an IP or a name this host resolves; check {key}"
-        super().__init__(f"cannot listen on {address} ({key}): {reason} ({hint})")
+        where = f"{key} of {owner}" if owner else key
+        super().__init__(f"cannot listen on {address} ({where}): {reason} ({hint})")
 
 
-async def open_listeners(key: str, address: Address) -> list[trio.SocketListener]:
-    """TCP listeners on `address`; ListenError (naming `key`) if it cannot be bound."""
+async def open_listeners(key: str, address: Address, owner: str = "") -> list[trio.SocketListener]:
+    """TCP listeners on `address`; ListenError (naming `key`, and `owner` if several share it)."""
     try:
         return await trio.open_tcp_listeners(address.port, host=address.host)
     except OSError as exc:
-        raise ListenError(key, address, exc) from exc
+        raise ListenError(key, address, exc, owner) from exc
 
 
 ConnectionHandler = Callable[[trio.SocketStream], Awaitable[None]]

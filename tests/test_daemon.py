@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from meshd.daemon import WATCH_INTERVAL
 from meshd.identity.ca import LocalCA
 from tests.conftest import REPO
-from tests.support.procs import Meshd, http_get, http_post, wait_for
+from tests.support.configs import node_config
+from tests.support.procs import Meshd, http_get, http_post, meshd_cli, wait_for
 
 
 def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
@@ -24,6 +26,15 @@ def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
         ip,
         [f"identity.ca_dir={tmp_path / 'ca'}", f"node_name=n{ip.replace('.', '-')}", *extra],
     )
+
+
+def plain_node(tmp_path: Path, ip: str) -> Meshd:
+    """A node with a policy folder and nothing else that listens (the example's upstream port is
+    127.0.0.1:17000, shared by every test that runs it)."""
+    cfg = node_config(
+        tmp_path / "node.toml", "n" + ip.replace(".", "-"), tmp_path / "ca", policy_dir=tmp_path / "policy.d"
+    )
+    return Meshd(cfg, ip)
 
 
 def test_example_config_becomes_ready_and_exits_0_on_sigterm(
@@ -153,7 +164,7 @@ def test_a_taken_address_names_the_address_and_key_and_suggests_another_program(
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind((loopback, 15020))
         holder.listen()
-        node = example_node(tmp_path, ca, loopback)
+        node = plain_node(tmp_path, loopback)
         daemons.append(node)
         node.start()
         assert node.proc is not None and node.proc.wait(30) == 1
@@ -167,7 +178,7 @@ def test_a_bind_error_that_is_not_a_taken_address_gets_no_other_program_hint(
     tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
 ) -> None:
     # 192.0.2.1 (TEST-NET-1) is on no interface of this host: EADDRNOTAVAIL
-    node = example_node(tmp_path, ca, loopback)
+    node = plain_node(tmp_path, loopback)
     daemons.append(node)
     node.start("listen.plaintext=192.0.2.1:15006")
     assert node.proc is not None and node.proc.wait(30) == 1
@@ -180,7 +191,7 @@ def test_a_bind_error_that_is_not_a_taken_address_gets_no_other_program_hint(
 def test_an_upstream_added_on_reload_that_cannot_bind_is_refused_by_name(
     tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
 ) -> None:
-    node = example_node(tmp_path, ca, loopback)
+    node = plain_node(tmp_path, loopback)
     daemons.append(node)
     node.start().wait_ready()
     node.config.write_text(
@@ -189,7 +200,7 @@ def test_an_upstream_added_on_reload_that_cannot_bind_is_refused_by_name(
     )
     node.signal(signal.SIGHUP)
     wait_for(lambda: "reload rejected" in node.log(), node)
-    assert "cannot listen on 192.0.2.1:17999 ([[upstream]] listen (service echo.default:7000))" in node.log()
+    assert "cannot listen on 192.0.2.1:17999 ([[upstream]] listen of echo.default:7000): " in node.log()
     assert http_get(node.readiness_url)[0] == 200
     assert node.stop() == 0
 
@@ -211,3 +222,41 @@ def test_two_nodes_share_a_host_without_setting_listen_plaintext_and_a_client_ne
         assert "spiffe://home.arpa/ns/default/sa/client" in dump["certificates"]
     for node in daemons:
         assert node.stop() == 0
+
+
+def test_a_refused_reload_shows_in_status_config_dump_and_the_admin_page_and_one_edit_reloads_once(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = plain_node(tmp_path, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    broken = tmp_path / "policy.d" / "99-broken.toml"
+    broken.write_text("[[authorization]]\nname = 1\n")
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: node.metric("meshd_config_reloads_total", result="failure") == 1, node)
+    # The file watcher polls every WATCH_INTERVAL: give it two polls to (wrongly) reload the same edit.
+    time.sleep(2 * WATCH_INTERVAL + 0.5)
+    assert node.metric("meshd_config_reloads_total", result="failure") == 1, node.log()
+
+    refused = json.loads(http_get(node.admin_url + "/config_dump")[1])["reload"]["refused"]
+    assert refused["trigger"] == "SIGHUP" and refused["result"] == "refused"
+    assert refused["at"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
+    assert refused["problems"][0].startswith(f"{broken}:2: "), refused
+    status = meshd_cli("status", "--admin", f"{loopback}:15000")
+    assert status.returncode == 0, status.stderr
+    assert f"RELOAD REFUSED at {refused['at']} (SIGHUP)" in status.stdout
+    assert f"  {broken}:2: " in status.stdout
+    page = http_get(node.admin_url + "/")[1].decode()
+    assert "Reload refused" in page and f"{broken}:2: " in page
+
+    # fixed: the next reload applies and the refusal is gone; again exactly one reload for the edit
+    broken.unlink()
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: node.metric("meshd_config_reloads_total", result="success") == 1, node)
+    time.sleep(2 * WATCH_INTERVAL + 0.5)
+    assert node.metric("meshd_config_reloads_total", result="success") == 1, node.log()
+    dump = json.loads(http_get(node.admin_url + "/config_dump")[1])
+    assert dump["reload"]["refused"] is None and dump["reload"]["last"]["result"] == "applied"
+    status = meshd_cli("status", "--admin", f"{loopback}:15000")
+    assert "REFUSED" not in status.stdout and "last reload: applied at" in status.stdout
+    assert node.stop() == 0

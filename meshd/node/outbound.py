@@ -119,8 +119,7 @@ class Outbound:
     ) -> None:
         """Accept on the upstream's listener until cancelled. Connections run in `connections`, so
         cancelling the accept loop (drain, or a reload removing the upstream) does not cut them."""
-        where = f"[[upstream]] listen (service {up.service_key}:{up.port})"
-        listeners = await open_listeners(where, up.listen)
+        listeners = await open_listeners("[[upstream]] listen", up.listen, f"{up.service_key}:{up.port}")
         log.info(
             "upstream listening", extra={"listen": str(up.listen), "service": f"{up.service_key}:{up.port}"}
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import tracemalloc
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshd.observe.http import Request, Response
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer
@@ -15,6 +15,16 @@ if TYPE_CHECKING:
     from meshd.daemon import Daemon
 
 LEVELS = ("debug", "info", "warning", "error")
+
+
+def _refused_reload(refused: dict[str, Any] | None) -> str:
+    if not refused:
+        return ""
+    items = "".join(f"<li><code>{html.escape(p)}</code></li>" for p in refused["problems"])
+    return (
+        f"<h2>Reload refused</h2><p>at {html.escape(refused['at'])} ({html.escape(refused['trigger'])}); "
+        f"the config and policy from before stay in force:</p><ul>{items}</ul>"
+    )
 
 
 def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
@@ -82,6 +92,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
             "<!doctype html><title>meshd</title><h1>meshd</h1>"
             f"<p>role <b>{html.escape(dump['role'])}</b>, node <b>{html.escape(dump['node_name'])}</b>, "
             f"version {html.escape(dump['version'])}, ready: {dump['ready']}</p>"
+            f"{_refused_reload(dump['reload']['refused'])}"
             f"<h2>Certificates</h2><table><tr><th>identity</th><th>expires</th></tr>{rows}</table>"
             '<p><a href="/config_dump">/config_dump</a></p>'
         )

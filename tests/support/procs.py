@@ -104,6 +104,17 @@ class Meshd:
             time.sleep(0.05)  # polling the readiness endpoint, not a stand-in for it
         raise AssertionError(f"meshd not ready after {timeout}s:\n{self.log()}")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples that carry `labels`, from /metrics."""
+        _, body = http_get(self.metrics_url)
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith((name + "{", name + " ")) and all(
+                f'{k}="{v}"' in line for k, v in labels.items()
+            ):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
