@@ -35,11 +35,16 @@ def _admin_address(admin: str | None, config_file: str | None) -> str:
 
 
 def fetch_dump(address: str) -> dict[str, Any]:
-    url = f"http://{address}/config_dump"
+    data: dict[str, Any] = fetch_json(address, "/config_dump")
+    return data
+
+
+def fetch_json(address: str, path: str) -> Any:
+    """GET a JSON endpoint of a running meshd's admin API; a ClickException saying what to check."""
+    url = f"http://{address}{path}"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
-            data: dict[str, Any] = json.load(resp)
-            return data
+            return json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         raise click.ClickException(
             f"cannot reach meshd's admin API at {address}: {exc} (is meshd running? pass --admin HOST:PORT)"

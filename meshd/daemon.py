@@ -36,7 +36,7 @@ from meshd.observe.accesslog import ConnectionTelemetry
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
-from meshd.plugins.manager import filter_types, make_plugin_manager, plugin_infos
+from meshd.plugins.manager import filter_types, installed_since, make_plugin_manager, plugin_infos
 from meshd.policy.load import load_policy_dir
 from meshd.readiness import Readiness
 from meshd.reload import ReloadOutcome, plan_reload
@@ -217,7 +217,15 @@ class Daemon:
                 new.policy.dir, role=new.role, filter_types=filter_types(self.plugins)
             )
         except ConfigError as exc:
-            return rejected(p.format() for p in exc.problems)
+            problems = [p.format() for p in exc.problems]
+            new_filters = installed_since(self.plugins)
+            if new_filters:  # an "unknown filter" may be one of these: say what would make it known
+                offered = ", ".join(f"{f!r} ({src})" for f, src in sorted(new_filters.items()))
+                problems.append(
+                    f"{self.config_path or 'config'}: filters {offered} come from plugins installed after meshd "
+                    "started; meshd loads plugins at start (restart it, e.g. `systemctl restart meshd`, to use them)"
+                )
+            return rejected(problems)
         plan = plan_reload(self.config, new)
         try:
             await self.identities.add(plan.identities_added)

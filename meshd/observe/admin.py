@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshd.observe.http import Request, Response
+from meshd.plugins.manager import plugins_json
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer
 
 if TYPE_CHECKING:
@@ -82,6 +83,10 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         snapshots[:] = [snap]
         return Response.text(200, "\n".join(lines) + "\n")
 
+    def plugins(_: Request) -> Response:
+        """`meshd plugins --admin`: what the running daemon loaded (not what is installed now)."""
+        return Response(200, dumps(plugins_json(daemon.plugins)), "application/json")
+
     def status_page(_: Request) -> Response:
         dump = daemon.config_dump()
         rows = "".join(
@@ -103,6 +108,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         "/config_dump": config_dump,
         "/debug/memory": debug_memory,
         "/logging": logging_level,
+        "/plugins": plugins,
         "/policy/explain": policy_explain,
         "/quitquitquit": quit_,
     }

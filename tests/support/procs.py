@@ -146,17 +146,18 @@ def read_only_mount(*paths: Path) -> list[str]:
 
 
 def meshd_cli(
-    *args: str, stdin: str | None = None, cwd: Path | None = None
+    *args: str, stdin: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`meshd ARGS...` as a user runs it; the result with stdout and stderr as text."""
+    """`meshd ARGS...` as a user runs it (`env` added to the environment); stdout and stderr as text."""
     return subprocess.run(
         [sys.executable, "-m", "meshd", *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
         check=False,
         input=stdin,
         cwd=cwd,
+        env={**os.environ, **env} if env else None,
     )
 
 
