@@ -52,6 +52,16 @@ async def open_listeners(key: str, address: Address, owner: str = "") -> list[tr
         raise ListenError(key, address, exc, owner) from exc
 
 
+def peer_of(stream: trio.SocketStream) -> tuple[str, int] | None:
+    """The client's (ip, port); None if it already reset the connection (ENOTCONN: a port scan,
+    a client that gave up). Such a connection is closed quietly, not logged as a failure."""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return None
+    return str(peer[0]), int(peer[1])
+
+
 ConnectionHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -259,4 +260,28 @@ def test_a_refused_reload_shows_in_status_config_dump_and_the_admin_page_and_one
     assert dump["reload"]["refused"] is None and dump["reload"]["last"]["result"] == "applied"
     status = meshd_cli("status", "--admin", f"{loopback}:15000")
     assert "REFUSED" not in status.stdout and "last reload: applied at" in status.stdout
+    assert node.stop() == 0
+
+
+def test_clients_that_reset_before_they_are_served_cost_nothing(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    """A port scan (connect, then RST at once) on every TCP listener: the peer is gone before the
+    handler asks who it was (ENOTCONN). That used to end the daemon."""
+    body = (
+        f'[ca]\nserve = true\ndir = "{tmp_path / "ca"}"\nlisten = "{loopback}:15012"\n'
+        f'[[upstream]]\nservice = "echo.default"\nport = 7000\nlisten = "{loopback}:17000"\n'
+    )
+    cfg = node_config(tmp_path / "node.toml", "scanned", tmp_path / "ca", body=body)
+    node = Meshd(cfg, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    for port in (15006, 17000, 15012, 15008, 15000):
+        for _ in range(400):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+                s.connect((loopback, port))
+    assert http_get(node.readiness_url)[0] == 200, node.log()
+    assert json.loads(http_get(node.admin_url + "/config_dump")[1])["node_name"] == "scanned"
+    assert "Traceback" not in node.log() and "connection failed" not in node.log()
     assert node.stop() == 0

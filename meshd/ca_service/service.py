@@ -31,7 +31,7 @@ from meshd.hbone.server import InboundRequest, ServerReply
 from meshd.hbone.tls import _pem_path
 from meshd.identity.ca import CAError
 from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId
-from meshd.listeners import open_listeners, per_connection
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.units import Address
 
 log = logging.getLogger("meshd.ca")
@@ -126,8 +126,11 @@ class CaService:
         return ctx
 
     async def _handle_enrollment(self, tcp: trio.SocketStream) -> None:
-        host, port = tcp.socket.getpeername()[:2]
-        peer = f"{host}:{port}"
+        address = peer_of(tcp)
+        if address is None:
+            await trio.aclose_forcefully(tcp)
+            return
+        peer = f"{address[0]}:{address[1]}"
         try:
             tls = trio.SSLStream(tcp, self._server_context(), server_side=True)
         except CAError as exc:

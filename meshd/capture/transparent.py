@@ -24,7 +24,7 @@ from meshd.capture.dns_server import DnsServer
 from meshd.capture.vip import VipIndex, VipTable
 from meshd.config.model import UpstreamConfig
 from meshd.discovery.catalog import ServiceEntry
-from meshd.listeners import open_listeners, per_connection
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.node.inbound import original_destination
 from meshd.node.outbound import Outbound
 from meshd.node.state import NodeState
@@ -137,7 +137,9 @@ class Capture:
         service = self.table().service(dest[0]) if dest is not None else None
         if dest is None or service is None:
             async with stream:
-                peer = stream.socket.getpeername()
+                peer = peer_of(stream)
+                if peer is None:
+                    return
                 rec = ConnectionRecord(
                     reporter="source", src=f"{peer[0]}:{peer[1]}", dst=f"{dest[0]}:{dest[1]}" if dest else ""
                 )

@@ -24,7 +24,7 @@ from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefus
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
-from meshd.listeners import open_listeners, per_connection
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.observe.accesslog import (
@@ -250,7 +250,9 @@ class Inbound:
 
     async def _handle_plaintext(self, stream: trio.SocketStream) -> None:
         async with stream:
-            peer = stream.socket.getpeername()
+            peer = peer_of(stream)
+            if peer is None:
+                return
             dest = original_destination(stream.socket)
             rec = ConnectionRecord(
                 reporter="destination", src=f"{peer[0]}:{peer[1]}", dst="", security="none"

@@ -22,7 +22,7 @@ from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefus
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.stream import TunnelStream
 from meshd.identity.spiffe import SpiffeId
-from meshd.listeners import open_listeners, per_connection
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.observe.accesslog import FLAG_NO_HEALTHY, FLAG_NO_ROUTE, FLAG_UNAUTHORIZED, ConnectionRecord
@@ -136,7 +136,9 @@ class Outbound:
 
     async def handle(self, client: trio.SocketStream, up: UpstreamConfig) -> None:
         async with client:
-            peer = client.socket.getpeername()
+            peer = peer_of(client)
+            if peer is None:
+                return
             source = source_identity(self.state, up)
             rec = ConnectionRecord(
                 reporter="source",
