@@ -165,3 +165,15 @@ def test_config_check_says_how_to_make_a_missing_ca(tmp_path: Path) -> None:
     out = meshd("config", "check", "-c", str(path))
     assert out.returncode == 2
     assert f"(make one with `meshd ca init --dir {tmp_path}/ca --trust-domain home.arpa`)" in out.stderr
+
+
+def test_enroll_wants_the_token_from_a_file_or_stdin_and_says_so(tmp_path: Path) -> None:
+    out = meshd("enroll", "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 2
+    assert "error: give the token with --token-file FILE or --token - (stdin)" in out.stderr
+    empty = tmp_path / "t.token"
+    empty.write_text("\n")
+    out = meshd("enroll", "--token-file", str(empty), "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 1 and f"the token from {empty} is empty" in out.stderr
+    out = meshd("enroll", "--token-file", str(tmp_path / "nope"), "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 1 and "cannot read the token" in out.stderr and "Traceback" not in out.stderr
