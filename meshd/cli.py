@@ -83,8 +83,8 @@ def run(config_file: str | None, overrides: tuple[str, ...]) -> None:
     except UserFacingError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except OSError as exc:
-        click.echo(f"error: {exc} (is another meshd or program using that address?)", err=True)
+    except OSError as exc:  # a bind failure is a ListenError (with its own hint); this is anything else
+        click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     sys.exit(code)
 
@@ -123,7 +123,9 @@ def config() -> None:
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def config_check(config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Validate the config file and every policy file; exit 2 listing every problem."""
-    from meshd.identity.ca import CAError, LocalCA
+    from meshd.ca_service.wiring import identity_source_problems
+    from meshd.config.toml_lines import KeyLines
+    from meshd.daemon import local_identities
     from meshd.policy.load import load_policy_dir
 
     path = config_path(config_file)
@@ -132,20 +134,9 @@ def config_check(config_file: str | None, overrides: tuple[str, ...]) -> None:
         cfg = load_config(path, overrides)
     except ConfigError as exc:
         _fail_config(exc, EXIT_INVALID)
-    if cfg.identity.ca_dir is not None:
-        try:
-            ca_ = LocalCA.load(cfg.identity.ca_dir)
-            if ca_.trust_domain != cfg.trust_domain:
-                problems.append(
-                    Problem(
-                        str(path),
-                        None,
-                        f"identity.ca_dir is a CA for {ca_.trust_domain!r}, but trust_domain is {cfg.trust_domain!r}",
-                        "make them the same",
-                    )
-                )
-        except CAError as exc:
-            problems.append(Problem(str(path), None, f"identity.ca_dir: {exc}"))
+    lines = KeyLines(path.read_text(encoding="utf-8"))
+    for sp in identity_source_problems(cfg, local_identities(cfg)):
+        problems.append(Problem(str(path), lines.line_of(tuple(sp.key.split("."))), sp.message, sp.hint))
     warnings: list[Problem] = []
     try:
         _, warnings = load_policy_dir(cfg.policy.dir, role=cfg.role, trust_domain=cfg.trust_domain)
@@ -197,7 +188,16 @@ def config_show(config_file: str | None, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--token", required=True, help="Token from `meshd ca token` on the CA host.")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    help="Read the token (from `meshd ca token` on the CA host) from FILE.",
+)
+@click.option(
+    "--token",
+    help="The token itself, or `-` to read it from stdin. Prefer --token-file or `-`: "
+    "ps and shell history see arguments.",
+)
 @click.option(
     "--ca", "ca_address", default=None, help="CA enrollment endpoint HOST:PORT (default: from the token)."
 )
@@ -208,8 +208,11 @@ def config_show(config_file: str | None, overrides: tuple[str, ...]) -> None:
     type=click.Path(file_okay=False),
     help="Where the node key, certificate and trust bundle go (then set identity.state_dir to it).",
 )
-def enroll(token: str, ca_address: str | None, state_dir: str) -> None:
-    """Join the mesh: get this host's node certificate from the CA with a one-time token."""
+def enroll(token_file: str | None, token: str | None, ca_address: str | None, state_dir: str) -> None:
+    """Join the mesh: get this host's node certificate from the CA with a one-time token.
+
+    The token comes from --token-file FILE, or stdin with `--token -`
+    (`meshd enroll --token - < token.txt`)."""
     from pathlib import Path
 
     import trio
@@ -218,17 +221,34 @@ def enroll(token: str, ca_address: str | None, state_dir: str) -> None:
     from meshd.ca_service.client import enroll as do_enroll
     from meshd.units import Address
 
+    if (token is None) == (token_file is None):
+        click.echo("error: give the token with --token-file FILE or --token - (stdin)", err=True)
+        sys.exit(EXIT_INVALID)
+    try:
+        if token_file is not None:
+            text = Path(token_file).read_text(encoding="utf-8")
+        else:
+            text = sys.stdin.read() if token == "-" else str(token)
+    except (OSError, UnicodeDecodeError) as exc:
+        click.echo(f"error: cannot read the token: {exc}", err=True)
+        sys.exit(1)
+    if not text.strip():
+        click.echo(
+            f"error: the token from {token_file or 'stdin'} is empty (paste the whole line `meshd ca token` printed)",
+            err=True,
+        )
+        sys.exit(1)
+    state = Path(state_dir).absolute()  # printed for the config: a relative path would resolve elsewhere
     try:
         where = Address.parse(ca_address) if ca_address else None
-        result = trio.run(do_enroll, token, Path(state_dir), where)
+        result = trio.run(do_enroll, text.strip(), state, where)
     except (EnrollError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(f"enrolled as node {result.node}; node certificate valid until {result.not_after.isoformat()}")
-    click.echo(
-        f"  {state_dir}/cert.pem, key.pem (0600), ca.crt; CA {result.ca_identity} at {result.ca_hbone}"
-    )
-    click.echo(f'  in the config: node_name = "{result.node}", [identity] state_dir = "{state_dir}"')
+    click.echo(f"  {state / 'cert.pem'}, {state / 'key.pem'} (0600), {state / 'ca.crt'}")
+    click.echo(f"  CA {result.ca_identity} at {result.ca_hbone}")
+    click.echo(f'  in the config: node_name = "{result.node}", [identity] state_dir = "{state}"')
 
 
 @main.command()

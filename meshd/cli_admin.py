@@ -36,11 +36,16 @@ def _admin_address(admin: str | None, config_file: str | None) -> str:
 
 
 def fetch_dump(address: str) -> dict[str, Any]:
-    url = f"http://{address}/config_dump"
+    data: dict[str, Any] = fetch_json(address, "/config_dump")
+    return data
+
+
+def fetch_json(address: str, path: str) -> Any:
+    """GET a JSON endpoint of a running meshd's admin API; a ClickException saying what to check."""
+    url = f"http://{address}{path}"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
-            data: dict[str, Any] = json.load(resp)
-            return data
+            return json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         raise click.ClickException(
             f"cannot reach meshd's admin API at {address}: {exc} (is meshd running? pass --admin HOST:PORT)"
@@ -82,7 +87,23 @@ def status_text(d: dict[str, Any]) -> str:
     ]
     if d["catalog"].get("conflicts"):
         lines += ["", "catalog conflicts:", *(f"  {c}" for c in d["catalog"]["conflicts"])]
+    lines += reload_lines(d.get("reload") or {})
     return "\n".join(lines)
+
+
+def reload_lines(reload: dict[str, Any]) -> list[str]:
+    """The last reload, and a refused one (kept until a later reload applies): what, when, where."""
+    out = []
+    last, refused = reload.get("last"), reload.get("refused")
+    if last and last is not refused and last["result"] == "applied":
+        out += ["", f"last reload: applied at {last['at']} ({last['trigger']})"]
+    if refused:
+        out += [
+            "",
+            f"RELOAD REFUSED at {refused['at']} ({refused['trigger']}); the config and policy from before stay in force:",
+            *(f"  {p}" for p in refused["problems"]),
+        ]
+    return out
 
 
 def peers_text(d: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
 from meshd.identity.manager import IdentityError, IdentityManager
 from meshd.identity.spiffe import SpiffeId
+from meshd.listeners import ListenError
 from meshd.log import set_level
 from meshd.node.proxy import NodeProxy
 from meshd.node.state import NodeState
@@ -35,10 +36,10 @@ from meshd.observe.accesslog import ConnectionTelemetry
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
-from meshd.plugins.manager import filter_types, make_plugin_manager, plugin_infos
+from meshd.plugins.manager import filter_types, installed_since, make_plugin_manager, plugin_infos
 from meshd.policy.load import load_policy_dir
 from meshd.readiness import Readiness
-from meshd.reload import plan_reload
+from meshd.reload import ReloadOutcome, plan_reload
 from meshd.sdnotify import Notifier
 
 log = logging.getLogger("meshd")
@@ -105,6 +106,9 @@ class Daemon:
         self._idle = trio.Event()
         self._idle.set()
         self.metrics.add_collect_hook(self._refresh_gauges)
+        self.last_reload: ReloadOutcome | None = None
+        self.last_refused_reload: ReloadOutcome | None = None  # kept until a later reload applies
+        self._files_seen = self._files_fingerprint()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -182,19 +186,33 @@ class Daemon:
         the new config, policy and catalog are swapped in at once and upstream listeners are added or
         removed; open connections are not cut, unchanged listeners are not rebound."""
         async with self._reload_lock:
-            self.systemd.reloading()
+            self.systemd.reloading()  # also when there is nothing to do: systemd waits for READY=1
             try:
-                ok = await self._reload(why)
+                # The files as this reload reads them: the watcher must not reload them a second time
+                # (an edit + SIGHUP used to reload twice: once for the signal, once for the mtime).
+                seen = self._files_fingerprint()
+                refused = self.last_refused_reload
+                if seen == self._files_seen and not (refused and refused.external and why == "SIGHUP"):
+                    # Already read as they are (by the watcher, or a SIGHUP that held the lock): one
+                    # edit is one reload. SIGHUP retries a reload refused for an outside cause (the CA
+                    # said no, a port was taken): that may have changed.
+                    log.info("%s: config and policy unchanged since they were last read; nothing to do", why)
+                    return True
+                self._files_seen = seen
+                outcome = await self._reload(why)
             finally:
                 self.systemd.ready("reloaded")
-            self.metrics.config_reloads.labels("success" if ok else "failure").inc()
-            return ok
+            self.last_reload = outcome
+            self.last_refused_reload = None if outcome.applied else outcome
+            self.metrics.config_reloads.labels("success" if outcome.applied else "failure").inc()
+            return outcome.applied
 
-    async def _reload(self, why: str) -> bool:
-        def rejected(problems: Iterable[str]) -> bool:
-            for p in problems:
+    async def _reload(self, why: str) -> ReloadOutcome:
+        def rejected(problems: Iterable[str], *, external: bool = False) -> ReloadOutcome:
+            listed = tuple(problems)
+            for p in listed:
                 log.error("reload rejected, the running config and policy stay in force: %s", p)
-            return False
+            return ReloadOutcome(time.time(), why, applied=False, problems=listed, external=external)
 
         try:
             new = load_config(self.config_path, self.overrides) if self.config_path else self.config
@@ -205,20 +223,28 @@ class Daemon:
                 trust_domain=new.trust_domain,
             )
         except ConfigError as exc:
-            return rejected(p.format() for p in exc.problems)
+            problems = [p.format() for p in exc.problems]
+            new_filters = installed_since(self.plugins)
+            if new_filters:  # an "unknown filter" may be one of these: say what would make it known
+                offered = ", ".join(f"{f!r} ({src})" for f, src in sorted(new_filters.items()))
+                problems.append(
+                    f"{self.config_path or 'config'}: filters {offered} come from plugins installed after meshd "
+                    "started; meshd loads plugins at start (restart it, e.g. `systemctl restart meshd`, to use them)"
+                )
+            return rejected(problems)
         plan = plan_reload(self.config, new)
         try:
             await self.identities.add(plan.identities_added)
         except IdentityError as exc:
-            return rejected([str(exc)])
+            return rejected([f"{self.config_path or 'config'}: {exc}"], external=True)
         added: list[UpstreamConfig] = []
         for up in plan.upstreams_added:
             try:
                 await self.node.start_upstream(up)
-            except OSError as exc:
+            except ListenError as exc:
                 for started in added:
                     self.node.stop_upstream(started)
-                return rejected([f"upstream {up.service_key}:{up.port}: cannot listen on {up.listen}: {exc}"])
+                return rejected([f"{self.config_path or 'config'}: {exc}"], external=True)
             added.append(up)
         for up in plan.upstreams_removed:
             self.node.stop_upstream(up)
@@ -232,16 +258,13 @@ class Daemon:
         set_level(plan.config.log.level)
         self.node.rebuild_catalog()
         log.info("config and policy reloaded", extra={"trigger": why})
-        return True
+        return ReloadOutcome(time.time(), why, applied=True)
 
     async def _watch_files(self) -> None:
         """Reload when the config file or a policy file changes (polled: no inotify dependency)."""
-        seen = self._files_fingerprint()
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            now = self._files_fingerprint()
-            if now != seen:
-                seen = now
+            if self._files_fingerprint() != self._files_seen:
                 await self.reload("file change")
 
     def _files_fingerprint(self) -> tuple[tuple[str, int, int], ...]:
@@ -318,6 +341,10 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1),
             "trio_tasks": trio.lowlevel.current_statistics().tasks_living,  # read by bench/soak.py
             "ready": self.readiness.ready,
+            "reload": {
+                "last": self.last_reload.to_json() if self.last_reload else None,
+                "refused": self.last_refused_reload.to_json() if self.last_refused_reload else None,
+            },
             "listeners": self.bound,
             "config": to_plain(self.config),
             "certificates": certs,

@@ -10,11 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from meshd.config.model import Config, UpstreamConfig
 from meshd.identity.spiffe import SpiffeId
 
 RESTART_KEYS = ("role", "trust_domain", "node_name", "listen", "identity", "discovery", "capture", "dns")
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """One reload attempt, as `meshd status`, /config_dump and the admin page show it."""
+
+    at: float  # unix time
+    trigger: str  # "SIGHUP", "file change", ...
+    applied: bool
+    problems: tuple[str, ...] = ()  # why it was refused: `FILE:LINE: what (what to do)` each
+    external: bool = False  # refused for a cause outside the files (CA, a taken port): worth a retry
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="seconds"),
+            "trigger": self.trigger,
+            "result": "applied" if self.applied else "refused",
+            "problems": list(self.problems),
+        }
 
 
 @dataclass(frozen=True)

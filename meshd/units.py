@@ -71,7 +71,9 @@ class Address:
             if ":" in host:
                 raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:15008")
         if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
+            raise ValueError(
+                f"{text!r}: port {port_text!r} is not a number from 0 to 65535 (write e.g. 127.0.0.1:15008)"
+            )
         return cls(host, int(port_text))
 
     @property

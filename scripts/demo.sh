@@ -12,7 +12,10 @@ mkdir -p "$STATE"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# Ctrl-C (or SIGTERM) is how the demo is meant to end: stop everything and exit 0, so make does not
+# report "Error 130" for a clean stop.
+trap 'trap - EXIT; cleanup; echo "demo stopped."; exit 0' INT TERM
 
 $PY -m meshd.tools.echo 127.0.0.3:7000 & pids+=($!)
 $PY -m meshd run -c configs/beta.toml 2>"$STATE/beta.log" & pids+=($!)

@@ -173,3 +173,24 @@ def test_key_lines_follow_arrays_of_tables_and_inline_arrays() -> None:
     assert lines.line_of(("a", 1, "y", 1)) == 9
     assert lines.line_of(("a", 1, "b", 0, "z")) == 12
     assert lines.line_of(("a", 1, "nothing")) == 3
+
+
+def test_an_address_mistake_gets_one_hint_not_two(tmp_path: Path) -> None:
+    (found,) = problems(tmp_path, BASE + "[listen]\nhbone = 'nonsense'\n")
+    assert found == "F:6: listen.hbone: 'nonsense' is not an address (write HOST:PORT, e.g. 127.0.0.1:15008)"
+    (found,) = problems(tmp_path, BASE + "[listen]\nhbone = '1.2.3.4:x'\n")
+    assert found.count("write") == 1, found
+
+
+def test_a_client_workload_needs_no_ports(tmp_path: Path) -> None:
+    cfg = load(tmp_path, BASE + '[[workload]]\nname = "client"\n')
+    assert cfg.workloads[0].ports == ()
+
+
+def test_plaintext_listens_beside_hbone_unless_set(tmp_path: Path) -> None:
+    assert load(tmp_path, BASE).listen.plaintext == Address("0.0.0.0", 15006)
+    moved = load(tmp_path, BASE + "[listen]\nhbone = '127.0.0.2:15108'\n")
+    assert moved.listen.plaintext == Address("127.0.0.2", 15106)
+    assert load(tmp_path, BASE, "listen.hbone=10.0.0.1:25008").listen.plaintext == Address("10.0.0.1", 25006)
+    explicit = load(tmp_path, BASE + "[listen]\nhbone = '127.0.0.2:15108'\nplaintext = '127.0.0.2:16000'\n")
+    assert explicit.listen.plaintext == Address("127.0.0.2", 16000)

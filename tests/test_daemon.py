@@ -6,14 +6,17 @@ import json
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from meshd.daemon import WATCH_INTERVAL
 from meshd.identity.ca import LocalCA
 from tests.conftest import REPO
-from tests.support.procs import Meshd, http_get, http_post
+from tests.support.configs import node_config
+from tests.support.procs import Meshd, http_get, http_post, meshd_cli, wait_for
 
 
 def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
@@ -24,6 +27,15 @@ def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
         ip,
         [f"identity.ca_dir={tmp_path / 'ca'}", f"node_name=n{ip.replace('.', '-')}", *extra],
     )
+
+
+def plain_node(tmp_path: Path, ip: str) -> Meshd:
+    """A node with a policy folder and nothing else that listens (the example's upstream port is
+    127.0.0.1:17000, shared by every test that runs it)."""
+    cfg = node_config(
+        tmp_path / "node.toml", "n" + ip.replace(".", "-"), tmp_path / "ca", policy_dir=tmp_path / "policy.d"
+    )
+    return Meshd(cfg, ip)
 
 
 def test_example_config_becomes_ready_and_exits_0_on_sigterm(
@@ -169,3 +181,132 @@ def test_status_lines_carry_reason_phrases(
         _status_line((loopback, 15000), b"POST /quitquitquit HTTP/1.1\r\nhost: x\r\n\r\n")
         == b"HTTP/1.1 200 OK"
     )
+
+
+def test_a_taken_address_names_the_address_and_key_and_suggests_another_program(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind((loopback, 15020))
+        holder.listen()
+        node = plain_node(tmp_path, loopback)
+        daemons.append(node)
+        node.start()
+        assert node.proc is not None and node.proc.wait(30) == 1
+    err = node.log().strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot listen on {loopback}:15020 (listen.metrics): "), err
+    assert "is another meshd or program using that address?" in err
+    assert "Traceback" not in node.log()
+
+
+def test_a_bind_error_that_is_not_a_taken_address_gets_no_other_program_hint(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface of this host: EADDRNOTAVAIL
+    node = plain_node(tmp_path, loopback)
+    daemons.append(node)
+    node.start("listen.plaintext=192.0.2.1:15006")
+    assert node.proc is not None and node.proc.wait(30) == 1
+    err = node.log().strip().splitlines()[-1]
+    assert err.startswith("error: cannot listen on 192.0.2.1:15006 (listen.plaintext): "), err
+    assert "not on any interface of this host" in err
+    assert "another meshd" not in node.log()
+
+
+def test_an_upstream_added_on_reload_that_cannot_bind_is_refused_by_name(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = plain_node(tmp_path, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    node.config.write_text(
+        node.config.read_text()
+        + '\n[[upstream]]\nservice = "echo.default"\nport = 7000\nlisten = "192.0.2.1:17999"\n'
+    )
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: "reload rejected" in node.log(), node)
+    assert "cannot listen on 192.0.2.1:17999 ([[upstream]] listen of echo.default:7000): " in node.log()
+    assert http_get(node.readiness_url)[0] == 200
+    assert node.stop() == 0
+
+
+def test_two_nodes_share_a_host_without_setting_listen_plaintext_and_a_client_needs_no_ports(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    for offset, name in ((0, "one"), (100, "two")):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(
+            f'node_name = "{name}"\n[identity]\nca_dir = "{tmp_path / "ca"}"\n[discovery]\nmdns = false\n'
+            '[[workload]]\nname = "client"\n'  # dials out only: no ports
+        )
+        node = Meshd(cfg, loopback, port_offset=offset, set_plaintext=False)
+        daemons.append(node)
+        node.start().wait_ready()
+        dump = json.loads(http_get(node.admin_url + "/config_dump")[1])
+        assert dump["config"]["listen"]["plaintext"] == f"{loopback}:{15006 + offset}"
+        assert "spiffe://home.arpa/ns/default/sa/client" in dump["certificates"]
+    for node in daemons:
+        assert node.stop() == 0
+
+
+def test_a_refused_reload_shows_in_status_config_dump_and_the_admin_page_and_one_edit_reloads_once(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    node = plain_node(tmp_path, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    broken = tmp_path / "policy.d" / "99-broken.toml"
+    broken.write_text("[[authorization]]\nname = 1\n")
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: node.metric("meshd_config_reloads_total", result="failure") == 1, node)
+    # The file watcher polls every WATCH_INTERVAL: give it two polls to (wrongly) reload the same edit.
+    time.sleep(2 * WATCH_INTERVAL + 0.5)
+    assert node.metric("meshd_config_reloads_total", result="failure") == 1, node.log()
+
+    refused = json.loads(http_get(node.admin_url + "/config_dump")[1])["reload"]["refused"]
+    assert refused["trigger"] == "SIGHUP" and refused["result"] == "refused"
+    assert refused["at"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
+    assert refused["problems"][0].startswith(f"{broken}:2: "), refused
+    status = meshd_cli("status", "--admin", f"{loopback}:15000")
+    assert status.returncode == 0, status.stderr
+    assert f"RELOAD REFUSED at {refused['at']} (SIGHUP)" in status.stdout
+    assert f"  {broken}:2: " in status.stdout
+    page = http_get(node.admin_url + "/")[1].decode()
+    assert "Reload refused" in page and f"{broken}:2: " in page
+
+    # fixed: the next reload applies and the refusal is gone; again exactly one reload for the edit
+    broken.unlink()
+    node.signal(signal.SIGHUP)
+    wait_for(lambda: node.metric("meshd_config_reloads_total", result="success") == 1, node)
+    time.sleep(2 * WATCH_INTERVAL + 0.5)
+    assert node.metric("meshd_config_reloads_total", result="success") == 1, node.log()
+    dump = json.loads(http_get(node.admin_url + "/config_dump")[1])
+    assert dump["reload"]["refused"] is None and dump["reload"]["last"]["result"] == "applied"
+    status = meshd_cli("status", "--admin", f"{loopback}:15000")
+    assert "REFUSED" not in status.stdout and "last reload: applied at" in status.stdout
+    assert node.stop() == 0
+
+
+def test_clients_that_reset_before_they_are_served_cost_nothing(
+    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
+) -> None:
+    """A port scan (connect, then RST at once) on every TCP listener: the peer is gone before the
+    handler asks who it was (ENOTCONN). That used to end the daemon."""
+    body = (
+        f'[ca]\nserve = true\ndir = "{tmp_path / "ca"}"\nlisten = "{loopback}:15012"\n'
+        f'[[upstream]]\nservice = "echo.default"\nport = 7000\nlisten = "{loopback}:17000"\n'
+    )
+    cfg = node_config(tmp_path / "node.toml", "scanned", tmp_path / "ca", body=body)
+    node = Meshd(cfg, loopback)
+    daemons.append(node)
+    node.start().wait_ready()
+    for port in (15006, 17000, 15012, 15008, 15000):
+        for _ in range(400):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+                s.connect((loopback, port))
+    assert http_get(node.readiness_url)[0] == 200, node.log()
+    assert json.loads(http_get(node.admin_url + "/config_dump")[1])["node_name"] == "scanned"
+    assert "Traceback" not in node.log() and "connection failed" not in node.log()
+    assert node.stop() == 0

@@ -123,6 +123,7 @@ class CaAuthority:
                 state.nodes[claims.node] = NodeRecord(
                     workloads=list(claims.workloads), revoked=False, enrolled_at=now.isoformat()
                 )
+            issued = _with_bundle(issued, self.bundle())
         except (TokenError, CAError, InvalidSpiffeId) as exc:
             log.warning("CA refused enrollment from %s: %s", peer, exc, extra={"peer": peer})
             self.count("enroll", "refused")
@@ -133,7 +134,7 @@ class CaAuthority:
             claims.node,
             extra={"peer": peer, "identity": node_id.uri, "not_after": issued.not_after.isoformat()},
         )
-        return Enrolled(claims.node, _with_bundle(issued, self.bundle()))
+        return Enrolled(claims.node, issued)
 
     def authorized(self, node: str, trust_domain: str) -> set[SpiffeId]:
         """Identities `node` may hold: its own, its token's workloads, the config table's."""
@@ -158,17 +159,19 @@ class CaAuthority:
                     f"{requester} is not a meshd node identity; only nodes may request certificates"
                 )
             node = requester.service_account.removeprefix("node-")
-            rec = self.store.read().nodes.get(node)
-            if rec is not None and rec.revoked:
-                raise Refused(f"node {node!r} is revoked; its certificates are not renewed")
-            if identity not in self.authorized(node, requester.trust_domain):
-                raise Refused(
-                    f"node {node!r} is not authorized for {identity} "
-                    f"(list it in the node's token --workloads, or in [ca.nodes.{node}] workloads)"
-                )
             try:
-                issued = self.ca().sign_csr(csr_pem, identity, ttl=self.ttl, now=now)
-            except CAError as exc:
+                rec = self.store.read().nodes.get(node)
+                if rec is not None and rec.revoked:
+                    raise Refused(f"node {node!r} is revoked; its certificates are not renewed")
+                if identity not in self.authorized(node, requester.trust_domain):
+                    raise Refused(
+                        f"node {node!r} is not authorized for {identity} "
+                        f"(list it in the node's token --workloads, or in [ca.nodes.{node}] workloads)"
+                    )
+                issued = _with_bundle(
+                    self.ca().sign_csr(csr_pem, identity, ttl=self.ttl, now=now), self.bundle()
+                )
+            except CAError as exc:  # the CA folder is unreadable, or the CSR is bad: this request fails
                 raise Refused(str(exc)) from None
         except Refused as exc:
             log.warning("CA refused a certificate: %s", exc, extra=where)
@@ -176,7 +179,7 @@ class CaAuthority:
             raise
         self.count("sign", "issued")
         log.info("CA issued a certificate", extra={**where, "not_after": issued.not_after.isoformat()})
-        return _with_bundle(issued, self.bundle())
+        return issued
 
 
 def _with_bundle(issued: IssuedCert, bundle: bytes) -> IssuedCert:

@@ -137,6 +137,8 @@ async def enroll(token: str, state_dir: Path, ca: Address | None = None) -> Enro
             async with tls:
                 await tls.do_handshake()
                 greeting = await wire.receive(tls)
+                if "bundle" not in greeting and not greeting.get("ok", True):
+                    raise EnrollError(f"the CA at {where} failed: {greeting.get('error', 'no reason given')}")
                 leaf_der = tls.getpeercert(binary_form=True)
                 bundle = str(greeting.get("bundle", "")).encode()
                 check_pin(claims.fingerprint, bundle, leaf_der or b"")
@@ -149,6 +151,10 @@ async def enroll(token: str, state_dir: Path, ca: Address | None = None) -> Enro
             f"{where} did not answer within {REQUEST_TIMEOUT:g} s (is port {where.port} open?)"
         ) from None
     except (OSError, trio.BrokenResourceError, wire.WireError) as exc:
+        if isinstance(exc, trio.BrokenResourceError | wire.WireError) and not str(exc):
+            raise EnrollError(
+                f"the CA at {where} closed the connection without an answer (its log says why)"
+            ) from None
         raise EnrollError(
             f"cannot enroll with {where}: {exc} (is the CA's meshd running with [ca] serve = true?)"
         ) from None

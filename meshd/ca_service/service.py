@@ -31,6 +31,7 @@ from meshd.hbone.server import InboundRequest, ServerReply
 from meshd.hbone.tls import _pem_path
 from meshd.identity.ca import CAError
 from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.units import Address
 
 log = logging.getLogger("meshd.ca")
@@ -108,10 +109,12 @@ class CaService:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        listeners = await open_listeners("ca.listen", address)
         sockname = listeners[0].socket.getsockname()
         log.info("CA enrollment listening on %s:%d", sockname[0], sockname[1])
-        await trio.serve_listeners(self._handle_enrollment, listeners, task_status=task_status)
+        await trio.serve_listeners(
+            per_connection(self._handle_enrollment, "CA enrollment"), listeners, task_status=task_status
+        )
 
     def _server_context(self) -> ssl.SSLContext:
         issued = self.authority.ca().issue(self.node_identity, ttl=SERVER_CERT_TTL, now=self.wall_clock())
@@ -123,8 +126,11 @@ class CaService:
         return ctx
 
     async def _handle_enrollment(self, tcp: trio.SocketStream) -> None:
-        host, port = tcp.socket.getpeername()[:2]
-        peer = f"{host}:{port}"
+        address = peer_of(tcp)
+        if address is None:
+            await trio.aclose_forcefully(tcp)
+            return
+        peer = f"{address[0]}:{address[1]}"
         try:
             tls = trio.SSLStream(tcp, self._server_context(), server_side=True)
         except CAError as exc:
@@ -134,7 +140,13 @@ class CaService:
         try:
             with trio.fail_after(ENROLL_TIMEOUT):
                 await tls.do_handshake()
-                await wire.send(tls, {"bundle": self.authority.bundle().decode(), "v": 1})
+                try:
+                    bundle = self.authority.bundle()
+                except CAError as exc:  # the client still hears why, not a closed connection
+                    log.error("CA enrollment from %s failed: %s", peer, exc)
+                    await wire.send(tls, {"ok": False, "error": f"the CA cannot read its folder: {exc}"})
+                    return
+                await wire.send(tls, {"bundle": bundle.decode(), "v": 1})
                 request = await wire.receive(tls)
                 token, csr = request.get("token"), request.get("csr")
                 if not isinstance(token, str) or not isinstance(csr, str):
@@ -155,7 +167,7 @@ class CaService:
                         "hbone_port": self.hbone_port,
                     },
                 )
-        except (trio.BrokenResourceError, trio.TooSlowError, wire.WireError, CAError) as exc:
+        except (trio.BrokenResourceError, trio.TooSlowError, wire.WireError) as exc:
             log.info("CA enrollment connection from %s failed: %s", peer, exc or type(exc).__name__)
         finally:
             await trio.aclose_forcefully(tls)

@@ -76,10 +76,12 @@ class CaStore:
                 raise CAError(
                     f"{path} does not exist: no token was ever made (run `meshd ca token --dir {self.directory}`)"
                 ) from None
-            with self._lock():
+            with self._lock(), self._os_errors(path):
                 if not path.exists():
                     _write_file(path, secrets.token_bytes(32), 0o600)
                 key = path.read_bytes()
+        except OSError as exc:
+            raise CAError(f"cannot read {path}: {exc.strerror or exc}") from exc
         if len(key) < 32:
             raise CAError(f"{path} is too short to be a token key (delete it; old tokens stop working)")
         return key
@@ -102,13 +104,27 @@ class CaStore:
             state = self.read()
             yield state
             data = json.dumps(state.to_json(), indent=2).encode() + b"\n"
-            _write_file(self.directory / STATE_FILE, data, 0o600)
+            with self._os_errors(self.directory / STATE_FILE):
+                _write_file(self.directory / STATE_FILE, data, 0o600)
+
+    @contextlib.contextmanager
+    def _os_errors(self, path: Path) -> Iterator[None]:
+        """An OS error writing the CA folder (read-only, full, not ours) as a CAError with its cause."""
+        try:
+            yield
+        except OSError as exc:
+            raise CAError(
+                f"cannot write {exc.filename or path}: {exc.strerror or exc} (meshd must be able to write "
+                f"the CA folder {self.directory}: under systemd keep it below /var/lib/meshd, "
+                "or list it in the unit's ReadWritePaths=)"
+            ) from exc
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
         if not self.directory.is_dir():
             raise CAError(f"CA directory {self.directory} does not exist (meshd ca init --dir ...)")
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        with self._os_errors(self.directory / LOCK_FILE):
+            fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

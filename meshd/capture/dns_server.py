@@ -25,6 +25,7 @@ from meshd.capture.dns import decide, formerr, parse, to_wire
 from meshd.capture.vip import VipTable
 from meshd.config.model import DnsConfig
 from meshd.discovery.catalog import ServiceEntry
+from meshd.listeners import ListenError, per_connection
 from meshd.units import Address
 
 log = logging.getLogger("meshd.dns")
@@ -103,7 +104,10 @@ class DnsServer:
             self.upstreams = [u for u in resolv_conf_upstreams(text) if u != listen]
         if not self.upstreams:
             log.warning("DNS proxy has no upstream resolver: names outside the mesh get SERVFAIL")
-        udp, listeners = await bind_udp_and_tcp(listen)
+        try:
+            udp, listeners = await bind_udp_and_tcp(listen)
+        except OSError as exc:
+            raise ListenError("dns.listen", listen, exc) from exc
         bound = Address(listen.host, udp.getsockname()[1])
         log.info(
             "DNS proxy listening",
@@ -116,7 +120,7 @@ class DnsServer:
         with udp:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_udp, udp, nursery)
-                await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
+                await nursery.start(trio.serve_listeners, per_connection(self._handle_tcp, "DNS"), listeners)
                 task_status.started(bound)
 
     async def _serve_udp(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:

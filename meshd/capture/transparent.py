@@ -24,6 +24,7 @@ from meshd.capture.dns_server import DnsServer
 from meshd.capture.vip import VipIndex, VipTable
 from meshd.config.model import UpstreamConfig
 from meshd.discovery.catalog import ServiceEntry
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.node.inbound import original_destination
 from meshd.node.outbound import Outbound
 from meshd.node.state import NodeState
@@ -84,7 +85,7 @@ class Capture:
         return nft.ruleset(
             cfg.capture.vip_range,
             cfg.capture.listen.port,
-            cfg.listen.plaintext.port,
+            cfg.listen.plaintext_address.port,
             self.inbound_rules(),
             dns_port=cfg.dns.listen.port if cfg.dns.capture else None,
         )
@@ -94,7 +95,7 @@ class Capture:
     ) -> None:
         """Bind 15001, install the table, accept until cancelled, remove the table."""
         cfg = self.state.config.capture
-        listeners = await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.host)
+        listeners = await open_listeners("capture.listen", cfg.listen)
         try:
             await nft.install(cfg.nft, self.ruleset())
         except nft.NftUnavailable as exc:
@@ -120,7 +121,10 @@ class Capture:
         )
         try:
             await trio.serve_listeners(
-                self.handle, listeners, handler_nursery=connections, task_status=task_status
+                per_connection(self.handle, "capture"),
+                listeners,
+                handler_nursery=connections,
+                task_status=task_status,
             )
         finally:
             self.status = "removed"
@@ -133,7 +137,9 @@ class Capture:
         service = self.table().service(dest[0]) if dest is not None else None
         if dest is None or service is None:
             async with stream:
-                peer = stream.socket.getpeername()
+                peer = peer_of(stream)
+                if peer is None:
+                    return
                 rec = ConnectionRecord(
                     reporter="source", src=f"{peer[0]}:{peer[1]}", dst=f"{dest[0]}:{dest[1]}" if dest else ""
                 )

@@ -47,9 +47,24 @@ class ListenConfig:
     )
     metrics: Address = field(default=Address("0.0.0.0", 15020), metadata=doc("Prometheus /metrics"))
     readiness: Address = field(default=Address("0.0.0.0", 15021), metadata=doc("/healthz/ready"))
-    plaintext: Address = field(
-        default=Address("0.0.0.0", 15006), metadata=doc("plaintext inbound for PERMISSIVE workloads")
+    plaintext: Address | None = field(
+        default=None,
+        metadata=doc(
+            "plaintext inbound for PERMISSIVE workloads; default: listen.hbone's host, its port - 2"
+        ),
     )
+
+    def __post_init__(self) -> None:
+        # Beside HBONE (15008 -> 15006, as Istio numbers them), so two nodes sharing a host collide on
+        # neither once their listen.hbone differ.
+        if self.plaintext is None:
+            beside = Address(self.hbone.host, max(self.hbone.port - 2, 0) if self.hbone.port else 0)
+            object.__setattr__(self, "plaintext", beside)
+
+    @property
+    def plaintext_address(self) -> Address:
+        assert self.plaintext is not None  # filled in by __post_init__
+        return self.plaintext
 
     def check(self) -> list[Issue]:
         admin = self.admin.host
@@ -156,7 +171,9 @@ class LogConfig:
 @dataclass(frozen=True)
 class WorkloadConfig:
     name: str = field(metadata=doc("workload name"))
-    ports: tuple[int, ...] = field(metadata=doc("ports the workload listens on"))
+    ports: tuple[int, ...] = field(
+        default=(), metadata=doc("ports the workload listens on; none for a client that only dials out")
+    )
     namespace: str = field(default="default", metadata=doc("namespace"))
     service_account: str = field(default="", metadata=doc("service account; default: the name"))
     address: str = field(default="127.0.0.1", metadata=doc("local IP the workload listens on"))
@@ -180,17 +197,17 @@ class WorkloadConfig:
             issues.append(
                 Issue(("address",), f"address {self.address!r} is not an IP address", "e.g. 127.0.0.1")
             )
-        issues += _check_ports(self.ports, "ports")
+        issues += _check_ports(self.ports, "ports", required=False)
         return issues
 
 
-def _check_ports(ports: tuple[int, ...], key: str) -> list[Issue]:
+def _check_ports(ports: tuple[int, ...], key: str, *, required: bool = True) -> list[Issue]:
     issues = [
         Issue((key, i), f"port {p} is outside 1-65535", None)
         for i, p in enumerate(ports)
         if not 0 < p < 65536
     ]
-    if not ports:
+    if required and not ports:
         issues.append(Issue((key,), f"{key} is empty", "list at least one port"))
     return issues
 

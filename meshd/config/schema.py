@@ -178,7 +178,7 @@ class _Converter:
             try:
                 return Address.parse(raw) if isinstance(raw, str) else _raise(f"{raw!r} is not a string")
             except ValueError as exc:
-                self.fail(path, f"{name}: {exc}", 'write e.g. "127.0.0.1:15008"')
+                self.fail(path, f"{name}: {exc}")  # Address.parse's message says what to write
                 return None
         raise TypeError(f"schema: no converter for {tp!r}")  # a bug in meshd, not user input
 

@@ -34,6 +34,8 @@ from meshd.hbone.stream import TunnelStream
 from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_trust_domain
 from meshd.hbone.wire import Wire
 from meshd.identity.spiffe import SpiffeId
+from meshd.listeners import open_listeners, per_connection
+from meshd.units import Address
 
 log = logging.getLogger("meshd.hbone.server")
 
@@ -187,11 +189,12 @@ class HboneServer:
         host: str,
         port: int,
         *,
+        key: str = "listen.hbone",
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on host:port (0 = any free port) and serve until cancelled, or until drained and every
         connection has finished. Reports the bound (host, port) through task_status."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await open_listeners(key, Address(host, port))
         sockname = listeners[0].socket.getsockname()
         bound = (str(sockname[0]), int(sockname[1]))
         async with trio.open_nursery() as connections:
@@ -200,7 +203,12 @@ class HboneServer:
                     self._accept_scope.cancel()
                 async with trio.open_nursery() as accepting:
                     await accepting.start(
-                        partial(trio.serve_listeners, self._serve_tcp, listeners, handler_nursery=connections)
+                        partial(
+                            trio.serve_listeners,
+                            per_connection(self._serve_tcp, "HBONE"),
+                            listeners,
+                            handler_nursery=connections,
+                        )
                     )
                     log.info("HBONE listening on %s:%d", *bound)
                     task_status.started(bound)

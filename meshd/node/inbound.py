@@ -24,6 +24,7 @@ from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefus
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.node.tcp import TcpStream
@@ -240,15 +241,20 @@ class Inbound:
         self, connections: trio.Nursery, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept on 15006 until cancelled; connections run in `connections` and outlive the accept loop."""
-        address = self.state.config.listen.plaintext
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        address = self.state.config.listen.plaintext_address
+        listeners = await open_listeners("listen.plaintext", address)
         await trio.serve_listeners(
-            self._handle_plaintext, listeners, handler_nursery=connections, task_status=task_status
+            per_connection(self._handle_plaintext, "plaintext inbound"),
+            listeners,
+            handler_nursery=connections,
+            task_status=task_status,
         )
 
     async def _handle_plaintext(self, accepted: trio.SocketStream) -> None:
+        peer = peer_of(accepted)
         async with TcpStream.adopt(accepted) as stream:
-            peer = stream.socket.getpeername()
+            if peer is None:
+                return
             dest = original_destination(stream.socket)
             src = str(Address(str(peer[0]), int(peer[1])))
             rec = ConnectionRecord(reporter="destination", src=src, dst="", peer=src, security="none")

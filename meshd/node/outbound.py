@@ -22,6 +22,7 @@ from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefus
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.stream import TunnelStream
 from meshd.identity.spiffe import SpiffeId
+from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.node.tcp import TcpStream
@@ -126,7 +127,7 @@ class Outbound:
     ) -> None:
         """Accept on the upstream's listener until cancelled. Connections run in `connections`, so
         cancelling the accept loop (drain, or a reload removing the upstream) does not cut them."""
-        listeners = await trio.open_tcp_listeners(up.listen.port, host=up.listen.host)
+        listeners = await open_listeners("[[upstream]] listen", up.listen, f"{up.service_key}:{up.port}")
         log.info(
             "upstream listening", extra={"listen": str(up.listen), "service": f"{up.service_key}:{up.port}"}
         )
@@ -134,11 +135,18 @@ class Outbound:
         async def handle(stream: trio.SocketStream) -> None:
             await self.handle(stream, up)
 
-        await trio.serve_listeners(handle, listeners, handler_nursery=connections, task_status=task_status)
+        await trio.serve_listeners(
+            per_connection(handle, "upstream"),
+            listeners,
+            handler_nursery=connections,
+            task_status=task_status,
+        )
 
     async def handle(self, accepted: trio.SocketStream, up: UpstreamConfig) -> None:
+        peer = peer_of(accepted)
         async with TcpStream.adopt(accepted) as client:
-            peer = client.socket.getpeername()
+            if peer is None:
+                return
             source = source_identity(self.state, up)
             rec = ConnectionRecord(
                 reporter="source",

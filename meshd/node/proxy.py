@@ -117,7 +117,7 @@ class NodeProxy:
                 self._accept_loops.discard(scope)
 
     async def start_upstream(self, up: UpstreamConfig) -> None:
-        """Listen for an upstream (at start, or added by a reload); OSError if its address is taken."""
+        """Listen for an upstream (at start, or added by a reload); ListenError if it cannot bind."""
         assert self._connections is not None
         scope = self._upstreams[up] = trio.CancelScope()
 

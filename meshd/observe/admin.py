@@ -6,15 +6,26 @@ from __future__ import annotations
 import html
 import tracemalloc
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshd.observe.http import Request, Response
+from meshd.plugins.manager import plugins_json
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer
 
 if TYPE_CHECKING:
     from meshd.daemon import Daemon
 
 LEVELS = ("debug", "info", "warning", "error")
+
+
+def _refused_reload(refused: dict[str, Any] | None) -> str:
+    if not refused:
+        return ""
+    items = "".join(f"<li><code>{html.escape(p)}</code></li>" for p in refused["problems"])
+    return (
+        f"<h2>Reload refused</h2><p>at {html.escape(refused['at'])} ({html.escape(refused['trigger'])}); "
+        f"the config and policy from before stay in force:</p><ul>{items}</ul>"
+    )
 
 
 def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
@@ -72,6 +83,10 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         snapshots[:] = [snap]
         return Response.text(200, "\n".join(lines) + "\n")
 
+    def plugins(_: Request) -> Response:
+        """`meshd plugins --admin`: what the running daemon loaded (not what is installed now)."""
+        return Response(200, dumps(plugins_json(daemon.plugins)), "application/json")
+
     def status_page(_: Request) -> Response:
         dump = daemon.config_dump()
         rows = "".join(
@@ -82,6 +97,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
             "<!doctype html><title>meshd</title><h1>meshd</h1>"
             f"<p>role <b>{html.escape(dump['role'])}</b>, node <b>{html.escape(dump['node_name'])}</b>, "
             f"version {html.escape(dump['version'])}, {'ready' if dump['ready'] else 'not ready'}</p>"
+            f"{_refused_reload(dump['reload']['refused'])}"
             f"<h2>Certificates</h2><table><tr><th>identity</th><th>expires</th></tr>{rows}</table>"
             '<p><a href="/config_dump">/config_dump</a></p>'
         )
@@ -92,6 +108,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         "/config_dump": config_dump,
         "/debug/memory": debug_memory,
         "/logging": logging_level,
+        "/plugins": plugins,
         "/policy/explain": policy_explain,
         "/quitquitquit": quit_,
     }

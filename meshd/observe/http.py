@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
+from meshd.listeners import open_listeners, per_connection
 from meshd.units import Address
 
 # h11 writes an empty reason phrase unless given one ("HTTP/1.1 200 "); curl and browsers show it.
@@ -61,14 +62,15 @@ Handler = Callable[[Request], Response | Awaitable[Response]]
 
 
 class HttpServer:
-    def __init__(self, name: str, routes: Mapping[str, Handler]) -> None:
+    def __init__(self, name: str, routes: Mapping[str, Handler], *, key: str | None = None) -> None:
         self.name = name
+        self.key = key or f"listen.{name}"  # the config key of its address, named in bind errors
         self.routes = dict(routes)
 
     async def serve(
         self, address: Address, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        listeners = await open_listeners(self.key, address)
         sock = listeners[0].socket
         host, port = sock.getsockname()[:2]
         bound = Address(host, port)
@@ -88,7 +90,7 @@ class HttpServer:
                         await trio.sleep(0.1)
                         continue
                     raise
-                nursery.start_soon(self._serve_connection, stream)
+                nursery.start_soon(per_connection(self._serve_connection, self.name), stream)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)

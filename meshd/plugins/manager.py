@@ -98,3 +98,32 @@ def plugin_infos(pm: pluggy.PluginManager) -> list[PluginInfo]:
         offered = tuple(sorted(f for f, reg in filters.items() if reg.plugin == name))
         out.append(PluginInfo(name, source, offered, hooks))
     return out
+
+
+def plugins_json(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """What `meshd plugins --json` prints and the admin API's `/plugins` serves: each plugin with
+    its source, hooks and filters (name -> one-line description)."""
+    docs = {name: reg.type.doc for name, reg in filter_types(pm).items()}
+    return [
+        {
+            "name": i.name,
+            "source": i.source,
+            "hooks": list(i.hooks),
+            "filters": {f: docs[f] for f in i.filters},
+        }
+        for i in plugin_infos(pm)
+    ]
+
+
+def installed_since(running: pluggy.PluginManager) -> dict[str, str]:
+    """Filters that plugins installed now offer but the running plugin manager lacks (they were
+    installed after it was built): filter name -> the plugin's source. Empty if none, or if the
+    installed plugins cannot be loaded (that error shows at the next start)."""
+    try:
+        now = make_plugin_manager()
+        fresh = filter_types(now)
+    except PluginError:
+        return {}
+    loaded = filter_types(running)
+    sources = {i.name: i.source for i in plugin_infos(now)}
+    return {f: sources.get(reg.plugin, reg.plugin) for f, reg in fresh.items() if f not in loaded}

@@ -6,105 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import pytest
 from cryptography import x509
 
 from meshd.identity.ca import LocalCA
-from meshd.tools.echo import echo_server
-from tests.support.configs import ECHO_PORT, echo_workload
-from tests.support.procs import Meshd, http_get, unique_loopback
-
-UPSTREAM_PORT = 17000
-
-
-def meshd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshd", *args], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
-def wait_for(condition: Callable[[], bool], daemon: Meshd, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s:\n{daemon.log()[-4000:]}")
-
-
-def catalog_has(daemon: Meshd, service: str) -> bool:
-    status, body = http_get(daemon.admin_url + "/config_dump")
-    return status == 200 and service in json.loads(body)["catalog"]["services"]
-
-
-def echo_through(address: tuple[str, int], data: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-        return out
-
-
-class Hosts:
-    def __init__(self, tmp: Path, ca: LocalCA, daemons: list[Meshd]) -> None:
-        self.tmp = tmp
-        self.ca_dir = tmp / "ca"
-        self.daemons = daemons
-        self.a_ip = unique_loopback()
-        cfg = tmp / "alpha.toml"
-        cfg.write_text(
-            f'trust_domain = "home.arpa"\nnode_name = "alpha"\n[identity]\nca_dir = "{self.ca_dir}"\n'
-            f'bundle_refresh = "500ms"\n[discovery]\nmdns = false\nrefresh = "1s"\n'
-            f'[ca]\nserve = true\ndir = "{self.ca_dir}"\n' + echo_workload(self.a_ip)
-        )
-        self.alpha = Meshd(cfg, self.a_ip, overrides=[f"ca.listen={self.a_ip}:15012"])
-        daemons.append(self.alpha)
-
-    def token(self, node: str, workloads: str) -> str:
-        out = meshd_cli(
-            "ca", "token", "--dir", str(self.ca_dir), "--node", node, "--workloads", workloads,
-            "--ttl", "10m", "--address", f"{self.a_ip}:15012",
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip()
-
-    def enrolled_node(self, name: str, workload: str, token: str) -> Meshd:
-        state = self.tmp / f"{name}-state"
-        out = meshd_cli("enroll", "--token", token, "--state-dir", str(state))
-        assert out.returncode == 0, out.stderr
-        assert (state / "key.pem").stat().st_mode & 0o777 == 0o600
-        ip = unique_loopback()
-        cfg = self.tmp / f"{name}.toml"
-        cfg.write_text(
-            f'trust_domain = "home.arpa"\nnode_name = "{name}"\n[identity]\nstate_dir = "{state}"\n'
-            f'bundle_refresh = "500ms"\n[discovery]\nmdns = false\npeers = ["{self.a_ip}:15008"]\nrefresh = "1s"\n'
-            f'[[workload]]\nname = "{workload}"\naddress = "{ip}"\nports = [8000]\n'
-            f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{ip}:{UPSTREAM_PORT}"\n'
-        )
-        node = Meshd(cfg, ip)
-        self.daemons.append(node)
-        node.start().wait_ready()
-        wait_for(lambda: catalog_has(node, "echo.default"), node)
-        return node
-
-
-@pytest.fixture
-def hosts(tmp_path: Path, ca: LocalCA, daemons: list[Meshd]) -> Iterator[Hosts]:
-    h = Hosts(tmp_path, ca, daemons)
-    with echo_server(h.a_ip, ECHO_PORT):
-        h.alpha.start().wait_ready()
-        yield h
+from tests.support.ca_hosts import UPSTREAM_PORT, Hosts, echo_through
+from tests.support.procs import Meshd, http_get, meshd_cli, wait_for
 
 
 def test_enrolled_host_serves_traffic_and_tokens_and_identities_are_enforced(hosts: Hosts) -> None:
@@ -116,7 +23,7 @@ def test_enrolled_host_serves_traffic_and_tokens_and_identities_are_enforced(hos
     assert "spiffe://home.arpa/ns/default/sa/client" in hosts.alpha.log()
 
     # the same token a second time: refused with the reason, and the CA logs it
-    again = meshd_cli("enroll", "--token", token, "--state-dir", str(hosts.tmp / "again"))
+    again = meshd_cli("enroll", "--token", "-", "--state-dir", str(hosts.tmp / "again"), stdin=token + "\n")
     assert again.returncode == 1
     assert "already used" in again.stderr
     wait_for(lambda: "CA refused enrollment" in hosts.alpha.log(), hosts.alpha)

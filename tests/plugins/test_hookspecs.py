@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from meshd.plugins import hookimpl, hookspecs
 from meshd.plugins.filters import Filter, FilterType, HttpRequest, LocalResponse
 from meshd.plugins.manager import PluginError, filter_types, make_plugin_manager, plugin_infos
+from tests.conftest import REPO
 
 
 def test_every_hookspec_is_prefixed_documented_and_tested() -> None:
@@ -105,3 +108,23 @@ def test_plugin_infos_lists_builtins() -> None:
         ("meshd.retries", "builtin", ("retries",)),
         ("meshd.timeout", "builtin", ("timeout",)),
     ]
+
+
+def test_docs_describe_every_attribute_of_what_a_filter_gets() -> None:
+    """docs/plugins.md, "What a filter gets": every public field, property and method of the objects
+    handed to a filter is named there, so the reference cannot silently fall behind the code."""
+    from meshd.plugins import filters as f
+
+    text = (REPO / "docs" / "plugins.md").read_text()
+    section = text[text.index("### What a filter gets") : text.index("### Settings, validated at load")]
+    for cls in (f.HttpRequest, f.HttpResponse, f.Headers, f.LocalResponse, f.FilterContext, f.RequestInfo):
+        assert f"`{cls.__name__}" in section, cls
+        names = {fl.name for fl in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        names |= {n for n, _ in inspect.getmembers(cls) if not n.startswith("_")}
+        names -= {"to_response"}  # meshd's own use, not a filter's
+        for name in sorted(names):
+            assert re.search(rf"`[^`]*\b{name}\b[^`]*`", section), (
+                f"{cls.__name__}.{name} is not in docs/plugins.md"
+            )
+    for name in ("size", "complete", "replayable", "read", "chunks"):  # RequestBody, as request.body
+        assert re.search(rf"`[^`]*\b{name}\b[^`]*`", section), f"RequestBody.{name} is not in docs/plugins.md"

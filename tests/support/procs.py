@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,30 +51,37 @@ class Meshd:
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
     log_path: Path | None = None
+    wrapper: Sequence[str] = ()  # a command prefix, e.g. read_only_mount(...)
+    port_offset: int = 0  # added to every listener's port: two daemons on one IP
+    set_plaintext: bool = True  # False: listen.plaintext keeps its default (beside listen.hbone)
+
+    def port(self, default: int) -> int:
+        return default + self.port_offset
 
     @property
     def readiness_url(self) -> str:
-        return f"http://{self.ip}:15021/healthz/ready"
+        return f"http://{self.ip}:{self.port(15021)}/healthz/ready"
 
     @property
     def admin_url(self) -> str:
-        return f"http://{self.ip}:15000"
+        return f"http://{self.ip}:{self.port(15000)}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.ip}:15020/metrics"
+        return f"http://{self.ip}:{self.port(15020)}/metrics"
 
     def start(self, *extra: str, subcommand: str | None = "run") -> Meshd:
         """Launch; `subcommand=None` runs `meshd -c FILE KEY=VALUE...` with no `run` word."""
         self.log_path = self.config.with_suffix(f".{self.ip}.log")
         listen = [
-            f"listen.hbone={self.ip}:15008",
-            f"listen.admin={self.ip}:15000",
-            f"listen.metrics={self.ip}:15020",
-            f"listen.readiness={self.ip}:15021",
-            f"listen.plaintext={self.ip}:15006",
+            f"listen.hbone={self.ip}:{self.port(15008)}",
+            f"listen.admin={self.ip}:{self.port(15000)}",
+            f"listen.metrics={self.ip}:{self.port(15020)}",
+            f"listen.readiness={self.ip}:{self.port(15021)}",
         ]
-        cmd = [sys.executable, "-m", "meshd", *([subcommand] if subcommand else [])]
+        if self.set_plaintext:
+            listen.append(f"listen.plaintext={self.ip}:{self.port(15006)}")
+        cmd = [*self.wrapper, sys.executable, "-m", "meshd", *([subcommand] if subcommand else [])]
         cmd += ["-c", str(self.config), *listen, *self.overrides, *extra]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, **self.env} if self.env else None
@@ -97,6 +104,17 @@ class Meshd:
             time.sleep(0.05)  # polling the readiness endpoint, not a stand-in for it
         raise AssertionError(f"meshd not ready after {timeout}s:\n{self.log()}")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples that carry `labels`, from /metrics."""
+        _, body = http_get(self.metrics_url)
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith((name + "{", name + " ")) and all(
+                f'{k}="{v}"' in line for k, v in labels.items()
+            ):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
@@ -118,6 +136,39 @@ class Meshd:
                 ) from None
         self._log.close()
         return self.proc.returncode
+
+
+def read_only_mount(*paths: Path) -> list[str]:
+    """A command prefix that runs the command in its own mount namespace with `paths` read-only
+    (as a unit's ProtectSystem= makes them). Root ignores file modes, so a mount is the real test."""
+    script = " && ".join(f"mount --bind {p} {p} && mount -o remount,bind,ro {p}" for p in paths)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{script} && exec "$@"', "sh"]
+
+
+def meshd_cli(
+    *args: str, stdin: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`meshd ARGS...` as a user runs it (`env` added to the environment); stdout and stderr as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "meshd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        input=stdin,
+        cwd=cwd,
+        env={**os.environ, **env} if env else None,
+    )
+
+
+def wait_for(condition: Callable[[], bool], daemon: Meshd, timeout: float = 15.0) -> None:
+    """Poll `condition` until true; fail with the daemon's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s:\n{daemon.log()[-4000:]}")
 
 
 @contextmanager
