@@ -30,7 +30,7 @@ import ssl
 from collections import deque
 from collections.abc import Iterator
 from itertools import islice
-from typing import cast
+from typing import Any
 
 import trio
 
@@ -239,9 +239,11 @@ class Wire:
         """Every record the buffered ciphertext completes, as one plaintext chunk."""
         assert self._tls is not None
         view, pos = self._view, 0
+        # Given a buffer, SSLObject.read returns a count (typeshed says bytes, and compiled code checks).
+        read_into: Any = self._tls.read
         try:
             while pos < RECEIVE_SIZE:
-                n = cast(int, self._tls.read(RECEIVE_SIZE - pos, view[pos:]))  # into a buffer: a count
+                n: int = read_into(RECEIVE_SIZE - pos, view[pos:])
                 if not n:
                     break
                 pos += n

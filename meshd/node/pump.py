@@ -11,17 +11,12 @@ them straight away; only what it does not take goes through the checkpointing `s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import trio
 
 CHUNK = 256 * 1024
-
-
-@runtime_checkable
-class SendsNowait(Protocol):
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int: ...
 
 
 @dataclass
@@ -39,7 +34,8 @@ async def pump(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream)
     async def copy(
         src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream, forward: bool
     ) -> None:
-        send_nowait = dst.send_nowait if isinstance(dst, SendsNowait) else None
+        # TcpStream and TunnelStream have it; any other stream goes through send_all only.
+        send_nowait: Callable[[bytes | bytearray], int] | None = getattr(dst, "send_nowait", None)
         try:
             while True:
                 data = await src.receive_some(CHUNK)
