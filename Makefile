@@ -10,6 +10,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	# A venv made before the rename holds the old "meshd" distribution: remove it (never install that name).
+	$(VENV)/bin/pip uninstall --quiet --yes meshd 2>/dev/null || true
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
