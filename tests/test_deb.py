@@ -150,6 +150,28 @@ listen = "127.0.0.1:18080"
 workload = "client"
 """
 
+LISTENERS = [
+    ("hbone", 15008),
+    ("admin", 15000),
+    ("metrics", 15020),
+    ("readiness", 15021),
+    ("plaintext", 15006),
+]
+WAYPOINT = (
+    """\
+role = "waypoint"
+node_name = "wp"
+[listen]
+"""
+    + "".join(f'{k} = "127.0.0.2:{port}"\n' for k, port in LISTENERS)
+    + """\
+[identity]
+ca_dir = "/var/lib/meshd/ca"
+[discovery]
+mdns = false
+"""
+)
+
 FETCH = """\
 import sys, urllib.request
 print(urllib.request.urlopen("http://127.0.0.1:18080/hello.txt", timeout=5).read().decode(), end="")
@@ -258,11 +280,17 @@ def test_deb_upgrade_keeps_config_and_state_then_remove_and_purge(
         "home.arpa",
     )
     config = '# edited by the admin\nnode_name = "solo"\n[identity]\nca_dir = "/var/lib/meshd/ca"\n'
-    config += '[discovery]\nmdns = false\n[listen]\nhbone = "127.0.0.1:15008"\n'
+    config += "[discovery]\nmdns = false\n[listen]\n"  # on 127.0.0.1: the waypoint below takes 127.0.0.2
+    config += "".join(f'{k} = "127.0.0.1:{port}"\n' for k, port in LISTENERS)
     c.run("sh", "-c", "cat > /etc/meshd/meshd.toml", input=config)
     enable_now(c)
+    # The waypoint unit beside it (its own listeners; the same state folder and CA).
+    c.run("sh", "-c", "cat > /etc/meshd/waypoint.toml", input=WAYPOINT)
+    enable_now(c, "meshd-waypoint")
+    assert main_pid_user(c, "meshd-waypoint") == ("meshd", "0000000000000000")
     key_before = c.run("sha256sum", "/var/lib/meshd/ca/ca.key").stdout
     pid_before = c.run("systemctl", "show", "-P", "MainPID", "meshd").stdout.strip()
+    wp_pid_before = c.run("systemctl", "show", "-P", "MainPID", "meshd-waypoint").stdout.strip()
 
     newer = build_deb(tmp_path, f"{VERSION}+rebuild1")
     install_deb(c, newer)
@@ -272,9 +300,15 @@ def test_deb_upgrade_keeps_config_and_state_then_remove_and_purge(
     # The running daemon was restarted onto the new files, and is ready again.
     assert c.run("systemctl", "is-active", "meshd").stdout.strip() == "active"
     assert c.run("systemctl", "show", "-P", "MainPID", "meshd").stdout.strip() not in ("0", pid_before)
+    assert c.run("systemctl", "is-active", "meshd-waypoint").stdout.strip() == "active"
+    wp_pid = c.run("systemctl", "show", "-P", "MainPID", "meshd-waypoint").stdout.strip()
+    assert wp_pid not in ("0", wp_pid_before)
     assert_clean_journal(c, "meshd")
+    assert_clean_journal(c, "meshd-waypoint")
 
-    c.run("apt-get", "remove", "-y", "meshd")  # remove: configuration and state stay
+    c.run("apt-get", "remove", "-y", "meshd")  # remove: the daemons stop; configuration and state stay
+    for unit in ("meshd", "meshd-waypoint"):
+        assert c.run("systemctl", "is-active", unit, check=False).stdout.strip() == "inactive"
     assert c.run("test", "-e", "/usr/bin/meshd", check=False).returncode != 0
     assert c.run("cat", "/etc/meshd/meshd.toml").stdout == config
     assert c.run("sha256sum", "/var/lib/meshd/ca/ca.key").stdout == key_before

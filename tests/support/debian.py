@@ -69,8 +69,9 @@ def cached_root() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest run may be building it right now
         if (root / ".meshd-test-root").exists():
             return root
+        for stale in CACHE.glob("tmp-*"):  # left by an interrupted run (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = CACHE / f"tmp-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run(
             ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(tmp), mirror],
             check=True,
