@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,8 +58,11 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_deb(tmp_path_factory.mktemp("deb"))
 
 
+Boot = Callable[..., Container]
+
+
 @pytest.fixture
-def boot(base: Path) -> Iterator[object]:
+def boot(base: Path) -> Iterator[Boot]:
     """boot(netns=None) -> a booted Container; all are powered off and removed at the end."""
     made: list[Container] = []
     work = Path(tempfile.mkdtemp(prefix="meshd-ct-", dir="/var/tmp"))
@@ -178,10 +181,10 @@ print(urllib.request.urlopen("http://127.0.0.1:18080/hello.txt", timeout=5).read
 """
 
 
-def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: object) -> None:
+def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: Boot) -> None:
     with veth_pair(f"mt{os.getpid() % 100000}-") as (ns_a, ns_b):
-        alpha: Container = boot(ns_a)  # type: ignore[operator]
-        beta: Container = boot(ns_b)  # type: ignore[operator]
+        alpha = boot(ns_a)
+        beta = boot(ns_b)
         for c in (alpha, beta):
             install_deb(c, deb)
             assert c.run("meshd", "version").stdout.startswith("meshd ")
@@ -262,9 +265,9 @@ def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: 
 
 
 def test_deb_upgrade_keeps_config_and_state_then_remove_and_purge(
-    deb: Path, boot: object, tmp_path: Path
+    deb: Path, boot: Boot, tmp_path: Path
 ) -> None:
-    c: Container = boot()  # type: ignore[operator]
+    c = boot()
     install_deb(c, deb)
     c.run(
         "runuser",
@@ -284,6 +287,12 @@ def test_deb_upgrade_keeps_config_and_state_then_remove_and_purge(
     config += "".join(f'{k} = "127.0.0.1:{port}"\n' for k, port in LISTENERS)
     c.run("sh", "-c", "cat > /etc/meshd/meshd.toml", input=config)
     enable_now(c)
+    # Capture's drop-in (docs/install.md) is the one way the daemon gets a capability: CAP_NET_ADMIN, only that.
+    c.sh(
+        "install -D -m 0644 /usr/share/doc/meshd/examples/systemd/meshd.service.d/capture.conf "
+        "/etc/systemd/system/meshd.service.d/capture.conf && systemctl daemon-reload && systemctl restart meshd"
+    )
+    assert main_pid_user(c, "meshd") == ("meshd", f"{1 << 12:016x}")  # CAP_NET_ADMIN is capability 12
     # The waypoint unit beside it (its own listeners; the same state folder and CA).
     c.run("sh", "-c", "cat > /etc/meshd/waypoint.toml", input=WAYPOINT)
     enable_now(c, "meshd-waypoint")
@@ -349,10 +358,10 @@ def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_pyz_starts_under_the_shipped_unit(pyz: Path, boot: object) -> None:
+def test_pyz_starts_under_the_shipped_unit(pyz: Path, boot: Boot) -> None:
     """docs/install.md, "The pyz under systemd": the shipped unit (ProtectHome=yes, ProtectSystem=strict)
     with an ExecStart drop-in; shiv unpacks into SHIV_ROOT under /var/lib/meshd, not /root/.shiv."""
-    c: Container = boot()  # type: ignore[operator]
+    c = boot()
     c.put(pyz, "/root/meshd.pyz")
     for unit in ("meshd.service", "meshd-waypoint.service"):
         c.put(REPO / "systemd" / unit, f"/root/systemd/{unit}")

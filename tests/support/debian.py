@@ -21,7 +21,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CACHE = Path(os.environ.get("MESHD_TEST_CACHE", "/var/cache/meshd-tests"))
@@ -91,10 +91,10 @@ def cached_root() -> Path:
     return root
 
 
-def wait_until(what: str, check: object, timeout: float = 60.0, interval: float = 0.2) -> None:
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(interval)
     raise AssertionError(f"{what}: not within {timeout:.0f} s")
