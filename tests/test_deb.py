@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -182,7 +183,7 @@ print(urllib.request.urlopen("http://127.0.0.1:18080/hello.txt", timeout=5).read
 
 
 def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: Boot) -> None:
-    with veth_pair(f"mt{os.getpid() % 100000}-") as (ns_a, ns_b):
+    with veth_pair(f"mdeb{secrets.token_hex(3)}-") as (ns_a, ns_b):
         alpha = boot(ns_a)
         beta = boot(ns_b)
         for c in (alpha, beta):
