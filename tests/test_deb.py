@@ -29,7 +29,6 @@ from tests.support.debian import Container, cached_root, host_tools_missing, vet
 pytestmark = pytest.mark.slow
 
 VERSION = re.search(r'__version__ = "(.+)"', (REPO / "meshd" / "__init__.py").read_text()).group(1)  # type: ignore[union-attr]
-ARCH = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
 
 
 def build_deb(out: Path, version: str = VERSION) -> Path:
@@ -41,7 +40,8 @@ def build_deb(out: Path, version: str = VERSION) -> Path:
         text=True,
         timeout=600,
     )
-    deb = out / f"meshd_{version}_{ARCH}.deb"
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+    deb = out / f"meshd_{version}_{arch}.deb"
     assert done.returncode == 0 and deb.is_file(), done.stdout + done.stderr
     return deb
 
@@ -49,7 +49,7 @@ def build_deb(out: Path, version: str = VERSION) -> Path:
 @pytest.fixture(scope="module")
 def base() -> Path:
     missing = host_tools_missing()
-    assert not missing, f"missing {missing}: apt-get install systemd-container debootstrap dpkg-dev iproute2"
+    assert not missing, f"missing {missing}: apt-get install systemd-container debootstrap iproute2"
     assert os.geteuid() == 0, "booting containers needs root"
     return cached_root()
 
@@ -81,7 +81,7 @@ def boot(base: Path) -> Iterator[Boot]:
 
 
 def install_deb(c: Container, deb: Path) -> None:
-    """docs/install.md, "On a Debian host": copy the .deb over, `apt-get install ./meshd_*.deb`."""
+    """docs/install.md, "Install it on a host": copy the .deb over, `apt-get install ./meshd_*.deb`."""
     c.put(deb, f"/root/{deb.name}")
     c.sh(f"cd /root && apt-get install -y ./{deb.name}", timeout=300)
 
