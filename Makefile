@@ -2,14 +2,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+DEB_VERSION ?=
+DEB_OUT ?= dist
 
-.PHONY: install demo test lint unit fuzz bench pyz clean
+.PHONY: install demo test lint unit fuzz bench pyz deb clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	# A venv made before the rename holds the old "meshd" distribution: remove it (never install that name).
+	$(VENV)/bin/pip uninstall --quiet --yes meshd 2>/dev/null || true
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
@@ -45,6 +49,11 @@ soak: install
 pyz: install
 	mkdir -p dist
 	$(VENV)/bin/shiv --compressed -c meshd -p '/usr/bin/env python3' -o dist/meshd.pyz .
+
+# The Debian package: dist/meshd_<version>_<arch>.deb, self-contained (docs/install.md). Network only here,
+# at build time (the wheels); installing it needs none. DEB_VERSION=... to number a rebuild.
+deb: install
+	DEB_VERSION=$(DEB_VERSION) DEB_OUT=$(DEB_OUT) scripts/build-deb.sh
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache .mypy_cache .ruff_cache

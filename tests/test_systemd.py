@@ -28,7 +28,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, unit: str) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing (apt-get install systemd)"
     meshd = shutil.which("meshd") or str(Path(REPO / ".venv/bin/meshd"))
-    text = (REPO / "systemd" / unit).read_text().replace("/usr/local/bin/meshd", meshd)
+    text = (REPO / "systemd" / unit).read_text().replace("/usr/bin/meshd", meshd)
     (tmp_path / unit).write_text(text)
     dropins = REPO / "systemd" / f"{unit}.d"
     if dropins.is_dir():  # checked too: systemd reads drop-ins from the unit path
@@ -77,3 +77,20 @@ def test_notify_protocol_ready_watchdog_reloading_stopping(
     wait_message("STOPPING=1")
     assert node.proc is not None and node.proc.wait(20) == 0
     listener.close()
+
+
+def test_the_ca_folder_is_documented_under_the_state_directory() -> None:
+    """Under the unit only /var/lib/meshd is writable (ProtectSystem=strict): a CA folder in /etc/meshd made the
+    CA host fail on its first enrollment (read-only ca-state.lock). No doc or example may send it there."""
+    docs = [
+        REPO / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+        *sorted(REPO.glob("configs/**/*.toml")),
+    ]
+    for doc in docs:
+        assert "/etc/meshd/ca" not in doc.read_text(), f"{doc}: the CA folder belongs under /var/lib/meshd"
+    for unit in ("meshd.service", "meshd-waypoint.service"):
+        text = (REPO / "systemd" / unit).read_text()
+        assert "StateDirectory=meshd\n" in text and "ProtectSystem=strict\n" in text
+        assert "Environment=SHIV_ROOT=/var/lib/meshd/shiv\n" in text  # the pyz unpacks under the state dir
+        assert "User=meshd\n" in text and "ExecStart=/usr/bin/meshd run" in text

@@ -140,7 +140,7 @@ class CaConfig:
 
     def check(self) -> list[Issue]:
         if self.serve and self.dir is None:
-            return [Issue(("dir",), "ca.serve = true needs ca.dir", 'e.g. dir = "/etc/meshd/ca"')]
+            return [Issue(("dir",), "ca.serve = true needs ca.dir", 'e.g. dir = "/var/lib/meshd/ca"')]
         if self.cert_ttl < timedelta(minutes=2):
             return [Issue(("cert_ttl",), "ca.cert_ttl must be at least 2m", "the default is 24h")]
         return []
