@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 DEB_VERSION ?=
 DEB_OUT ?= dist
 
-.PHONY: install demo test lint unit fuzz bench pyz deb clean
+.PHONY: install demo test test-compiled lint unit fuzz bench pyz deb clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,17 @@ lint: install
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-compiled
+
+# The same suite (less the slow tests) against the compiled core: scripts/compile_core.py on a copy of the
+# tree under build/compiled, so the .so files never shadow the sources you edit. On a machine that cannot
+# compile it says why and the copy stays pure; MESHD_EXPECT_COMPILED=1 makes tests/test_build.py fail then.
+COMPILED := build/compiled
+test-compiled: install
+	rm -rf $(COMPILED) && mkdir -p $(COMPILED)
+	cp -r meshd tests fuzz bench configs examples scripts systemd packaging docs pyproject.toml README.md Makefile $(COMPILED)/
+	$(PY) scripts/compile_core.py $(COMPILED)
+	cd $(COMPILED) && MESHD_EXPECT_COMPILED=1 PYTHONPATH=$$PWD $(abspath $(PY)) -m pytest $(PYTEST_ARGS) -m "not slow" -p no:cacheprovider
 
 # Long-budget fuzzing of every parser and sans-I/O core: FUZZ_SECONDS=300 make fuzz (FUZZ_ENGINE=atheris
 # for coverage-guided runs, if atheris installs). CI runs the same targets bounded in tests/reliability/.
@@ -56,4 +67,4 @@ deb: install
 	DEB_VERSION=$(DEB_VERSION) DEB_OUT=$(DEB_OUT) scripts/build-deb.sh
 
 clean:
-	rm -rf $(VENV) demo-state .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-state build .pytest_cache .mypy_cache .ruff_cache

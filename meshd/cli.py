@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from meshd import __version__
+from meshd.build import describe
 from meshd.cli_admin import peers, services, status
 from meshd.cli_ca import ca
 from meshd.cli_plugins import plugins
@@ -253,8 +254,8 @@ def enroll(token_file: str | None, token: str | None, ca_address: str | None, st
 
 @main.command()
 def version() -> None:
-    """Print meshd's version."""
-    click.echo(f"meshd {__version__}")
+    """Print meshd's version, and whether its data path is compiled."""
+    click.echo(f"meshd {__version__} ({describe()})")
 
 
 main.add_command(ca)
