@@ -35,8 +35,10 @@ test: lint
 COMPILED := build/compiled
 test-compiled: install
 	rm -rf $(COMPILED) && mkdir -p $(COMPILED)
-	cp -r meshd tests fuzz bench configs examples scripts systemd packaging docs pyproject.toml README.md Makefile $(COMPILED)/
-	$(PY) scripts/compile_core.py $(COMPILED)
+	cp -r meshd $(COMPILED)/
+	$(PY) scripts/compile_core.py $(COMPILED)  # as the .deb build does it: the package alone, no pyproject
+	cp -rp tests fuzz bench configs examples scripts systemd packaging docs pyproject.toml README.md Makefile $(COMPILED)/
+	ln -s $(abspath $(VENV)) $(COMPILED)/.venv  # for the scripts the tests run (make demo's)
 	cd $(COMPILED) && MESHD_EXPECT_COMPILED=1 PYTHONPATH=$$PWD $(abspath $(PY)) -m pytest $(PYTEST_ARGS) -m "not slow" -p no:cacheprovider
 
 # Long-budget fuzzing of every parser and sans-I/O core: FUZZ_SECONDS=300 make fuzz (FUZZ_ENGINE=atheris

@@ -24,7 +24,7 @@ def test_version_names_the_build_that_runs() -> None:
 
 
 def test_compile_core_without_a_compiler_leaves_the_tree_pure(tmp_path: Path) -> None:
-    shutil.copytree(REPO / "meshd", tmp_path / "meshd")
+    shutil.copytree(REPO / "meshd", tmp_path / "meshd", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "compile_core.py"), str(tmp_path)],
         capture_output=True,
