@@ -58,6 +58,13 @@ class Headers:
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
 
+    @classmethod
+    def adopt(cls, items: list[tuple[str, str]]) -> Headers:
+        """Headers over `items` as they are (names lower case already, as a parser gave them): no copy."""
+        headers = cls.__new__(cls)
+        headers._items = items
+        return headers
+
     def get(self, name: str, default: str | None = None) -> str | None:
         """The value of `name`; repeated fields are joined with `, ` (RFC 9110)."""
         name = name.lower()

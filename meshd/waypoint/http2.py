@@ -1,6 +1,6 @@
 """HTTP/2 with prior knowledge inside a client's tunnel: the waypoint's h2 server side.
 
-Two layers, like http1.py's split between h11 and the proxy:
+Two layers, like http1.py and front_http1.py:
 
 * `H2Server`: pure translation (no I/O). Bytes in -> `RequestHead` / `BodyChunk` / `BodyEnd` /
   `StreamReset` / `WindowChanged` / `Terminated` events; responses out as bytes (`data_to_send`).
