@@ -199,7 +199,12 @@ def _check_ports(ports: tuple[int, ...], key: str) -> list[Issue]:
 class ServicePort:
     port: int = field(metadata=doc("service port clients dial"))
     target_port: int | None = field(default=None, metadata=doc("workload port; default: port"))
-    protocol: Literal["tcp", "http"] = field(default="tcp", metadata=doc("tcp, or http for waypoint L7"))
+    protocol: Literal["tcp", "http", "http2", "grpc"] = field(
+        default="tcp",
+        metadata=doc(
+            "tcp; or for waypoint L7: http (HTTP/1.1 to the workload), http2 or grpc (HTTP/2 to it)"
+        ),
+    )
 
     @property
     def target(self) -> int:

@@ -26,6 +26,7 @@ from meshd.waypoint.upstream import EndpointKey, UpstreamPool
 log = logging.getLogger("meshd.waypoint")
 
 OVERFLOW_FLAG = "UO"
+H2_PROTOCOLS = frozenset({"http2", "grpc"})  # service port protocols spoken as HTTP/2 to the workload
 
 
 def overflow_response() -> LocalResponse:
@@ -143,6 +144,7 @@ class Backends:
         state = self.state(choice.route, backend)
         port = backend.port or t.port.port
         upstreams = self.upstreams
+        exchange = upstreams.exchange_h2 if t.port.protocol in H2_PROTOCOLS else upstreams.exchange
 
         async def send(request: HttpRequest) -> HttpResponse:
             ep = state.pick(self.pinned(t) if t.pinned else self.endpoints_of(backend, port))
@@ -162,7 +164,7 @@ class Backends:
             if least is not None:
                 least.started(ep.key)
             try:
-                response = await upstreams.exchange(ep, request, breaker, t.upstream_headers)
+                response = await exchange(ep, request, breaker, t.upstream_headers)
             except BaseException as exc:
                 if not isinstance(exc, trio.Cancelled):
                     state.record(ep, ok=False)

@@ -16,7 +16,14 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from meshd.observe.accesslog import RequestRecord
-from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, RequestInfo, ResponseAborted
+from meshd.plugins.filters import (
+    Headers,
+    HttpRequest,
+    HttpResponse,
+    RequestInfo,
+    ResponseAborted,
+    UpstreamBodyError,
+)
 from meshd.waypoint.admission import Tunnel
 from meshd.waypoint.http1 import (
     CHUNK,
@@ -33,7 +40,6 @@ from meshd.waypoint.http1 import (
     response_head,
 )
 from meshd.waypoint.pipeline import Pipeline
-from meshd.waypoint.upstream import UpstreamBodyError
 
 log = logging.getLogger("meshd.waypoint")
 

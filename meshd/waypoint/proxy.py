@@ -41,6 +41,8 @@ from meshd.waypoint.upstream import UpstreamPool
 
 log = logging.getLogger("meshd.waypoint")
 
+HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc"})
+
 
 class Waypoint:
     def __init__(self, state: NodeState, pool: HbonePool, plugins: pluggy.PluginManager | None) -> None:
@@ -91,7 +93,7 @@ class Waypoint:
         tunnel: Tunnel | None = None
         try:
             tunnel = admit(req, self.state.catalog, self.vips, self.state.config.node_name)
-            if tunnel.port.protocol != "http":
+            if tunnel.port.protocol not in HTTP_PROTOCOLS:
                 await self._tcp(tunnel, req, reply)
                 return
         except Refused as refused:  # the one place a refusal is answered

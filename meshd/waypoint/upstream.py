@@ -23,7 +23,7 @@ from meshd.discovery.catalog import Endpoint
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.identity.spiffe import SpiffeId
-from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, UpstreamError
+from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, UpstreamBodyError, UpstreamError
 from meshd.waypoint.http1 import (
     CHUNK,
     END,
@@ -36,6 +36,7 @@ from meshd.waypoint.http1 import (
     forwardable,
     request_head,
 )
+from meshd.waypoint.upstream_h2 import H2Upstream
 
 log = logging.getLogger("meshd.waypoint")
 
@@ -81,10 +82,6 @@ class UpstreamConnection:
             self.on_close()
 
 
-class UpstreamBodyError(Exception):
-    """The upstream connection failed while the response body was streaming."""
-
-
 @dataclass
 class UpstreamBody:
     """The response body, read from the upstream connection; the connection is returned to the idle
@@ -128,7 +125,8 @@ class UpstreamBody:
 
 
 class UpstreamPool:
-    """HTTP/1.1-in-HBONE connections to endpoints, opened as the waypoint's identity."""
+    """Connections to endpoints inside HBONE tunnels, opened as the waypoint's identity: HTTP/1.1 (one
+    request at a time each, kept alive) or HTTP/2 (upstream_h2.py: many streams each)."""
 
     def __init__(
         self, pool: HbonePool, identity: Callable[[], SpiffeId], *, idle_timeout: float = IDLE_TIMEOUT
@@ -142,21 +140,27 @@ class UpstreamPool:
         self.reused = 0
         self.expired = 0
         self._idle_added = trio.Event()
+        self.h2: dict[EndpointKey, list[H2Upstream]] = {}
+        self._nursery: trio.Nursery | None = None  # where HTTP/2 connections run
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Close idle connections once they have been idle for `idle_timeout`; runs until cancelled."""
-        task_status.started()
-        while True:
-            deadline = self._next_expiry()
-            if deadline is None:
-                self._idle_added = trio.Event()
-                await self._idle_added.wait()
-                continue
-            await trio.sleep_until(deadline)
-            self.sweep(trio.current_time())
+        """Host the HTTP/2 connections; close idle connections once they have been idle for
+        `idle_timeout`. Runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                deadline = self._next_expiry()
+                if deadline is None:
+                    self._idle_added = trio.Event()
+                    await self._idle_added.wait()
+                    continue
+                await trio.sleep_until(deadline)
+                self.sweep(trio.current_time())
 
     def _next_expiry(self) -> float | None:
         firsts = [idle[0].idle_since for idle in self.idle.values() if idle]
+        firsts += [c.idle_since for conns in self.h2.values() for c in conns if not c.streams]
         return min(firsts) + self.idle_timeout if firsts else None
 
     def sweep(self, now: float) -> None:
@@ -168,13 +172,23 @@ class UpstreamPool:
                 self.expired += 1
             if not idle:
                 del self.idle[key]
+        for h2conns in self.h2.values():
+            for c in list(h2conns):
+                if not c.streams and c.idle_since <= limit:
+                    c.close()
+                    self.expired += 1
 
     def close_idle(self) -> None:
-        """Close every idle connection (drain)."""
+        """Close every idle connection (drain); HTTP/2 ones close once their streams end."""
         idle, self.idle = self.idle, {}
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+        for h2conns in self.h2.values():
+            for c in list(h2conns):
+                c.goaway = True  # no new streams here
+                if not c.streams:
+                    c.close()
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -182,7 +196,39 @@ class UpstreamPool:
             "reused": self.reused,
             "idle": sum(len(v) for v in self.idle.values()),
             "expired": self.expired,
+            "h2_connections": sum(len(v) for v in self.h2.values()),
         }
+
+    async def exchange_h2(
+        self,
+        ep: Endpoint,
+        request: HttpRequest,
+        breaker: CircuitBreaker,
+        tunnel_headers: Sequence[tuple[str, str]],
+    ) -> HttpResponse | None:
+        """As `exchange`, over HTTP/2: a stream on a shared connection to the endpoint."""
+        conns = self.h2.get(ep.key)
+        conn = next((c for c in conns if c.available), None) if conns else None
+        if conn is None:
+            if not breaker.try_open_connection():
+                return None
+            tunnel = await self._tunnel(ep, breaker, tunnel_headers)
+            conns = self.h2.setdefault(ep.key, [])
+
+            def closed() -> None:
+                breaker.connection_closed()
+                if conn in conns:
+                    conns.remove(conn)
+                if not conns and self.h2.get(ep.key) is conns:
+                    del self.h2[ep.key]
+
+            conn = H2Upstream(ep, tunnel, closed, self._idle_added.set)
+            conns.append(conn)
+            assert self._nursery is not None, "UpstreamPool.run() is not running"
+            await self._nursery.start(conn.run)
+        else:
+            self.reused += 1
+        return await conn.exchange(request)
 
     def _take_idle(self, ep: Endpoint) -> UpstreamConnection | None:
         idle = self.idle.get(ep.key)
@@ -209,6 +255,9 @@ class UpstreamPool:
     async def _connect(
         self, ep: Endpoint, breaker: CircuitBreaker, headers: Sequence[tuple[str, str]]
     ) -> UpstreamConnection:
+        return UpstreamConnection(ep, await self._tunnel(ep, breaker, headers), breaker.connection_closed)
+
+    async def _tunnel(self, ep: Endpoint, breaker: CircuitBreaker, headers: Sequence[tuple[str, str]]) -> Any:
         try:
             tunnel = await self.pool.open_tunnel(
                 self.identity(), ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
@@ -221,7 +270,7 @@ class UpstreamPool:
             breaker.connection_closed()
             raise
         self.opened += 1
-        return UpstreamConnection(ep, tunnel, breaker.connection_closed)
+        return tunnel
 
     async def exchange(
         self,
