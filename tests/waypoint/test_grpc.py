@@ -9,6 +9,7 @@ bytes (no protobuf): the generic handlers of grpcio pass them through unserializ
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -92,6 +93,11 @@ class _Servicer:
         return b"should never be reached"
 
 
+def _knows(d: Meshd, services: set[str], nodes: set[str]) -> bool:
+    catalog = json.loads(http_get(d.admin_url + "/config_dump")[1])["catalog"]
+    return services <= set(catalog["services"]) and nodes <= set(catalog["nodes"])
+
+
 @dataclass
 class GrpcMesh:
     alpha: Meshd
@@ -158,9 +164,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcMesh]:
             d.start()
         for d in daemons:
             d.wait_ready()
-        wait_for(lambda: b'"wp"' in http_get(alpha.admin_url + "/config_dump")[1], alpha)
-        wait_for(lambda: b"grpc.default" in http_get(wp.admin_url + "/config_dump")[1], wp)
-        wait_for(lambda: b'"wp"' in http_get(beta.admin_url + "/config_dump")[1], beta)
+        # Each daemon's merged catalog must hold what its part of the path needs (beta admits wp's
+        # tunnels only once it knows wp as a waypoint).
+        wait_for(lambda: _knows(alpha, {"grpc.default"}, {"wp"}), alpha)
+        wait_for(lambda: _knows(wp, {"grpc.default"}, {"beta"}), wp)
+        wait_for(lambda: _knows(beta, set(), {"wp"}), beta)
         yield GrpcMesh(alpha, wp, f"{a_ip}:{GRPC_UPSTREAM}", servicer)
     finally:
         server.stop(None)
