@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshd.observe.http import Request, Response
-from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer
+from meshd.policy.query import ExplainQuery, NotServedHere, QueryError
 
 if TYPE_CHECKING:
     from meshd.daemon import Daemon
@@ -44,13 +44,12 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
 
     def policy_explain(req: Request) -> Response:
         """`meshd policy explain --admin`: answered with the policy in force now (after reloads)."""
-        state = daemon.state
         try:
-            answers = answer(state.config, state.policy, ExplainQuery.from_params(req.query))
+            results = daemon.explain(ExplainQuery.from_params(req.query))
         except QueryError as exc:
             why = {"error": str(exc), "param": exc.param, "not_served_here": isinstance(exc, NotServedHere)}
             return Response(400, dumps(why), "application/json")
-        return Response(200, dumps({"results": [a.to_json() for a in answers]}), "application/json")
+        return Response(200, dumps({"results": results}), "application/json")
 
     snapshots: list[tracemalloc.Snapshot] = []
 

@@ -4,7 +4,7 @@ files it loads, the admin API (`GET /policy/explain`) with the running daemon's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,12 +63,21 @@ class Answer:
     workload: WorkloadConfig
     port: int
     explanation: Explanation
+    waypoint: str | None = None  # the waypoint that decides HTTP requests to this destination (and where)
 
     def to_json(self) -> dict[str, Any]:
+        text = render(self.explanation)
+        if self.waypoint is not None:
+            text += (
+                f"\nnote: traffic to this service goes through waypoint {self.waypoint}, which decides its L7"
+                " rules with the waypoint's own policy; the above is this node's view (ask the waypoint:"
+                " meshd policy explain --admin HOST:PORT of its admin API)"
+            )
         return {
             "workload": f"{self.workload.name}.{self.workload.namespace}",
             "address": f"{self.workload.address}:{self.port}",
-            "text": render(self.explanation),
+            "text": text,
+            "waypoint": self.waypoint,
             **self.explanation.to_json(),
         }
 
@@ -111,14 +120,28 @@ def destinations(cfg: Config, to: str) -> tuple[list[WorkloadConfig], int]:
     return found, (target_port if serving else port)
 
 
-def answer(cfg: Config, policies: PolicySet, q: ExplainQuery) -> list[Answer]:
-    """What `policies` decide for `q` at every workload of `cfg` that serves its destination."""
+def answer(
+    cfg: Config, policies: PolicySet, q: ExplainQuery, waypoint_of: Callable[[str], str | None] | None = None
+) -> list[Answer]:
+    """What `policies` decide for `q` at every workload of `cfg` that serves its destination.
+
+    `waypoint_of(service key)` describes the waypoint bound to a service, or None (default: the config's
+    own `waypoint =`; a running node passes its merged catalog's answer, namespace defaults included,
+    with where the waypoint runs)."""
     try:
         src = None if q.source == "plaintext" else SpiffeId.parse_principal(q.source)
     except InvalidSpiffeId as exc:
         raise QueryError(str(exc), "from") from None
     l7 = any(x is not None for x in (q.method, q.path, q.host)) or bool(q.headers)
     workloads, port = destinations(cfg, q.to)
+    target = q.to.rpartition(":")[0]
+    name, _, ns = target.partition(".")
+    key = f"{name}.{ns or 'default'}"
+    if waypoint_of is None:
+        svc = next((s for s in cfg.services if s.key == key), None)
+        bound = repr(svc.waypoint) if svc is not None and svc.waypoint not in (None, "none") else None
+    else:
+        bound = waypoint_of(key)
     out = []
     for w in workloads:
         conn = ConnectionAttrs(
@@ -134,5 +157,5 @@ def answer(cfg: Config, policies: PolicySet, q: ExplainQuery) -> list[Answer]:
         if l7:
             method = (q.method or "GET").upper()
             attrs = RequestAttrs(conn, method, q.path or "/", q.host or q.to, dict(q.headers))
-        out.append(Answer(w, port, explain(policies, attrs)))
+        out.append(Answer(w, port, explain(policies, attrs), bound))
     return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,13 +45,31 @@ from meshd.waypoint.router import (
     RouteChoice,
     Router,
     compile_router,
-    default_route,
     no_route_response,
 )
 
 log = logging.getLogger("meshd.waypoint")
 
 FORBIDDEN_BODY = b"RBAC: access denied\n"
+
+
+def service_workloads(catalog: Catalog, service: str) -> list[WorkloadEntry | None]:
+    """The workloads a request to `service` is authorized against ([None]: none, namespace-wide only)."""
+    return [w for w in catalog.workloads if service in w.services] or [None]
+
+
+def request_attrs(
+    t: Tunnel, request: HttpRequest, workloads: list[WorkloadEntry | None]
+) -> Iterator[RequestAttrs]:
+    """What L7 authorization sees of the request, once per workload of the service."""
+    hdrs: dict[str, str] = {}  # repeated fields joined with ", ", as Headers.get() does
+    for k, v in request.headers.items():
+        hdrs[k] = f"{hdrs[k]}, {v}" if k in hdrs else v
+    target_port = t.port.target_port
+    for w in workloads:
+        yield RequestAttrs(
+            t.connection_attrs(w, target_port), request.method, request.path, request.authority, hdrs
+        )
 
 
 class Sender(Protocol):
@@ -86,8 +104,6 @@ class Pipeline:
         # Derived from the policy / the catalog, rebuilt when either is swapped.
         self._policy_seen: PolicySet | None = None
         self._router = Router(())
-        self._routed: dict[str, bool] = {}  # service -> does any route name it (or no service)?
-        self._defaults: dict[str, CompiledRoute] = {}
         self._catalog_seen: Catalog | None = None
         self._workloads: dict[str, list[WorkloadEntry | None]] = {}
 
@@ -97,7 +113,6 @@ class Pipeline:
         if policy is not self._policy_seen:
             self._policy_seen = policy
             self._router = compile_router(policy)
-            self._routed.clear()
         return self._router
 
     def begin(self, t: Tunnel, request: HttpRequest, protocol: str) -> RequestRecord:
@@ -174,39 +189,21 @@ class Pipeline:
             self._workloads.clear()
         workloads = self._workloads.get(service)
         if workloads is None:
-            workloads = self._workloads[service] = [
-                w for w in catalog.workloads if service in w.services
-            ] or [None]
+            workloads = self._workloads[service] = service_workloads(catalog, service)
         return workloads
 
     def authorize(self, t: Tunnel, request: HttpRequest) -> Decision:
         """Allowed only if allowed for every workload of the service (see the module docstring)."""
         policy = self._policy()
-        hdrs: dict[str, str] = {}  # repeated fields joined with ", ", as Headers.get() does
-        for k, v in request.headers.items():
-            hdrs[k] = f"{hdrs[k]}, {v}" if k in hdrs else v
         decision = Decision(True, None, "no workload")
-        target_port = t.port.target_port
-        for w in self._workloads_of(t.service.key):
-            attrs = RequestAttrs(
-                t.connection_attrs(w, target_port), request.method, request.path, request.authority, hdrs
-            )
+        for attrs in request_attrs(t, request, self._workloads_of(t.service.key)):
             decision = authorize_request(policy, attrs)
             if not decision.allowed:
                 return decision
         return decision
 
     def match(self, request: HttpRequest, service: str) -> RouteChoice | None:
-        router = self.router
-        routed = self._routed.get(service)
-        if routed is None:
-            routed = self._routed[service] = any(r.spec.service in (None, service) for r in router.routes)
-        if not routed:
-            route = self._defaults.get(service)
-            if route is None:
-                route = self._defaults[service] = default_route(service)
-            return RouteChoice(route, route.backends[0])
-        return router.match(request, service)
+        return self.router.choose(request, service)
 
     # ---- hooks ----------------------------------------------------------------------------------
 

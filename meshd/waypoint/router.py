@@ -192,13 +192,16 @@ def _query(path: str) -> dict[str, str]:
 
 
 class Router:
-    """The routes of a policy set, compiled. Immutable; a policy reload builds a new one."""
+    """The routes of a policy set, compiled. Immutable but for caches derived from the routes; a policy
+    reload builds a new one."""
 
-    __slots__ = ("_rand", "routes")
+    __slots__ = ("_defaults", "_rand", "_routed", "routes")
 
     def __init__(self, routes: Sequence[CompiledRoute], *, rand: Callable[[], float] = random.random) -> None:
         self.routes = tuple(routes)
         self._rand = rand
+        self._routed: dict[str, bool] = {}  # service -> does any route name it (or no service)?
+        self._defaults: dict[str, CompiledRoute] = {}
 
     def with_random(self, rand: Callable[[], float]) -> Router:
         return Router(self.routes, rand=rand)
@@ -216,6 +219,19 @@ class Router:
             if route.matches(request, service, query):
                 return RouteChoice(route, route.pick_backend(self._rand))
         return None
+
+    def choose(self, request: HttpRequest, service: str) -> RouteChoice | None:
+        """What the waypoint does with a request to `service`: a service no route names takes its default
+        route (every endpoint, no filters); otherwise `match`."""
+        routed = self._routed.get(service)
+        if routed is None:
+            routed = self._routed[service] = any(r.spec.service in (None, service) for r in self.routes)
+        if not routed:
+            route = self._defaults.get(service)
+            if route is None:
+                route = self._defaults[service] = default_route(service)
+            return RouteChoice(route, route.backends[0])
+        return self.match(request, service)
 
 
 def no_route_response() -> LocalResponse:
