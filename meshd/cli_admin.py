@@ -97,8 +97,17 @@ def services_text(d: dict[str, Any]) -> str:
     for w in d["catalog"]["workloads"]:
         for s in w["services"]:
             by_service.setdefault(s, []).append(f"{w['workload']}@{w['node']}")
-    rows = [(s, len(eps), ", ".join(eps) or "(no endpoints)") for s, eps in sorted(by_service.items())]
-    return table(rows, ["service", "endpoints", "workloads"])
+    waypoints = d["catalog"].get("waypoints", {})
+
+    def waypoint(s: str) -> str:
+        w = waypoints.get(s)
+        return "-" if w is None else f"{w['waypoint']} (by {w['binding']})"
+
+    rows = [
+        (s, len(eps), waypoint(s), ", ".join(eps) or "(no endpoints)")
+        for s, eps in sorted(by_service.items())
+    ]
+    return table(rows, ["service", "endpoints", "waypoint", "workloads"])
 
 
 def _command(

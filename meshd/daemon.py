@@ -354,9 +354,8 @@ class Daemon:
             if svc is None or svc.waypoint is None:
                 return None
             where = catalog.node(svc.waypoint)
-            return (
-                f"{svc.waypoint!r} (HBONE {where[1]}:{where[0].hbone.port})" if where else repr(svc.waypoint)
-            )
+            at = f"HBONE {where[1]}:{where[0].hbone.port}" if where else "not in the catalog"
+            return f"{svc.waypoint!r} (bound by {catalog.bindings.get(key, 'service')}; {at})"
 
         return [a.to_json() for a in answer(self.config, state.policy, query, waypoint_of)]
 

@@ -108,6 +108,7 @@ def explain_request(
                 "address": f"{w.address}:{sp.target_port}" if w else f"{vip}:{sp.port}",
                 "text": render(ex) + ("\n" + route_text if ex.decision.allowed else ""),
                 "route": route.to_json() if route else None,
+                "binding": catalog.bindings.get(key),  # which binding sent the service here
                 **ex.to_json(),
             }
         )

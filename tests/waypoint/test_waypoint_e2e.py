@@ -525,7 +525,8 @@ def test_policy_explain_at_the_waypoint_and_at_the_node(mesh: Mesh) -> None:
     flaky = _explain(mesh.wp, **{"from": client, "to": "reviews.default:9080", "path": "/flaky"})
     assert flaky[0]["route"]["filters"] == ["retries"]  # type: ignore[index]
     at_node = _explain(mesh.beta, **{"from": client, "to": "reviews.default:9080"})
-    assert at_node and all(str(r["waypoint"]).startswith("'wp' (HBONE ") for r in at_node)
+    assert at_node and all(str(r["waypoint"]).startswith("'wp' (bound by service; HBONE ") for r in at_node)
+    assert routed[0]["binding"] == "service"
     assert "goes through waypoint 'wp'" in str(at_node[0]["text"])
     status, body = http_get(f"{mesh.wp.admin_url}/policy/explain?from={client}&to=echo.nowhere:1")
     assert status == 400 and b"not in this waypoint's catalog" in body
