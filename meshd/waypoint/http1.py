@@ -109,7 +109,8 @@ class _Parser:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        if self._in_head:  # llhttp reports a chunked body's trailer fields here too: not headers
+            self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

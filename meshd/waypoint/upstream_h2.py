@@ -170,6 +170,7 @@ class H2Upstream:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.idle_since = trio.current_time()  # not "idle since 0": the sweep would take it
                     nursery.start_soon(self._writer)
                     task_status.started()
                     await self._reader()

@@ -121,3 +121,12 @@ def test_written_messages_parse_back_with_h11() -> None:
 def test_no_header_injection(bad: tuple[str, str]) -> None:
     with pytest.raises(ValueError):
         response_head(200, [bad])
+
+
+def test_chunked_trailer_fields_are_not_headers() -> None:
+    events = RequestParser().feed(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    )
+    head = events[0]
+    assert isinstance(head, Head) and head.headers == [("host", "a"), ("transfer-encoding", "chunked")]
+    assert events[1:] == [b"abc", END]
