@@ -72,6 +72,18 @@ def nginx_proxy_conf(prefix: Path, listen: str, backend: str, workers: str) -> P
     return conf
 
 
+def nginx_grpc_proxy_conf(prefix: Path, listen: str, backend: str, workers: str) -> Path:
+    """The HTTP/2 yardstick: h2c in, `grpc_pass` (HTTP/2 with pooled connections) to the backend's h2c port."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        _nginx_common(prefix, workers) + f"  upstream backend {{\n    server {backend};\n    keepalive 64;\n"
+        "    keepalive_requests 1000000;\n  }\n"
+        f"  server {{\n    listen {listen} http2;\n    location / {{\n      grpc_pass grpc://backend;\n    }}\n  }}\n}}\n"
+    )
+    return conf
+
+
 def nginx_cmd(prefix: Path, conf: Path) -> list[str]:
     assert NGINX is not None
     return [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
@@ -198,10 +210,15 @@ def which_loadgen(prefer: str) -> str | None:
     return None
 
 
-def run_load(tool: str, url: str, seconds: float, threads: int, conns: int, work: Path) -> Load:
-    """Keep-alive HTTP/1.1 load for `seconds`; the load generator's own CPU comes from wait4's rusage."""
+def run_load(
+    tool: str, url: str, seconds: float, threads: int, conns: int, work: Path, h2_streams: int = 0
+) -> Load:
+    """Keep-alive HTTP/1.1 load for `seconds` (HTTP/2 prior knowledge with h2load when `h2_streams`:
+    that many concurrent streams per connection); the load generator's own CPU comes from wait4's rusage."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     log = work / "h2load-requests.log"
+    if h2_streams:
+        tool = "h2load"
     if tool == "wrk":
         cmd = [
             WRK or "wrk",
@@ -217,7 +234,7 @@ def run_load(tool: str, url: str, seconds: float, threads: int, conns: int, work
         log.unlink(missing_ok=True)
         cmd = [
             H2LOAD or "h2load",
-            "--h1",
+            *(("-m", str(h2_streams)) if h2_streams else ("--h1",)),
             f"-t{threads}",
             f"-c{conns}",
             f"-D{seconds:g}",

@@ -54,14 +54,21 @@ BACKEND_PORT = 8080
 PROXY_PORT = 8080
 UPSTREAM_PORT = 18080  # alpha's listener for SERVICE (through the waypoint)
 UPSTREAM_L4_PORT = 18081  # alpha's listener for SERVICE_L4 (same backend, no waypoint): --paths ...,meshd-l4
+BACKEND_H2_PORT = 8082  # the backend's h2c (prior knowledge) listener: SERVICE_H2, protocol "http2"
+PROXY_H2_PORT = 8082  # nginx's h2c listener, grpc_pass to the backend's h2c port
+UPSTREAM_H2_PORT = 18082  # alpha's listener for SERVICE_H2 (through the waypoint, HTTP/2 on both sides)
+H2_STREAMS = 10  # h2load -m: concurrent streams per connection on the *-h2 paths
 TD = "bench.arpa"
 SERVICE = "web.default"
 SERVICE_L4 = "web-l4.default"
+SERVICE_H2 = "web-h2.default"
 FILTERED_PREFIX = "/filtered"  # requests under this path take the route with two filters
 FILTER_HEADER = "x-bench-filters"  # set on responses by the `headers` filter: proof the chain ran
 
 PATH_NAMES = ("direct", "nginx", "meshd", "meshd+filters")  # the default set
-ALL_PATHS = (*PATH_NAMES, "meshd-l4")  # meshd-l4: alpha -> beta -> backend, no waypoint (a reference)
+# HTTP/2 end to end (h2load -m H2_STREAMS; the service port is protocol "http2"): optional
+H2_PATHS = ("direct-h2", "nginx-h2", "meshd-h2")
+ALL_PATHS = (*PATH_NAMES, "meshd-l4", *H2_PATHS)  # meshd-l4: alpha -> beta -> backend, no waypoint
 WAYPOINT_PATHS = ("meshd", "meshd+filters")
 
 
@@ -79,20 +86,27 @@ class Path_:
     non_2xx: int = 0
     socket_errors: int = 0
     cpu_share: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    h2: bool = False  # HTTP/2 prior knowledge (h2load -m H2_STREAMS)
 
 
 # ---------------------------------------------------------------------------------------------------
 # set-up: nginx
 
 
-def start_nginx(procs: Procs, work: Path, name: str, conf_for: Any, listen: tuple[str, int]) -> list[int]:
-    """Start one nginx (master + workers); wait until it answers 200; return [master, *workers]."""
+def start_nginx(
+    procs: Procs, work: Path, name: str, conf_for: Any, listen: tuple[str, int] | None
+) -> list[int]:
+    """Start one nginx (master + workers); wait until it answers 200 (or, `listen` None, an h2c-only
+    one: until its pid file is written); return [master, *workers]."""
     prefix = work / name
     conf = conf_for(prefix)
     (prefix / "error.log").touch()
     p = procs.start(name, h.nginx_cmd(prefix, conf), work / f"{name}.log")
-    url = f"http://{listen[0]}:{listen[1]}/"
-    wait_until(f"{name} answers", lambda: http_get(url)[0] == 200, p, prefix / "error.log", timeout=15)
+    if listen is not None:
+        url = f"http://{listen[0]}:{listen[1]}/"
+        wait_until(f"{name} answers", lambda: http_get(url)[0] == 200, p, prefix / "error.log", timeout=15)
+    else:
+        wait_until(f"{name} started", (prefix / "nginx.pid").exists, p, prefix / "error.log", timeout=15)
     workers: list[int] = []
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not workers:  # workers are forked right after start
@@ -155,7 +169,8 @@ def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]
         [BETA_IP, WP_IP],
         f'[[workload]]\nname = "client"\naddress = "{ALPHA_IP}"\nports = [8000]\n'
         f'[[upstream]]\nservice = "{SERVICE}"\nport = {BACKEND_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_PORT}"\n'
-        f'[[upstream]]\nservice = "{SERVICE_L4}"\nport = {BACKEND_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_L4_PORT}"\n',
+        f'[[upstream]]\nservice = "{SERVICE_L4}"\nport = {BACKEND_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_L4_PORT}"\n'
+        f'[[upstream]]\nservice = "{SERVICE_H2}"\nport = {BACKEND_H2_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_H2_PORT}"\n',
         work,
     )
     beta = daemon_config(
@@ -163,12 +178,15 @@ def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]
         BETA_IP,
         ca,
         [ALPHA_IP, WP_IP],
-        f'[[workload]]\nname = "web"\naddress = "{BETA_IP}"\nports = [{BACKEND_PORT}]\nservices = ["web"]\n'
+        f'[[workload]]\nname = "web"\naddress = "{BETA_IP}"\nports = [{BACKEND_PORT}, {BACKEND_H2_PORT}]\n'
+        'services = ["web", "web-h2"]\n'
         f'[[workload]]\nname = "web-l4"\naddress = "{BACKEND_L4_IP}"\nports = [{BACKEND_PORT}]\n'
         'services = ["web-l4"]\n'
         f'[[service]]\nname = "web"\nwaypoint = "wp"\n'
         f'ports = [{{ port = {BACKEND_PORT}, protocol = "http" }}]\n'
-        f'[[service]]\nname = "web-l4"\nports = [{{ port = {BACKEND_PORT} }}]\n',
+        f'[[service]]\nname = "web-l4"\nports = [{{ port = {BACKEND_PORT} }}]\n'
+        f'[[service]]\nname = "web-h2"\nwaypoint = "wp"\n'
+        f'ports = [{{ port = {BACKEND_H2_PORT}, protocol = "http2" }}]\n',
         work,
     )
     wp = daemon_config("wp", WP_IP, ca, [ALPHA_IP, BETA_IP], "", work, role="waypoint")
@@ -200,7 +218,7 @@ def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]
 
     def catalog_lists_service() -> bool:
         dump = json.loads(http_get(f"http://{ip}:15000/config_dump")[1])
-        return SERVICE in dump["catalog"]["services"] and SERVICE_L4 in dump["catalog"]["services"]
+        return {SERVICE, SERVICE_L4, SERVICE_H2} <= set(dump["catalog"]["services"])
 
     try:
         wait_until(f"alpha's catalog lists {SERVICE}", catalog_lists_service, p, log, timeout=20)
@@ -326,7 +344,9 @@ def measure(
     before_p, before_b = cpu_of(path.proxies), cpu_of(backend)
     machine = h.machine_cpu()
     t = time.perf_counter()
-    load = h.run_load(args.loadgen, path.url, seconds, args.threads, args.connections, work)
+    load = h.run_load(
+        args.loadgen, path.url, seconds, args.threads, args.connections, work, H2_STREAMS if path.h2 else 0
+    )
     wall = time.perf_counter() - t
     after_p, after_b = cpu_of(path.proxies), cpu_of(backend)
     machine_after = h.machine_cpu()
@@ -465,8 +485,13 @@ def cell(res: dict[str, Any] | None, key: str, fmt: str) -> tuple[str, float | N
 
 def print_table(results: dict[str, dict[str, Any] | None]) -> None:
     names = [n for n in ALL_PATHS if n in results]
-    ratio_of = [n for n in names if n.startswith("meshd")] if "nginx" in results else []
-    head = ["", *names, *(f"{n.replace('filters', 'f')}/nginx" for n in ratio_of)]
+    # Each meshd path against its nginx yardstick: HTTP/2 paths against nginx-h2 (grpc_pass).
+    ratio_of = [
+        (n, "nginx-h2" if n.endswith("-h2") else "nginx")
+        for n in names
+        if n.startswith("meshd") and ("nginx-h2" if n.endswith("-h2") else "nginx") in results
+    ]
+    head = ["", *names, *(f"{n.replace('filters', 'f')}/{base}" for n, base in ratio_of)]
     lines = [head]
     for key, label, fmt in ROWS:
         row = [label]
@@ -474,8 +499,8 @@ def print_table(results: dict[str, dict[str, Any] | None]) -> None:
         for name in names:
             text, vals[name] = cell(results.get(name), key, fmt)
             row.append(text)
-        for name in ratio_of:
-            a, b = vals[name], vals["nginx"]
+        for name, base in ratio_of:
+            a, b = vals[name], vals[base]
             if key == "backend_conns_per_1k":  # nginx's ~0 makes a ratio meaningless
                 a = None
             row.append(f"{a / b:.2f}x" if a is not None and b else "-")
@@ -562,7 +587,7 @@ def scan(
         args.connections = conns
         for r in range(args.repeat):
             for p in paths:
-                cell_ = cells.setdefault((conns, p.name), Path_(p.name, p.url, p.proxies))
+                cell_ = cells.setdefault((conns, p.name), Path_(p.name, p.url, p.proxies, h2=p.h2))
                 load = measure(cell_, backend, args, work, args.seconds)
                 print(
                     f"  -c{conns:<4d} run {r + 1}/{args.repeat} {p.name:13s} {load.rps:9.0f} req/s  "
@@ -626,7 +651,13 @@ def run(args: argparse.Namespace) -> int:
             work,
             "nginx-backend",
             lambda p: h.nginx_backend_conf(
-                p, [f"{BETA_IP}:{BACKEND_PORT}", f"{BACKEND_L4_IP}:{BACKEND_PORT}"], workers
+                p,
+                [
+                    f"{BETA_IP}:{BACKEND_PORT}",
+                    f"{BACKEND_L4_IP}:{BACKEND_PORT}",
+                    f"{BETA_IP}:{BACKEND_H2_PORT} http2",
+                ],
+                workers,
             ),
             (BETA_IP, BACKEND_PORT),
         )
@@ -649,10 +680,33 @@ def run(args: argparse.Namespace) -> int:
                     "nginx", f"http://{PROXY_IP}:{PROXY_PORT}/", {f"nginx{i}": p for i, p in enumerate(pids)}
                 )
             )
+        if wanted & set(H2_PATHS) and h.H2LOAD is None:
+            print("\nNOTE: the *-h2 paths need h2load (apt-get install nghttp2-client): skipped\n")
+            wanted -= set(H2_PATHS)
+        if "direct-h2" in wanted:
+            paths.append(Path_("direct-h2", f"http://{BETA_IP}:{BACKEND_H2_PORT}/", {}, h2=True))
+        if "nginx-h2" in wanted:
+            pids = start_nginx(
+                procs,
+                work,
+                "nginx-h2-proxy",
+                lambda p: h.nginx_grpc_proxy_conf(
+                    p, f"{PROXY_IP}:{PROXY_H2_PORT}", f"{BETA_IP}:{BACKEND_H2_PORT}", workers
+                ),
+                None,
+            )
+            paths.append(
+                Path_(
+                    "nginx-h2",
+                    f"http://{PROXY_IP}:{PROXY_H2_PORT}/",
+                    {f"nginx{i}": p for i, p in enumerate(pids)},
+                    h2=True,
+                )
+            )
         meshd_missing: str | None = None
         mesh_pids: dict[str, int] = {}
         l4_missing: str | None = None
-        if wanted & {"meshd", "meshd+filters", "meshd-l4"}:
+        if wanted & {"meshd", "meshd+filters", "meshd-l4", "meshd-h2"}:
             try:
                 ca = work / "ca"
                 meshd("ca", "init", "--dir", str(ca), "--trust-domain", TD)
@@ -677,12 +731,17 @@ def run(args: argparse.Namespace) -> int:
                     paths.append(Path_("meshd", base + "/", dict(mesh_pids)))
                 if "meshd+filters" in wanted:
                     paths.append(Path_("meshd+filters", base + FILTERED_PREFIX + "/", dict(mesh_pids)))
+                if "meshd-h2" in wanted:
+                    h2_url = f"http://{ALPHA_IP}:{UPSTREAM_H2_PORT}/"
+                    paths.append(Path_("meshd-h2", h2_url, dict(mesh_pids), h2=True))
             elif wanted & set(WAYPOINT_PATHS):
                 print(f"\nNOTE: the meshd columns are missing: {meshd_missing}\n")
         paths.sort(key=lambda p: ALL_PATHS.index(p.name))
         warm = min(2.0, args.seconds)
         for p in paths:  # warm-up: connections, pools, caches (not recorded)
-            h.run_load(args.loadgen, p.url, warm, args.threads, args.connections, work)
+            h.run_load(
+                args.loadgen, p.url, warm, args.threads, args.connections, work, H2_STREAMS if p.h2 else 0
+            )
         if args.scan:
             print(f"set-up done in {time.monotonic() - t_start:.1f}s; scanning -c {args.scan}")
             scanned = scan(paths, backend, args, work)

@@ -1,8 +1,8 @@
 """Fuzz targets: one per sans-I/O core or parser, each a Hypothesis strategy plus a check.
 
 A check feeds one generated input to meshd's code and asserts what must hold for *any* input: only the
-documented error type escapes (RemoteProtocolError, ConfigError, CatalogError, TxtError, h11's
-RemoteProtocolError; the DNS answer function raises nothing), and what comes out is well formed.
+documented error type escapes (RemoteProtocolError, ConfigError, CatalogError, TxtError, the HTTP/1.1
+parser's BadMessage; the DNS answer function raises nothing), and what comes out is well formed.
 
 The same targets run twice: bounded in CI (`tests/reliability/test_fuzz_*.py`) and with a time budget
 from `make fuzz` (`fuzz/run.py`, Hypothesis batches or atheris driving Hypothesis' `fuzz_one_input`).
@@ -21,7 +21,6 @@ from typing import Any
 
 import dns.message
 import dns.rdatatype
-import h11
 from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
@@ -54,8 +53,18 @@ from meshd.errors import ConfigError
 from meshd.hbone import events as ev
 from meshd.hbone.connection import HboneConnection, Role
 from meshd.hbone.errors import RemoteProtocolError
+from meshd.plugins.filters import Headers
 from meshd.policy.load import load_policy_dir
-from meshd.waypoint.http1 import HOP_BY_HOP, MAX_HEADERS, forwardable, headers_from_h11, trace_headers
+from meshd.waypoint.http1 import (
+    END,
+    HOP_BY_HOP,
+    BadMessage,
+    Head,
+    RequestParser,
+    forwardable,
+    response_head,
+    trace_headers,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -311,36 +320,27 @@ H1_INPUT = st.tuples(
 
 def check_http1(value: tuple[bytes, list[int]]) -> None:
     data, cuts = value
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+    parser = RequestParser()
     try:
-        for chunk in [*_cuts(data, cuts), b""]:  # b"": the client closed
-            conn.receive_data(chunk)
-            while True:
-                event = conn.next_event()
-                if event in (h11.NEED_DATA, h11.PAUSED) or isinstance(event, h11.ConnectionClosed):
-                    break
-                if isinstance(event, h11.Request):
-                    headers = headers_from_h11(event.headers)
+        for chunk in _cuts(data, cuts):
+            for event in parser.feed(chunk):
+                if isinstance(event, Head):
+                    headers = Headers.adopt(event.headers)
                     kept = forwardable(headers)
                     assert not {k for k, _ in kept} & HOP_BY_HOP
                     trace = trace_headers(headers, new_id=lambda: "fixed")
                     assert len(trace) == 32 and int(trace, 16) != 0
                     assert headers.get("x-request-id")
-                elif isinstance(event, h11.EndOfMessage) and conn.our_state is h11.SEND_RESPONSE:
-                    try:  # as the waypoint does: our own send refused (e.g. CONNECT switched) ends it
-                        conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
-                        conn.send(h11.EndOfMessage())
-                    except h11.LocalProtocolError:
-                        return
-                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                        conn.start_next_cycle()
-            if conn.their_state in (h11.CLOSED, h11.MUST_CLOSE):
-                break
-    except h11.RemoteProtocolError:
-        pass
+                    assert event.method and event.version in ("1.0", "1.1")
+                elif event is END:
+                    response_head(200, [("content-length", "0")])  # as the waypoint answers
+                else:
+                    assert isinstance(event, bytes)
+    except BadMessage as exc:
+        assert exc.status in (400, 405, 431, 505)
 
 
-HTTP1 = Target("http1", "HTTP/1.1 requests (waypoint: h11 + header rules)", H1_INPUT, check_http1)
+HTTP1 = Target("http1", "HTTP/1.1 requests (waypoint: httptools + header rules)", H1_INPUT, check_http1)
 
 
 # ---- config and policy TOML -----------------------------------------------------------------------

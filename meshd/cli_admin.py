@@ -130,11 +130,19 @@ def services_text(d: dict[str, Any]) -> str:
             by_service.setdefault(s, []).append(f"{w['workload']}@{w['node']}")
     # An older daemon's dump has no service_entries: its ports and waypoint show as "-".
     entries = {e["service"]: e for e in d["catalog"].get("service_entries", [])}
+    waypoints = d["catalog"].get("waypoints", {})
+
+    def waypoint(s: str) -> str | None:
+        w = waypoints.get(s)
+        if w is not None:
+            return f"{w['waypoint']} (by {w['binding']})"
+        return "none" if s in entries else None
+
     rows = [
         (
             s,
             _ports(entries[s]) if s in entries else None,
-            (entries[s]["waypoint"] or "none") if s in entries else None,
+            waypoint(s),
             len(eps),
             ", ".join(eps) or "(no endpoints)",
         )

@@ -11,10 +11,13 @@ from typing import Any
 
 import click
 
+from meshd.capture.vip import VipIndex
 from meshd.config.load import config_path, load_config
+from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
 from meshd.policy.load import load_policy_dir
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer, parse_headers
+from meshd.waypoint.explain import explain_request
 
 
 @click.group()
@@ -54,7 +57,9 @@ def policy_explain(
     as_json: bool,
 ) -> None:
     """Evaluate the policy files of a config for one connection (or HTTP request) and explain it:
-    the decision, the policy and rule that made it (file:line), and why every other policy did not."""
+    the decision, the policy and rule that made it (file:line), and why every other policy did not.
+    Against a waypoint (its config, or --admin of a running one): the HTTP request as the waypoint
+    decides it, for every workload of the service, and the route (with its filters) that would serve it."""
     try:
         query = ExplainQuery(
             source=source,
@@ -75,7 +80,12 @@ def policy_explain(
                 for p in exc.problems:
                     click.echo(p.format(), err=True)
                 sys.exit(2)
-            results = [a.to_json() for a in answer(cfg, policies, query)]
+            if cfg.role == "waypoint":  # its own catalog only: the peers' services are known to a running one
+                catalog = merge(local_catalog(cfg))
+                vips = VipIndex(cfg.capture.vip_range)
+                results = explain_request(catalog, policies, cfg.node_name, vips, query)
+            else:
+                results = [a.to_json() for a in answer(cfg, policies, query)]
     except NotServedHere as exc:
         raise click.ClickException(str(exc)) from None
     except QueryError as exc:

@@ -38,9 +38,11 @@ from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
 from meshd.plugins.manager import filter_types, installed_since, make_plugin_manager, plugin_infos
 from meshd.policy.load import load_policy_dir
+from meshd.policy.query import ExplainQuery, answer
 from meshd.readiness import Readiness
 from meshd.reload import ReloadOutcome, plan_reload
 from meshd.sdnotify import Notifier
+from meshd.waypoint.explain import explain_request
 
 log = logging.getLogger("meshd")
 
@@ -363,6 +365,32 @@ class Daemon:
 
     def set_log_level(self, level: str) -> None:
         set_level(level)
+
+    def explain(self, query: ExplainQuery) -> list[dict[str, Any]]:
+        """`GET /policy/explain`: as this daemon decides now (after reloads), with its merged catalog.
+        A waypoint explains an HTTP request with its route; a node says which waypoint decides."""
+        state = self.state
+        waypoint = self.node.waypoint
+        if waypoint is not None:
+            return explain_request(
+                state.catalog,
+                state.policy,
+                self.config.node_name,
+                waypoint.vips,
+                query,
+                waypoint.pipeline.router,
+            )
+        catalog = state.catalog
+
+        def waypoint_of(key: str) -> str | None:
+            svc = catalog.services.get(key)
+            if svc is None or svc.waypoint is None:
+                return None
+            where = catalog.node(svc.waypoint)
+            at = f"HBONE {where[1]}:{where[0].hbone.port}" if where else "not in the catalog"
+            return f"{svc.waypoint!r} (bound by {catalog.bindings.get(key, 'service')}; {at})"
+
+        return [a.to_json() for a in answer(self.config, state.policy, query, catalog, waypoint_of)]
 
 
 def dumps(data: Any) -> bytes:

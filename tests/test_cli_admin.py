@@ -70,7 +70,15 @@ def test_services_show_ports_protocol_and_waypoint_and_counts_read_as_words(
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["service", "ports", "waypoint", "endpoints", "workloads"]
     assert lines[1].split() == ["raw.default", "7000/tcp", "none", "1", "web.default@n1"]
-    assert lines[2].split() == ["web.default", "80->8080/http", "wp", "1", "web.default@n1"]
+    assert lines[2].split() == [
+        "web.default",
+        "80->8080/http",
+        "wp",
+        "(by",
+        "service)",
+        "1",
+        "web.default@n1",
+    ]
     status = meshd("status", "--admin", admin).stdout
     assert "0 peers, 2 services, 1 workload;" in status, status
     assert meshd("config", "check", "-c", str(cfg)).stdout.endswith(

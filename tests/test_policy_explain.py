@@ -195,3 +195,45 @@ def test_not_served_here_names_the_node_and_waypoint_to_ask() -> None:
         == "nope.default is not in this node's catalog (yet): no node to ask"
     )
     assert "with --admin HOST:PORT" in where_to_ask(None, "web.default", 80)
+
+
+def test_explain_with_a_waypoints_config(tmp_path: Path) -> None:
+    """Offline, a waypoint's config knows only its own catalog: a service it declares and is bound to is
+    explained as the waypoint decides (route and filters included); a peer's service says to ask the
+    running waypoint."""
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "p.toml").write_text(
+        '[[authorization]]\nname = "no-admin"\nnamespace = "default"\naction = "DENY"\n'
+        '[[authorization.rules]]\nto = [{ paths = ["/admin*"] }]\n'
+        '[[route]]\nname = "api"\nservice = "web.default"\nmatch = [{ path = { prefix = "/api" } }]\n'
+        'timeout = "2s"\n'
+    )
+    cfg = tmp_path / "wp.toml"
+    cfg.write_text(
+        'role = "waypoint"\nnode_name = "wp"\ntrust_domain = "home.arpa"\n'
+        f'[policy]\ndir = "{policy}"\n[discovery]\nmdns = false\n'
+        '[[workload]]\nname = "web"\naddress = "127.0.0.9"\nports = [8080]\nservices = ["web"]\n'
+        '[[service]]\nname = "web"\nwaypoint = "wp"\nports = [{ port = 80, target_port = 8080, protocol = "http" }]\n'
+    )
+    base = [
+        "policy",
+        "explain",
+        "-c",
+        str(cfg),
+        "--from",
+        "home.arpa/ns/default/sa/client",
+        "--to",
+        "web.default:80",
+    ]
+    ok = meshd(*base, "--path", "/api/v1")
+    assert ok.returncode == 0, ok.stderr
+    assert (
+        "(as the waypoint decides)" in ok.stdout
+        and "route api [" in ok.stdout
+        and "filters timeout" in ok.stdout
+    )
+    denied = meshd(*base, "--path", "/admin/x")
+    assert denied.returncode == 3 and "no-admin" in denied.stdout
+    other = meshd(*base[:-1], "db.data:5432")
+    assert other.returncode == 1 and "not in this waypoint's catalog" in other.stderr

@@ -9,10 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshd.balance import CircuitBreaker, LeastRequest, OutlierDetector, RoundRobin
 from meshd.errors import ConfigError
 from meshd.plugins.filters import Headers, HttpRequest, RequestInfo
 from meshd.policy import load_policy_dir
-from meshd.waypoint.router import CircuitBreaker, LeastRequest, OutlierDetector, RoundRobin, Router
+from meshd.waypoint.backends import overflow_response
+from meshd.waypoint.router import Router, compile_router
 from tests.plugins.helpers import FakeUpstream
 
 ROUTES = """\
@@ -50,7 +52,7 @@ def router(tmp_path: Path) -> Router:
     (tmp_path / "10-routes.toml").write_text(ROUTES)
     policies, _ = load_policy_dir(tmp_path, role="waypoint")
     assert [r.value.name for r in policies.routes] == ["api-v2-for-testers", "static", "split"]
-    return policies.router
+    return compile_router(policies)
 
 
 def req(
@@ -127,7 +129,7 @@ def test_random_requests_never_crash_the_router(
     if _ROUTER is None:
         d = tmp_path_factory.mktemp("routes")
         (d / "r.toml").write_text(ROUTES)
-        _ROUTER = load_policy_dir(d, role="waypoint")[0].router
+        _ROUTER = compile_router(load_policy_dir(d, role="waypoint")[0])
     choice = _ROUTER.match(HttpRequest(method, path, authority, Headers(headers.items())), service)
     assert choice is None or choice.backend.weight > 0
 
@@ -271,5 +273,5 @@ def test_circuit_breaker() -> None:
     cb.connection_closed()
     assert cb.try_open_connection()
     assert cb.statistics() == {"pending": 2, "connections": 1, "overflows": 2}
-    r = cb.overflow_response()
+    r = overflow_response()
     assert (r.status, r.flag) == (503, "UO")

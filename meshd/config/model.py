@@ -216,7 +216,12 @@ def _check_ports(ports: tuple[int, ...], key: str, *, required: bool = True) -> 
 class ServicePort:
     port: int = field(metadata=doc("service port clients dial"))
     target_port: int | None = field(default=None, metadata=doc("workload port; default: port"))
-    protocol: Literal["tcp", "http"] = field(default="tcp", metadata=doc("tcp, or http for waypoint L7"))
+    protocol: Literal["tcp", "http", "http2", "grpc"] = field(
+        default="tcp",
+        metadata=doc(
+            "tcp; or for waypoint L7: http (HTTP/1.1 to the workload), http2 or grpc (HTTP/2 to it)"
+        ),
+    )
 
     @property
     def target(self) -> int:
@@ -254,6 +259,22 @@ class NamespaceConfig:
 
     def check(self) -> list[Issue]:
         return _check_name(self.name, "name") + _check_name(self.waypoint, "waypoint")
+
+
+@dataclass(frozen=True)
+class ServiceAccountConfig:
+    name: str = field(metadata=doc("service account"))
+    waypoint: str = field(
+        metadata=doc("waypoint of the services whose workloads run as this account (before the namespace's)")
+    )
+    namespace: str = field(default="default", metadata=doc("namespace"))
+
+    def check(self) -> list[Issue]:
+        return (
+            _check_name(self.name, "name")
+            + _check_name(self.namespace, "namespace")
+            + _check_name(self.waypoint, "waypoint")
+        )
 
 
 @dataclass(frozen=True)
@@ -358,6 +379,9 @@ class Config:
     namespaces: tuple[NamespaceConfig, ...] = field(
         default=(), metadata=doc("namespace defaults (waypoint)", toml="namespace")
     )
+    service_accounts: tuple[ServiceAccountConfig, ...] = field(
+        default=(), metadata=doc("service-account waypoint bindings", toml="service_account")
+    )
     upstreams: tuple[UpstreamConfig, ...] = field(
         default=(), metadata=doc("explicit outbound", toml="upstream")
     )
@@ -372,6 +396,12 @@ class Config:
         issues += _duplicates([(w.namespace, w.name) for w in self.workloads], "workload", "name", "workload")
         issues += _duplicates([s.key for s in self.services], "service", "name", "service")
         issues += _duplicates([n.name for n in self.namespaces], "namespace", "name", "namespace")
+        issues += _duplicates(
+            [(a.namespace, a.name) for a in self.service_accounts],
+            "service_account",
+            "name",
+            "service account",
+        )
         issues += _duplicates([str(u.listen) for u in self.upstreams], "upstream", "listen", "listen address")
         if self.dns.capture and self.capture.mode == "off":
             issues.append(

@@ -90,6 +90,7 @@ class NodeCatalog:
     workloads: tuple[WorkloadEntry, ...]
     services: tuple[ServiceEntry, ...]
     namespaces: tuple[tuple[str, str], ...] = ()  # (namespace, default waypoint), sorted
+    service_accounts: tuple[tuple[str, str, str], ...] = ()  # (namespace, account, waypoint), sorted
 
     @property
     def identity(self) -> SpiffeId:
@@ -130,6 +131,15 @@ class NodeCatalog:
             **(
                 {"namespaces": [{"name": n, "waypoint": w} for n, w in self.namespaces]}
                 if self.namespaces
+                else {}
+            ),
+            **(
+                {
+                    "service_accounts": [
+                        {"namespace": n, "name": a, "waypoint": w} for n, a, w in self.service_accounts
+                    ]
+                }
+                if self.service_accounts
                 else {}
             ),
         }
@@ -217,6 +227,12 @@ def _from_json(raw: Any) -> NodeCatalog:
             )
         )
     namespaces = tuple(sorted((_str(n["name"]), _str(n["waypoint"])) for n in raw.get("namespaces", [])))
+    accounts = tuple(
+        sorted(
+            (_str(a["namespace"]), _str(a["name"]), _str(a["waypoint"]))
+            for a in raw.get("service_accounts", [])
+        )
+    )
     return NodeCatalog(
         node=node,
         trust_domain=td,
@@ -225,6 +241,7 @@ def _from_json(raw: Any) -> NodeCatalog:
         workloads=tuple(workloads),
         services=tuple(services),
         namespaces=namespaces,
+        service_accounts=accounts,
     )
 
 
@@ -253,6 +270,7 @@ def local_catalog(config: Config) -> NodeCatalog:
         for w in config.workloads
     )
     namespaces = tuple(sorted((n.name, n.waypoint) for n in config.namespaces))
+    accounts = tuple(sorted((a.namespace, a.name, a.waypoint) for a in config.service_accounts))
     return NodeCatalog(
         config.node_name,
         config.trust_domain,
@@ -261,6 +279,7 @@ def local_catalog(config: Config) -> NodeCatalog:
         workloads,
         services,
         namespaces,
+        accounts,
     )
 
 
@@ -296,6 +315,7 @@ class Catalog:
     services: Mapping[str, ServiceEntry] = field(default_factory=dict)
     workloads: tuple[WorkloadEntry, ...] = ()
     conflicts: tuple[str, ...] = ()
+    bindings: Mapping[str, str] = field(default_factory=dict)  # service -> which binding set its waypoint
 
     def node(self, name: str) -> tuple[NodeCatalog, str] | None:
         if name == self.local.node:
@@ -424,6 +444,11 @@ class Catalog:
                 }
                 for w in self.workloads
             ],
+            "waypoints": {
+                k: {"waypoint": s.waypoint, "binding": self.bindings.get(k)}
+                for k, s in sorted(self.services.items())
+                if s.waypoint is not None
+            },
             "conflicts": list(self.conflicts),
         }
 
@@ -442,15 +467,34 @@ def _dial_host(listen_host: str, reached_at: str, workload_address: str) -> str:
 NO_WAYPOINT = "none"  # a service's `waypoint = "none"`: not its namespace's default waypoint
 
 
-def _effective_waypoint(svc: ServiceEntry, defaults: Mapping[str, tuple[str, str]]) -> ServiceEntry:
-    """The service as the merged catalog serves it: its own waypoint, else its namespace's default
-    (unless it says "none"). Every consumer (nodes' outbound and inbound, the waypoint) reads
-    `ServiceEntry.waypoint` of the merged catalog, so the default is resolved in one place."""
+# Which binding gave a service its waypoint (`Catalog.bindings`), in precedence order.
+BY_SERVICE, BY_SERVICE_ACCOUNT, BY_NAMESPACE = "service", "service-account", "namespace"
+
+
+def _effective_waypoint(
+    svc: ServiceEntry,
+    namespaces: Mapping[str, tuple[str, str]],
+    accounts: Mapping[tuple[str, str], tuple[str, str]],
+    workloads: Iterable[WorkloadEntry],
+) -> tuple[ServiceEntry, str | None]:
+    """The service as the merged catalog serves it, and the binding that applied. One precedence rule
+    (Istio ambient's): the service's own `waypoint`, else the waypoint bound to the service account its
+    workloads run as, else its namespace's default; `waypoint = "none"` opts out of both defaults.
+    Every consumer (nodes' outbound and inbound, the waypoint) reads `ServiceEntry.waypoint` of the
+    merged catalog, so the rule is applied in this one place."""
     if svc.waypoint == NO_WAYPOINT:
-        return replace(svc, waypoint=None)
-    if svc.waypoint is None and svc.namespace in defaults:
-        return replace(svc, waypoint=defaults[svc.namespace][0])
-    return svc
+        return replace(svc, waypoint=None), BY_SERVICE
+    if svc.waypoint is not None:
+        return svc, BY_SERVICE
+    # Accounts in a stable order: workloads of one service under several bound accounts take the first.
+    bound = sorted(
+        {(w.namespace, w.service_account) for w in workloads if svc.key in w.services} & set(accounts)
+    )
+    if bound:
+        return replace(svc, waypoint=accounts[bound[0]][0]), BY_SERVICE_ACCOUNT
+    if svc.namespace in namespaces:
+        return replace(svc, waypoint=namespaces[svc.namespace][0]), BY_NAMESPACE
+    return svc, None
 
 
 def merge(local: NodeCatalog, peers: Iterable[PeerRecord] = ()) -> Catalog:
@@ -464,6 +508,7 @@ def merge(local: NodeCatalog, peers: Iterable[PeerRecord] = ()) -> Catalog:
     service_owner: dict[str, str] = {}
     workloads: dict[str, WorkloadEntry] = {}
     namespace_waypoints: dict[str, tuple[str, str]] = {}  # namespace -> (waypoint, node that set it)
+    account_waypoints: dict[tuple[str, str], tuple[str, str]] = {}  # (ns, account) -> (waypoint, node)
     for cat in order:
         for s in cat.services:
             if s.key in services and services[s.key] != s:
@@ -490,11 +535,29 @@ def merge(local: NodeCatalog, peers: Iterable[PeerRecord] = ()) -> Catalog:
                 )
                 continue
             namespace_waypoints.setdefault(ns, (wp, cat.node))
+        for ns, account, wp in cat.service_accounts:
+            have = account_waypoints.get((ns, account))
+            if have is not None and have[0] != wp:
+                conflicts.append(
+                    f"service account {ns}/{account}: node {cat.node} sets waypoint {wp!r}, node {have[1]} "
+                    f"sets {have[0]!r}; using {have[1]}'s"
+                )
+                continue
+            account_waypoints.setdefault((ns, account), (wp, cat.node))
+    effective: dict[str, ServiceEntry] = {}
+    bindings: dict[str, str] = {}
+    for k, svc in services.items():
+        effective[k], binding = _effective_waypoint(
+            svc, namespace_waypoints, account_waypoints, workloads.values()
+        )
+        if binding is not None and effective[k].waypoint is not None:
+            bindings[k] = binding
     return Catalog(
         trust_domain=local.trust_domain,
         local=local,
         peers=by_node,
-        services={k: _effective_waypoint(s, namespace_waypoints) for k, s in services.items()},
+        services=effective,
         workloads=tuple(workloads.values()),
         conflicts=tuple(conflicts),
+        bindings=bindings,
     )

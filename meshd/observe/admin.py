@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshd.observe.http import Request, Response
 from meshd.plugins.manager import plugins_json
-from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer
+from meshd.policy.query import ExplainQuery, NotServedHere, QueryError
 
 if TYPE_CHECKING:
     from meshd.daemon import Daemon
@@ -55,13 +55,12 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
 
     def policy_explain(req: Request) -> Response:
         """`meshd policy explain --admin`: answered with the policy in force now (after reloads)."""
-        state = daemon.state
         try:
-            answers = answer(state.config, state.policy, ExplainQuery.from_params(req.query), state.catalog)
+            results = daemon.explain(ExplainQuery.from_params(req.query))
         except QueryError as exc:
             why = {"error": str(exc), "param": exc.param, "not_served_here": isinstance(exc, NotServedHere)}
             return Response(400, dumps(why), "application/json")
-        return Response(200, dumps({"results": [a.to_json() for a in answers]}), "application/json")
+        return Response(200, dumps({"results": results}), "application/json")
 
     snapshots: list[tracemalloc.Snapshot] = []
 

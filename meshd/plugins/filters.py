@@ -58,6 +58,13 @@ class Headers:
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
 
+    @classmethod
+    def adopt(cls, items: list[tuple[str, str]]) -> Headers:
+        """Headers over `items` as they are (names lower case already, as a parser gave them): no copy."""
+        headers = cls.__new__(cls)
+        headers._items = items
+        return headers
+
     def get(self, name: str, default: str | None = None) -> str | None:
         """The value of `name`; repeated fields are joined with `, ` (RFC 9110)."""
         name = name.lower()
@@ -78,6 +85,9 @@ class Headers:
     def remove(self, name: str) -> None:
         name = name.lower()
         self._items = [(k, v) for k, v in self._items if k != name]
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and any(k == name.lower() for k, _ in self._items)
@@ -176,6 +186,7 @@ class HttpRequest:
     headers: Headers = field(default_factory=Headers)
     body: RequestBody = field(default_factory=lambda: RequestBody(_no_body()))
     scheme: str = "http"
+    trailers: Headers = field(default_factory=Headers)  # HTTP/2: filled in once the body has been read
 
     @property
     def path_only(self) -> str:
@@ -187,6 +198,7 @@ class HttpResponse:
     status: int
     headers: Headers = field(default_factory=Headers)
     body: AsyncIterable[bytes] = field(default_factory=_no_body)
+    trailers: Headers = field(default_factory=Headers)  # filled in by the body's end (gRPC's status)
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self.body])
@@ -230,6 +242,10 @@ class UpstreamError(Exception):
         super().__init__(message or kind)
         self.kind = kind
         self.flag = self.FLAGS.get(kind, "UF")
+
+
+class UpstreamBodyError(Exception):
+    """The upstream failed (connection lost, stream reset) while the response body was streaming."""
 
 
 class ResponseAborted(Exception):

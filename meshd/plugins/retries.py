@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from meshd import grpc
 from meshd.plugins.filters import (
     Filter,
     FilterContext,
@@ -40,18 +41,20 @@ class RetryFilter(Filter):
         self.settings = settings
         self.retry_on = frozenset(settings.retry_on)
         self.codes = frozenset(settings.retriable_status_codes)
+        self.grpc_codes = frozenset(code for name, code in grpc.RETRY_ON.items() if name in self.retry_on)
         self.base = settings.base_interval.total_seconds()
         self.cap = (settings.max_interval.total_seconds()) if settings.max_interval else self.base * 10
         self.per_try = settings.per_try_timeout.total_seconds() if settings.per_try_timeout else None
         self._rand = rand
         self._sleep = sleep
 
-    def retriable_status(self, status: int) -> bool:
+    def retriable_status(self, status: int, grpc_status: int | None = None) -> bool:
         on = self.retry_on
         return (
             ("5xx" in on and 500 <= status <= 599)
             or ("gateway-error" in on and status in _GATEWAY_ERRORS)
             or ("retriable-status-codes" in on and status in self.codes)
+            or (grpc_status is not None and grpc_status in self.grpc_codes)
         )
 
     def backoff(self, retry: int) -> float:
@@ -86,7 +89,11 @@ class RetryFilter(Filter):
                         ctx.info.flag(TIMEOUT_FLAG)
                         return timeout_response().to_response()
                     continue
-                if not self.retriable_status(response.status) or not self._can_replay(request, ctx):
+                # A gRPC call that failed before any message answers trailers-only: its status is a header.
+                grpc_status = grpc.status_of(response.headers.get("grpc-status")) if self.grpc_codes else None
+                if not self.retriable_status(response.status, grpc_status) or not self._can_replay(
+                    request, ctx
+                ):
                     return response
                 if last:
                     ctx.info.flag(RETRIES_EXHAUSTED_FLAG)

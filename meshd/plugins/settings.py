@@ -14,7 +14,19 @@ from typing import Literal
 
 from meshd.config.schema import Issue
 
-RetryOn = Literal["5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes"]
+RetryOn = Literal[
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "retriable-status-codes",
+    # gRPC statuses (of a trailers-only response: a call that failed before any message), as Envoy names them
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+]
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-zA-Z-]+$")
 
 
@@ -48,7 +60,10 @@ class RetrySettings:
     per_try_timeout: timedelta | None = field(default=None, metadata=doc("deadline of each try"))
     retry_on: tuple[RetryOn, ...] = field(
         default=("5xx", "connect-failure", "reset"),
-        metadata=doc("5xx, gateway-error (502/503/504), connect-failure, reset, retriable-status-codes"),
+        metadata=doc(
+            "5xx, gateway-error (502/503/504), connect-failure, reset, retriable-status-codes; gRPC: "
+            "cancelled, deadline-exceeded, internal, resource-exhausted, unavailable"
+        ),
     )
     retriable_status_codes: tuple[int, ...] = field(
         default=(), metadata=doc("status codes retried with retriable-status-codes")

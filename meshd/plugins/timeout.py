@@ -1,9 +1,14 @@
-"""Built-in `timeout`: the upstream must answer (response headers) in time, or the client gets 504 + `UT`."""
+"""Built-in `timeout`: the upstream must answer (response headers) in time, or the client gets 504 + `UT`.
+
+A gRPC request's own deadline (`grpc-timeout`) shortens the route's timeout, as Envoy's
+`max_stream_duration.grpc_timeout_header_max` does; it never lengthens it.
+"""
 
 from __future__ import annotations
 
 import trio
 
+from meshd import grpc
 from meshd.plugins.filters import (
     Filter,
     FilterContext,
@@ -29,7 +34,11 @@ class TimeoutFilter(Filter):
 
     def wrap_upstream(self, ctx: FilterContext, send: SendUpstream) -> SendUpstream:
         async def with_timeout(request: HttpRequest) -> HttpResponse:
-            with trio.move_on_after(self.seconds):
+            seconds = self.seconds
+            deadline = grpc.timeout_seconds(request.headers.get("grpc-timeout"))
+            if deadline is not None and deadline < seconds:
+                seconds = deadline
+            with trio.move_on_after(seconds):
                 return await send(request)
             ctx.info.flag(TIMEOUT_FLAG)
             return timeout_response().to_response()

@@ -45,7 +45,7 @@ from meshd.policy.model import (
 )
 
 if TYPE_CHECKING:
-    from meshd.waypoint.router import Router
+    from meshd.policy.routes import LoadedRoute
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -327,11 +327,11 @@ class PolicySet:
 
     __slots__ = (
         "_authorizations",
+        "_loaded_routes",
         "_mesh",
         "_mtls",
         "_namespaces",
         "_peer_authentications",
-        "_router",
         "_routes",
     )
 
@@ -339,14 +339,13 @@ class PolicySet:
         self,
         authorizations: Sequence[Located[AuthorizationPolicy]] = (),
         peer_authentications: Sequence[Located[PeerAuthentication]] = (),
-        routes: Sequence[Located[Route]] = (),
-        router: Router | None = None,
+        routes: Sequence[LoadedRoute] = (),
     ) -> None:
         """Policies must already be valid (as `load_policy_dir` or `schema.build` returns them)."""
         self._authorizations = tuple(authorizations)
         self._peer_authentications = tuple(peer_authentications)
-        self._routes = tuple(routes)
-        self._router = router  # compiled routes with their filter chains (built by load_policy_dir)
+        self._loaded_routes = tuple(routes)  # with their filter instances; the waypoint compiles them
+        self._routes = tuple(r.located for r in self._loaded_routes)
         # Mesh-wide policies first, then the namespace's; each group by name, so decisions are stable.
         ordered = sorted(self._authorizations, key=lambda a: (a.value.namespace is not None, a.value.name))
         mesh = [_compile_policy(a.value) for a in ordered if a.value.namespace is None]
@@ -375,13 +374,9 @@ class PolicySet:
         return self._routes
 
     @property
-    def router(self) -> Router:
-        """The waypoint's compiled routes (`Router.match(request, service)`); empty if there are none."""
-        if self._router is None:
-            from meshd.waypoint.router import Router
-
-            self._router = Router(())
-        return self._router
+    def loaded_routes(self) -> tuple[LoadedRoute, ...]:
+        """The routes with their built filters (meshd/waypoint/router.py compiles them)."""
+        return self._loaded_routes
 
     def __len__(self) -> int:
         return len(self._authorizations) + len(self._peer_authentications) + len(self._routes)

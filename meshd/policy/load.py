@@ -27,6 +27,7 @@ from meshd.policy.model import (
     Rule,
     canonical_principal,
 )
+from meshd.policy.routes import RouteFile, load_routes, split_filter_settings
 
 if TYPE_CHECKING:
     from meshd.plugins.manager import RegisteredFilter
@@ -85,8 +86,6 @@ def load_policy_dir(
             [Problem(str(directory), None, "policy.dir is not a folder", "point it at a folder of *.toml")]
         )
 
-    from meshd.waypoint.router import RouteFile, load_routes, split_filter_settings  # (import cycle)
-
     problems: list[Problem] = []
     files: list[_File] = []
     for path in policy_files(directory):
@@ -115,8 +114,8 @@ def load_policy_dir(
     problems += _duplicate_names("peer_authentication", peer_auths, directory)
     problems += _mtls_conflicts(peer_auths)
     route_files = [RouteFile(f.name, f.doc.routes, f.filter_settings, f.lines, directory) for f in files]
-    routes, router, route_problems = load_routes(route_files, lambda: _filter_types(filter_types))
-    problems += _duplicate_names("route", routes, directory) + route_problems
+    routes, route_problems = load_routes(route_files, lambda: _filter_types(filter_types))
+    problems += _duplicate_names("route", [r.located for r in routes], directory) + route_problems
     if problems:
         raise ConfigError(problems)
 
@@ -127,7 +126,7 @@ def load_policy_dir(
             if trust_domain is not None:
                 warnings += _foreign_principals(f, i, policy, trust_domain)
     warnings.sort(key=lambda w: (w.file, w.line or 0))  # files are already in name order
-    return PolicySet(authorizations, peer_auths, routes, router), warnings
+    return PolicySet(authorizations, peer_auths, routes), warnings
 
 
 def _filter_types(given: Mapping[str, RegisteredFilter] | None) -> Mapping[str, RegisteredFilter]:

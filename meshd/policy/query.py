@@ -4,7 +4,7 @@ files it loads, the admin API (`GET /policy/explain`) with the running daemon's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,7 @@ class Answer:
     explanation: Explanation
     # No source address given, and these applying policies look at it: the answer may differ.
     depends_on_source_ip: tuple[str, ...] = ()
+    waypoint: str | None = None  # the waypoint that decides HTTP requests to this destination (and where)
 
     @property
     def text(self) -> str:
@@ -80,13 +81,27 @@ class Answer:
                 f"\nnote: the answer depends on the source address ({which} at it); it was evaluated for "
                 f"{DEFAULT_SOURCE_IP}: give the client's address (--source-ip, source_ip=)"
             )
+        if self.waypoint is not None:
+            text += (
+                f"\nnote: traffic to this service goes through waypoint {self.waypoint}, which decides its L7"
+                " rules with the waypoint's own policy; the above is this node's view (ask the waypoint:"
+                " meshd policy explain --admin HOST:PORT of its admin API)"
+            )
         return text
 
     def to_json(self) -> dict[str, Any]:
+        text = render(self.explanation)
+        if self.waypoint is not None:
+            text += (
+                f"\nnote: traffic to this service goes through waypoint {self.waypoint}, which decides its L7"
+                " rules with the waypoint's own policy; the above is this node's view (ask the waypoint:"
+                " meshd policy explain --admin HOST:PORT of its admin API)"
+            )
         return {
             "workload": f"{self.workload.name}.{self.workload.namespace}",
             "address": f"{self.workload.address}:{self.port}",
             "text": self.text,
+            "waypoint": self.waypoint,
             **self.explanation.to_json(),
             "depends_on_source_ip": list(self.depends_on_source_ip),
         }
@@ -156,14 +171,32 @@ def where_to_ask(catalog: Catalog | None, key: str, port: int) -> str:
     return text
 
 
-def answer(cfg: Config, policies: PolicySet, q: ExplainQuery, catalog: Catalog | None = None) -> list[Answer]:
-    """What `policies` decide for `q` at every workload of `cfg` that serves its destination."""
+def answer(
+    cfg: Config,
+    policies: PolicySet,
+    q: ExplainQuery,
+    catalog: Catalog | None = None,
+    waypoint_of: Callable[[str], str | None] | None = None,
+) -> list[Answer]:
+    """What `policies` decide for `q` at every workload of `cfg` that serves its destination.
+
+    `catalog` (a running daemon's merged catalog) lets a destination not served here name the node to
+    ask. `waypoint_of(service key)` describes the waypoint bound to a service, or None (default: the
+    config's own `waypoint =`; a running node passes its merged catalog's answer, namespace defaults
+    included, with where the waypoint runs)."""
     try:
         src = None if q.source == "plaintext" else SpiffeId.parse_principal(q.source)
     except InvalidSpiffeId as exc:
         raise QueryError(str(exc), "from") from None
     l7 = any(x is not None for x in (q.method, q.path, q.host)) or bool(q.headers)
     workloads, port = destinations(cfg, q.to, catalog)
+    name, ns, _ = _target(q.to)
+    key = f"{name}.{ns}"
+    if waypoint_of is None:
+        svc = next((s for s in cfg.services if s.key == key), None)
+        bound = repr(svc.waypoint) if svc is not None and svc.waypoint not in (None, "none") else None
+    else:
+        bound = waypoint_of(key)
     out = []
     for w in workloads:
         conn = ConnectionAttrs(
@@ -181,5 +214,5 @@ def answer(cfg: Config, policies: PolicySet, q: ExplainQuery, catalog: Catalog |
             attrs = RequestAttrs(conn, method, q.path or "/", q.host or q.to, dict(q.headers))
         ex = explain(policies, attrs)
         depends = source_ip_dependence(policies, ex) if q.source_ip is None else ()
-        out.append(Answer(w, port, ex, depends))
+        out.append(Answer(w, port, ex, depends, bound))
     return out

@@ -1,6 +1,6 @@
 """HTTP/2 with prior knowledge inside a client's tunnel: the waypoint's h2 server side.
 
-Two layers, like http1.py's split between h11 and the proxy:
+Two layers, like http1.py and front_http1.py:
 
 * `H2Server`: pure translation (no I/O). Bytes in -> `RequestHead` / `BodyChunk` / `BodyEnd` /
   `StreamReset` / `WindowChanged` / `Terminated` events; responses out as bytes (`data_to_send`).
@@ -83,6 +83,12 @@ class BodyChunk:
 
 
 @dataclass(frozen=True)
+class Trailers:
+    stream_id: int
+    headers: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class BodyEnd:
     stream_id: int
 
@@ -102,14 +108,14 @@ class Terminated:
     """The client sent GOAWAY: no new streams; those open may finish."""
 
 
-Event = RequestHead | BodyChunk | BodyEnd | StreamReset | WindowChanged | Terminated
+Event = RequestHead | BodyChunk | Trailers | BodyEnd | StreamReset | WindowChanged | Terminated
 
 
 def _elided() -> str:
     return "<payload not shown>"
 
 
-class _QuietFrames(FrameBuffer):
+class QuietFrames(FrameBuffer):
     """h2 calls repr(frame) on every received frame; a DATA frame's repr hex-encodes its payload."""
 
     def __next__(self) -> Frame:
@@ -153,7 +159,7 @@ def request_head(stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]],
     return RequestHead(stream_id, method, path, authority, pseudo.get(":scheme", "http"), headers, end)
 
 
-class _ServerConnection(h2.connection.H2Connection):
+class ServerConnection(h2.connection.H2Connection):
     """h2 remembering fewer closed streams: see MAX_CLOSED_STREAMS in meshd/hbone/connection.py."""
 
     MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
@@ -164,8 +170,8 @@ class H2Server:
 
     def __init__(self) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.conn = _ServerConnection(config=config)
-        self.conn.incoming_buffer = _QuietFrames(server=True)
+        self.conn = ServerConnection(config=config)
+        self.conn.incoming_buffer = QuietFrames(server=True)
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(
             client=False,
@@ -197,6 +203,9 @@ class H2Server:
             elif isinstance(ev, h2.events.DataReceived):
                 assert ev.stream_id is not None and ev.data is not None
                 out.append(BodyChunk(ev.stream_id, ev.data, ev.flow_controlled_length or 0))
+            elif isinstance(ev, h2.events.TrailersReceived):
+                assert ev.headers is not None
+                out.append(Trailers(ev.stream_id or 0, [(_text(k), _text(v)) for k, v in ev.headers]))
             elif isinstance(ev, h2.events.StreamEnded):  # h2 reports END_STREAM on its own, after
                 out.append(BodyEnd(ev.stream_id or 0))
             elif isinstance(ev, h2.events.StreamReset):
@@ -222,6 +231,9 @@ class H2Server:
     ) -> None:
         block = [(":status", str(status)), *((k.lower(), v) for k, v in headers)]
         self.conn.send_headers(stream_id, block, end_stream=end)
+
+    def send_trailers(self, stream_id: int, headers: Iterable[tuple[str, str]]) -> None:
+        self.conn.send_headers(stream_id, [(k.lower(), v) for k, v in headers], end_stream=True)
 
     def send_window(self, stream_id: int) -> int:
         """How many body bytes may go out on the stream now (flow control and frame size)."""
@@ -268,10 +280,11 @@ class H2Server:
 
 @dataclass
 class _StreamIO:
-    body: trio.MemorySendChannel[BodyChunk | None]
-    chunks: trio.MemoryReceiveChannel[BodyChunk | None]
+    body: trio.MemorySendChannel[BodyChunk | Trailers | None]
+    chunks: trio.MemoryReceiveChannel[BodyChunk | Trailers | None]
     unacked: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reset: bool = False  # by the client
 
 
 class H2Exchange:
@@ -283,6 +296,12 @@ class H2Exchange:
         self._io = io
         self.body_done = head.end_stream
         self.responded = False
+        self.trailers = Headers()  # the request's trailers, once the body has been read
+
+    @property
+    def reset(self) -> bool:
+        """The client reset the stream (the handler is being cancelled)."""
+        return self._io.reset
 
     async def body(self) -> AsyncIterator[bytes]:
         """The request body; each chunk is acknowledged to the client as it is taken."""
@@ -291,6 +310,10 @@ class H2Exchange:
             if item is None:
                 self.body_done = True
                 return
+            if isinstance(item, Trailers):
+                for k, v in item.headers:
+                    self.trailers.add(k, v)
+                continue
             self.session.consumed(self.head.stream_id, self._io, item.flow_length)
             if item.data:
                 yield item.data
@@ -317,6 +340,12 @@ class H2Exchange:
         if end and not data:
             s.server.end_stream(sid)
             s.kick()
+        await trio.lowlevel.checkpoint()
+
+    async def send_trailers(self, headers: Iterable[tuple[str, str]]) -> None:
+        """End the response with trailers (gRPC's status)."""
+        self.session.server.send_trailers(self.head.stream_id, headers)
+        self.session.kick()
         await trio.lowlevel.checkpoint()
 
     def abort(self) -> None:
@@ -405,7 +434,9 @@ class H2Session:
 
     def _dispatch(self, nursery: trio.Nursery, ev: Event) -> None:
         if isinstance(ev, RequestHead):
-            send, recv = trio.open_memory_channel[BodyChunk | None](math.inf)  # bounded by flow control
+            send, recv = trio.open_memory_channel[BodyChunk | Trailers | None](
+                math.inf
+            )  # flow control bounds it
             io = self.streams[ev.stream_id] = _StreamIO(send, recv)
             self.requests += 1
             nursery.start_soon(self._serve_stream, ev, io)
@@ -416,6 +447,10 @@ class H2Session:
                 return
             io_.unacked += ev.flow_length
             io_.body.send_nowait(ev)
+        elif isinstance(ev, Trailers):
+            io_ = self.streams.get(ev.stream_id)
+            if io_ is not None:
+                io_.body.send_nowait(ev)
         elif isinstance(ev, BodyEnd):
             io_ = self.streams.get(ev.stream_id)
             if io_ is not None:
@@ -423,6 +458,7 @@ class H2Session:
         elif isinstance(ev, StreamReset):
             io_ = self.streams.get(ev.stream_id)
             if io_ is not None:
+                io_.reset = True
                 io_.scope.cancel()
         elif isinstance(ev, WindowChanged):
             self._window.set()

@@ -1,9 +1,9 @@
-"""Waypoint routing: which route a request takes, which backend it goes to, and the pure helpers the
-proxy uses to pick and guard endpoints (round robin, least request, outlier ejection, circuit breaker).
+"""Waypoint routing: which route a request takes and which backend it goes to.
 
-Rule 1: no I/O. Clocks and random sources are injected; nothing here sleeps, logs or touches sockets.
-Rule 2: nothing is parsed per request. Regexes are compiled, filter settings validated and filter
-instances built when the policy loads (`load_routes`); a request only runs matchers.
+Rule 1: no I/O. The random source is injected; nothing here sleeps, logs or touches sockets.
+Rule 2: nothing is parsed per request. `compile_router` runs once per policy change (the waypoint
+keeps the Router of the PolicySet it last saw): regexes compiled, chains assembled around the filter
+instances the policy load built; a request only runs matchers.
 
 Theory of operation
   * Routes are tried in policy-folder order (file name, then position in the file); the first whose
@@ -17,138 +17,18 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from meshd.config.schema import KeyPath, _Converter
-from meshd.config.toml_lines import KeyLines
-from meshd.errors import Problem
 from meshd.plugins.filters import BoundFilter, FilterChain, HttpRequest, LocalResponse
-from meshd.plugins.manager import RegisteredFilter
+from meshd.plugins.retries import RetryFilter
 from meshd.plugins.settings import RetrySettings, TimeoutSettings
-from meshd.policy.model import FilterRef, Located, Origin, Route, RouteMatch, StringMatch
+from meshd.plugins.timeout import TimeoutFilter
+from meshd.policy.evaluate import PolicySet
+from meshd.policy.model import Origin, Route, RouteMatch, StringMatch
 
-E = TypeVar("E", bound=Hashable)
 NO_ROUTE_FLAG = "NR"
-OVERFLOW_FLAG = "UO"
-
-
-# ---- loading: filter settings and instances ----------------------------------------------------
-
-
-def split_filter_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[int, int], Any]]:
-    """Take `route[i].filters[j].settings` out of a parsed policy file (the schema module cannot type
-    them: each filter has its own settings class). Returns (the rest, settings by (i, j))."""
-    routes = raw.get("route")
-    if not isinstance(routes, list):
-        return raw, {}
-    out = dict(raw)
-    out["route"] = new_routes = []
-    settings: dict[tuple[int, int], Any] = {}
-    for i, route in enumerate(routes):
-        if isinstance(route, dict) and isinstance(route.get("filters"), list):
-            original = route["filters"]
-            route = dict(route)
-            route["filters"] = filters = []
-            for j, f in enumerate(original):
-                if isinstance(f, dict) and "settings" in f:
-                    f = dict(f)
-                    settings[(i, j)] = f.pop("settings")
-                filters.append(f)
-        new_routes.append(route)
-    return out, settings
-
-
-@dataclass(frozen=True)
-class RouteFile:
-    """One policy file's routes, as `load_policy_dir` read them."""
-
-    name: str
-    routes: tuple[Route, ...]
-    settings: Mapping[tuple[int, int], Any]
-    lines: KeyLines
-    base_dir: Path
-
-
-def load_routes(
-    files: Sequence[RouteFile], filter_types: Callable[[], Mapping[str, RegisteredFilter]]
-) -> tuple[list[Located[Route]], Router, list[Problem]]:
-    """Validate every route's filters (unknown names, settings, factories) and build the Router.
-
-    `filter_types` is called only if some route names a filter. Problems carry FILE:LINE.
-    """
-    problems: list[Problem] = []
-    located: list[Located[Route]] = []
-    compiled: list[CompiledRoute] = []
-    registry: Mapping[str, RegisteredFilter] | None = None
-    for f in files:
-        for i, route in enumerate(f.routes):
-            base: KeyPath = ("route", i)
-            refs: list[FilterRef] = []
-            bound: list[BoundFilter] = []
-            for j, ref in enumerate(route.filters):
-                where: KeyPath = (*base, "filters", j)
-                if registry is None:
-                    registry = filter_types()
-                reg = registry.get(ref.name)
-                if reg is None:
-                    known = ", ".join(sorted(registry)) or "none"
-                    problems.append(
-                        Problem(
-                            f.name,
-                            f.lines.line_of(where),
-                            f"unknown filter {ref.name!r}",
-                            f"known filters: {known}",
-                        )
-                    )
-                    continue
-                raw = f.settings.get((i, j))
-                settings, issues = _settings(reg, raw, (*where, "settings"), f.base_dir)
-                problems += [Problem(f.name, f.lines.line_of(p), m, h) for p, m, h in issues]
-                if issues:
-                    continue
-                try:
-                    instance = reg.type.factory(settings)
-                except (ValueError, TypeError) as exc:
-                    problems.append(
-                        Problem(
-                            f.name,
-                            f.lines.line_of(where),
-                            f"filter {ref.name!r}: {exc}",
-                            f"plugin {reg.plugin}",
-                        )
-                    )
-                    continue
-                refs.append(replace(ref, settings=settings))
-                bound.append(BoundFilter(ref.name, reg.plugin, instance))
-            origin = Origin(f.name, f.lines.line_of(base))
-            spec = replace(route, filters=tuple(refs))
-            located.append(Located(spec, origin))
-            compiled.append(CompiledRoute.build(spec, origin, bound))
-    return located, Router(compiled), problems
-
-
-def _settings(
-    reg: RegisteredFilter, raw: Any, path: KeyPath, base_dir: Path
-) -> tuple[Any, list[tuple[KeyPath, str, str | None]]]:
-    cls = reg.type.settings
-    if cls is None:
-        if raw:
-            return None, [(path, f"filter {reg.type.name!r} takes no settings", "remove settings")]
-        return None, []
-    if raw is None:
-        raw = {}
-    conv = _Converter(base_dir)
-    if not isinstance(raw, dict):
-        return None, [
-            (path, f"settings of filter {reg.type.name!r} must be a table", "write settings = { ... }")
-        ]
-    obj = conv.table(cls, raw, path)
-    issues = [(i.path, f"filter {reg.type.name!r}: {i.message}", i.hint) for i in conv.issues]
-    return obj, issues
 
 
 # ---- matching -----------------------------------------------------------------------------------
@@ -250,9 +130,6 @@ class CompiledRoute:
 
     @classmethod
     def build(cls, spec: Route, origin: Origin, filters: Sequence[BoundFilter]) -> CompiledRoute:
-        from meshd.plugins.retries import RetryFilter
-        from meshd.plugins.timeout import TimeoutFilter
-
         chain: list[BoundFilter] = []
         if spec.timeout is not None:
             chain.append(
@@ -315,13 +192,16 @@ def _query(path: str) -> dict[str, str]:
 
 
 class Router:
-    """The routes of a policy set, compiled. Immutable; a policy reload builds a new one."""
+    """The routes of a policy set, compiled. Immutable but for caches derived from the routes; a policy
+    reload builds a new one."""
 
-    __slots__ = ("_rand", "routes")
+    __slots__ = ("_defaults", "_rand", "_routed", "routes")
 
     def __init__(self, routes: Sequence[CompiledRoute], *, rand: Callable[[], float] = random.random) -> None:
         self.routes = tuple(routes)
         self._rand = rand
+        self._routed: dict[str, bool] = {}  # service -> does any route name it (or no service)?
+        self._defaults: dict[str, CompiledRoute] = {}
 
     def with_random(self, rand: Callable[[], float]) -> Router:
         return Router(self.routes, rand=rand)
@@ -340,159 +220,45 @@ class Router:
                 return RouteChoice(route, route.pick_backend(self._rand))
         return None
 
+    def choose(self, request: HttpRequest, service: str) -> RouteChoice | None:
+        """What the waypoint does with a request to `service`: a service no route names takes its default
+        route (every endpoint, no filters); otherwise `match`."""
+        routed = self._routed.get(service)
+        if routed is None:
+            routed = self._routed[service] = any(r.spec.service in (None, service) for r in self.routes)
+        if not routed:
+            route = self._defaults.get(service)
+            if route is None:
+                route = self._defaults[service] = default_route(service)
+            return RouteChoice(route, route.backends[0])
+        return self.match(request, service)
+
 
 def no_route_response() -> LocalResponse:
     return LocalResponse(404, body=b"no route\n", flag=NO_ROUTE_FLAG)
 
 
-# ---- load balancing, outlier ejection, circuit breaking (pure) ----------------------------------
+def compile_router(policy: PolicySet, *, rand: Callable[[], float] = random.random) -> Router:
+    """The policy's routes, compiled (once per PolicySet: the waypoint caches it by identity)."""
+    return Router(
+        [CompiledRoute.build(r.located.value, r.located.origin, r.filters) for r in policy.loaded_routes],
+        rand=rand,
+    )
 
 
-class RoundRobin(Generic[E]):
-    """Each pick takes the next endpoint of the list given (the list may change between picks)."""
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def pick(self, endpoints: Sequence[E]) -> E | None:
-        if not endpoints:
-            return None
-        ep = endpoints[self._next % len(endpoints)]
-        self._next += 1
-        return ep
-
-
-class LeastRequest(Generic[E]):
-    """Power of two choices: of two random endpoints, the one with fewer requests in flight."""
-
-    def __init__(self, rand: random.Random | None = None) -> None:
-        self._rand = rand or random.Random()
-        self.active: dict[E, int] = {}
-
-    def pick(self, endpoints: Sequence[E]) -> E | None:
-        if not endpoints:
-            return None
-        if len(endpoints) == 1:
-            return endpoints[0]
-        a, b = self._rand.sample(list(endpoints), 2)
-        return a if self.active.get(a, 0) <= self.active.get(b, 0) else b
-
-    def started(self, ep: E) -> None:
-        self.active[ep] = self.active.get(ep, 0) + 1
-
-    def finished(self, ep: E) -> None:
-        n = self.active.get(ep, 0) - 1
-        if n > 0:
-            self.active[ep] = n
-        else:
-            self.active.pop(ep, None)
-
-
-@dataclass
-class _Health:
-    consecutive: int = 0
-    ejections: int = 0
-    ejected_until: float = float("-inf")
-
-
-class OutlierDetector(Generic[E]):
-    """`consecutive_errors` 5xx / connect failures in a row eject an endpoint for base * n (n-th
-    ejection), capped at `max_ejection`. A success resets the count; n decays by one per clean
-    ejection period. If every endpoint is ejected, `available` returns them all (panic mode)."""
-
-    def __init__(
-        self,
-        clock: Callable[[], float],
-        *,
-        consecutive_errors: int = 5,
-        base_ejection: float = 30.0,
-        max_ejection: float = 300.0,
-    ) -> None:
-        self._clock = clock
-        self.consecutive_errors = consecutive_errors
-        self.base = base_ejection
-        self.max = max_ejection
-        self._health: dict[E, _Health] = {}
-
-    def record(self, ep: E, *, ok: bool) -> bool:
-        """Count one outcome; True if this failure ejected the endpoint."""
-        h = self._health.setdefault(ep, _Health())
-        now = self._clock()
-        if ok:
-            h.consecutive = 0
-            if h.ejections and now >= h.ejected_until + self.base * h.ejections:
-                h.ejections -= 1
-            return False
-        h.consecutive += 1
-        if h.consecutive >= self.consecutive_errors and now >= h.ejected_until:
-            h.ejections += 1
-            h.ejected_until = now + min(self.base * h.ejections, self.max)
-            h.consecutive = 0
-            return True
-        return False
-
-    def is_ejected(self, ep: E) -> bool:
-        h = self._health.get(ep)
-        return h is not None and self._clock() < h.ejected_until
-
-    def ejected_until(self, ep: E) -> float | None:
-        h = self._health.get(ep)
-        return h.ejected_until if h is not None and self._clock() < h.ejected_until else None
-
-    def available(self, endpoints: Sequence[E]) -> list[E]:
-        ok = [ep for ep in endpoints if not self.is_ejected(ep)]
-        return ok or list(endpoints)
-
-
-class CircuitBreaker:
-    """Counters for one backend; a refused request gets `overflow_response()` (503, flag UO)."""
-
-    def __init__(self, *, max_pending_requests: int = 1024, max_connections: int = 1024) -> None:
-        self.max_pending = max_pending_requests
-        self.max_connections = max_connections
-        self.pending = 0
-        self.connections = 0
-        self.overflows = 0
-
-    def try_start_request(self) -> bool:
-        if self.pending >= self.max_pending:
-            self.overflows += 1
-            return False
-        self.pending += 1
-        return True
-
-    def finish_request(self) -> None:
-        self.pending = max(0, self.pending - 1)
-
-    def try_open_connection(self) -> bool:
-        if self.connections >= self.max_connections:
-            self.overflows += 1
-            return False
-        self.connections += 1
-        return True
-
-    def connection_closed(self) -> None:
-        self.connections = max(0, self.connections - 1)
-
-    def statistics(self) -> dict[str, int]:
-        return {"pending": self.pending, "connections": self.connections, "overflows": self.overflows}
-
-    @staticmethod
-    def overflow_response() -> LocalResponse:
-        return LocalResponse(503, body=b"upstream overflow\n", flag=OVERFLOW_FLAG)
+def default_route(service: str) -> CompiledRoute:
+    """The route of a service no route names: every request, to the service, no filters."""
+    return CompiledRoute.build(
+        Route(name=f"default.{service}", service=service), Origin("<default>", None), []
+    )
 
 
 __all__ = [
     "Backend",
-    "CircuitBreaker",
     "CompiledRoute",
-    "LeastRequest",
-    "OutlierDetector",
-    "RoundRobin",
     "RouteChoice",
-    "RouteFile",
     "Router",
-    "load_routes",
+    "compile_router",
+    "default_route",
     "no_route_response",
-    "split_filter_settings",
 ]

@@ -1,5 +1,5 @@
-"""The waypoint's upstream side: per-backend load balancing, outlier ejection and circuit breaking,
-and HTTP/1.1 exchanges over pooled HBONE tunnels to the destination nodes (kept alive and reused).
+"""The waypoint's upstream side: HTTP/1.1 exchanges over pooled HBONE tunnels to the destination nodes
+(kept alive and reused). Endpoint choice and its guards are backends.py's.
 
 One tunnel carries one HTTP/1.1 connection to one endpoint (workload ip:port). After a response
 that ends cleanly on a keep-alive connection, the tunnel goes back to an idle list per endpoint and
@@ -16,17 +16,27 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import h11
 import trio
 
+from meshd.balance import CircuitBreaker
 from meshd.discovery.catalog import Endpoint
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.identity.spiffe import SpiffeId
-from meshd.plugins.filters import HttpRequest, HttpResponse, UpstreamError
-from meshd.policy.model import Route
-from meshd.waypoint.http1 import H11Stream, forwardable, headers_from_h11
-from meshd.waypoint.router import CircuitBreaker, LeastRequest, OutlierDetector, RoundRobin
+from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, UpstreamBodyError, UpstreamError
+from meshd.waypoint.http1 import (
+    CHUNK,
+    END,
+    LAST_CHUNK,
+    BadMessage,
+    Event,
+    Head,
+    ResponseParser,
+    chunk,
+    forwardable,
+    request_head,
+)
+from meshd.waypoint.upstream_h2 import H2Upstream
 
 log = logging.getLogger("meshd.waypoint")
 
@@ -40,72 +50,36 @@ IDLE_TIMEOUT = 60.0
 EndpointKey = tuple[str, str, int]
 
 
-@dataclass
-class BackendState:
-    """Load balancer, outlier detector and circuit breaker of one (route, backend)."""
-
-    balancer: RoundRobin[EndpointKey] | LeastRequest[EndpointKey]
-    breaker: CircuitBreaker
-    outlier: OutlierDetector[EndpointKey] | None = None
-
-    @classmethod
-    def for_route(cls, spec: Route) -> BackendState:
-        balancer: RoundRobin[EndpointKey] | LeastRequest[EndpointKey] = (
-            LeastRequest() if spec.load_balancer == "least_request" else RoundRobin()
-        )
-        cb = spec.circuit_breaker
-        breaker = (
-            CircuitBreaker(max_pending_requests=cb.max_pending_requests, max_connections=cb.max_connections)
-            if cb is not None
-            else CircuitBreaker()
-        )
-        od = spec.outlier_detection
-        outlier = (
-            OutlierDetector[EndpointKey](
-                trio.current_time,
-                consecutive_errors=od.consecutive_errors,
-                base_ejection=od.base_ejection_time.total_seconds(),
-                max_ejection=od.max_ejection_time.total_seconds(),
-            )
-            if od is not None
-            else None
-        )
-        return cls(balancer, breaker, outlier)
-
-    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint | None:
-        by_key = {ep.key: ep for ep in endpoints}
-        keys = list(by_key)
-        if self.outlier is not None:
-            keys = self.outlier.available(keys)
-        key = self.balancer.pick(keys)
-        return None if key is None else by_key[key]
-
-    def record(self, ep: Endpoint, *, ok: bool) -> None:
-        if self.outlier is not None and self.outlier.record(ep.key, ok=ok):
-            log.warning("endpoint ejected (outlier detection)", extra={"endpoint": ep.authority})
-
-
-@dataclass
+@dataclass(eq=False)
 class UpstreamConnection:
     """One HTTP/1.1 connection to an endpoint, inside one HBONE tunnel."""
 
     endpoint: Endpoint
-    http: H11Stream
+    stream: Any  # the tunnel (trio.abc.Stream with close_nowait)
     on_close: Callable[[], None]
+    parser: ResponseParser = field(default_factory=ResponseParser)
+    events: deque[Event] = field(default_factory=deque)
     closed: bool = False
+    reusable: bool = False  # the last response ended cleanly on a keep-alive connection
     idle_since: float = 0.0  # trio.current_time() when it went back to the idle list
+
+    async def next_event(self) -> Event | None:
+        """The next response event; None: the connection ended (raises BadMessage, trio errors)."""
+        events = self.events
+        while not events:
+            data = await self.stream.receive_some(CHUNK)
+            if not data:
+                return END if self.parser.eof() else None
+            events.extend(self.parser.feed(bytes(data)))
+        return events.popleft()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            close = getattr(self.http.stream, "close_nowait", None)
+            close = getattr(self.stream, "close_nowait", None)
             if close is not None:
                 close()
             self.on_close()
-
-
-class UpstreamBodyError(Exception):
-    """The upstream connection failed while the response body was streaming."""
 
 
 @dataclass
@@ -127,18 +101,18 @@ class UpstreamBody:
         try:
             while True:
                 try:
-                    event = await self.upstream.http.next_event()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+                    event = await self.upstream.next_event()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, BadMessage) as exc:
                     raise UpstreamBodyError(f"upstream failed mid-body: {exc}") from exc
-                if isinstance(event, h11.Data):
-                    self.received += len(event.data)
-                    yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
+                if type(event) is bytes:
+                    self.received += len(event)
+                    yield event
+                elif event is END:
                     self.done = True
                     self.release(self.upstream)
                     return
                 else:
-                    raise UpstreamBodyError(f"upstream closed mid-body ({type(event).__name__})")
+                    raise UpstreamBodyError("upstream closed mid-body")
         finally:
             if not self.done:
                 self.upstream.close()
@@ -151,7 +125,8 @@ class UpstreamBody:
 
 
 class UpstreamPool:
-    """HTTP/1.1-in-HBONE connections to endpoints, opened as the waypoint's identity."""
+    """Connections to endpoints inside HBONE tunnels, opened as the waypoint's identity: HTTP/1.1 (one
+    request at a time each, kept alive) or HTTP/2 (upstream_h2.py: many streams each)."""
 
     def __init__(
         self, pool: HbonePool, identity: Callable[[], SpiffeId], *, idle_timeout: float = IDLE_TIMEOUT
@@ -165,21 +140,27 @@ class UpstreamPool:
         self.reused = 0
         self.expired = 0
         self._idle_added = trio.Event()
+        self.h2: dict[EndpointKey, list[H2Upstream]] = {}
+        self._nursery: trio.Nursery | None = None  # where HTTP/2 connections run
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Close idle connections once they have been idle for `idle_timeout`; runs until cancelled."""
-        task_status.started()
-        while True:
-            deadline = self._next_expiry()
-            if deadline is None:
-                self._idle_added = trio.Event()
-                await self._idle_added.wait()
-                continue
-            await trio.sleep_until(deadline)
-            self.sweep(trio.current_time())
+        """Host the HTTP/2 connections; close idle connections once they have been idle for
+        `idle_timeout`. Runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                deadline = self._next_expiry()
+                if deadline is None:
+                    self._idle_added = trio.Event()
+                    await self._idle_added.wait()
+                    continue
+                await trio.sleep_until(deadline)
+                self.sweep(trio.current_time())
 
     def _next_expiry(self) -> float | None:
         firsts = [idle[0].idle_since for idle in self.idle.values() if idle]
+        firsts += [c.idle_since for conns in self.h2.values() for c in conns if not c.streams]
         return min(firsts) + self.idle_timeout if firsts else None
 
     def sweep(self, now: float) -> None:
@@ -191,13 +172,23 @@ class UpstreamPool:
                 self.expired += 1
             if not idle:
                 del self.idle[key]
+        for h2conns in self.h2.values():
+            for c in list(h2conns):
+                if not c.streams and c.idle_since <= limit:
+                    c.close()
+                    self.expired += 1
 
     def close_idle(self) -> None:
-        """Close every idle connection (drain)."""
+        """Close every idle connection (drain); HTTP/2 ones close once their streams end."""
         idle, self.idle = self.idle, {}
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+        for h2conns in self.h2.values():
+            for c in list(h2conns):
+                c.goaway = True  # no new streams here
+                if not c.streams:
+                    c.close()
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -205,7 +196,39 @@ class UpstreamPool:
             "reused": self.reused,
             "idle": sum(len(v) for v in self.idle.values()),
             "expired": self.expired,
+            "h2_connections": sum(len(v) for v in self.h2.values()),
         }
+
+    async def exchange_h2(
+        self,
+        ep: Endpoint,
+        request: HttpRequest,
+        breaker: CircuitBreaker,
+        tunnel_headers: Sequence[tuple[str, str]],
+    ) -> HttpResponse | None:
+        """As `exchange`, over HTTP/2: a stream on a shared connection to the endpoint."""
+        conns = self.h2.get(ep.key)
+        conn = next((c for c in conns if c.available), None) if conns else None
+        if conn is None:
+            if not breaker.try_open_connection():
+                return None
+            tunnel = await self._tunnel(ep, breaker, tunnel_headers)
+            conns = self.h2.setdefault(ep.key, [])
+
+            def closed() -> None:
+                breaker.connection_closed()
+                if conn in conns:
+                    conns.remove(conn)
+                if not conns and self.h2.get(ep.key) is conns:
+                    del self.h2[ep.key]
+
+            conn = H2Upstream(ep, tunnel, closed, self._idle_added.set)
+            conns.append(conn)
+            assert self._nursery is not None, "UpstreamPool.run() is not running"
+            await self._nursery.start(conn.run)
+        else:
+            self.reused += 1
+        return await conn.exchange(request)
 
     def _take_idle(self, ep: Endpoint) -> UpstreamConnection | None:
         idle = self.idle.get(ep.key)
@@ -216,13 +239,7 @@ class UpstreamPool:
         return None
 
     def _release(self, conn: UpstreamConnection) -> None:
-        http = conn.http
-        if conn.closed or not http.reusable:
-            conn.close()
-            return
-        try:
-            http.conn.start_next_cycle()
-        except h11.LocalProtocolError:
+        if conn.closed or not conn.reusable or conn.events:
             conn.close()
             return
         idle = self.idle.get(conn.endpoint.key)
@@ -238,6 +255,9 @@ class UpstreamPool:
     async def _connect(
         self, ep: Endpoint, breaker: CircuitBreaker, headers: Sequence[tuple[str, str]]
     ) -> UpstreamConnection:
+        return UpstreamConnection(ep, await self._tunnel(ep, breaker, headers), breaker.connection_closed)
+
+    async def _tunnel(self, ep: Endpoint, breaker: CircuitBreaker, headers: Sequence[tuple[str, str]]) -> Any:
         try:
             tunnel = await self.pool.open_tunnel(
                 self.identity(), ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
@@ -250,7 +270,7 @@ class UpstreamPool:
             breaker.connection_closed()
             raise
         self.opened += 1
-        return UpstreamConnection(ep, H11Stream(tunnel, h11.CLIENT), breaker.connection_closed)
+        return tunnel
 
     async def exchange(
         self,
@@ -283,33 +303,52 @@ class UpstreamPool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _exchange(self, conn: UpstreamConnection, request: HttpRequest) -> HttpResponse:
-        http = conn.http
+        conn.reusable = False
         headers = forwardable(request.headers)
         names = {k for k, _ in request.headers.items()}  # lower case already (Headers)
         if "host" not in names:
             headers.insert(0, ("host", request.authority))
-        if "transfer-encoding" in names and "content-length" not in names:
-            headers.append(("transfer-encoding", "chunked"))  # h11 frames it; forwardable() dropped it
-        await _send(http, h11.Request(method=request.method, target=request.path, headers=headers))
-        async for chunk in request.body.chunks():
-            await _send(http, h11.Data(data=chunk))
-        await _send(http, h11.EndOfMessage())
+        # A body of unknown length (chunked from the client, or an HTTP/2 stream without length) is
+        # chunked again on this side; forwardable() dropped the client's transfer-encoding.
+        framed = "transfer-encoding" in names and "content-length" not in names
+        if framed:
+            headers.append(("transfer-encoding", "chunked"))
+        if request.method == "HEAD":
+            conn.parser.expect_head()
+        try:
+            head = request_head(request.method, request.path, headers)
+        except ValueError as exc:
+            raise UpstreamError("reset", f"request not writable as HTTP/1.1: {exc}") from exc
+        send_all = conn.stream.send_all
+        pending = head  # the head goes out with the first body chunk: one write, one frame
+        async for data in request.body.chunks():
+            await _send(send_all, pending + (chunk(data) if framed else data))
+            pending = b""
+        await _send(send_all, pending + LAST_CHUNK if framed else pending)
+        informational = False
         while True:
             try:
-                event = await http.next_event()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+                event = await conn.next_event()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, BadMessage) as exc:
                 raise UpstreamError("reset", f"upstream reset before the response: {exc}") from exc
-            if isinstance(event, h11.InformationalResponse):
+            if isinstance(event, Head):
+                if event.status >= 200:
+                    break
+                informational = True  # 1xx: skipped, with the END that closes it
                 continue
-            if isinstance(event, h11.Response):
-                break
-            raise UpstreamError("reset", f"upstream closed before the response ({type(event).__name__})")
+            if event is END and informational:
+                informational = False
+                continue
+            raise UpstreamError("reset", "upstream closed before the response")
+        conn.reusable = event.keep_alive
         body = UpstreamBody(conn, self._release)
-        return HttpResponse(event.status_code, headers_from_h11(event.headers), body)
+        return HttpResponse(event.status, Headers.adopt(event.headers), body)
 
 
-async def _send(http: H11Stream, event: Any) -> None:
+async def _send(send_all: Callable[[bytes], Any], data: bytes) -> None:
+    if not data:
+        return
     try:
-        await http.send(event)
+        await send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise UpstreamError("reset", f"upstream went away while sending the request: {exc}") from exc

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from meshd.cli import main
 from meshd.plugins.manager import filter_types, make_plugin_manager
 from meshd.policy import load_policy_dir
+from meshd.waypoint.router import compile_router
 from tests.plugins.helpers import FakeUpstream, request
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ async def test_third_party_filter_works_in_a_route(installed: Path, tmp_path: Pa
         'filters = [{ name = "hello", settings = { greeting = "hi there" } }]\n'
     )
     policies, _ = load_policy_dir(tmp_path, role="waypoint")
-    choice = policies.router.match(request(), "echo.default")
+    choice = compile_router(policies).match(request(), "echo.default")
     assert choice is not None
     from meshd.plugins.filters import RequestInfo
 

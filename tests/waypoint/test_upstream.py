@@ -10,12 +10,11 @@ import h11
 import trio
 import trio.testing
 
+from meshd.balance import CircuitBreaker
 from meshd.discovery.catalog import Endpoint
 from meshd.hbone.pool import HbonePool
 from meshd.identity.spiffe import SpiffeId
 from meshd.plugins.filters import HttpRequest
-from meshd.waypoint.http1 import H11Stream
-from meshd.waypoint.router import CircuitBreaker
 from meshd.waypoint.upstream import IDLE_TIMEOUT, UpstreamPool
 
 ENDPOINT = cast(
@@ -27,6 +26,25 @@ ENDPOINT = cast(
         authority="10.0.0.1:80",
     ),
 )
+
+
+class H11Stream:
+    """The backend's side: an independent HTTP/1.1 implementation (h11) over a trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream, role: Any) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(role)
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(bytes(await self.stream.receive_some(65536)))
+                continue
+            return event
+
+    async def send(self, event: Any) -> None:
+        await self.stream.send_all(self.conn.send(event) or b"")
 
 
 class _Tunnel(trio.abc.Stream):

@@ -532,3 +532,41 @@ def test_namespace_default_waypoint(mesh: Mesh) -> None:
         assert bool(seen[-1].headers.get("traceparent")) is via_waypoint, seen[-1].headers
     assert metric(mesh.wp, "istio_requests_total", destination_service="ratings.apps") >= 1
     assert metric(mesh.wp, "istio_requests_total", destination_service="details.apps") == 0
+
+
+def _explain(d: Meshd, **params: str) -> list[dict[str, object]]:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    status, body = http_get(f"{d.admin_url}/policy/explain?{query}")
+    assert status == 200, body
+    results: list[dict[str, object]] = json.loads(body)["results"]
+    return results
+
+
+def test_policy_explain_at_the_waypoint_and_at_the_node(mesh: Mesh) -> None:
+    """The running waypoint explains a request as it decides it (every workload of the service, the
+    route and its filters); the destination node says which waypoint decides. The CLI's exit status
+    agrees with what the waypoint really answers."""
+    client = "home.arpa/ns/default/sa/client"
+    denied = _explain(mesh.wp, **{"from": client, "to": "reviews.default:9080", "path": "/admin/x"})
+    assert [r["workload"] for r in denied] == ["reviews-v1.default", "reviews-v2.default"]
+    assert denied[0]["allowed"] is False and denied[0]["policy"] == "no-admin"
+    conn = mesh.client()
+    assert request(conn, "/admin/x")[0] == 403  # what the waypoint really does
+    conn.close()
+    routed = _explain(mesh.wp, **{"from": client, "to": "reviews.default:9080", "path": "/v1/items"})
+    assert all(r["allowed"] for r in routed)
+    route = routed[0]["route"]
+    assert (
+        isinstance(route, dict)
+        and route["name"] == "by-path"
+        and route["backends"] == ["reviews.default{version=v1} 100%"]
+    )
+    assert "route by-path [" in str(routed[0]["text"])
+    flaky = _explain(mesh.wp, **{"from": client, "to": "reviews.default:9080", "path": "/flaky"})
+    assert flaky[0]["route"]["filters"] == ["retries"]  # type: ignore[index]
+    at_node = _explain(mesh.beta, **{"from": client, "to": "reviews.default:9080"})
+    assert at_node and all(str(r["waypoint"]).startswith("'wp' (bound by service; HBONE ") for r in at_node)
+    assert routed[0]["binding"] == "service"
+    assert "goes through waypoint 'wp'" in str(at_node[0]["text"])
+    status, body = http_get(f"{mesh.wp.admin_url}/policy/explain?from={client}&to=echo.nowhere:1")
+    assert status == 400 and b"not in this waypoint's catalog" in body
