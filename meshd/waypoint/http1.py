@@ -4,7 +4,7 @@ client in the tunnel to the destination node), and the header rules of a proxy.
 Must never know: sockets, trio, routes, policy, the catalog. Bytes in -> events; heads out as bytes.
 
 Why llhttp and not h11: a proxied request is parsed twice and written twice; h11 spent ~82 us on that,
-httptools ~6 us (DESIGN.md, "Measured facts"). h11 stays in the small admin server.
+httptools ~6 us (docs/design.md; measured on this kind of machine). h11 stays in the small admin server.
 
 Theory of operation
   * `RequestParser.feed(data)` / `ResponseParser.feed(data)` return the events the bytes completed:

@@ -19,8 +19,7 @@ from meshd.identity.spiffe import SpiffeId
 from meshd.observe.accesslog import WorkloadLabels
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, node_config
-from tests.support.procs import Meshd, http_get, unique_loopback
-from tests.support.scrape import metric, wait_for
+from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
 
 WEB_PORT, BATCH_PORT = 17100, 17101
 
@@ -127,14 +126,12 @@ def test_tcp_metrics_carry_istio_workload_labels_at_both_ends(pair: Pair) -> Non
     assert pair.round_trip(WEB_PORT, b"labels") == b"labels"
     labels = {**WEB_SOURCE, **ECHO_DESTINATION, "request_protocol": "tcp", "response_flags": "-"}
     wait_for(
-        lambda: (
-            metric(pair.beta, "istio_tcp_connections_closed_total", reporter="destination", **labels) == 1
-        ),
+        lambda: pair.beta.metric("istio_tcp_connections_closed_total", reporter="destination", **labels) == 1,
         pair.beta,
     )
-    assert metric(pair.beta, "istio_tcp_received_bytes_total", reporter="destination", **labels) == 6
+    assert pair.beta.metric("istio_tcp_received_bytes_total", reporter="destination", **labels) == 6
     wait_for(
-        lambda: metric(pair.alpha, "istio_tcp_connections_closed_total", reporter="source", **labels) == 1,
+        lambda: pair.alpha.metric("istio_tcp_connections_closed_total", reporter="source", **labels) == 1,
         pair.alpha,
     )
 
@@ -152,17 +149,16 @@ def test_a_denied_client_is_told_apart_in_metrics_and_access_log(pair: Pair) -> 
         "destination_workload": "echo-v1",
         "destination_service": "echo.default",
     }
-    wait_for(lambda: metric(pair.beta, "meshd_tcp_connections_failed_total", **refused) == 1, pair.beta)
+    wait_for(lambda: pair.beta.metric("meshd_tcp_connections_failed_total", **refused) == 1, pair.beta)
     # The allowed client is not counted as refused.
-    assert metric(pair.beta, "meshd_tcp_connections_failed_total", source_workload="web") == 0
+    assert pair.beta.metric("meshd_tcp_connections_failed_total", source_workload="web") == 0
     line = next(ln for ln in pair.beta.log().splitlines() if "connection failed" in ln and "no-batch" in ln)
     assert re.search(r"peer\.addr=127\.0\.0\.1:\d+ ", line), line
     assert "src.workload=batch" in line and "dst.workload=echo-v1" in line, line
     # The source side names the node it dialled and the workload it was refused for.
     wait_for(
         lambda: (
-            metric(
-                pair.alpha,
+            pair.alpha.metric(
                 "meshd_tcp_connections_failed_total",
                 reporter="source",
                 reason="UAEX",

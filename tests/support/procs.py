@@ -161,7 +161,7 @@ def meshd_cli(
     )
 
 
-def wait_for(condition: Callable[[], bool], daemon: Meshd, timeout: float = 15.0) -> None:
+def wait_for(condition: Callable[[], object], daemon: Meshd, timeout: float = 15.0) -> None:
     """Poll `condition` until true; fail with the daemon's log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

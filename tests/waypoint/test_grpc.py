@@ -25,8 +25,7 @@ grpc = pytest.importorskip("grpc")
 
 from meshd.identity.ca import LocalCA  # noqa: E402
 from tests.support.configs import node_config  # noqa: E402
-from tests.support.observe import metric, wait_for  # noqa: E402
-from tests.support.procs import Meshd, http_get, unique_loopback  # noqa: E402
+from tests.support.procs import Meshd, http_get, unique_loopback, wait_for  # noqa: E402
 
 GRPC_PORT = 50051
 GRPC_UPSTREAM = 17093
@@ -191,9 +190,7 @@ def test_unary_and_server_streaming(mesh: GrpcMesh, channel: Any) -> None:
     stream = channel.unary_stream("/test.Echo/ServerStream")
     got = list(stream(str(N).encode(), timeout=20))
     assert got == [i.to_bytes(4, "big") * 8 for i in range(N)]
-    wait_for(
-        lambda: metric(mesh.wp, "istio_requests_total", destination_service="grpc.default") >= 2, mesh.wp
-    )
+    wait_for(lambda: mesh.wp.metric("istio_requests_total", destination_service="grpc.default") >= 2, mesh.wp)
     assert "HTTP/2" in mesh.wp.log()
 
 
@@ -216,8 +213,8 @@ def test_deadline_expires_and_the_backend_sees_the_cancel(mesh: GrpcMesh, channe
     # The waypoint counted it: its own timeout (grpc-timeout, flag UT) or the client's reset (DC).
     wait_for(
         lambda: (
-            metric(mesh.wp, "istio_requests_total", destination_service="grpc.default", response_flags="UT")
-            + metric(mesh.wp, "istio_requests_total", destination_service="grpc.default", response_flags="DC")
+            mesh.wp.metric("istio_requests_total", destination_service="grpc.default", response_flags="UT")
+            + mesh.wp.metric("istio_requests_total", destination_service="grpc.default", response_flags="DC")
             >= 1
         ),
         mesh.wp,
@@ -231,7 +228,7 @@ def test_l7_deny_on_a_method_path_is_permission_denied(mesh: GrpcMesh, channel: 
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
     wait_for(
         lambda: (
-            metric(mesh.wp, "istio_requests_total", destination_service="grpc.default", response_flags="UAEX")
+            mesh.wp.metric("istio_requests_total", destination_service="grpc.default", response_flags="UAEX")
             >= 1
         ),
         mesh.wp,
