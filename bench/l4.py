@@ -40,8 +40,10 @@ BETA_IP = f"{NET}.3"  # meshd beta; also where the target workload (sink + echo)
 STUNNEL_C_IP = f"{NET}.4"  # stunnel client side (accepts plaintext)
 STUNNEL_S_IP = f"{NET}.5"  # stunnel server side (accepts TLS)
 SINK_PORT, ECHO_PORT = 7001, 7000
+IPERF_PORT = 5201  # iperf3's server on the target host (--iperf3): each path carries it too
 TD = "bench.arpa"
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
+IPERF3 = shutil.which("iperf3")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Path_:
     echo: tuple[str, int]
     proxies: dict[str, int]  # role -> pid (empty for direct)
     endpoints: dict[str, int]  # load generator + target server pids
+    iperf: tuple[str, int]  # where iperf3's client dials for this path
     samples: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     cpu_proxy: float = 0.0
     cpu_endpoints: float = 0.0
@@ -143,10 +146,11 @@ def start_stunnel(procs: Procs, work: Path, ca: Path) -> dict[str, int]:
     ):
         d = work / who
         services = ""
-        for svc, port in (("echo", ECHO_PORT), ("sink", SINK_PORT)):
+        for svc, port in (("echo", ECHO_PORT), ("sink", SINK_PORT), ("iperf", IPERF_PORT)):
+            to_port = to_off + port % 1000 if client == "yes" else port  # the server dials the real port
             services += (
                 f"[{svc}]\nclient = {client}\naccept = {listen_ip}:{port_off + port % 1000}\n"
-                f"connect = {to_ip}:{to_off + port % 1000}\n"
+                f"connect = {to_ip}:{to_port}\n"
                 f"cert = {d}/cert.pem\nkey = {d}/key.pem\nCAfile = {d}/ca.crt\n"
                 "verifyChain = yes\nsslVersionMin = TLSv1.3\n"
                 "socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
@@ -186,7 +190,7 @@ def start_meshd(procs: Procs, work: Path, ca: Path) -> dict[str, int]:
         f'[[workload]]\nname = "client"\naddress = "{ALPHA_IP}"\nports = [8000]\n'
         + "".join(
             f'[[upstream]]\nservice = "target.default"\nport = {p}\nlisten = "{ALPHA_IP}:1{p}"\n'
-            for p in (ECHO_PORT, SINK_PORT)
+            for p in (ECHO_PORT, SINK_PORT, IPERF_PORT)
         ),
         work,
     )
@@ -195,9 +199,10 @@ def start_meshd(procs: Procs, work: Path, ca: Path) -> dict[str, int]:
         BETA_IP,
         ca,
         ALPHA_IP,
-        f'[[workload]]\nname = "target"\naddress = "{BETA_IP}"\nports = [{ECHO_PORT}, {SINK_PORT}]\n'
+        f'[[workload]]\nname = "target"\naddress = "{BETA_IP}"\nports = [{ECHO_PORT}, {SINK_PORT}, {IPERF_PORT}]\n'
         f'services = ["target"]\n'
-        f'[[service]]\nname = "target"\nports = [{{ port = {ECHO_PORT} }}, {{ port = {SINK_PORT} }}]\n',
+        f'[[service]]\nname = "target"\nports = [{{ port = {ECHO_PORT} }}, {{ port = {SINK_PORT} }}, '
+        f"{{ port = {IPERF_PORT} }}]\n",
         work,
     )
     pids = {}
@@ -244,7 +249,22 @@ def measure_bulk(path: Path_, conns: int, args: argparse.Namespace) -> None:
     path.cpu_share[f"endpoints_{conns}"].append(sum(after_e[k] - before_e[k] for k in after_e) / secs)
 
 
+def iperf3_gbps(addr: tuple[str, int], streams: int, seconds: float) -> float:
+    """`iperf3 -c` through a path: Gbit/s the server received (JSON end.sum_received)."""
+    assert IPERF3 is not None
+    host, port = addr
+    cmd = [IPERF3, "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-P", str(streams), "-J"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    report = json.loads(out.stdout or "{}")
+    if out.returncode != 0 or "error" in report:
+        raise RuntimeError(f"iperf3 to {host}:{port} failed: {report.get('error') or out.stderr.strip()}")
+    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
 def measure_round(path: Path_, args: argparse.Namespace) -> None:
+    if args.iperf3:
+        for streams in (1, 4):
+            path.samples[f"iperf3_gbps_{streams}"].append(iperf3_gbps(path.iperf, streams, args.seconds))
     for conns in (1, 4):
         measure_bulk(path, conns, args)
     lat = c.percentiles(c.latency(path.echo, args.rounds))
@@ -315,6 +335,8 @@ def summarize(path: Path_, args: argparse.Namespace) -> dict[str, Any]:
 
 
 ROWS = [
+    ("iperf3_gbps_1", "iperf3, 1 stream (Gbit/s)", "{:.2f}"),
+    ("iperf3_gbps_4", "iperf3, 4 streams (Gbit/s)", "{:.2f}"),
     ("mbps_1", "throughput, 1 conn (MB/s)", "{:.0f}"),
     ("mbps_4", "throughput, 4 conns (MB/s)", "{:.0f}"),
     ("p50_us", "100 B round trip p50 (us)", "{:.0f}"),
@@ -381,6 +403,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--idle", type=int, default=1000, help="idle tunnels held for the meshd RSS figure")
     ap.add_argument("--paths", default="direct,stunnel,meshd", help="comma-separated subset to run")
     ap.add_argument("--profile", action="store_true", help="py-spy the meshd daemons during one bulk run")
+    ap.add_argument(
+        "--iperf3",
+        action="store_true",
+        help="also measure iperf3 (-P 1 and -P 4, --seconds each) through every path (apt-get install iperf3)",
+    )
     a = ap.parse_args(argv)
     q = a.quick
     a.repeat = a.repeat or (1 if q else 3)
@@ -402,10 +429,24 @@ def run(args: argparse.Namespace) -> int:
         ca = work / "ca"
         meshd("ca", "init", "--dir", str(ca), "--trust-domain", TD)
         targets = start_targets(procs, work)
+        if args.iperf3:
+            if IPERF3 is None:
+                raise SystemExit("--iperf3 needs iperf3 (apt-get install iperf3)")
+            server = procs.start(
+                "iperf3", [IPERF3, "-s", "-B", BETA_IP, "-p", str(IPERF_PORT)], work / "iperf3.log"
+            )
+            wait_until(
+                "iperf3 listening",
+                lambda: c._connect((BETA_IP, IPERF_PORT)).close() is None,
+                server,
+                work / "iperf3.log",
+            )
         ends = {"client": os.getpid(), "targets": targets.pid}
         paths: list[Path_] = []
         if "direct" in wanted:
-            paths.append(Path_("direct", (BETA_IP, SINK_PORT), (BETA_IP, ECHO_PORT), {}, ends))
+            paths.append(
+                Path_("direct", (BETA_IP, SINK_PORT), (BETA_IP, ECHO_PORT), {}, ends, (BETA_IP, IPERF_PORT))
+            )
         stunnel_skipped = None
         if "stunnel" in wanted:
             if STUNNEL is None:
@@ -420,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
                         (STUNNEL_C_IP, 27000 + ECHO_PORT % 1000),
                         {"client": pids["stunnel-client"], "server": pids["stunnel-server"]},
                         ends,
+                        (STUNNEL_C_IP, 27000 + IPERF_PORT % 1000),
                     )
                 )
         if "meshd" in wanted:
@@ -431,6 +473,7 @@ def run(args: argparse.Namespace) -> int:
                     (ALPHA_IP, 10000 + ECHO_PORT),
                     {"alpha": pids["alpha"], "beta": pids["beta"]},
                     ends,
+                    (ALPHA_IP, 10000 + IPERF_PORT),
                 )
             )
         for p in paths:  # warm-up: first connection (handshakes, pools), and bytes through each sink

@@ -583,8 +583,10 @@ def scan(
 ) -> dict[str, dict[str, Any]]:
     """Each path at each connection count (interleaved, --repeat times); medians per (count, path)."""
     cells: dict[tuple[int, str], Path_] = {}
+    threads = args.threads
     for conns in args.scan:
         args.connections = conns
+        args.threads = min(threads, conns)  # wrk needs a connection per thread
         for r in range(args.repeat):
             for p in paths:
                 cell_ = cells.setdefault((conns, p.name), Path_(p.name, p.url, p.proxies, h2=p.h2))
