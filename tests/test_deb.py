@@ -254,8 +254,16 @@ def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: 
         ca_log = assert_clean_journal(alpha, "meshd")
         assert "CA enrolled node beta" in ca_log and "CA issued a certificate" in ca_log, ca_log[-3000:]
 
-        # Reload: the unit's ExecReload (SIGHUP); the daemon stays up and keeps carrying traffic.
+        # Reload: the unit's ExecReload (SIGHUP) reaches the daemon, which re-reads nothing unchanged;
+        # after an edit it reloads. The daemon stays up and keeps carrying traffic.
         pid = beta.run("systemctl", "show", "-P", "MainPID", "meshd").stdout.strip()
+        beta.run("systemctl", "reload", "meshd")
+        wait_until(
+            "SIGHUP handled",
+            lambda: "SIGHUP: config and policy unchanged since they were last read" in beta.journal("meshd"),
+            30,
+        )
+        beta.run("sh", "-c", "printf '[log]\\naccess_log = false\\n' >> /etc/meshd/meshd.toml")
         beta.run("systemctl", "reload", "meshd")
         wait_until("reload logged", lambda: "config and policy reloaded" in beta.journal("meshd"), 30)
         assert beta.run("systemctl", "show", "-P", "MainPID", "meshd").stdout.strip() == pid
