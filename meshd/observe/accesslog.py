@@ -232,6 +232,8 @@ class RequestRecord:
     upstream: str | None = None  # the endpoint's address (workload ip:port)
     route: str | None = None
     response_code: int = 0
+    grpc: bool = False  # a gRPC request (content-type application/grpc): request_protocol "grpc"
+    grpc_status: str = ""  # its grpc-status, from the trailers (or a trailers-only answer); "" if none
     response_flags: list[str] = field(default_factory=list)
     request_bytes: int = 0
     response_bytes: int = 0
@@ -256,9 +258,10 @@ class RequestRecord:
                 self.destination,
                 self.destination_identity,
                 self.destination_service,
-                "http",
+                "grpc" if self.grpc else "http",
             ),
             str(self.response_code),
+            self.grpc_status,
             self.flags,
             "mutual_tls",
         )
@@ -280,6 +283,7 @@ class RequestRecord:
             "dst.identity": self.destination_identity.uri if self.destination_identity else None,
             "upstream": self.upstream,
             "response_code": self.response_code,
+            "grpc_status": self.grpc_status or None,
             "response_flags": self.flags,
             "bytes_recv": self.request_bytes,
             "bytes_sent": self.response_bytes,

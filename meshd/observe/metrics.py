@@ -54,8 +54,8 @@ TCP_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
-# Istio's HTTP labels (reporter is "waypoint" at a waypoint): the TCP ones plus the status code.
-HTTP_LABELS = (*TCP_LABELS[:-2], "response_code", *TCP_LABELS[-2:])
+# Istio's HTTP labels (reporter is "waypoint" at a waypoint): the TCP ones plus the status codes.
+HTTP_LABELS = (*TCP_LABELS[:-2], "response_code", "grpc_response_status", *TCP_LABELS[-2:])
 # A refused connection: enough to tell which client was refused, from which node, and why.
 FAILED_LABELS = (
     "reporter",

@@ -81,7 +81,9 @@ class H2Front:
         try:
             if response.status != 200 and grpc.is_grpc(head.headers.get("content-type")):
                 message = await _first_chunk(response)
-                await ex.respond_headers(200, grpc.local_reply_headers(response.status, message), end=True)
+                reply = grpc.local_reply_headers(response.status, message)
+                rec.grpc_status = next(v for k, v in reply if k == "grpc-status")
+                await ex.respond_headers(200, reply, end=True)
             elif head.method == "HEAD":
                 await ex.respond_headers(response.status, headers, end=True)
                 await response.aclose()

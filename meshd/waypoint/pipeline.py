@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import pluggy
 import trio
 
+from meshd import grpc
 from meshd.discovery.catalog import Catalog, WorkloadEntry
 from meshd.observe.accesslog import FLAG_UNAUTHORIZED, RequestRecord, RequestTelemetry
 from meshd.plugins.filters import (
@@ -129,6 +130,7 @@ class Pipeline:
             destination_service=t.service.key,
             user_agent=headers.get("user-agent"),
         )
+        rec.grpc = grpc.is_grpc(headers.get("content-type"))
         rec.trace_id = trace_headers(headers)
         rec.request_id = headers.get("x-request-id")
         return rec
@@ -175,6 +177,9 @@ class Pipeline:
         """Telemetry once the response went out: metrics, access log, filters' on_log, the hook."""
         rec.response_flags = list(done.info.response_flags)
         rec.attempts = done.info.upstream_attempts
+        if rec.grpc and not rec.grpc_status:  # a trailers-only answer carries it in its headers
+            response = done.response
+            rec.grpc_status = response.trailers.get("grpc-status") or response.headers.get("grpc-status") or ""
         self.telemetry.access_log = access_log
         record = self.telemetry.finished(rec)
         if done.route is not None and done.ctxs is not None:

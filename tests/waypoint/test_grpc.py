@@ -192,6 +192,9 @@ def test_unary_and_server_streaming(mesh: GrpcMesh, channel: Any) -> None:
     assert got == [i.to_bytes(4, "big") * 8 for i in range(N)]
     wait_for(lambda: mesh.wp.metric("istio_requests_total", destination_service="grpc.default") >= 2, mesh.wp)
     assert "HTTP/2" in mesh.wp.log()
+    # Istio's labels for gRPC: request_protocol "grpc", the grpc-status from the trailers.
+    ok = {"destination_service": "grpc.default", "request_protocol": "grpc", "grpc_response_status": "0"}
+    assert mesh.wp.metric("istio_requests_total", response_code="200", **ok) >= 2
 
 
 def test_client_streaming_and_bidi_1000_messages_hash_checked(channel: Any) -> None:
@@ -233,6 +236,9 @@ def test_l7_deny_on_a_method_path_is_permission_denied(mesh: GrpcMesh, channel: 
         ),
         mesh.wp,
     )
+    # The waypoint's own 403, answered as gRPC PERMISSION_DENIED (7), is labelled so.
+    denied = {"response_flags": "UAEX", "request_protocol": "grpc", "grpc_response_status": "7"}
+    assert mesh.wp.metric("istio_requests_total", destination_service="grpc.default", **denied) >= 1
 
 
 def test_retry_on_unavailable(mesh: GrpcMesh, channel: Any) -> None:
