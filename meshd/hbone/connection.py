@@ -43,9 +43,8 @@ import h2.settings
 from hyperframe.frame import GoAwayFrame
 
 from meshd.hbone import events as ev
-from meshd.hbone._h2 import MAX_CLOSED_STREAMS as MAX_CLOSED_STREAMS  # re-exported: the waypoint uses it
-from meshd.hbone._h2 import H2Connection, QuietFrameBuffer
 from meshd.hbone.errors import LocalProtocolError, RemoteProtocolError
+from meshd.hbone.h2_plumbing import H2Connection, QuietFrameBuffer, graceful_goaway
 from meshd.units import Address
 
 MiB = 1024 * 1024
@@ -453,13 +452,9 @@ class HboneConnection:
         last = self._h2.highest_inbound_stream_id
         if self._goaway_sent is not None:
             last = min(last, self._goaway_sent)
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last
-        frame.error_code = error_code
-        frame.additional_data = additional_data
         # Keep h2's queued frames ahead of ours: the byte stream must stay in order.
         self._prefix += self._h2.pieces_to_send()
-        self._prefix.append(frame.serialize())
+        self._prefix.append(graceful_goaway(last, error_code, additional_data))
         self._goaway_sent = last
         self._wants_write = True
 

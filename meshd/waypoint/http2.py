@@ -32,11 +32,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
-from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
-from meshd.hbone.connection import MAX_CLOSED_STREAMS
+from meshd.hbone.h2_plumbing import H2Connection, QuietFrames, graceful_goaway
 from meshd.plugins.filters import Headers
 
 log = logging.getLogger("meshd.waypoint")
@@ -111,20 +109,6 @@ class Terminated:
 Event = RequestHead | BodyChunk | Trailers | BodyEnd | StreamReset | WindowChanged | Terminated
 
 
-def _elided() -> str:
-    return "<payload not shown>"
-
-
-class QuietFrames(FrameBuffer):
-    """h2 calls repr(frame) on every received frame; a DATA frame's repr hex-encodes its payload."""
-
-    def __next__(self) -> Frame:
-        frame = super().__next__()
-        if type(frame) is DataFrame:
-            frame._body_repr = _elided  # type: ignore[method-assign]
-        return frame
-
-
 class BadRequest(Exception):
     """A request stream without the pseudo-headers a request needs."""
 
@@ -159,18 +143,12 @@ def request_head(stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]],
     return RequestHead(stream_id, method, path, authority, pseudo.get(":scheme", "http"), headers, end)
 
 
-class ServerConnection(h2.connection.H2Connection):
-    """h2 remembering fewer closed streams: see MAX_CLOSED_STREAMS in meshd/hbone/connection.py."""
-
-    MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
-
-
 class H2Server:
     """The server side of one HTTP/2 connection, without I/O."""
 
     def __init__(self) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.conn = ServerConnection(config=config)
+        self.conn = H2Connection(config=config)
         self.conn.incoming_buffer = QuietFrames(server=True)
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(
@@ -263,15 +241,12 @@ class H2Server:
     def graceful_goaway(self) -> None:
         """GOAWAY(NO_ERROR) naming the last stream accepted: the client opens no new streams, those
         open finish. Written by hand: h2 moves to CLOSED on sending GOAWAY and then refuses every
-        frame of the streams still open (the same reason as meshd/hbone/connection.py)."""
+        frame of the streams still open (meshd/hbone/h2_plumbing.py)."""
         if self.goaway_last is not None:
             return
         last = self.conn.highest_inbound_stream_id
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last
-        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
         # h2's queued frames go first: the byte stream must stay in order.
-        self._prefix += bytes(self.conn.data_to_send()) + frame.serialize()
+        self._prefix += self.conn.data_to_send() + graceful_goaway(last)
         self.goaway_last = last
 
 

@@ -179,7 +179,9 @@ class Pipeline:
         rec.attempts = done.info.upstream_attempts
         if rec.grpc and not rec.grpc_status:  # a trailers-only answer carries it in its headers
             response = done.response
-            rec.grpc_status = response.trailers.get("grpc-status") or response.headers.get("grpc-status") or ""
+            rec.grpc_status = (
+                response.trailers.get("grpc-status") or response.headers.get("grpc-status") or ""
+            )
         self.telemetry.access_log = access_log
         record = self.telemetry.finished(rec)
         if done.route is not None and done.ctxs is not None:

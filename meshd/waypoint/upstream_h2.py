@@ -30,15 +30,10 @@ import trio
 from h2.stream import StreamState
 
 from meshd.discovery.catalog import Endpoint
+from meshd.hbone.h2_plumbing import H2Connection, QuietFrames
 from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, UpstreamBodyError, UpstreamError
 from meshd.waypoint.http1 import forwardable
-from meshd.waypoint.http2 import (
-    CONNECTION_WINDOW,
-    MAX_HEADER_LIST,
-    STREAM_WINDOW,
-    QuietFrames,
-    ServerConnection,
-)
+from meshd.waypoint.http2 import CONNECTION_WINDOW, MAX_HEADER_LIST, STREAM_WINDOW
 
 log = logging.getLogger("meshd.waypoint")
 
@@ -92,10 +87,6 @@ class _Stream:
     ended: bool = False  # the response ended (END, reset or abandoned)
 
 
-class _ClientConnection(h2.connection.H2Connection):
-    MAX_CLOSED_STREAMS = ServerConnection.MAX_CLOSED_STREAMS
-
-
 def _text(v: bytes | str) -> str:
     return v.decode("latin-1") if isinstance(v, bytes) else v
 
@@ -123,7 +114,7 @@ class H2Upstream:
         self._on_close = on_close
         self._on_idle = on_idle
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.conn = _ClientConnection(config=config)
+        self.conn = H2Connection(config=config)
         self.conn.incoming_buffer = QuietFrames(server=False)
         codes = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(

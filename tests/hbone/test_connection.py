@@ -28,7 +28,6 @@ from meshd.hbone.connection import (
     CANCEL,
     FRAME_SIZE_ERROR,
     INTERNAL_ERROR,
-    MAX_CLOSED_STREAMS,
     NO_ERROR,
     REFUSED_STREAM,
     HboneConnection,
@@ -37,6 +36,7 @@ from meshd.hbone.connection import (
     parse_authority,
 )
 from meshd.hbone.errors import LocalProtocolError, RemoteProtocolError
+from meshd.hbone.h2_plumbing import MAX_CLOSED_STREAMS
 
 MiB = 1024 * 1024
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

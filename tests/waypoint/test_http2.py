@@ -8,10 +8,12 @@ import h2.errors
 import h2.events
 import trio
 import trio.testing
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hpack import Encoder
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 from meshd.waypoint.http2 import (
     CONNECTION_WINDOW,
+    MAX_CONCURRENT_STREAMS,
     PREFACE,
     STREAM_WINDOW,
     BodyChunk,
@@ -264,3 +266,26 @@ def test_drain_sends_goaway_refuses_new_streams_and_finishes_open_ones() -> None
         assert session.requests == 1
 
     trio.run(main)
+
+
+def test_requests_beyond_the_stream_limit_refuse_only_the_extra_streams() -> None:
+    # The same h2 plumbing as HBONE (meshd/hbone/h2_plumbing.py): h2 alone would fail the whole
+    # connection (TooManyStreamsError) and every request on it.
+    enc = Encoder()
+    wire = PREFACE + SettingsFrame(0).serialize()
+    count = MAX_CONCURRENT_STREAMS + 20
+    for i in range(count):
+        head = [(":method", "GET"), (":path", f"/{i}"), (":scheme", "http"), (":authority", "x")]
+        f = HeadersFrame(1 + 2 * i, data=enc.encode(head))
+        f.flags.add("END_HEADERS")
+        wire += f.serialize()
+    server = H2Server()
+    events = server.receive(wire)
+    opened = [e.stream_id for e in events if isinstance(e, RequestHead)]
+    assert opened == [1 + 2 * i for i in range(MAX_CONCURRENT_STREAMS)]
+    refused = [
+        f.stream_id
+        for f in _frames(server.data_to_send())
+        if isinstance(f, RstStreamFrame) and f.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    ]
+    assert refused == [1 + 2 * i for i in range(MAX_CONCURRENT_STREAMS, count)]

@@ -1,7 +1,14 @@
-"""h2, adjusted for HBONE: the `H2Connection` and frame buffer `HboneConnection` drives.
+"""One h2 plumbing for every HTTP/2 connection meshd runs: HBONE (both sides) and the waypoint's
+HTTP/2 front and upstream sides.
 
-Must never know: trio, sockets, TLS, tunnels. Kept apart from connection.py because these classes
-subclass h2's own (interpreted) classes, while connection.py may be compiled (mypyc).
+Must never know: trio, sockets, TLS, tunnels, HTTP semantics. What h2 does that meshd works around,
+once: `H2Connection` refuses one stream past MAX_CONCURRENT_STREAMS instead of failing the connection,
+remembers fewer closed streams and keeps large DATA payloads uncopied; `quiet` keeps hyperframe's
+payload-hex-encoding repr off received DATA frames (two frame buffers use it: `QuietFrames`, h2's own
+buffering, and `QuietFrameBuffer`, which parses whole frames in place for HBONE); `graceful_goaway`
+serializes a GOAWAY by hand, because h2 closes its state machine on sending one and then refuses every
+frame of the streams still open. Kept apart from hbone/connection.py because these classes subclass
+h2's own (interpreted) classes, while connection.py may be compiled (mypyc).
 """
 
 from __future__ import annotations
@@ -22,6 +29,31 @@ REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
 
 def _elided_body_repr() -> str:
     return "<payload not shown>"
+
+
+def quiet(frame: Frame) -> Frame:
+    """A received frame, with a DATA frame's repr kept from hex-encoding its payload (h2 computes
+    repr(frame) for every received frame whatever the log level: half the receiving CPU once)."""
+    if type(frame) is DataFrame:
+        # Instance attribute shadows the method that hex-encodes the payload for repr().
+        frame._body_repr = _elided_body_repr  # type: ignore[method-assign]
+    return frame
+
+
+def graceful_goaway(last_stream_id: int, error_code: int = 0, additional_data: bytes = b"") -> bytes:
+    """A GOAWAY frame serialized by hand (h2 must not see it: see the module doc)."""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    frame.error_code = error_code
+    frame.additional_data = additional_data
+    return bytes(frame.serialize())
+
+
+class QuietFrames(FrameBuffer):
+    """h2's frame buffer (any bytes in, frames out), with received DATA frames `quiet`."""
+
+    def __next__(self) -> Frame:
+        return quiet(super().__next__())
 
 
 # h2 remembers how each closed stream ended (to answer late frames on it) for its last 65,536 closed
@@ -73,7 +105,7 @@ class H2Connection(h2.connection.H2Connection):
         return pieces
 
     def data_to_send(self, amount: int | None = None) -> bytes:
-        assert amount is None, "HboneConnection takes all output at once"
+        assert amount is None, "meshd takes all output at once"
         return b"".join(self.pieces_to_send())
 
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
@@ -150,9 +182,7 @@ class QuietFrameBuffer(FrameBuffer):
             if complete is None:
                 continue  # a HEADERS frame waiting for its CONTINUATIONs
             if type(complete) is DataFrame:
-                # Instance attribute shadows the method that hex-encodes the payload for repr().
-                complete._body_repr = _elided_body_repr  # type: ignore[method-assign]
-                return complete
+                return quiet(complete)
             if type(complete) is GoAwayFrame:
                 self.goaways.append(complete)
                 continue
