@@ -44,7 +44,7 @@ from hyperframe.frame import GoAwayFrame
 
 from meshd.hbone import events as ev
 from meshd.hbone.errors import LocalProtocolError, RemoteProtocolError
-from meshd.hbone.h2_plumbing import H2Connection, QuietFrameBuffer, graceful_goaway
+from meshd.hbone.h2_plumbing import QuietFrameBuffer, graceful_goaway, start_connection
 from meshd.units import Address
 
 MiB = 1024 * 1024
@@ -149,24 +149,19 @@ class HboneConnection:
         self.role = role
         self.settings = settings or HboneSettings()
         s = self.settings
-        config = h2.config.H2Configuration(client_side=role is Role.CLIENT, header_encoding=None)
-        self._h2 = H2Connection(config=config)
-        self._h2.incoming_buffer = self._frames = QuietFrameBuffer(server=role is Role.SERVER)
         codes = h2.settings.SettingCodes
-        initial = {
-            codes.INITIAL_WINDOW_SIZE: s.stream_window,
-            codes.MAX_FRAME_SIZE: s.max_frame_size,
-            codes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
-            codes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
-        }
-        if role is Role.CLIENT:
-            initial[codes.ENABLE_PUSH] = 0
-        # Public h2 attributes, set before the preface goes out (as hypercorn does).
-        self._h2.local_settings = h2.settings.Settings(client=role is Role.CLIENT, initial_values=initial)
-        self._h2.max_inbound_frame_size = s.max_frame_size
-        self._h2.initiate_connection()
-        # The connection window starts at 65535 whatever SETTINGS say; widen it with a WINDOW_UPDATE.
-        self._h2.increment_flow_control_window(s.connection_window - 65535)
+        self._frames = QuietFrameBuffer(server=role is Role.SERVER)
+        self._h2 = start_connection(
+            client=role is Role.CLIENT,
+            settings={
+                codes.INITIAL_WINDOW_SIZE: s.stream_window,
+                codes.MAX_FRAME_SIZE: s.max_frame_size,
+                codes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+                codes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+            },
+            connection_window=s.connection_window,
+            frames=self._frames,
+        )
         self._streams: dict[int, _Stream] = {}
         # Inbound bytes held back until they complete a frame (see receive_data).
         self._inbox = bytearray()

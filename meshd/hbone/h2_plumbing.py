@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.exceptions
+import h2.settings
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamClosedBy
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
@@ -47,6 +48,28 @@ def graceful_goaway(last_stream_id: int, error_code: int = 0, additional_data: b
     frame.error_code = error_code
     frame.additional_data = additional_data
     return bytes(frame.serialize())
+
+
+def start_connection(
+    *,
+    client: bool,
+    settings: dict[h2.settings.SettingCodes, int],
+    connection_window: int,
+    frames: FrameBuffer,
+) -> H2Connection:
+    """An `H2Connection` with our SETTINGS and frame buffer, its preface queued, and its connection
+    window widened to `connection_window` (it starts at 65535 whatever SETTINGS say)."""
+    conn = H2Connection(config=h2.config.H2Configuration(client_side=client, header_encoding=None))
+    conn.incoming_buffer = frames
+    if client:
+        settings = {**settings, h2.settings.SettingCodes.ENABLE_PUSH: 0}
+    # Public h2 attributes, set before the preface goes out (as hypercorn does).
+    conn.local_settings = h2.settings.Settings(client=client, initial_values=settings)
+    if h2.settings.SettingCodes.MAX_FRAME_SIZE in settings:
+        conn.max_inbound_frame_size = settings[h2.settings.SettingCodes.MAX_FRAME_SIZE]
+    conn.initiate_connection()
+    conn.increment_flow_control_window(connection_window - 65535)
+    return conn
 
 
 class QuietFrames(FrameBuffer):

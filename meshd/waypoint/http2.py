@@ -34,7 +34,7 @@ import h2.settings
 import trio
 from h2.stream import StreamState
 
-from meshd.hbone.h2_plumbing import H2Connection, QuietFrames, graceful_goaway
+from meshd.hbone.h2_plumbing import QuietFrames, graceful_goaway, start_connection
 from meshd.plugins.filters import Headers
 
 log = logging.getLogger("meshd.waypoint")
@@ -147,20 +147,17 @@ class H2Server:
     """The server side of one HTTP/2 connection, without I/O."""
 
     def __init__(self) -> None:
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.conn = H2Connection(config=config)
-        self.conn.incoming_buffer = QuietFrames(server=True)
         codes = h2.settings.SettingCodes
-        self.conn.local_settings = h2.settings.Settings(
+        self.conn = start_connection(
             client=False,
-            initial_values={
+            settings={
                 codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 codes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
             },
+            connection_window=CONNECTION_WINDOW,
+            frames=QuietFrames(server=True),
         )
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._prefix = b""  # a graceful GOAWAY, serialized by hand (h2 would close the connection)
         self.goaway_last: int | None = None  # the last stream id our graceful GOAWAY accepted
 

@@ -30,7 +30,7 @@ import trio
 from h2.stream import StreamState
 
 from meshd.discovery.catalog import Endpoint
-from meshd.hbone.h2_plumbing import H2Connection, QuietFrames
+from meshd.hbone.h2_plumbing import QuietFrames, start_connection
 from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, UpstreamBodyError, UpstreamError
 from meshd.waypoint.http1 import forwardable
 from meshd.waypoint.http2 import CONNECTION_WINDOW, MAX_HEADER_LIST, STREAM_WINDOW
@@ -113,20 +113,13 @@ class H2Upstream:
         self.stream = stream
         self._on_close = on_close
         self._on_idle = on_idle
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.conn = H2Connection(config=config)
-        self.conn.incoming_buffer = QuietFrames(server=False)
         codes = h2.settings.SettingCodes
-        self.conn.local_settings = h2.settings.Settings(
+        self.conn = start_connection(
             client=True,
-            initial_values={
-                codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                codes.ENABLE_PUSH: 0,
-                codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-            },
+            settings={codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST},
+            connection_window=CONNECTION_WINDOW,
+            frames=QuietFrames(server=False),
         )
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.goaway = False
