@@ -19,14 +19,16 @@ def tracked_text_files() -> list[str]:
     ]
 
 
+# Assembled, so that this file does not itself read as a pointer outside the repository.
+NEEDLES = ("DESIGN" + ".md", ".." + "/shared", "/work" + "/shared")
+
+
 def test_nothing_points_at_a_design_file_outside_the_repository() -> None:
     offenders = []
     for path in tracked_text_files():
-        if path == "tests/test_docs.py":  # the needles below
-            continue
         text = (REPO / path).read_text(errors="replace")
         for n, line in enumerate(text.splitlines(), 1):
-            if "DESIGN.md" in line or "../shared" in line or "/work/shared" in line:
+            if any(needle in line for needle in NEEDLES):
                 offenders.append(f"{path}:{n}: {line.strip()}")
     assert offenders == [], "\n".join(offenders)
 
