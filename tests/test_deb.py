@@ -102,6 +102,23 @@ def main_pid_user(c: Container, unit: str) -> tuple[str, str]:
     return c.run("id", "-nu", uid).stdout.strip(), cap_eff
 
 
+def init_ca(c: Container) -> None:
+    """docs/install.md: the mesh CA under the state directory, made by the meshd user (who must read it)."""
+    c.run(
+        "runuser",
+        "-u",
+        "meshd",
+        "--",
+        "meshd",
+        "ca",
+        "init",
+        "--dir",
+        "/var/lib/meshd/ca",
+        "--trust-domain",
+        "home.arpa",
+    )
+
+
 def assert_clean_journal(c: Container, unit: str) -> str:
     journal = c.journal(unit)
     for bad in ("Traceback", "Read-only file system", "Permission denied", "Failed with result"):
@@ -199,19 +216,7 @@ def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: 
             assert c.run("systemctl", "is-enabled", "meshd", check=False).stdout.strip() == "disabled"
 
         # The CA host: the CA folder under the state directory, made by the meshd user.
-        alpha.run(
-            "runuser",
-            "-u",
-            "meshd",
-            "--",
-            "meshd",
-            "ca",
-            "init",
-            "--dir",
-            "/var/lib/meshd/ca",
-            "--trust-domain",
-            "home.arpa",
-        )
+        init_ca(alpha)
         alpha.run("sh", "-c", "cat > /etc/meshd/meshd.toml", input=CA_HOST)
         alpha.run("meshd", "config", "check", "-c", "/etc/meshd/meshd.toml")
         alpha.sh("mkdir -p /srv/web && echo 'hello through the mesh' > /srv/web/hello.txt")
@@ -283,19 +288,7 @@ def test_deb_upgrade_keeps_config_and_state_then_remove_and_purge(
 ) -> None:
     c = boot()
     install_deb(c, deb)
-    c.run(
-        "runuser",
-        "-u",
-        "meshd",
-        "--",
-        "meshd",
-        "ca",
-        "init",
-        "--dir",
-        "/var/lib/meshd/ca",
-        "--trust-domain",
-        "home.arpa",
-    )
+    init_ca(c)
     config = '# edited by the admin\nnode_name = "solo"\n[identity]\nca_dir = "/var/lib/meshd/ca"\n'
     config += "[discovery]\nmdns = false\n[listen]\n"  # on 127.0.0.1: the waypoint below takes 127.0.0.2
     config += "".join(f'{k} = "127.0.0.1:{port}"\n' for k, port in LISTENERS)
@@ -381,19 +374,7 @@ def test_pyz_starts_under_the_shipped_unit(pyz: Path, boot: Boot) -> None:
         c.put(REPO / "systemd" / unit, f"/root/systemd/{unit}")
     c.put(REPO / "systemd" / "pyz.conf", "/root/systemd/pyz.conf")
     c.sh(pyz_install_commands())
-    c.run(
-        "runuser",
-        "-u",
-        "meshd",
-        "--",
-        "meshd",
-        "ca",
-        "init",
-        "--dir",
-        "/var/lib/meshd/ca",
-        "--trust-domain",
-        "home.arpa",
-    )
+    init_ca(c)
     config = 'node_name = "pyz"\n[identity]\nca_dir = "/var/lib/meshd/ca"\n[discovery]\nmdns = false\n'
     c.run("sh", "-c", "cat > /etc/meshd/meshd.toml", input=config)
     enable_now(c)
