@@ -24,9 +24,14 @@ lint: install
 	$(VENV)/bin/ruff check meshd tests bench fuzz scripts
 	$(VENV)/bin/ruff format --check meshd tests bench fuzz scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
+# Two steps, so a failure shows early: the fast suite (everything not marked slow), then the slow one
+# (the .deb under systemd, the pyz, network namespaces, the soak, long transfers); then the fast
+# suite again on the compiled core.
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
+	$(PY) -m pytest $(PYTEST_ARGS) -m slow
 	$(MAKE) test-compiled
 
 # The same suite (less the slow tests) against the compiled core: scripts/compile_core.py on a copy of the

@@ -16,7 +16,7 @@ COMPILED_MODULES = (
     "meshd.hbone.wire",
     "meshd.hbone._link",
     "meshd.hbone.stream",
-    "meshd.node.pump",
+    "meshd.dataplane.pump",
     "meshd.node.tcp",
 )
 

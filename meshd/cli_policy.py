@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 
-from meshd.capture.vip import VipIndex
 from meshd.config.load import config_path, load_config
 from meshd.discovery.catalog import local_catalog, merge
+from meshd.discovery.vip import VipIndex
 from meshd.errors import ConfigError
 from meshd.policy.load import load_policy_dir
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer, parse_headers

@@ -9,7 +9,6 @@ policy (a bad file keeps the previous policy in force).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import time
@@ -24,6 +23,7 @@ from meshd.ca_service.wiring import CaWiring
 from meshd.config.load import load_config
 from meshd.config.model import Config, UpstreamConfig
 from meshd.config.schema import to_plain
+from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
 from meshd.identity.manager import IdentityError, IdentityManager
@@ -31,8 +31,8 @@ from meshd.identity.spiffe import SpiffeId
 from meshd.listeners import ListenError
 from meshd.log import set_level
 from meshd.node.proxy import NodeProxy
-from meshd.node.state import NodeState
 from meshd.observe.accesslog import ConnectionTelemetry
+from meshd.observe.admin import admin_routes
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
@@ -302,8 +302,6 @@ class Daemon:
         await self._serve("metrics", {"/metrics": metrics, "/stats/prometheus": metrics}, task_status)
 
     async def _serve_admin(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from meshd.observe.admin import admin_routes
-
         await self._serve("admin", admin_routes(self), task_status)
 
     async def _serve(self, name: str, routes: dict[str, Any], task_status: trio.TaskStatus[None]) -> None:
@@ -391,7 +389,3 @@ class Daemon:
             return f"{svc.waypoint!r} (bound by {catalog.bindings.get(key, 'service')}; {at})"
 
         return [a.to_json() for a in answer(self.config, state.policy, query, catalog, waypoint_of)]
-
-
-def dumps(data: Any) -> bytes:
-    return json.dumps(data, indent=2, sort_keys=False, default=str).encode() + b"\n"

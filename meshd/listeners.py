@@ -6,6 +6,8 @@
 - `per_connection(handler, component)`: one connection's failure (an OSError from the file system,
   a bug) is logged with its cause and costs that connection only; trio's `serve_listeners` would
   otherwise let it cancel the server and the daemon with it.
+- `original_destination(sock)`: where a connection redirected by nftables (transparent capture) was
+  headed, from SO_ORIGINAL_DST.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -82,3 +85,18 @@ def per_connection(handler: ConnectionHandler, component: str) -> ConnectionHand
             await trio.aclose_forcefully(stream)
 
     return guarded
+
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+
+
+def original_destination(sock: socket.socket | trio.socket.SocketType) -> tuple[str, int] | None:
+    """Where a redirected (captured) connection was headed; None if it was not redirected."""
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    dest = (socket.inet_ntoa(packed), port)
+    local = sock.getsockname()
+    return None if (dest[0], dest[1]) == (local[0], local[1]) else dest

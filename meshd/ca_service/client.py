@@ -25,7 +25,7 @@ from meshd.ca_service.service import BUNDLE_PATH, csr_to_query
 from meshd.ca_service.token import TokenError, check_pin, decode
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError
 from meshd.hbone.pool import HbonePool
-from meshd.hbone.tls import client_context
+from meshd.hbone.tls import CONTROL_SNI, client_context
 from meshd.identity.ca import (
     CAError,
     IssuedCert,
@@ -39,7 +39,6 @@ from meshd.identity.ca import (
 )
 from meshd.identity.manager import IdentityError
 from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId, spiffe_id_from_cert
-from meshd.node.contexts import CONTROL_SNI
 from meshd.units import Address
 
 log = logging.getLogger("meshd.identity")

@@ -26,8 +26,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from meshd.capture.vip import VipTable
 from meshd.discovery.catalog import ServiceEntry
+from meshd.discovery.vip import VipTable
 
 TTL = 30  # seconds; short, because a reload or a peer can add or remove services
 UDP_PLAIN_LIMIT = 512  # a client without EDNS accepts no more over UDP

@@ -22,9 +22,9 @@ import trio
 from prometheus_client import Counter
 
 from meshd.capture.dns import decide, formerr, parse, to_wire
-from meshd.capture.vip import VipTable
 from meshd.config.model import DnsConfig
 from meshd.discovery.catalog import ServiceEntry
+from meshd.discovery.vip import VipTable
 from meshd.listeners import ListenError, per_connection
 from meshd.units import Address
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
@@ -21,22 +21,24 @@ from prometheus_client import Counter
 
 from meshd.capture import nft
 from meshd.capture.dns_server import DnsServer
-from meshd.capture.vip import VipIndex, VipTable
 from meshd.config.model import UpstreamConfig
+from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import ServiceEntry
-from meshd.listeners import open_listeners, peer_of, per_connection
-from meshd.node.inbound import original_destination
-from meshd.node.outbound import Outbound
-from meshd.node.state import NodeState
+from meshd.discovery.vip import VipIndex, VipTable
+from meshd.listeners import open_listeners, original_destination, peer_of, per_connection
 from meshd.observe.accesslog import FLAG_NO_ROUTE, ConnectionRecord
 from meshd.policy.evaluate import mtls_mode
 from meshd.units import Address
 
 log = logging.getLogger("meshd.capture")
 
+# The node's outbound path, handed in by the node: a captured connection is handled exactly as one
+# accepted by an [[upstream]] listener for the service port it was headed to.
+OutboundHandler = Callable[[trio.SocketStream, UpstreamConfig], Awaitable[None]]
+
 
 class Capture:
-    def __init__(self, state: NodeState, outbound: Outbound) -> None:
+    def __init__(self, state: NodeState, outbound: OutboundHandler) -> None:
         self.state = state
         self.outbound = outbound
         cfg = state.config
@@ -147,7 +149,7 @@ class Capture:
                 self.state.telemetry.failed(rec, FLAG_NO_ROUTE, f"captured connection {rec.dst or ''} {why}")
             return
         up = UpstreamConfig(service=service, port=dest[1], listen=Address(*dest))
-        await self.outbound.handle(stream, up)
+        await self.outbound(stream, up)
 
     def config_dump(self) -> dict[str, Any]:
         return {

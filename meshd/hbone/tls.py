@@ -28,6 +28,7 @@ from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId, spiffe_id_from_cert
 __all__ = [
     "ALLOWED_CIPHERS",
     "ALPN",
+    "CONTROL_SNI",
     "ClientContextProvider",
     "PeerIdentityError",
     "ServerContextProvider",
@@ -39,6 +40,10 @@ __all__ = [
     "require_trust_domain",
     "server_context",
 ]
+
+# The SNI of meshd's own control requests (catalog fetch, enrollment): the server answers with the
+# node identity. Tunnels send no SNI, as ztunnel.
+CONTROL_SNI = "node.meshd.internal"
 
 ALPN = "h2"
 ALLOWED_CIPHERS = frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"})

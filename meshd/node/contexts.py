@@ -14,11 +14,9 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 
-from meshd.hbone.tls import client_context, server_context
+from meshd.hbone.tls import CONTROL_SNI, client_context, server_context
 from meshd.identity.manager import IdentityManager
 from meshd.identity.spiffe import SpiffeId
-
-CONTROL_SNI = "node.meshd.internal"
 
 
 class TlsContexts:

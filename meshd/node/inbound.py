@@ -12,21 +12,19 @@ connection's original destination (capture) and L4 policy applied with no princi
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 from typing import Any
 
 import trio
 
-from meshd.capture.vip import VipIndex
+from meshd.dataplane.pump import pump
+from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import CATALOG_PATH, WorkloadEntry
+from meshd.discovery.vip import VipIndex
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
-from meshd.listeners import open_listeners, peer_of, per_connection
-from meshd.node.pump import pump
-from meshd.node.state import NodeState
+from meshd.listeners import open_listeners, original_destination, peer_of, per_connection
 from meshd.node.tcp import TcpStream
 from meshd.observe.accesslog import (
     FLAG_NO_ROUTE,
@@ -44,7 +42,6 @@ log = logging.getLogger("meshd.inbound")
 
 CONNECT_TIMEOUT = 5.0
 CA_PATH_PREFIX = "/meshd/v1/ca/"  # meshd.ca_service.service
-SO_ORIGINAL_DST = 80
 
 
 class Inbound:
@@ -270,15 +267,3 @@ class Inbound:
                 return
             async with upstream:
                 await self._proxy(rec, stream, upstream)
-
-
-def original_destination(sock: socket.socket | trio.socket.SocketType) -> tuple[str, int] | None:
-    """Where a redirected (captured) connection was headed; None if it was not redirected."""
-    try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    except OSError:
-        return None
-    port, packed = struct.unpack_from("!2xH4s", raw)
-    dest = (socket.inet_ntoa(packed), port)
-    local = sock.getsockname()
-    return None if (dest[0], dest[1]) == (local[0], local[1]) else dest

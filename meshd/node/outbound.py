@@ -15,16 +15,16 @@ from typing import Any
 
 import trio
 
-from meshd.capture.vip import VipIndex
 from meshd.config.model import UpstreamConfig
+from meshd.dataplane.pump import pump
+from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import Endpoint
+from meshd.discovery.vip import VipIndex
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.stream import TunnelStream
 from meshd.identity.spiffe import SpiffeId
 from meshd.listeners import open_listeners, peer_of, per_connection
-from meshd.node.pump import pump
-from meshd.node.state import NodeState
 from meshd.node.tcp import TcpStream
 from meshd.observe.accesslog import (
     FLAG_NO_HEALTHY,

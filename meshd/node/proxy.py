@@ -12,6 +12,7 @@ import trio
 
 from meshd.capture.transparent import Capture
 from meshd.config.model import UpstreamConfig
+from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import (
     CATALOG_PATH,
     MAX_CATALOG_BYTES,
@@ -24,10 +25,10 @@ from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, HboneServer
-from meshd.node.contexts import CONTROL_SNI, TlsContexts
+from meshd.hbone.tls import CONTROL_SNI
+from meshd.node.contexts import TlsContexts
 from meshd.node.inbound import Inbound
 from meshd.node.outbound import Outbound
-from meshd.node.state import NodeState
 from meshd.readiness import Readiness
 from meshd.units import Address
 from meshd.waypoint.proxy import Waypoint
@@ -46,7 +47,7 @@ class NodeProxy:
         self.pool = HbonePool(self.contexts.client)
         self.outbound = Outbound(state, self.pool)
         self.inbound = Inbound(state, self.pool, self.outbound.vips)
-        self.capture = Capture(state, self.outbound)  # transparent mode and the DNS proxy
+        self.capture = Capture(state, self.outbound.handle)  # transparent mode and the DNS proxy
         self.waypoint: Waypoint | None = None
         handler: Handler = self.inbound.handle
         if state.config.role == "waypoint":

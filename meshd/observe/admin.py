@@ -4,18 +4,30 @@ status page."""
 from __future__ import annotations
 
 import html
+import logging
 import tracemalloc
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import pluggy
 
 from meshd.observe.http import Request, Response
 from meshd.plugins.manager import plugins_json
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError
 
-if TYPE_CHECKING:
-    from meshd.daemon import Daemon
-
 LEVELS = ("debug", "info", "warning", "error")
+
+
+class AdminView(Protocol):
+    """What the admin endpoints read and do: the daemon answers to it, and the admin server knows
+    nothing else of the daemon (so observe stays below the daemon that composes it)."""
+
+    plugins: pluggy.PluginManager
+
+    def config_dump(self) -> dict[str, Any]: ...
+    def set_log_level(self, level: str) -> None: ...
+    def stop(self) -> None: ...
+    def explain(self, query: ExplainQuery) -> list[dict[str, Any]]: ...
 
 
 def _refused_reload(refused: dict[str, Any] | None) -> str:
@@ -28,19 +40,15 @@ def _refused_reload(refused: dict[str, Any] | None) -> str:
     )
 
 
-def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
-    from meshd.daemon import dumps
-
+def admin_routes(daemon: AdminView) -> dict[str, Callable[[Request], Response]]:
     def config_dump(_: Request) -> Response:
-        return Response(200, dumps(daemon.config_dump()), "application/json")
+        return Response.json(200, daemon.config_dump())
 
     def logging_level(req: Request) -> Response:
         level = (req.query.get("level") or [""])[0].lower()
         if req.method != "POST" and level:
             return Response.text(405, "use POST /logging?level=debug|info|warning|error\n")
         if not level:
-            import logging
-
             return Response.text(200, f"level: {logging.getLevelName(logging.getLogger().level).lower()}\n")
         if level not in LEVELS:
             return Response.text(400, f"unknown level {level!r} (one of {', '.join(LEVELS)})\n")
@@ -59,8 +67,8 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
             results = daemon.explain(ExplainQuery.from_params(req.query))
         except QueryError as exc:
             why = {"error": str(exc), "param": exc.param, "not_served_here": isinstance(exc, NotServedHere)}
-            return Response(400, dumps(why), "application/json")
-        return Response(200, dumps({"results": results}), "application/json")
+            return Response.json(400, why)
+        return Response.json(200, {"results": results})
 
     snapshots: list[tracemalloc.Snapshot] = []
 
@@ -84,7 +92,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
 
     def plugins(_: Request) -> Response:
         """`meshd plugins --admin`: what the running daemon loaded (not what is installed now)."""
-        return Response(200, dumps(plugins_json(daemon.plugins)), "application/json")
+        return Response.json(200, plugins_json(daemon.plugins))
 
     def status_page(_: Request) -> Response:
         dump = daemon.config_dump()

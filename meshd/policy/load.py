@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from meshd.config.schema import KeyPath, build, parse_toml
 from meshd.config.toml_lines import KeyLines
 from meshd.errors import ConfigError, Problem
+from meshd.plugins.manager import RegisteredFilter, filter_types, make_plugin_manager
 from meshd.policy.evaluate import PolicySet
 from meshd.policy.model import (
     L7_TO_FIELDS,
@@ -28,9 +29,6 @@ from meshd.policy.model import (
     canonical_principal,
 )
 from meshd.policy.routes import RouteFile, load_routes, split_filter_settings
-
-if TYPE_CHECKING:
-    from meshd.plugins.manager import RegisteredFilter
 
 Role = Literal["node", "waypoint"]
 
@@ -130,8 +128,6 @@ def load_policy_dir(
 
 
 def _filter_types(given: Mapping[str, RegisteredFilter] | None) -> Mapping[str, RegisteredFilter]:
-    from meshd.plugins.manager import filter_types, make_plugin_manager
-
     return given if given is not None else filter_types(make_plugin_manager())
 
 

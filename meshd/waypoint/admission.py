@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshd.capture.vip import VipIndex
 from meshd.discovery.catalog import Catalog, ServiceEntry, ServicePortEntry, WorkloadEntry
+from meshd.discovery.vip import VipIndex
 from meshd.hbone.server import InboundRequest
 from meshd.identity.spiffe import SpiffeId
 from meshd.observe.accesslog import (

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meshd.capture.vip import VipIndex
 from meshd.discovery.catalog import Catalog
+from meshd.discovery.vip import VipIndex
 from meshd.identity.spiffe import InvalidSpiffeId, SpiffeId
 from meshd.plugins.filters import Headers, HttpRequest
 from meshd.policy.evaluate import PolicySet

@@ -23,12 +23,12 @@ from typing import Any
 import pluggy
 import trio
 
-from meshd.capture.vip import VipIndex
+from meshd.dataplane.pump import pump
+from meshd.dataplane.state import NodeState
+from meshd.discovery.vip import VipIndex
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
-from meshd.node.pump import pump
-from meshd.node.state import NodeState
 from meshd.observe.accesslog import (
     FLAG_NO_HEALTHY,
     FLAG_UNAUTHORIZED,
