@@ -36,7 +36,6 @@ from hyperframe.frame import (
 from hypothesis import strategies as st
 
 from meshd.capture.dns import decide, formerr, parse, to_wire
-from meshd.capture.vip import allocate
 from meshd.config.load import parse_overrides
 from meshd.config.model import Config
 from meshd.config.schema import leaf_keys, load_document
@@ -49,6 +48,7 @@ from meshd.discovery.catalog import (
     merge,
 )
 from meshd.discovery.mdns import TxtError, parse_txt
+from meshd.discovery.vip import allocate
 from meshd.errors import ConfigError
 from meshd.hbone import events as ev
 from meshd.hbone.connection import HboneConnection, Role

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from meshd.identity.ca import LocalCA
+from tests.support.configs import example_node
 from tests.support.procs import Meshd, unique_loopback
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -30,3 +29,11 @@ def daemons() -> Iterator[list[Meshd]]:
         if d.proc is not None and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+@pytest.fixture
+def example_daemon(tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]) -> Meshd:
+    """configs/meshd.toml as shipped (on its own loopback address and CA), started and ready."""
+    node = example_node(tmp_path, ca, loopback)
+    daemons.append(node)
+    return node.start().wait_ready()

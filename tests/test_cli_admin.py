@@ -7,42 +7,38 @@ from pathlib import Path
 
 from meshd.identity.ca import LocalCA
 from tests.support.configs import node_config
-from tests.support.procs import Meshd, http_get
-from tests.test_cli import meshd
-from tests.test_daemon import example_node
+from tests.support.procs import Meshd, http_get, meshd_cli
 
 
-def test_status_peers_services(tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]) -> None:
-    node = example_node(tmp_path, ca, loopback)
-    daemons.append(node)
-    node.start().wait_ready()
+def test_status_peers_services(loopback: str, example_daemon: Meshd) -> None:
+    node = example_daemon
     admin = f"{loopback}:15000"
 
-    out = meshd("status", "--admin", admin)
+    out = meshd_cli("status", "--admin", admin)
     assert out.returncode == 0, out.stderr
     assert "role node" in out.stdout and "ready" in out.stdout
     assert "spiffe://home.arpa/ns/default/sa/client" in out.stdout and "expires in" in out.stdout
 
-    out = meshd("status", "--admin", admin, "--json")
+    out = meshd_cli("status", "--admin", admin, "--json")
     assert json.loads(out.stdout)["role"] == "node"
 
     # The example config's static peer (beta) is not running: it is listed, with its error.
-    out = meshd("peers", "--admin", admin)
+    out = meshd_cli("peers", "--admin", admin)
     assert out.returncode == 0 and "127.0.0.3:15008" in out.stdout and "static" in out.stdout, out.stdout
-    peers = json.loads(meshd("peers", "--admin", admin, "--json").stdout)
+    peers = json.loads(meshd_cli("peers", "--admin", admin, "--json").stdout)
     assert peers[0]["address"] == "127.0.0.3:15008" and peers[0]["last_error"]
 
-    out = meshd("services", "--admin", admin, "--json")
+    out = meshd_cli("services", "--admin", admin, "--json")
     assert json.loads(out.stdout)["local"].startswith("n")
 
     # The admin address can come from the config file too.
-    out = meshd("status", "-c", str(node.config), f"--admin={admin}")
+    out = meshd_cli("status", "-c", str(node.config), f"--admin={admin}")
     assert out.returncode == 0
     assert node.stop() == 0
 
 
 def test_status_says_clearly_when_meshd_is_not_running(loopback: str) -> None:
-    out = meshd("status", "--admin", f"{loopback}:15000")
+    out = meshd_cli("status", "--admin", f"{loopback}:15000")
     assert out.returncode == 1
     assert "cannot reach meshd's admin API" in out.stderr and "is meshd running?" in out.stderr
     assert "Traceback" not in out.stderr
@@ -65,7 +61,7 @@ def test_services_show_ports_protocol_and_waypoint_and_counts_read_as_words(
     daemons.append(node)
     node.start().wait_ready()
     admin = f"{loopback}:15000"
-    out = meshd("services", "--admin", admin)
+    out = meshd_cli("services", "--admin", admin)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["service", "ports", "waypoint", "endpoints", "workloads"]
@@ -79,9 +75,9 @@ def test_services_show_ports_protocol_and_waypoint_and_counts_read_as_words(
         "1",
         "web.default@n1",
     ]
-    status = meshd("status", "--admin", admin).stdout
+    status = meshd_cli("status", "--admin", admin).stdout
     assert "0 peers, 2 services, 1 workload;" in status, status
-    assert meshd("config", "check", "-c", str(cfg)).stdout.endswith(
+    assert meshd_cli("config", "check", "-c", str(cfg)).stdout.endswith(
         "OK (1 workload, 2 services, role node)\n"
     )
     page = http_get(f"http://{admin}/")[1].decode()

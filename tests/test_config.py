@@ -13,7 +13,7 @@ from meshd.config.schema import to_plain
 from meshd.config.toml_lines import KeyLines
 from meshd.errors import ConfigError
 from meshd.units import Address
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 BASE = """\
 trust_domain = "home.arpa"

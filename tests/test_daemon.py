@@ -14,19 +14,9 @@ from pathlib import Path
 
 from meshd.daemon import WATCH_INTERVAL
 from meshd.identity.ca import LocalCA
-from tests.conftest import REPO
-from tests.support.configs import node_config
+from tests.support.configs import example_node, node_config
+from tests.support.paths import REPO
 from tests.support.procs import Meshd, http_get, http_post, meshd_cli, wait_for
-
-
-def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
-    """configs/meshd.toml as shipped, on its own loopback address and CA."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    return Meshd(
-        tmp_path / "configs" / "meshd.toml",
-        ip,
-        [f"identity.ca_dir={tmp_path / 'ca'}", f"node_name=n{ip.replace('.', '-')}", *extra],
-    )
 
 
 def plain_node(tmp_path: Path, ip: str) -> Meshd:
@@ -38,12 +28,8 @@ def plain_node(tmp_path: Path, ip: str) -> Meshd:
     return Meshd(cfg, ip)
 
 
-def test_example_config_becomes_ready_and_exits_0_on_sigterm(
-    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
-) -> None:
-    node = example_node(tmp_path, ca, loopback)
-    daemons.append(node)
-    node.start().wait_ready()
+def test_example_config_becomes_ready_and_exits_0_on_sigterm(loopback: str, example_daemon: Meshd) -> None:
+    node = example_daemon
     status, body = http_get(node.readiness_url)
     assert (status, body) == (200, b"ready\n")
     dump = json.loads(http_get(node.admin_url + "/config_dump")[1])
@@ -70,12 +56,8 @@ def test_bare_key_value_means_run(tmp_path: Path, ca: LocalCA, loopback: str, da
     assert node.stop() == 0
 
 
-def test_admin_logging_and_quitquitquit(
-    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
-) -> None:
-    node = example_node(tmp_path, ca, loopback)
-    daemons.append(node)
-    node.start().wait_ready()
+def test_admin_logging_and_quitquitquit(example_daemon: Meshd) -> None:
+    node = example_daemon
     assert http_post(node.admin_url + "/logging?level=debug") == (200, b"level: debug\n")
     assert http_post(node.admin_url + "/logging?level=loud")[0] == 400
     assert http_get(node.admin_url + "/")[0] == 200
@@ -102,21 +84,15 @@ def test_debug_memory_with_tracemalloc(
     assert node.stop() == 0
 
 
-def test_sigint_also_exits_0(tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]) -> None:
-    node = example_node(tmp_path, ca, loopback)
-    daemons.append(node)
-    node.start().wait_ready()
+def test_sigint_also_exits_0(example_daemon: Meshd) -> None:
+    node = example_daemon
     node.signal(signal.SIGINT)
     assert node.proc is not None
     assert node.proc.wait(15) == 0
 
 
-def test_bad_policy_on_sighup_keeps_the_old_one(
-    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
-) -> None:
-    node = example_node(tmp_path, ca, loopback)
-    daemons.append(node)
-    node.start().wait_ready()
+def test_bad_policy_on_sighup_keeps_the_old_one(tmp_path: Path, example_daemon: Meshd) -> None:
+    node = example_daemon
     (tmp_path / "configs" / "policy.d" / "99-broken.toml").write_text("[[authorization]]\nname = 1\n")
     node.signal(signal.SIGHUP)
     # The failure is counted; wait on that metric rather than on time.
@@ -167,12 +143,7 @@ def _status_line(address: tuple[str, int], request: bytes) -> bytes:
     return data.split(b"\r\n", 1)[0]
 
 
-def test_status_lines_carry_reason_phrases(
-    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
-) -> None:
-    node = example_node(tmp_path, ca, loopback)
-    daemons.append(node)
-    node.start().wait_ready()
+def test_status_lines_carry_reason_phrases(loopback: str, example_daemon: Meshd) -> None:
     get = b"GET %s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
     assert _status_line((loopback, 15021), get % b"/healthz/ready") == b"HTTP/1.1 200 OK"
     assert _status_line((loopback, 15020), get % b"/metrics") == b"HTTP/1.1 200 OK"

@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,10 +23,13 @@ from pathlib import Path
 import pytest
 
 from meshd.build import COMPILED_MODULES
-from tests.conftest import REPO
-from tests.support.debian import Container, cached_root, host_tools_missing, veth_pair, wait_until
+from tests.support.debian import Container, cached_root, host_tools_missing, veth_pair
+from tests.support.packages import build_pyz
+from tests.support.paths import REPO
+from tests.support.procs import wait_for
 
-pytestmark = pytest.mark.slow
+# The first test also builds the cached Debian root (debootstrap) on a fresh machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 VERSION = re.search(r'__version__ = "(.+)"', (REPO / "meshd" / "__init__.py").read_text()).group(1)  # type: ignore[union-attr]
 
@@ -255,7 +257,7 @@ def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: 
             out = beta.run("python3", "-c", FETCH, check=False, timeout=20)
             return out.returncode == 0 and out.stdout == "hello through the mesh\n"
 
-        wait_until("beta's app reaches alpha's web through the mesh", fetched, 60, 0.5)
+        wait_for(fetched, timeout=60, interval=0.5, what="beta's app reaches alpha's web through the mesh")
         ca_log = assert_clean_journal(alpha, "meshd")
         assert "CA enrolled node beta" in ca_log and "CA issued a certificate" in ca_log, ca_log[-3000:]
 
@@ -263,16 +265,22 @@ def test_deb_ca_host_enrolls_a_second_host_and_carries_traffic(deb: Path, boot: 
         # after an edit it reloads. The daemon stays up and keeps carrying traffic.
         pid = beta.run("systemctl", "show", "-P", "MainPID", "meshd").stdout.strip()
         beta.run("systemctl", "reload", "meshd")
-        wait_until(
-            "SIGHUP handled",
+        wait_for(
             lambda: "SIGHUP: config and policy unchanged since they were last read" in beta.journal("meshd"),
-            30,
+            timeout=30,
+            interval=0.2,
+            what="SIGHUP handled",
         )
         beta.run("sh", "-c", "printf '[log]\\naccess_log = false\\n' >> /etc/meshd/meshd.toml")
         beta.run("systemctl", "reload", "meshd")
-        wait_until("reload logged", lambda: "config and policy reloaded" in beta.journal("meshd"), 30)
+        wait_for(
+            lambda: "config and policy reloaded" in beta.journal("meshd"),
+            timeout=30,
+            interval=0.2,
+            what="reload logged",
+        )
         assert beta.run("systemctl", "show", "-P", "MainPID", "meshd").stdout.strip() == pid
-        wait_until("traffic after the reload", fetched, 30, 0.5)
+        wait_for(fetched, timeout=30, interval=0.5, what="traffic after the reload")
 
         # Stop: drain, exit 0, journal clean.
         for c in (beta, alpha):
@@ -353,16 +361,7 @@ def test_deb_contents_units_and_conffiles(deb: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pyz") / "meshd.pyz"
-    shiv = shutil.which("shiv") or str(Path(sys.executable).with_name("shiv"))
-    built = subprocess.run(
-        [shiv, "--compressed", "-c", "meshd", "-p", "/usr/bin/env python3", "-o", str(out), str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    return out
+    return build_pyz(tmp_path_factory.mktemp("pyz") / "meshd.pyz")
 
 
 def test_pyz_starts_under_the_shipped_unit(pyz: Path, boot: Boot) -> None:

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def interrupt_when_up(cmd: list[str]) -> tuple[int, str]:

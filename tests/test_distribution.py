@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tomllib
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 DIST = "meshd-ambient"
 

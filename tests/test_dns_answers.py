@@ -9,8 +9,8 @@ import dns.rcode
 import pytest
 
 from meshd.capture.dns import decide, formerr, to_wire
-from meshd.capture.vip import allocate
 from meshd.discovery.catalog import ServiceEntry, ServicePortEntry
+from meshd.discovery.vip import allocate
 
 SERVICES = {
     "echo.default": ServiceEntry(

@@ -9,7 +9,7 @@ import subprocess
 
 from meshd.discovery.catalog import NodeCatalog, ServiceEntry, ServicePortEntry, WorkloadEntry
 from meshd.units import Address
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def tracked_text_files() -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.procs import meshd_cli
 
 HOMELAB = REPO / "configs" / "homelab"

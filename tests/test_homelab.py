@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 from meshd.identity.ca import LocalCA
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.procs import Meshd, http_get, meshd_cli, unique_loopback, wait_for
 
 

@@ -14,21 +14,17 @@ from meshd.discovery.catalog import (
     WorkloadEntry,
     merge,
 )
-from meshd.identity.ca import LocalCA
 from meshd.policy.query import where_to_ask
 from meshd.units import Address
-from tests.conftest import REPO
-from tests.node.test_node_e2e import wait_for
-from tests.support.procs import Meshd, http_get
-from tests.test_cli import meshd
-from tests.test_daemon import example_node
+from tests.support.paths import REPO
+from tests.support.procs import Meshd, http_get, meshd_cli, wait_for
 
 NAS = str(REPO / "configs" / "homelab" / "nas.toml")
 PI = str(REPO / "configs" / "homelab" / "pi.toml")
 
 
 def test_allowed_connection_names_the_policy_and_rule_with_file_and_line() -> None:
-    out = meshd(
+    out = meshd_cli(
         "policy", "explain", "-c", NAS, "--from", "home.arpa/ns/apps/sa/grafana", "--to", "db.data:5432"
     )
     assert out.returncode == 0, out.stderr
@@ -39,7 +35,7 @@ def test_allowed_connection_names_the_policy_and_rule_with_file_and_line() -> No
 
 
 def test_denied_connection_exits_3_and_explains_every_policy() -> None:
-    out = meshd(
+    out = meshd_cli(
         "policy",
         "explain",
         "-c",
@@ -63,7 +59,7 @@ def test_denied_connection_exits_3_and_explains_every_policy() -> None:
 
 
 def test_not_in_allow_list_is_denied_with_the_checked_policies() -> None:
-    out = meshd(
+    out = meshd_cli(
         "policy", "explain", "-c", NAS, "--from", "home.arpa/ns/apps/sa/other", "--to", "db.data:5432"
     )
     assert out.returncode == 3
@@ -72,7 +68,7 @@ def test_not_in_allow_list_is_denied_with_the_checked_policies() -> None:
 
 def test_http_fields_evaluate_as_the_waypoint() -> None:
     base = ["policy", "explain", "-c", PI, "--from", "home.arpa/ns/apps/sa/ui", "--to", "hass.apps:8123"]
-    ok = meshd(
+    ok = meshd_cli(
         *base,
         "--method",
         "GET",
@@ -85,7 +81,7 @@ def test_http_fields_evaluate_as_the_waypoint() -> None:
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "allowed by policy hass-api (rule 1)" in ok.stdout and "(as the waypoint decides)" in ok.stdout
-    no = meshd(
+    no = meshd_cli(
         *base,
         "--method",
         "GET",
@@ -98,25 +94,21 @@ def test_http_fields_evaluate_as_the_waypoint() -> None:
     )
     assert no.returncode == 3
     assert "rule 1: no match: to did not match" in no.stdout
-    node = meshd(*base)  # no HTTP fields: the node's view, where the L7 rule cannot match
+    node = meshd_cli(*base)  # no HTTP fields: the node's view, where the L7 rule cannot match
     assert node.returncode == 3 and "evaluated at a waypoint" in node.stdout
 
 
 def test_unknown_destination_and_bad_identity_are_clear_errors() -> None:
-    out = meshd("policy", "explain", "-c", NAS, "--from", "home.arpa/ns/a/sa/b", "--to", "nope.data:1")
+    out = meshd_cli("policy", "explain", "-c", NAS, "--from", "home.arpa/ns/a/sa/b", "--to", "nope.data:1")
     assert out.returncode == 1 and "no workload in this config serves nope.data port 1" in out.stderr
-    out = meshd("policy", "explain", "-c", NAS, "--from", "not-an-id", "--to", "db.data:5432")
+    out = meshd_cli("policy", "explain", "-c", NAS, "--from", "not-an-id", "--to", "db.data:5432")
     assert out.returncode == 2 and "--from" in out.stderr
 
 
-def test_explain_against_a_running_daemon(
-    tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
-) -> None:
-    node = example_node(tmp_path, ca, loopback)
-    daemons.append(node)
-    node.start().wait_ready()
+def test_explain_against_a_running_daemon(loopback: str, example_daemon: Meshd) -> None:
+    node = example_daemon
     # configs/meshd.toml (alpha) hosts only "client"; its policy folder allows client -> echo.
-    out = meshd(
+    out = meshd_cli(
         "policy",
         "explain",
         "--admin",
@@ -137,29 +129,29 @@ def test_explain_against_a_running_daemon(
     node.signal(signal.SIGHUP)
     wait_for(lambda: "reload rejected" in node.log(), node)
     ask = ("policy", "explain", "--admin", f"{loopback}:15000", "--from", "home.arpa/ns/default/sa/client")
-    again = meshd(*ask, "--to", "client.default:8000")
+    again = meshd_cli(*ask, "--to", "client.default:8000")
     assert again.returncode == 0 and "ALLOW: no ALLOW policy applies" in again.stdout, again.stderr
-    as_json = json.loads(meshd(*ask, "--to", "client.default:8000", "--json").stdout)
+    as_json = json.loads(meshd_cli(*ask, "--to", "client.default:8000", "--json").stdout)
     assert as_json[0]["workload"] == "client.default" and as_json[0]["allowed"] is True
-    elsewhere = meshd(*ask, "--to", "nope.data:1")
+    elsewhere = meshd_cli(*ask, "--to", "nope.data:1")
     assert (
         elsewhere.returncode == 1 and "no workload in this config serves nope.data port 1" in elsewhere.stderr
     )
     assert "nope.data is not in this node's catalog (yet): no node to ask" in elsewhere.stderr
-    malformed = meshd(*ask, "--to", "client.default")
+    malformed = meshd_cli(*ask, "--to", "client.default")
     assert malformed.returncode == 2 and "--to" in malformed.stderr
 
 
 def test_without_source_ip_the_answer_says_when_the_address_matters() -> None:
     base = ("policy", "explain", "-c", NAS, "--from", "home.arpa/ns/apps/sa/grafana", "--to", "db.data:5432")
-    out = meshd(*base)
+    out = meshd_cli(*base)
     assert out.returncode == 0, out.stderr
     assert (
         "note: the answer depends on the source address (policy lan-only looks at it); "
         "it was evaluated for 127.0.0.1: give the client's address (--source-ip, source_ip=)"
     ) in out.stdout
-    assert json.loads(meshd(*base, "--json").stdout)[0]["depends_on_source_ip"] == ["lan-only"]
-    given = meshd(*base, "--source-ip", "10.9.9.9", "--json")
+    assert json.loads(meshd_cli(*base, "--json").stdout)[0]["depends_on_source_ip"] == ["lan-only"]
+    given = meshd_cli(*base, "--source-ip", "10.9.9.9", "--json")
     assert given.returncode == 3 and json.loads(given.stdout)[0]["depends_on_source_ip"] == []
 
 
@@ -226,14 +218,14 @@ def test_explain_with_a_waypoints_config(tmp_path: Path) -> None:
         "--to",
         "web.default:80",
     ]
-    ok = meshd(*base, "--path", "/api/v1")
+    ok = meshd_cli(*base, "--path", "/api/v1")
     assert ok.returncode == 0, ok.stderr
     assert (
         "(as the waypoint decides)" in ok.stdout
         and "route api [" in ok.stdout
         and "filters timeout" in ok.stdout
     )
-    denied = meshd(*base, "--path", "/admin/x")
+    denied = meshd_cli(*base, "--path", "/admin/x")
     assert denied.returncode == 3 and "no-admin" in denied.stdout
-    other = meshd(*base[:-1], "db.data:5432")
+    other = meshd_cli(*base[:-1], "db.data:5432")
     assert other.returncode == 1 and "not in this waypoint's catalog" in other.stderr

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.packages import build_pyz
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_pyz_builds_and_runs_without_a_venv(tmp_path: Path) -> None:
-    shiv = shutil.which("shiv") or str(Path(sys.executable).with_name("shiv"))
-    assert Path(shiv).exists(), "shiv is missing: pip install -e '.[test]'"
-    pyz = tmp_path / "meshd.pyz"
-    build = subprocess.run(
-        [shiv, "--compressed", "-c", "meshd", "-p", "/usr/bin/env python3", "-o", str(pyz), str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
+    pyz = build_pyz(tmp_path / "meshd.pyz", timeout=300)
     # The interpreter the venv was made from, started isolated: no venv, no site-packages of ours.
     bare_python = getattr(sys, "_base_executable", sys.executable)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(tmp_path / "shiv")}

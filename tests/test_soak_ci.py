@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_soak_two_minutes(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="pip install -e '.[test]' (the soak draws its plot)")
     run = subprocess.run(

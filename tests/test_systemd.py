@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.conftest import REPO
+from tests.support.configs import example_node
+from tests.support.paths import REPO
 from tests.support.procs import Meshd, http_get
-from tests.test_daemon import example_node
 
 
 def test_capture_dropin_grants_only_net_admin() -> None:

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from meshd.capture.vip import DEFAULT_VIP_RANGE, VipIndex, VipRangeFull, allocate, home_index
+from meshd.discovery.vip import DEFAULT_VIP_RANGE, VipIndex, VipRangeFull, allocate, home_index
 
 KEYS = ["echo.default", "web.default", "db.prod", "api.prod", "cache.infra"]
 

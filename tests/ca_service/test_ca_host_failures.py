@@ -8,9 +8,10 @@ import signal
 from pathlib import Path
 
 from meshd.identity.ca import LocalCA
-from tests.support.ca_hosts import UPSTREAM_PORT, Hosts, echo_through
+from tests.support.ca_hosts import UPSTREAM_PORT, Hosts
 from tests.support.configs import echo_workload
 from tests.support.procs import Meshd, http_get, meshd_cli, read_only_mount, unique_loopback, wait_for
+from tests.support.sockets import send_and_read
 
 
 def test_enrollment_on_a_read_only_ca_folder_fails_that_request_and_the_daemon_keeps_serving(
@@ -62,5 +63,5 @@ def test_a_csr_the_ca_cannot_serve_fails_with_its_reason_and_both_hosts_keep_ser
     assert "CA refused a certificate: cannot read" in hosts.alpha.log()
     assert "HBONE handler failed" not in hosts.alpha.log()
     # nothing else is lost: traffic from beta through alpha still flows, both are ready
-    assert echo_through((beta.ip, UPSTREAM_PORT), b"still here") == b"still here"
+    assert send_and_read((beta.ip, UPSTREAM_PORT), b"still here") == b"still here"
     assert http_get(hosts.alpha.readiness_url)[0] == 200 and http_get(beta.readiness_url)[0] == 200

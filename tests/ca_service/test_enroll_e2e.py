@@ -10,14 +10,15 @@ import socket
 from cryptography import x509
 
 from meshd.identity.ca import LocalCA
-from tests.support.ca_hosts import UPSTREAM_PORT, Hosts, echo_through
+from tests.support.ca_hosts import UPSTREAM_PORT, Hosts
 from tests.support.procs import Meshd, http_get, meshd_cli, wait_for
+from tests.support.sockets import send_and_read
 
 
 def test_enrolled_host_serves_traffic_and_tokens_and_identities_are_enforced(hosts: Hosts) -> None:
     token = hosts.token("beta", "default/client")
     beta = hosts.enrolled_node("beta", "client", token)
-    assert echo_through((beta.ip, UPSTREAM_PORT), b"hello via enrolled beta") == b"hello via enrolled beta"
+    assert send_and_read((beta.ip, UPSTREAM_PORT), b"hello via enrolled beta") == b"hello via enrolled beta"
     # the client workload's key was made on beta; its certificate came from the CA by CSR
     assert "CA issued a certificate" in hosts.alpha.log()
     assert "spiffe://home.arpa/ns/default/sa/client" in hosts.alpha.log()
@@ -41,7 +42,7 @@ def test_enrolled_host_serves_traffic_and_tokens_and_identities_are_enforced(hos
     wait_for(lambda: "reload rejected" in beta.log(), beta)
     dump = json.loads(http_get(beta.admin_url + "/config_dump")[1])
     assert "spiffe://home.arpa/ns/default/sa/payments" not in dump["certificates"]
-    assert echo_through((beta.ip, UPSTREAM_PORT), b"still fine") == b"still fine"
+    assert send_and_read((beta.ip, UPSTREAM_PORT), b"still fine") == b"still fine"
     # every decision is counted on the CA host
     assert ca_requests(hosts.alpha, "enroll", "issued") >= 1
     assert ca_requests(hosts.alpha, "enroll", "refused") >= 1
@@ -82,8 +83,8 @@ def test_bundle_rotation_keeps_a_tunnel_and_new_connections_verify_against_the_n
         gamma = hosts.enrolled_node("gamma", "web", hosts.token("gamma", "default/web"))
         node_cert = x509.load_pem_x509_certificates((hosts.tmp / "gamma-state" / "cert.pem").read_bytes())[0]
         node_cert.verify_directly_issued_by(new_root)
-        assert echo_through((gamma.ip, UPSTREAM_PORT), b"new root") == b"new root"
-        assert echo_through((beta.ip, UPSTREAM_PORT), b"old root") == b"old root"
+        assert send_and_read((gamma.ip, UPSTREAM_PORT), b"new root") == b"new root"
+        assert send_and_read((beta.ip, UPSTREAM_PORT), b"old root") == b"old root"
 
         # the tunnel opened before the rotation is still up
         long_lived.sendall(b"after")

@@ -33,9 +33,10 @@ import dns.rrset
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, exchange, ip, tagged_echo, wait_for
+from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, exchange, ip, tagged_echo
+from tests.support.procs import wait_for
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ECHO_PORT = 7000
 WEB_PORT = 8000  # PERMISSIVE workload on h1
@@ -63,15 +64,6 @@ def nft(host: Host, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def metric(d: NsMeshd, name: str, **labels: str) -> float:
-    _, body = d.host.get("http://127.0.0.1:15020/metrics")
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in body.decode().splitlines()
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items())
-    )
-
-
 def log_line(d: NsMeshd, pattern: str) -> str:
     found: list[str] = []
 
@@ -79,7 +71,7 @@ def log_line(d: NsMeshd, pattern: str) -> str:
         found[:] = [line for line in d.log().splitlines() if re.search(pattern, line)]
         return bool(found)
 
-    wait_for(seen, f"log line {pattern!r} on {d.host.label}", TIMEOUT, d)
+    wait_for(seen, d, timeout=TIMEOUT, what=f"log line {pattern!r} on {d.host.label}")
     return found[0]
 
 
@@ -196,7 +188,10 @@ def mesh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             d2.wait_ready()
             d1.wait_ready()
             wait_for(
-                lambda: "echo.default" in d1.dump()["capture"]["vips"], "h1 knows echo's VIP", TIMEOUT, d1
+                lambda: "echo.default" in d1.dump()["capture"]["vips"],
+                d1,
+                timeout=TIMEOUT,
+                what="h1 knows echo's VIP",
             )
             yield Mesh(h1, h2, d1, d2, asked)
         finally:
@@ -233,9 +228,9 @@ def test_dns_proxy_answers_mesh_names_and_forwards_others(mesh: Mesh) -> None:
     fwd = query(mesh.h1, "www.example.test", "A")
     assert [r.to_text() for r in fwd.answer[0]] == [FORWARDED_ANSWER]
     assert "www.example.test." in mesh.asked and not any("mesh" in n for n in mesh.asked)
-    assert metric(mesh.d1, "meshd_dns_queries_total", result="mesh") >= 4
-    assert metric(mesh.d1, "meshd_dns_queries_total", result="nxdomain") >= 2
-    assert metric(mesh.d1, "meshd_dns_queries_total", result="forwarded") >= 1
+    assert mesh.d1.metric("meshd_dns_queries_total", result="mesh") >= 4
+    assert mesh.d1.metric("meshd_dns_queries_total", result="nxdomain") >= 2
+    assert mesh.d1.metric("meshd_dns_queries_total", result="forwarded") >= 1
 
 
 def test_unmodified_client_reaches_echo_on_another_host_with_mtls(mesh: Mesh) -> None:
@@ -244,7 +239,7 @@ def test_unmodified_client_reaches_echo_on_another_host_with_mtls(mesh: Mesh) ->
         "destination_workload": "echo",
         "connection_security_policy": "mutual_tls",
     }
-    before = metric(mesh.d2, "istio_tcp_connections_opened_total", **labels)
+    before = mesh.d2.metric("istio_tcp_connections_opened_total", **labels)
     proc = subprocess.run(
         ["ip", "netns", "exec", mesh.h1.ns, sys.executable, "-c", CLIENT],
         capture_output=True,
@@ -255,7 +250,7 @@ def test_unmodified_client_reaches_echo_on_another_host_with_mtls(mesh: Mesh) ->
     assert proc.stdout.strip() == "h2:hello through the mesh"
     vip = mesh.d1.dump()["capture"]["vips"]["echo.default"]
     assert proc.stderr.strip() == vip  # the app dialled the VIP; the mesh carried it
-    assert metric(mesh.d2, "istio_tcp_connections_opened_total", **labels) == before + 1
+    assert mesh.d2.metric("istio_tcp_connections_opened_total", **labels) == before + 1
     line = log_line(
         mesh.d2, rf"connection complete .*reporter=destination .*dst\.addr={mesh.h2.ip}:{ECHO_PORT}"
     )
@@ -264,8 +259,7 @@ def test_unmodified_client_reaches_echo_on_another_host_with_mtls(mesh: Mesh) ->
     src = log_line(mesh.d1, rf"connection complete .*reporter=source .*dst\.addr=echo\.default:{ECHO_PORT}")
     assert "dst.workload=echo" in src, src
     assert (
-        metric(
-            mesh.d1,
+        mesh.d1.metric(
             "istio_tcp_connections_opened_total",
             reporter="source",
             destination_service="echo.default",
@@ -285,9 +279,9 @@ def test_inbound_protection_strict_dropped_permissive_through_15006(mesh: Mesh) 
     assert mesh.h1.call(exchange, (mesh.h1.ip, VAULT_PORT), b"local") == b"h1:local"
     # PERMISSIVE: plaintext from h2 goes through meshd's 15006 (counted, security none).
     labels = {"reporter": "destination", "destination_workload": "web", "connection_security_policy": "none"}
-    before = metric(mesh.d1, "istio_tcp_connections_opened_total", **labels)
+    before = mesh.d1.metric("istio_tcp_connections_opened_total", **labels)
     assert mesh.h2.call(exchange, (mesh.h1.ip, WEB_PORT), b"plain") == b"h1:plain"
-    assert metric(mesh.d1, "istio_tcp_connections_opened_total", **labels) == before + 1
+    assert mesh.d1.metric("istio_tcp_connections_opened_total", **labels) == before + 1
 
 
 def test_table_removed_on_sigterm_and_replaced_after_sigkill(mesh: Mesh) -> None:

@@ -14,9 +14,9 @@ import trio.testing
 from prometheus_client import CollectorRegistry, Counter
 
 from meshd.capture.dns_server import DnsServer, _read_frame, bind_udp_and_tcp, resolv_conf_upstreams
-from meshd.capture.vip import allocate
 from meshd.config.model import DnsConfig
 from meshd.discovery.catalog import ServiceEntry, ServicePortEntry
+from meshd.discovery.vip import allocate
 from meshd.units import Address
 
 SERVICES = {"echo.default": ServiceEntry("echo", "default", (ServicePortEntry(7000, 7000, "tcp"),))}

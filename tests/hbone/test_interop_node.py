@@ -17,7 +17,7 @@ import trio
 from meshd.hbone.server import HboneServer, InboundRequest, ServerReply
 from meshd.hbone.tls import StaticCertificates
 from meshd.identity.ca import LocalCA, write_issued
-from tests.hbone.conftest import CLIENT_ID, SERVER_ID, TD, echo
+from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, echo
 
 NODE = shutil.which("node")
 SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"

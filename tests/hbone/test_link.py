@@ -9,7 +9,7 @@ import trio
 from meshd.hbone._link import HboneLink
 from meshd.hbone.connection import HboneConnection, Role
 from meshd.hbone.wire import Wire
-from tests.hbone.conftest import SERVER_ID
+from tests.support.hbone_mesh import SERVER_ID
 
 
 async def test_unanswered_ping_fails_the_link_after_the_timeout(autojump_clock: trio.abc.Clock) -> None:

@@ -15,7 +15,7 @@ import trio
 from meshd.hbone import pool as pool_module
 from meshd.hbone.server import InboundRequest, ServerReply
 from meshd.hbone.tls import StaticCertificates
-from tests.hbone.conftest import CLIENT_ID, SERVER_ID, echo, running_mesh
+from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, echo, running_mesh
 
 
 @pytest.fixture(autouse=True)

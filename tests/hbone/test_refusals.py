@@ -15,7 +15,7 @@ from meshd.hbone.pool import HbonePool
 from meshd.hbone.tls import ALPN, StaticCertificates, client_context, server_context
 from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
-from tests.hbone.conftest import CLIENT_ID, SERVER_ID, TD, Mesh, certs_of, echo, running_mesh
+from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, Mesh, certs_of, echo, running_mesh
 
 
 async def still_serves(mesh: Mesh) -> None:

@@ -16,7 +16,7 @@ from meshd.hbone.stream import TunnelStream
 from meshd.hbone.tls import StaticCertificates
 from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
-from tests.hbone.conftest import CLIENT_ID, SERVER_ID, TD, echo, running_mesh
+from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, echo, running_mesh
 
 MiB = 1024 * 1024
 
@@ -279,7 +279,7 @@ async def test_context_provider_is_asked_per_connection(
 ) -> None:
     """A renewed certificate applies to the next connection without restarting the server."""
     from meshd.hbone.errors import PeerIdentityError
-    from tests.hbone.conftest import certs_of
+    from tests.support.hbone_mesh import certs_of
 
     renewed_id = SpiffeId(TD, "meshd-system", "node-b-renamed")
     current = {"certs": certs_of(ca.issue(SERVER_ID))}
@@ -324,7 +324,7 @@ async def test_keepalive_pings_keep_a_quiet_connection_up(
 async def test_server_picks_certificate_by_local_ip_and_control_sni(
     ca: LocalCA, client_certs: StaticCertificates
 ) -> None:
-    from tests.hbone.conftest import certs_of
+    from tests.support.hbone_mesh import certs_of
 
     workload_id = SpiffeId(TD, "default", "backend")
     node_ctx = certs_of(ca.issue(SERVER_ID)).server_provider()("")

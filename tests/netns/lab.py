@@ -28,12 +28,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.support.procs import http_get
+from tests.support.procs import http_get, metric_sum
 
 SUBNET = "10.77.0"
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread into the named network namespace (`ip netns add NAME`)."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 class NetnsUnavailable(RuntimeError):
@@ -60,13 +71,7 @@ class Host:
 
         def target() -> None:
             try:
-                fd = os.open(f"/run/netns/{self.ns}", os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns({self.ns}): {os.strerror(err)}")
-                finally:
-                    os.close(fd)
+                enter_netns(self.ns)
                 box["value"] = fn(*args)
             except BaseException as exc:
                 box["error"] = exc
@@ -169,6 +174,10 @@ class NsMeshd:
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def label(self) -> str:
+        return self.host.label
+
+    @property
     def log_path(self) -> Path:
         return self.config.with_suffix(".log")
 
@@ -200,29 +209,13 @@ class NsMeshd:
         assert status == 200, body
         return json.loads(body)  # type: ignore[no-any-return]
 
-    def metric(self, name: str) -> float:
-        _, body = self.host.get("http://127.0.0.1:15020/metrics")
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in body.decode().splitlines()
-            if line.startswith((name + " ", name + "{"))
-        )
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_sum(self.host.get("http://127.0.0.1:15020/metrics")[1], name, **labels)
 
     def stop(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float, *logs: NsMeshd) -> float:
-    """Poll `condition` until true; return the seconds it took. Fails with the daemons' log tails."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    tails = "\n".join(f"--- {d.host.label} ---\n{d.log()[-3000:]}" for d in logs)
-    raise AssertionError(f"{what}: not within {timeout}s\n{tails}")
 
 
 @contextlib.contextmanager

@@ -17,9 +17,10 @@ import pytest
 
 from meshd.identity.ca import LocalCA, write_issued
 from meshd.identity.spiffe import SpiffeId
-from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, exchange, tagged_echo, wait_for
+from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, exchange, tagged_echo
+from tests.support.procs import wait_for
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ECHO_PORT = 7000
 UPSTREAM = ("127.0.0.1", 17000)
@@ -93,7 +94,9 @@ def test_three_hosts_discover_route_and_fail_over(
 
         # (a) every node finds the two others, by mDNS alone (or from the static list)
         for d in all3:
-            took = wait_for(lambda d=d: nodes(d) == ["h1", "h2", "h3"], f"{d.host.label} sees all", 15, *all3)
+            took = wait_for(
+                lambda d=d: nodes(d) == ["h1", "h2", "h3"], *all3, timeout=15, what=f"{d.host.label} sees all"
+            )
             assert took < 15
             peers = d.dump()["peers"]
             assert {p["name"] for p in peers} == {"h1", "h2", "h3"} - {d.host.label}
@@ -112,7 +115,11 @@ def test_three_hosts_discover_route_and_fail_over(
         withdraw_within = 5 if mode == "mdns" else 10
         for d in (d1, d2):
             wait_for(
-                lambda d=d: nodes(d) == ["h1", "h2"], f"{d.host.label} withdraws h3", withdraw_within, d, d3
+                lambda d=d: nodes(d) == ["h1", "h2"],
+                d,
+                d3,
+                timeout=withdraw_within,
+                what=f"{d.host.label} withdraws h3",
             )
         assert served_by(h1, 6) == ["h2"] * 6
         if mode == "mdns":
@@ -135,14 +142,14 @@ def test_rogue_announcer_adds_nothing(lab: Lab, tmp_path: Path, ca: LocalCA) -> 
     )
     for d in (d1, d2):
         d.wait_ready()
-    wait_for(lambda: "announced" in rogue_log.read_text(), "rogue announced", 15, d1)
+    wait_for(lambda: "announced" in rogue_log.read_text(), d1, timeout=15, what="rogue announced")
     assert proc.poll() is None, rogue_log.read_text()
 
     def rogue_tried(d: NsMeshd) -> bool:
         return any(p["address"] == f"{rogue.ip}:15008" and p["last_error"] for p in d.dump()["peers"])
 
     for d in (d1, d2):
-        wait_for(lambda d=d: nodes(d) == ["h1", "h2"] and rogue_tried(d), "rogue tried", 15, d)
+        wait_for(lambda d=d: nodes(d) == ["h1", "h2"] and rogue_tried(d), d, timeout=15, what="rogue tried")
         dump = d.dump()
         rogue_peer = next(p for p in dump["peers"] if p["address"] == f"{rogue.ip}:15008")
         assert rogue_peer["how"] == "mdns" and rogue_peer["name"] is None

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import socket
 
-from tests.node.test_node_e2e import Mesh, mesh, recv_all, recv_until_closed, wait_for
-from tests.support.procs import http_get
+from tests.support.mesh import NodePair
+from tests.support.procs import http_get, wait_for
+from tests.support.sockets import recv_all, recv_until_closed
 
-__all__ = ["mesh"]  # the fixture
 
-
-def test_in_flight_transfer_completes_across_sigterm(mesh: Mesh) -> None:
+def test_in_flight_transfer_completes_across_sigterm(mesh: NodePair) -> None:
     assert mesh.beta.proc is not None
     with mesh.connect() as s:
         s.settimeout(20)

@@ -33,7 +33,7 @@ from meshd.identity.ca import IssuedCert, LocalCA
 from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, http_get, running, unique_loopback
+from tests.support.procs import Meshd, running, unique_loopback
 
 TD = "home.arpa"
 CLIENT = SpiffeId(TD, "default", "client")
@@ -113,15 +113,6 @@ async def wait_log(beta: Beta, mark: int, text: str) -> None:
     """The daemon logs a refusal after the client has given up; poll its log (bounded by the caller)."""
     while text not in beta.log_since(mark):
         await trio.sleep(0.02)
-
-
-def metric(daemon: Meshd, name: str, **labels: str) -> float:
-    _, body = http_get(daemon.metrics_url)
-    total = 0.0
-    for line in body.decode().splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # ---- refused at the TLS layer ----------------------------------------------------------------------
@@ -224,7 +215,7 @@ async def test_client_refuses_a_server_with_the_wrong_identity(beta: Beta) -> No
 
 
 async def test_connect_to_a_port_without_workload_is_503_and_counted(beta: Beta) -> None:
-    before = metric(beta.daemon, "meshd_tcp_connections_failed_total", reporter="destination", reason="NR")
+    before = beta.daemon.metric("meshd_tcp_connections_failed_total", reporter="destination", reason="NR")
     with trio.fail_after(TIMEOUT):
         async with running_pool(certs(beta.ca.issue(CLIENT)).client_provider()) as pool:
             with pytest.raises(TunnelRefused) as refused:
@@ -237,7 +228,7 @@ async def test_connect_to_a_port_without_workload_is_503_and_counted(beta: Beta)
             # The refusals cost a stream each, not the connection: it still carries tunnels.
             assert await echo_once(pool, beta, b"after 503") == b"after 503"
             assert pool.statistics().connects == 1
-    after = metric(beta.daemon, "meshd_tcp_connections_failed_total", reporter="destination", reason="NR")
+    after = beta.daemon.metric("meshd_tcp_connections_failed_total", reporter="destination", reason="NR")
     assert after == before + 2
 
 

@@ -12,7 +12,6 @@ processes started from there, live in the namespace; the rest of the test stays 
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import re
 import secrets
@@ -30,12 +29,12 @@ import pytest
 
 from meshd.identity.ca import LocalCA
 from meshd.tools.echo import echo_server
-from tests.support.procs import Meshd, http_get
+from tests.netns.lab import enter_netns
+from tests.support.procs import Meshd, http_get, metric_sum
 
 pytestmark = pytest.mark.netns
 
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 TIMEOUT = 20.0
 MESHD_IP = "127.0.0.1"  # inside the namespace; REDIRECT sends captured connections to 127.0.0.1
 ECHO = ("127.0.0.3", 7000)  # PERMISSIVE
@@ -71,14 +70,7 @@ class Netns:
         self.call(self._enter)
 
     def _enter(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({self.name}): {os.strerror(err)}")
-        finally:
-            os.close(fd)
+        enter_netns(self.name)
 
     def call(self, fn: Callable[..., T], *args: Any, timeout: float = 2 * TIMEOUT) -> T:
         """Run fn inside the namespace (sockets it opens and processes it starts stay there)."""
@@ -94,14 +86,7 @@ class Beta:
     daemon: Meshd
 
     def metric(self, name: str, **labels: str) -> float:
-        _, body = self.ns.call(http_get, self.daemon.metrics_url)
-        total = 0.0
-        for line in body.decode().splitlines():
-            if line.startswith((name + "{", name + " ")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()
-            ):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(self.ns.call(http_get, self.daemon.metrics_url)[1], name, **labels)
 
     def wait_log(self, pattern: str) -> str:
         """The access-log line matching pattern (meshd logs it as the connection ends; bounded)."""

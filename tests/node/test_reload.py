@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import socket
 
-from tests.node.test_node_e2e import Mesh, mesh, metric, recv_all, round_trip, wait_for
-from tests.support.procs import http_get
+from tests.support.mesh import NodePair
+from tests.support.procs import http_get, wait_for
+from tests.support.sockets import recv_all, send_and_read
 
-__all__ = ["mesh"]  # the fixture
 
-
-def test_config_edit_adds_an_upstream_and_keeps_open_connections(mesh: Mesh) -> None:
+def test_config_edit_adds_an_upstream_and_keeps_open_connections(mesh: NodePair) -> None:
     host, port = mesh.upstream
     with mesh.connect() as held:
         held.settimeout(20)
@@ -34,24 +33,24 @@ def test_config_edit_adds_an_upstream_and_keeps_open_connections(mesh: Mesh) -> 
         held.sendall(b"still open")  # the reload did not cut the connection in flight
         held.shutdown(socket.SHUT_WR)
         assert recv_all(held) == b"still open"
-    assert round_trip(mesh, b"first upstream") == b"first upstream"  # not rebound, still serving
-    assert metric(mesh.alpha, "meshd_config_reloads_total", result="success") >= 1
+    assert send_and_read(mesh.upstream, b"first upstream") == b"first upstream"  # not rebound, still serving
+    assert mesh.alpha.metric("meshd_config_reloads_total", result="success") >= 1
     assert "config and policy reloaded" in mesh.alpha.log()
 
 
-def test_bad_edit_is_refused_and_changes_nothing(mesh: Mesh) -> None:
+def test_bad_edit_is_refused_and_changes_nothing(mesh: NodePair) -> None:
     text = mesh.alpha.config.read_text()
     mesh.alpha.config.write_text(text + "[[upstream]]\nservice = 'echo'\nport = 'seven'\n")
-    wait_for(lambda: metric(mesh.alpha, "meshd_config_reloads_total", result="failure") >= 1, mesh.alpha)
+    wait_for(lambda: mesh.alpha.metric("meshd_config_reloads_total", result="failure") >= 1, mesh.alpha)
     bad_line = len(text.splitlines()) + 3
     assert f"{mesh.alpha.config}:{bad_line}: upstream[1].port must be an integer" in mesh.alpha.log()
-    assert round_trip(mesh, b"unchanged") == b"unchanged"
+    assert send_and_read(mesh.upstream, b"unchanged") == b"unchanged"
     assert http_get(mesh.alpha.readiness_url)[0] == 200
 
 
-def test_restart_only_keys_are_kept_and_reported(mesh: Mesh) -> None:
+def test_restart_only_keys_are_kept_and_reported(mesh: NodePair) -> None:
     text = mesh.alpha.config.read_text()
     mesh.alpha.config.write_text(text.replace('node_name = "alpha"', 'node_name = "renamed"'))
     wait_for(lambda: "takes effect after a restart" in mesh.alpha.log(), mesh.alpha)
     assert "'node_name' changed" in mesh.alpha.log()
-    assert round_trip(mesh, b"same node") == b"same node"
+    assert send_and_read(mesh.upstream, b"same node") == b"same node"

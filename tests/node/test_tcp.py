@@ -7,7 +7,7 @@ import socket
 import trio
 import trio.testing
 
-from meshd.node.pump import pump
+from meshd.dataplane.pump import pump
 from meshd.node.tcp import TcpStream
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from meshd.observe.accesslog import WorkloadLabels
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, node_config
 from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
+from tests.support.sockets import send_and_read
 
 WEB_PORT, BATCH_PORT = 17100, 17101
 
@@ -31,16 +31,7 @@ class Pair:
     alpha_ip: str
 
     def round_trip(self, port: int, data: bytes) -> bytes:
-        with socket.create_connection((self.alpha_ip, port), timeout=10) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            out = bytearray()
-            try:
-                while chunk := s.recv(1 << 16):
-                    out += chunk
-            except ConnectionResetError:
-                return b""
-            return bytes(out)
+        return send_and_read((self.alpha_ip, port), data)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from meshd.plugins import hookimpl, hookspecs
 from meshd.plugins.filters import Filter, FilterType, HttpRequest, LocalResponse
 from meshd.plugins.manager import PluginError, filter_types, make_plugin_manager, plugin_infos
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def test_every_hookspec_is_prefixed_documented_and_tested() -> None:

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from meshd.identity.ca import LocalCA
-from tests.conftest import REPO
 from tests.support.configs import node_config
+from tests.support.paths import REPO
 from tests.support.procs import Meshd, http_get, meshd_cli, wait_for
 
 EXAMPLE = REPO / "examples" / "plugins" / "meshd-hello"

@@ -4,19 +4,17 @@ build/reliability.json, from which scripts/reliability_report.py renders docs/re
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from fuzz.targets import TARGETS
+from tests.support.paths import REPO
+from tests.support.reliability import Record
 
-REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "build" / "reliability.json"
 _faults: list[dict[str, Any]] = []
-
-Record = Callable[..., None]
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ from meshd.discovery.catalog import MAX_CATALOG_BYTES
 from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
-from tests.node.test_node_e2e import metric, wait_for
-from tests.reliability.conftest import Record
 from tests.reliability.fake_peer import FakePeer
 from tests.reliability.load import round_trip
-from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, http_get, running, unique_loopback
+from tests.support.configs import ECHO_PORT
+from tests.support.mesh import Mesh, Upstream, client_host, echo_host
+from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
+from tests.support.reliability import Record
 
 TD = "home.arpa"
 UPSTREAM_PORT = 17000
@@ -55,25 +55,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("badcatalog")
     ca = LocalCA.init(tmp / "ca", TD)
     a_ip, b_ip, m_ip = unique_loopback(), unique_loopback(), unique_loopback()
-    alpha_cfg = node_config(
-        tmp / "alpha.toml",
-        "alpha",
-        tmp / "ca",
-        peers=[f"{b_ip}:15008", f"{m_ip}:15008"],
-        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
-        f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{a_ip}:{UPSTREAM_PORT}"\n',
-    )
-    beta_cfg = node_config(
-        tmp / "beta.toml", "beta", tmp / "ca", peers=[f"{a_ip}:15008"], body=echo_workload(b_ip)
+    nodes = Mesh(
+        tmp,
+        [
+            client_host(
+                "alpha",
+                a_ip,
+                Upstream("echo.default", ECHO_PORT, f"{a_ip}:{UPSTREAM_PORT}"),
+                more_peers=[f"{m_ip}:15008"],
+            ),
+            echo_host("beta", b_ip, ECHO_PORT),
+        ],
     )
     mallory = FakePeer(m_ip, ca.issue(SpiffeId.node(TD, "mallory")), TD)
     mallory.set(b"not yet")
-    with (
-        mallory,
-        echo_server(b_ip, ECHO_PORT),
-        running(Meshd(beta_cfg, b_ip)) as beta,
-        running(Meshd(alpha_cfg, a_ip)) as alpha,
-    ):
+    with mallory, echo_server(b_ip, ECHO_PORT), nodes.running():
+        alpha, beta = nodes["alpha"], nodes["beta"]
         w = World(alpha, beta, mallory, (a_ip, UPSTREAM_PORT), tmp)
         wait_for(lambda: w.dump()["catalog"]["nodes"] == ["alpha", "beta"], alpha)
         yield w
@@ -115,12 +112,12 @@ def healthy(w: World) -> None:
 
 def serve_and_expect_refusal(w: World, body: bytes | None, error: str, *, endless: bool = False) -> None:
     """Serve a bad catalog until alpha has fetched and refused it; nothing of it enters."""
-    before = metric(w.alpha, FAILURES)
+    before = w.alpha.metric(FAILURES)
     served = w.mallory.set(body, endless=endless)
     wait_for(
         lambda: (
             w.mallory.served >= served + 1
-            and metric(w.alpha, FAILURES) >= before + 1
+            and w.alpha.metric(FAILURES) >= before + 1
             and error in (w.mallory_peer()["last_error"] or "")
         ),
         w.alpha,

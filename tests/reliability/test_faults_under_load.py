@@ -25,13 +25,12 @@ from meshd.hbone.tls import client_context
 from meshd.identity.ca import LocalCA, write_issued
 from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
-from tests.node.test_node_e2e import metric, wait_for
-from tests.reliability.conftest import Record
 from tests.reliability.load import Load, round_trip, start_load
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, running, unique_loopback
+from tests.support.procs import Meshd, running, unique_loopback, wait_for
+from tests.support.reliability import Record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TD = "home.arpa"
 CLIENT = SpiffeId(TD, "default", "client")
@@ -163,8 +162,8 @@ class Prober:
 
 
 def test_policy_reload_every_100ms_under_load(mesh: Mesh, record: Record) -> None:
-    before = metric(mesh.beta, "meshd_config_reloads_total", result="success")
-    failed_before = metric(mesh.beta, "meshd_config_reloads_total", result="failure")
+    before = mesh.beta.metric("meshd_config_reloads_total", result="success")
+    failed_before = mesh.beta.metric("meshd_config_reloads_total", result="failure")
     load = start_load(
         [
             ("beta-1", mesh.to_beta),
@@ -185,7 +184,7 @@ def test_policy_reload_every_100ms_under_load(mesh: Mesh, record: Record) -> Non
         time.sleep(0.1)  # the fault's cadence, not a wait for readiness
     probe.stop()
     load.stop()
-    applied = metric(mesh.beta, "meshd_config_reloads_total", result="success") - before
+    applied = mesh.beta.metric("meshd_config_reloads_total", result="success") - before
     failed = [t for t in load.transfers if not t.completed]
     lost = _lost_if_all_must_complete(load)
     record(
@@ -201,7 +200,7 @@ def test_policy_reload_every_100ms_under_load(mesh: Mesh, record: Record) -> Non
     assert not failed, load.report()
     assert load.corrupted == 0 and lost == 0
     assert probe.failed == 0 and probe.ok > 0, (probe.ok, probe.failed, mesh.beta.log()[-3000:])
-    assert applied >= 1 and metric(mesh.beta, "meshd_config_reloads_total", result="failure") == failed_before
+    assert applied >= 1 and mesh.beta.metric("meshd_config_reloads_total", result="failure") == failed_before
     assert mesh.alpha.proc is not None and mesh.alpha.proc.poll() is None
 
 

@@ -26,10 +26,10 @@ from meshd.hbone.tls import StaticCertificates
 from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
-from tests.reliability.conftest import Record
 from tests.reliability.hostile import RawPeer
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
 from tests.support.procs import Meshd, running, unique_loopback
+from tests.support.reliability import Record
 
 TD = "home.arpa"
 CLIENT = SpiffeId(TD, "default", "client")

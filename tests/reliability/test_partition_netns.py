@@ -17,11 +17,12 @@ import pytest
 
 from meshd.identity.ca import LocalCA
 from meshd.tools.echo import echo_server
-from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, ip, wait_for
-from tests.reliability.conftest import Record
+from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, ip
 from tests.reliability.load import round_trip, start_load
+from tests.support.procs import wait_for
+from tests.support.reliability import Record
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ECHO_PORT = 7000
 UPSTREAM = ("127.0.0.1", 17000)
@@ -99,8 +100,10 @@ def test_partition_and_healing_under_load(lab: Lab, tmp_path: Path, ca: LocalCA,
             d.start()
         for d in (d1, d2):
             d.wait_ready()
-        wait_for(lambda: nodes(d1) == ["h1", "h2"], "h1 sees h2", 15, d1, d2)
-        wait_for(lambda: round_trip(connect, b"hello") == b"hello", "traffic h1 -> h2", 15, d1, d2)
+        wait_for(lambda: nodes(d1) == ["h1", "h2"], d1, d2, timeout=15, what="h1 sees h2")
+        wait_for(
+            lambda: round_trip(connect, b"hello") == b"hello", d1, d2, timeout=15, what="traffic h1 -> h2"
+        )
         pids = [d.proc.pid for d in (d1, d2) if d.proc]
 
         load = start_load([("h1->h2 #1", connect), ("h1->h2 #2", connect)], rate=2e6, timeout=40.0)
@@ -109,7 +112,9 @@ def test_partition_and_healing_under_load(lab: Lab, tmp_path: Path, ca: LocalCA,
         ip("-n", lab.bridge_ns, "link", "set", "v2", "down")  # the partition
         cut = time.monotonic()
         during = TimedProbe(connect)
-        withdrawn = wait_for(lambda: nodes(d1) == ["h1"], "h1 withdraws h2", PEER_TIMEOUT + 10, d1)
+        withdrawn = wait_for(
+            lambda: nodes(d1) == ["h1"], d1, timeout=PEER_TIMEOUT + 10, what="h1 withdraws h2"
+        )
         after_withdrawal = TimedProbe(connect)  # no endpoint left: refused at once
         after_withdrawal.join()
         assert d2.proc is not None and d2.proc.poll() is None
@@ -117,8 +122,14 @@ def test_partition_and_healing_under_load(lab: Lab, tmp_path: Path, ca: LocalCA,
         ip("-n", lab.bridge_ns, "link", "set", "v2", "up")  # healing
         healed = time.monotonic()
         partition_s = healed - cut
-        wait_for(lambda: nodes(d1) == ["h1", "h2"], "h1 sees h2 again", 15, d1, d2)
-        wait_for(lambda: round_trip(connect, b"again") == b"again", "traffic after healing", 15, d1, d2)
+        wait_for(lambda: nodes(d1) == ["h1", "h2"], d1, d2, timeout=15, what="h1 sees h2 again")
+        wait_for(
+            lambda: round_trip(connect, b"again") == b"again",
+            d1,
+            d2,
+            timeout=15,
+            what="traffic after healing",
+        )
         recovered = time.monotonic() - healed
         # The connection opened during the partition rode the pooled HBONE connection: it either
         # resumes after healing or fails when that connection is declared dead (ping timeout).

@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from meshd.identity.ca import LocalCA
-from tests.node.test_node_e2e import wait_for
-from tests.reliability.conftest import Record
-from tests.support.configs import node_config
 from tests.support.http_backend import Backend, http_backend
-from tests.support.procs import Meshd, unique_loopback
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.procs import Meshd, unique_loopback, wait_for
+from tests.support.reliability import Record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PORT = 9080
 UPSTREAM = 17080
@@ -38,7 +36,7 @@ class Outcome:
 
 
 @dataclass
-class Mesh:
+class WaypointPath:
     alpha: Meshd
     beta: Meshd
     wp: Meshd
@@ -46,7 +44,7 @@ class Mesh:
     backend: Backend
 
 
-def get(mesh: Mesh, path: str) -> Outcome:
+def get(mesh: WaypointPath, path: str) -> Outcome:
     """One request on a new connection (so a result belongs to this request alone)."""
     started = time.monotonic()
     conn = http.client.HTTPConnection(*mesh.http, timeout=CLIENT_TIMEOUT)
@@ -64,7 +62,7 @@ def get(mesh: Mesh, path: str) -> Outcome:
 
 @dataclass
 class HttpLoad:
-    mesh: Mesh
+    mesh: WaypointPath
     workers: int = 4
     outcomes: list[Outcome] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -99,48 +97,34 @@ class HttpLoad:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointPath]:
     tmp = tmp_path_factory.mktemp("wprestart")
-    LocalCA.init(tmp / "ca", "home.arpa")
-    a_ip, b_ip, w_ip, r_ip = (unique_loopback() for _ in range(4))
-    alpha_cfg = node_config(
-        tmp / "alpha.toml",
-        "alpha",
-        tmp / "ca",
-        peers=[f"{b_ip}:15008", f"{w_ip}:15008"],
-        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
-        f'[[upstream]]\nservice = "reviews.default"\nport = {PORT}\nlisten = "{a_ip}:{UPSTREAM}"\n',
+    a_ip, r_ip = unique_loopback(), unique_loopback()
+    nodes = Mesh(
+        tmp,
+        [
+            client_host(
+                "alpha",
+                a_ip,
+                Upstream("reviews.default", PORT, f"{a_ip}:{UPSTREAM}"),
+            ),
+            Host(
+                "beta",
+                workloads=[
+                    Workload("reviews-v1", r_ip, [PORT], services=["reviews"], service_account="reviews")
+                ],
+                services=[Service("reviews", [Port(PORT, "http")], waypoint="wp")],
+            ),
+            Host("wp", role="waypoint"),
+        ],
     )
-    beta_cfg = node_config(
-        tmp / "beta.toml",
-        "beta",
-        tmp / "ca",
-        peers=[f"{a_ip}:15008", f"{w_ip}:15008"],
-        body=f'[[workload]]\nname = "reviews-v1"\nservice_account = "reviews"\naddress = "{r_ip}"\n'
-        f'ports = [{PORT}]\nservices = ["reviews"]\n'
-        f'[[service]]\nname = "reviews"\nwaypoint = "wp"\nports = [{{ port = {PORT}, protocol = "http" }}]\n',
-    )
-    wp_cfg = node_config(tmp / "wp.toml", "wp", tmp / "ca", peers=[f"{a_ip}:15008", f"{b_ip}:15008"])
-    wp_cfg.write_text('role = "waypoint"\n' + wp_cfg.read_text())
-    with http_backend("reviews-v1", r_ip, PORT) as backend:
-        daemons = [Meshd(beta_cfg, b_ip), Meshd(alpha_cfg, a_ip), Meshd(wp_cfg, w_ip)]
-        beta, alpha, wp = daemons
-        m = Mesh(alpha, beta, wp, (a_ip, UPSTREAM), backend)
-        try:
-            for d in daemons:
-                d.start()
-            for d in daemons:
-                d.wait_ready()
-            wait_for(lambda: get(m, "/warm").status == 200, alpha)
-            yield m
-        finally:
-            for d in daemons:
-                if d.proc is not None and d.proc.poll() is None:
-                    d.proc.kill()
-                    d.proc.wait()
+    with http_backend("reviews-v1", r_ip, PORT) as backend, nodes.running():
+        m = WaypointPath(nodes["alpha"], nodes["beta"], nodes["wp"], (a_ip, UPSTREAM), backend)
+        wait_for(lambda: get(m, "/warm").status == 200, m.alpha)
+        yield m
 
 
-def test_waypoint_sigkilled_and_restarted_under_http_load(mesh: Mesh, record: Record) -> None:
+def test_waypoint_sigkilled_and_restarted_under_http_load(mesh: WaypointPath, record: Record) -> None:
     pids = {d.config.stem: d.proc.pid for d in (mesh.alpha, mesh.beta) if d.proc}
     load = HttpLoad(mesh).start()
     wait_for(lambda: load.ok() >= 20, mesh.alpha)
@@ -182,7 +166,7 @@ def test_waypoint_sigkilled_and_restarted_under_http_load(mesh: Mesh, record: Re
     assert same
 
 
-def test_waypoint_drained_with_sigterm_under_http_load(mesh: Mesh, record: Record) -> None:
+def test_waypoint_drained_with_sigterm_under_http_load(mesh: WaypointPath, record: Record) -> None:
     load = HttpLoad(mesh).start()
     wait_for(lambda: load.ok() >= 20, mesh.alpha)
     slow: list[Outcome] = []

@@ -3,33 +3,14 @@ enroll with one-time tokens (`meshd enroll`) and get their certificates by CSR o
 
 from __future__ import annotations
 
-import json
-import socket
 from pathlib import Path
 
 from meshd.identity.ca import LocalCA
 from tests.support.configs import ECHO_PORT, echo_workload
-from tests.support.procs import Meshd, http_get, meshd_cli, unique_loopback, wait_for
+from tests.support.mesh import knows
+from tests.support.procs import Meshd, meshd_cli, unique_loopback, wait_for
 
 UPSTREAM_PORT = 17000
-
-
-def catalog_has(daemon: Meshd, service: str) -> bool:
-    status, body = http_get(daemon.admin_url + "/config_dump")
-    return status == 200 and service in json.loads(body)["catalog"]["services"]
-
-
-def echo_through(address: tuple[str, int], data: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-        return out
 
 
 class Hosts:
@@ -77,5 +58,5 @@ class Hosts:
         node = Meshd(cfg, ip)
         self.daemons.append(node)
         node.start().wait_ready()
-        wait_for(lambda: catalog_has(node, "echo.default"), node)
+        wait_for(lambda: knows(node, services=["echo.default"]), node)
         return node

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
+
+from meshd.identity.ca import LocalCA
+from tests.support.paths import REPO
+from tests.support.procs import Meshd
 
 ECHO_PORT = 7000
 
@@ -37,4 +42,14 @@ def echo_workload(ip: str, port: int = ECHO_PORT) -> str:
     return (
         f'[[workload]]\nname = "echo"\naddress = "{ip}"\nports = [{port}]\nservices = ["echo"]\n'
         f'[[service]]\nname = "echo"\nports = [{{ port = {port} }}]\n'
+    )
+
+
+def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
+    """configs/meshd.toml as shipped, on its own loopback address and the CA `ca` made at tmp_path/ca."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    return Meshd(
+        tmp_path / "configs" / "meshd.toml",
+        ip,
+        [f"identity.ca_dir={tmp_path / 'ca'}", f"node_name=n{ip.replace('.', '-')}", *extra],
     )

@@ -20,9 +20,10 @@ import os
 import re
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.procs import wait_for
 
 CACHE = Path(os.environ.get("MESHD_TEST_CACHE", "/var/cache/meshd-tests"))
 SUITE = "bookworm"
@@ -91,15 +92,6 @@ def cached_root() -> Path:
     return root
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
-
-
 class Container:
     """One booted bookworm host: an overlay of the cached root, systemd as its PID 1."""
 
@@ -131,8 +123,8 @@ class Container:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_until(f"{self.name}: systemd as the container's PID 1", self._find_pid1, 30)
-        wait_until(f"{self.name}: is-system-running", self._booted, 90, 0.5)
+        wait_for(self._find_pid1, timeout=30, what=f"{self.name}: systemd as the container's PID 1")
+        wait_for(self._booted, timeout=90, interval=0.5, what=f"{self.name}: is-system-running")
 
     def _find_pid1(self) -> bool:
         assert self.proc is not None

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 _counter = itertools.count(1)
 
@@ -41,6 +42,15 @@ def http_post(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def metric_sum(exposition: bytes, name: str, **labels: str) -> float:
+    """The sum of the samples of metric `name` that carry `labels`, in a Prometheus exposition."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in exposition.decode().splitlines()
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
 @dataclass
 class Meshd:
     """One `meshd run` subprocess. Addresses come from its own config (ip = the loopback it uses)."""
@@ -54,6 +64,10 @@ class Meshd:
     wrapper: Sequence[str] = ()  # a command prefix, e.g. read_only_mount(...)
     port_offset: int = 0  # added to every listener's port: two daemons on one IP
     set_plaintext: bool = True  # False: listen.plaintext keeps its default (beside listen.hbone)
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.stem} ({self.ip})"
 
     def port(self, default: int) -> int:
         return default + self.port_offset
@@ -106,14 +120,7 @@ class Meshd:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples that carry `labels`, from /metrics."""
-        _, body = http_get(self.metrics_url)
-        total = 0.0
-        for line in body.decode().splitlines():
-            if line.startswith((name + "{", name + " ")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()
-            ):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(http_get(self.metrics_url)[1], name, **labels)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -161,14 +168,30 @@ def meshd_cli(
     )
 
 
-def wait_for(condition: Callable[[], object], daemon: Meshd, timeout: float = 15.0) -> None:
-    """Poll `condition` until true; fail with the daemon's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+class HasLog(Protocol):
+    """A daemon whose log a failed wait shows: `Meshd`, a netns lab's `NsMeshd`, a container."""
+
+    @property
+    def label(self) -> str: ...
+    def log(self) -> str: ...
+
+
+def wait_for(
+    condition: Callable[[], object],
+    *logs: HasLog,
+    timeout: float = 15.0,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> float:
+    """Poll `condition` until it is true and return the seconds that took: the one wait the tests use
+    instead of a sleep. On timeout, fail with `what` and the tail of each daemon's log."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
         if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s:\n{daemon.log()[-4000:]}")
+            return time.monotonic() - start
+        time.sleep(interval)
+    tails = "".join(f"\n--- {d.label} ---\n{d.log()[-4000:]}" for d in logs)
+    raise AssertionError(f"{what} not met within {timeout}s{tails}")
 
 
 @contextmanager

@@ -9,7 +9,6 @@ bytes (no protobuf): the generic handlers of grpcio pass them through unserializ
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
@@ -19,13 +18,11 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
+import grpc  # a test dependency (pyproject's test extra): missing, the module fails, never skips
 import pytest
 
-grpc = pytest.importorskip("grpc")
-
-from meshd.identity.ca import LocalCA  # noqa: E402
-from tests.support.configs import node_config  # noqa: E402
-from tests.support.procs import Meshd, http_get, unique_loopback, wait_for  # noqa: E402
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.procs import Meshd, unique_loopback, wait_for
 
 GRPC_PORT = 50051
 GRPC_UPSTREAM = 17093
@@ -92,11 +89,6 @@ class _Servicer:
         return b"should never be reached"
 
 
-def _knows(d: Meshd, services: set[str], nodes: set[str]) -> bool:
-    catalog = json.loads(http_get(d.admin_url + "/config_dump")[1])["catalog"]
-    return services <= set(catalog["services"]) and nodes <= set(catalog["nodes"])
-
-
 @dataclass
 class GrpcMesh:
     alpha: Meshd
@@ -108,33 +100,23 @@ class GrpcMesh:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcMesh]:
     tmp = tmp_path_factory.mktemp("grpc")
-    LocalCA.init(tmp / "ca", "home.arpa")
-    a_ip, b_ip, w_ip, g_ip = (unique_loopback() for _ in range(4))
-    alpha_cfg = node_config(
-        tmp / "alpha.toml",
-        "alpha",
-        tmp / "ca",
-        peers=[f"{b_ip}:15008", f"{w_ip}:15008"],
-        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
-        f'[[upstream]]\nservice = "grpc.default"\nport = {GRPC_PORT}\nlisten = "{a_ip}:{GRPC_UPSTREAM}"\n',
+    a_ip, g_ip = unique_loopback(), unique_loopback()
+    mesh = Mesh(
+        tmp,
+        [
+            client_host(
+                "alpha",
+                a_ip,
+                Upstream("grpc.default", GRPC_PORT, f"{a_ip}:{GRPC_UPSTREAM}"),
+            ),
+            Host(
+                "beta",
+                workloads=[Workload("grpc-server", g_ip, [GRPC_PORT], services=["grpc"])],
+                services=[Service("grpc", [Port(GRPC_PORT, "grpc")], waypoint="wp")],
+            ),
+            Host("wp", role="waypoint", policy={"routes.toml": POLICY}),
+        ],
     )
-    beta_cfg = node_config(
-        tmp / "beta.toml",
-        "beta",
-        tmp / "ca",
-        peers=[f"{a_ip}:15008", f"{w_ip}:15008"],
-        body=f'[[workload]]\nname = "grpc-server"\naddress = "{g_ip}"\nports = [{GRPC_PORT}]\nservices = ["grpc"]\n'
-        f'[[service]]\nname = "grpc"\nwaypoint = "wp"\nports = [{{ port = {GRPC_PORT}, protocol = "grpc" }}]\n',
-    )
-    wp_cfg = node_config(
-        tmp / "wp.toml",
-        "wp",
-        tmp / "ca",
-        peers=[f"{a_ip}:15008", f"{b_ip}:15008"],
-        policy_dir=tmp / "wp-policy",
-    )
-    wp_cfg.write_text('role = "waypoint"\n' + wp_cfg.read_text())
-    (tmp / "wp-policy" / "routes.toml").write_text(POLICY)
 
     servicer = _Servicer()
     handlers = {
@@ -156,25 +138,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcMesh]:
     )
     assert server.add_insecure_port(f"{g_ip}:{GRPC_PORT}") == GRPC_PORT
     server.start()
-    beta, alpha, wp = Meshd(beta_cfg, b_ip), Meshd(alpha_cfg, a_ip), Meshd(wp_cfg, w_ip)
-    daemons = [beta, alpha, wp]
     try:
-        for d in daemons:
-            d.start()
-        for d in daemons:
-            d.wait_ready()
+        mesh.start()
         # Each daemon's merged catalog must hold what its part of the path needs (beta admits wp's
         # tunnels only once it knows wp as a waypoint).
-        wait_for(lambda: _knows(alpha, {"grpc.default"}, {"wp"}), alpha)
-        wait_for(lambda: _knows(wp, {"grpc.default"}, {"beta"}), wp)
-        wait_for(lambda: _knows(beta, set(), {"wp"}), beta)
-        yield GrpcMesh(alpha, wp, f"{a_ip}:{GRPC_UPSTREAM}", servicer)
+        mesh.wait_knows("alpha", services=["grpc.default"], nodes=["wp"])
+        mesh.wait_knows("wp", services=["grpc.default"], nodes=["beta"])
+        mesh.wait_knows("beta", nodes=["wp"])
+        yield GrpcMesh(mesh["alpha"], mesh["wp"], f"{a_ip}:{GRPC_UPSTREAM}", servicer)
     finally:
         server.stop(None)
-        for d in daemons:
-            if d.proc is not None and d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
+        mesh.stop()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshd.capture.vip import allocate
+from meshd.discovery.vip import allocate
 from meshd.hbone.errors import TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.tls import StaticCertificates
@@ -27,11 +27,11 @@ from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
 from meshd.waypoint.hairpin import claim_headers
-from tests.node.test_node_e2e import metric, recv_until_closed, wait_for
-from tests.support.configs import node_config
 from tests.support.h2_client import H2Request, h2_exchange
 from tests.support.http_backend import Backend, http_backend
-from tests.support.procs import Meshd, http_get, unique_loopback
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump
+from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
+from tests.support.sockets import recv_until_closed
 
 REVIEWS_PORT = 9080
 ECHO_PORT = 7000
@@ -138,7 +138,7 @@ def install_boom_plugin(site: Path) -> None:
 
 
 @dataclass
-class Mesh:
+class WaypointMesh:
     alpha: Meshd
     beta: Meshd
     wp: Meshd
@@ -169,116 +169,95 @@ def request(
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
 
 
-def dump(d: Meshd) -> dict[str, object]:
-    result: dict[str, object] = json.loads(http_get(d.admin_url + "/config_dump")[1])
-    return result
-
-
-def knows(d: Meshd, *, services: tuple[str, ...] = (), nodes: tuple[str, ...] = ()) -> bool:
-    catalog = dump(d)["catalog"]
-    assert isinstance(catalog, dict)
-    return set(services) <= set(catalog["services"]) and set(nodes) <= set(catalog["nodes"])
-
-
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
     tmp = tmp_path_factory.mktemp("waypoint")
-    LocalCA.init(tmp / "ca", "home.arpa")
-    a_ip, b_ip, w_ip, r1_ip, r2_ip, rt_ip, dt_ip = (unique_loopback() for _ in range(7))
-    alpha_cfg = node_config(
-        tmp / "alpha.toml",
-        "alpha",
-        tmp / "ca",
-        peers=[f"{b_ip}:15008", f"{w_ip}:15008"],
-        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
-        f'[[upstream]]\nservice = "reviews.default"\nport = {REVIEWS_PORT}\nlisten = "{a_ip}:{HTTP_UPSTREAM}"\n'
-        f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{a_ip}:{TCP_UPSTREAM}"\n'
-        f'[[upstream]]\nservice = "bypass.default"\nport = 9081\nlisten = "{a_ip}:{BYPASS_UPSTREAM}"\n'
-        f'[[upstream]]\nservice = "ratings.apps"\nport = 80\nlisten = "{a_ip}:{RATINGS_UPSTREAM}"\n'
-        f'[[upstream]]\nservice = "details.apps"\nport = 80\nlisten = "{a_ip}:{DETAILS_UPSTREAM}"\n',
-    )
-    beta_cfg = node_config(
-        tmp / "beta.toml",
-        "beta",
-        tmp / "ca",
-        peers=[f"{a_ip}:15008", f"{w_ip}:15008"],
-        body=(
-            f'[[workload]]\nname = "reviews-v1"\nservice_account = "reviews"\naddress = "{r1_ip}"\n'
-            f'ports = [{REVIEWS_PORT}]\nservices = ["reviews", "bypass"]\nlabels = {{ version = "v1" }}\n'
-            f'[[workload]]\nname = "reviews-v2"\nservice_account = "reviews"\naddress = "{r2_ip}"\n'
-            f'ports = [{REVIEWS_PORT}]\nservices = ["reviews"]\nlabels = {{ version = "v2" }}\n'
-            f'[[workload]]\nname = "echo"\naddress = "{b_ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
-            f'[[service]]\nname = "reviews"\nwaypoint = "wp"\n'
-            f'ports = [{{ port = {REVIEWS_PORT}, protocol = "http" }}]\n'
-            f'[[service]]\nname = "echo"\nwaypoint = "wp"\nports = [{{ port = {ECHO_PORT} }}]\n'
-            f'[[service]]\nname = "bypass"\nports = [{{ port = 9081, target_port = {REVIEWS_PORT} }}]\n'
-            f'[[workload]]\nname = "ratings"\nnamespace = "apps"\naddress = "{rt_ip}"\n'
-            f'ports = [{REVIEWS_PORT}]\nservices = ["ratings"]\n'
-            f'[[workload]]\nname = "details"\nnamespace = "apps"\naddress = "{dt_ip}"\n'
-            f'ports = [{REVIEWS_PORT}]\nservices = ["details"]\n'
-            f'[[service]]\nname = "ratings"\nnamespace = "apps"\n'
-            f'ports = [{{ port = 80, target_port = {REVIEWS_PORT}, protocol = "http" }}]\n'
-            f'[[service]]\nname = "details"\nnamespace = "apps"\nwaypoint = "none"\n'
-            f'ports = [{{ port = 80, target_port = {REVIEWS_PORT}, protocol = "http" }}]\n'
-        ),
-    )
-    wp_cfg = node_config(
-        tmp / "wp.toml",
-        "wp",
-        tmp / "ca",
-        peers=[f"{a_ip}:15008", f"{b_ip}:15008"],
-        policy_dir=tmp / "wp-policy",
-        # The namespace default lives in the waypoint's own catalog: every node merges it from there.
-        body='[[namespace]]\nname = "apps"\nwaypoint = "wp"\n',
-    )
-    wp_cfg.write_text('role = "waypoint"\n' + wp_cfg.read_text())
-    (tmp / "wp-policy" / "routes.toml").write_text(ROUTES)
+    a_ip, b_ip, r1_ip, r2_ip, rt_ip, dt_ip = (unique_loopback() for _ in range(6))
     install_boom_plugin(tmp / "site")
+    reviews = Port(REVIEWS_PORT, "http")
+    apps_http = Port(80, "http", target_port=REVIEWS_PORT)
+    nodes = Mesh(
+        tmp,
+        [
+            client_host(
+                "alpha",
+                a_ip,
+                Upstream("reviews.default", REVIEWS_PORT, f"{a_ip}:{HTTP_UPSTREAM}"),
+                Upstream("echo.default", ECHO_PORT, f"{a_ip}:{TCP_UPSTREAM}"),
+                Upstream("bypass.default", 9081, f"{a_ip}:{BYPASS_UPSTREAM}"),
+                Upstream("ratings.apps", 80, f"{a_ip}:{RATINGS_UPSTREAM}"),
+                Upstream("details.apps", 80, f"{a_ip}:{DETAILS_UPSTREAM}"),
+            ),
+            Host(
+                "beta",
+                b_ip,
+                workloads=[
+                    Workload(
+                        "reviews-v1",
+                        r1_ip,
+                        [REVIEWS_PORT],
+                        services=["reviews", "bypass"],
+                        service_account="reviews",
+                        labels={"version": "v1"},
+                    ),
+                    Workload(
+                        "reviews-v2",
+                        r2_ip,
+                        [REVIEWS_PORT],
+                        services=["reviews"],
+                        service_account="reviews",
+                        labels={"version": "v2"},
+                    ),
+                    Workload("echo", b_ip, [ECHO_PORT], services=["echo"]),
+                    Workload("ratings", rt_ip, [REVIEWS_PORT], services=["ratings"], namespace="apps"),
+                    Workload("details", dt_ip, [REVIEWS_PORT], services=["details"], namespace="apps"),
+                ],
+                services=[
+                    Service("reviews", [reviews], waypoint="wp"),
+                    Service("echo", [ECHO_PORT], waypoint="wp"),
+                    Service("bypass", [Port(9081, target_port=REVIEWS_PORT)]),
+                    Service("ratings", [apps_http], namespace="apps"),
+                    Service("details", [apps_http], namespace="apps", waypoint="none"),
+                ],
+            ),
+            Host(
+                "wp",
+                role="waypoint",
+                policy={"routes.toml": ROUTES},
+                # The namespace default lives in the waypoint's own catalog: every node merges it from there.
+                body='[[namespace]]\nname = "apps"\nwaypoint = "wp"\n',
+                env={"PYTHONPATH": str(tmp / "site")},
+            ),
+        ],
+    )
     with (
         http_backend("reviews-v1", r1_ip, REVIEWS_PORT) as v1,
         http_backend("reviews-v2", r2_ip, REVIEWS_PORT) as v2,
         echo_server(b_ip, ECHO_PORT),
         http_backend("ratings", rt_ip, REVIEWS_PORT) as ratings,
         http_backend("details", dt_ip, REVIEWS_PORT) as details,
+        nodes.running(),
     ):
-        beta, alpha = Meshd(beta_cfg, b_ip), Meshd(alpha_cfg, a_ip)
-        wp = Meshd(wp_cfg, w_ip, env={"PYTHONPATH": str(tmp / "site")})
-        daemons = [beta, alpha, wp]
-        try:
-            for d in daemons:
-                d.start()
-            for d in daemons:
-                d.wait_ready()
-            wait_for(
-                lambda: knows(
-                    alpha, services=("reviews.default", "echo.default", "ratings.apps"), nodes=("wp",)
-                ),
-                alpha,
-            )
-            wait_for(lambda: knows(beta, nodes=("wp",)), beta)
-            wait_for(lambda: knows(wp, services=("reviews.default",), nodes=("beta",)), wp)
-            yield Mesh(
-                alpha,
-                beta,
-                wp,
-                v1,
-                v2,
-                (a_ip, HTTP_UPSTREAM),
-                (a_ip, TCP_UPSTREAM),
-                (a_ip, BYPASS_UPSTREAM),
-                ratings,
-                details,
-                tmp / "ca",
-                f"{r1_ip}:{REVIEWS_PORT}",
-            )
-        finally:
-            for d in daemons:
-                if d.proc is not None and d.proc.poll() is None:
-                    d.proc.kill()
-                    d.proc.wait()
+        nodes.wait_knows("alpha", services=["reviews.default", "echo.default", "ratings.apps"], nodes=["wp"])
+        nodes.wait_knows("beta", nodes=["wp"])
+        nodes.wait_knows("wp", services=["reviews.default"], nodes=["beta"])
+        yield WaypointMesh(
+            nodes["alpha"],
+            nodes["beta"],
+            nodes["wp"],
+            v1,
+            v2,
+            (a_ip, HTTP_UPSTREAM),
+            (a_ip, TCP_UPSTREAM),
+            (a_ip, BYPASS_UPSTREAM),
+            ratings,
+            details,
+            tmp / "ca",
+            f"{r1_ip}:{REVIEWS_PORT}",
+        )
 
 
-def test_routing_by_path_and_by_header(mesh: Mesh) -> None:
+def test_routing_by_path_and_by_header(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     for _ in range(3):  # keep-alive: one client connection, several requests
         status, headers, body = request(conn, "/v1/items")
@@ -288,7 +267,7 @@ def test_routing_by_path_and_by_header(mesh: Mesh) -> None:
     conn.close()
 
 
-def test_weighted_split_90_10(mesh: Mesh) -> None:
+def test_weighted_split_90_10(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     counts = {"reviews-v1": 0, "reviews-v2": 0}
     n = 1000
@@ -301,7 +280,7 @@ def test_weighted_split_90_10(mesh: Mesh) -> None:
     assert 52 <= counts["reviews-v2"] <= 148, counts
 
 
-def test_traceparent_propagated_and_created(mesh: Mesh) -> None:
+def test_traceparent_propagated_and_created(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     _, headers, _ = request(conn, "/v1/trace")
     created = headers["x-seen-traceparent"]
@@ -314,7 +293,7 @@ def test_traceparent_propagated_and_created(mesh: Mesh) -> None:
     conn.close()
 
 
-def test_retry_succeeds_and_large_post_is_not_retried(mesh: Mesh) -> None:
+def test_retry_succeeds_and_large_post_is_not_retried(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     rid = uuid.uuid4().hex
     status, headers, _ = request(conn, "/flaky/1", headers={"x-request-id": rid})
@@ -327,7 +306,7 @@ def test_retry_succeeds_and_large_post_is_not_retried(mesh: Mesh) -> None:
     conn.close()
 
 
-def test_timeout_gives_504_ut(mesh: Mesh) -> None:
+def test_timeout_gives_504_ut(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     status, _, body = request(conn, "/slow?ms=2000")
     assert status == 504, body
@@ -335,19 +314,19 @@ def test_timeout_gives_504_ut(mesh: Mesh) -> None:
     assert status == 200
     conn.close()
     wait_for(
-        lambda: metric(mesh.wp, "istio_requests_total", response_code="504", response_flags="UT") >= 1,
+        lambda: mesh.wp.metric("istio_requests_total", response_code="504", response_flags="UT") >= 1,
         mesh.wp,
     )
 
 
-def test_rate_limit_429_after_max_tokens(mesh: Mesh) -> None:
+def test_rate_limit_429_after_max_tokens(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     statuses = [request(conn, "/limited")[0] for _ in range(8)]
     conn.close()
     assert statuses == [200] * 5 + [429] * 3
 
 
-def test_fault_abort(mesh: Mesh) -> None:
+def test_fault_abort(mesh: WaypointMesh) -> None:
     before = len(mesh.v1.requests) + len(mesh.v2.requests)
     conn = mesh.client()
     status, _, _ = request(conn, "/fault")
@@ -356,7 +335,7 @@ def test_fault_abort(mesh: Mesh) -> None:
     assert len(mesh.v1.requests) + len(mesh.v2.requests) == before
 
 
-def test_l7_deny_403_backend_sees_nothing(mesh: Mesh) -> None:
+def test_l7_deny_403_backend_sees_nothing(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     status, _, body = request(conn, "/admin/users", "POST", body=b"secret")
     assert status == 403 and b"denied" in body
@@ -364,10 +343,10 @@ def test_l7_deny_403_backend_sees_nothing(mesh: Mesh) -> None:
     assert status == 200
     conn.close()
     assert not any(p.startswith("/admin") for p in mesh.v1.paths() + mesh.v2.paths())
-    assert metric(mesh.wp, "istio_requests_total", response_code="403", response_flags="UAEX") >= 1
+    assert mesh.wp.metric("istio_requests_total", response_code="403", response_flags="UAEX") >= 1
 
 
-def test_waypoint_status_lines_carry_reason_phrases(mesh: Mesh) -> None:
+def test_waypoint_status_lines_carry_reason_phrases(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     for path, method, expected in (("/v1/ok", "GET", (200, "OK")), ("/admin/x", "POST", (403, "Forbidden"))):
         conn.request(method, path, body=b"" if method == "POST" else None)
@@ -377,7 +356,7 @@ def test_waypoint_status_lines_carry_reason_phrases(mesh: Mesh) -> None:
     conn.close()
 
 
-def test_hosts_match_the_host_the_app_sent_through_an_upstream_listener(mesh: Mesh) -> None:
+def test_hosts_match_the_host_the_app_sent_through_an_upstream_listener(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     # The app dialled the upstream listener by address: that is the Host the waypoint sees.
     status, _, body = request(conn, "/named")
@@ -390,7 +369,7 @@ def test_hosts_match_the_host_the_app_sent_through_an_upstream_listener(mesh: Me
     assert seen.count("/named") == 1
 
 
-def test_raising_plugin_gives_500_and_next_request_succeeds(mesh: Mesh) -> None:
+def test_raising_plugin_gives_500_and_next_request_succeeds(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     status, _, _ = request(conn, "/boom", headers={"x-boom": "1"})
     assert status == 500
@@ -403,7 +382,7 @@ def test_raising_plugin_gives_500_and_next_request_succeeds(mesh: Mesh) -> None:
     assert any(p["name"] == "boom" and "boom" in p["filters"] for p in plugins)
 
 
-def test_request_metrics_have_istio_labels(mesh: Mesh) -> None:
+def test_request_metrics_have_istio_labels(mesh: WaypointMesh) -> None:
     conn = mesh.client()
     assert request(conn, "/v1/metrics")[0] == 200
     conn.close()
@@ -424,22 +403,22 @@ def test_request_metrics_have_istio_labels(mesh: Mesh) -> None:
         "response_code": "200",
         "response_flags": "-",
     }
-    assert metric(mesh.wp, "istio_requests_total", **labels) >= 1
-    assert metric(mesh.wp, "istio_request_duration_milliseconds_count", **labels) >= 1
-    assert metric(mesh.wp, "istio_request_bytes_count", **labels) >= 1
-    assert metric(mesh.wp, "istio_response_bytes_sum", **labels) > 0
+    assert mesh.wp.metric("istio_requests_total", **labels) >= 1
+    assert mesh.wp.metric("istio_request_duration_milliseconds_count", **labels) >= 1
+    assert mesh.wp.metric("istio_request_bytes_count", **labels) >= 1
+    assert mesh.wp.metric("istio_response_bytes_sum", **labels) > 0
     assert "request complete" in mesh.wp.log()
 
 
-def test_tcp_service_passes_through_the_waypoint(mesh: Mesh) -> None:
+def test_tcp_service_passes_through_the_waypoint(mesh: WaypointMesh) -> None:
     with socket.create_connection(mesh.tcp, timeout=10) as s:
         s.sendall(b"plain tcp")
         s.shutdown(socket.SHUT_WR)
         assert recv_until_closed(s) == b"plain tcp"
-    wait_for(lambda: metric(mesh.wp, "istio_tcp_connections_closed_total", reporter="waypoint") >= 1, mesh.wp)
+    wait_for(lambda: mesh.wp.metric("istio_tcp_connections_closed_total", reporter="waypoint") >= 1, mesh.wp)
 
 
-def test_bypassing_the_waypoint_is_hairpinned_through_it(mesh: Mesh) -> None:
+def test_bypassing_the_waypoint_is_hairpinned_through_it(mesh: WaypointMesh) -> None:
     """alpha's `bypass` service points straight at reviews-v1 (bound to wp through `reviews`): beta does
     not connect it but sends the tunnel back through wp, which applies L7 policy as the client and
     forwards to reviews-v1 only (the workload the client dialled, whatever the routes say)."""
@@ -455,17 +434,17 @@ def test_bypassing_the_waypoint_is_hairpinned_through_it(mesh: Mesh) -> None:
     conn.close()
     wait_for(lambda: "hairpinned a direct tunnel through the waypoint" in mesh.beta.log(), mesh.beta)
     client = {"reporter": "waypoint", "source_principal": "spiffe://home.arpa/ns/default/sa/client"}
-    assert metric(mesh.wp, "istio_requests_total", response_code="403", **client) >= 1
+    assert mesh.wp.metric("istio_requests_total", response_code="403", **client) >= 1
 
 
-async def test_a_node_cannot_speak_for_clients_of_another_nodes_workload(mesh: Mesh) -> None:
+async def test_a_node_cannot_speak_for_clients_of_another_nodes_workload(mesh: WaypointMesh) -> None:
     """alpha's node identity claims a client of reviews-v1, which beta hosts: wp refuses (401) and logs it.
     Accepting would let any node borrow any client's identity to reach workloads on other nodes."""
     ca = LocalCA.load(mesh.ca_dir)
     alpha_node = SpiffeId.node("home.arpa", "alpha")
     issued = ca.issue(alpha_node)
     provider = StaticCertificates(issued.cert_pem, issued.key_pem, issued.ca_pem).client_provider()
-    services = dump(mesh.wp)["catalog"]["services"]  # type: ignore[index]
+    services = dump(mesh.wp)["catalog"]["services"]
     vip = allocate(services).vip("reviews.default")
     reviews_v1 = mesh.v1_address
     pool = HbonePool(provider, connect_timeout=10, ping_interval=None)
@@ -486,7 +465,7 @@ async def test_a_node_cannot_speak_for_clients_of_another_nodes_workload(mesh: M
     wait_for(lambda: "refused a hairpin tunnel" in mesh.wp.log()[mark:], mesh.wp)
 
 
-def test_h2_prior_knowledge_concurrent_streams(mesh: Mesh) -> None:
+def test_h2_prior_knowledge_concurrent_streams(mesh: WaypointMesh) -> None:
     """One h2c connection (prior knowledge) through alpha's upstream listener: streams run
     concurrently (a fast one sent after a slow one ends first), are routed, and a denied one gets 403
     while its body is refused (the backend never sees it); a body larger than the stream window is
@@ -516,7 +495,7 @@ def test_h2_prior_knowledge_concurrent_streams(mesh: Mesh) -> None:
     wait_for(lambda: "HTTP/2" in mesh.wp.log(), mesh.wp)  # the access log names the protocol
 
 
-def test_namespace_default_waypoint(mesh: Mesh) -> None:
+def test_namespace_default_waypoint(mesh: WaypointMesh) -> None:
     """ratings.apps names no waypoint: the namespace default (`[[namespace]]` in wp's catalog) sends it
     through wp; details.apps says `waypoint = "none"` and goes straight to its node."""
     for port, backend, via_waypoint in (
@@ -530,8 +509,8 @@ def test_namespace_default_waypoint(mesh: Mesh) -> None:
         seen = [s for s in backend.requests if s.path == "/ns-default"]
         # The waypoint adds trace context; the L4 path passes the request untouched.
         assert bool(seen[-1].headers.get("traceparent")) is via_waypoint, seen[-1].headers
-    assert metric(mesh.wp, "istio_requests_total", destination_service="ratings.apps") >= 1
-    assert metric(mesh.wp, "istio_requests_total", destination_service="details.apps") == 0
+    assert mesh.wp.metric("istio_requests_total", destination_service="ratings.apps") >= 1
+    assert mesh.wp.metric("istio_requests_total", destination_service="details.apps") == 0
 
 
 def _explain(d: Meshd, **params: str) -> list[dict[str, object]]:
@@ -542,7 +521,7 @@ def _explain(d: Meshd, **params: str) -> list[dict[str, object]]:
     return results
 
 
-def test_policy_explain_at_the_waypoint_and_at_the_node(mesh: Mesh) -> None:
+def test_policy_explain_at_the_waypoint_and_at_the_node(mesh: WaypointMesh) -> None:
     """The running waypoint explains a request as it decides it (every workload of the service, the
     route and its filters); the destination node says which waypoint decides. The CLI's exit status
     agrees with what the waypoint really answers."""
