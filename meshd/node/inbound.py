@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from meshd.dataplane.pump import pump
+from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import CATALOG_PATH, WorkloadEntry
 from meshd.discovery.vip import VipIndex
@@ -74,36 +74,35 @@ class Inbound:
             source=source_of(self.state.catalog, req.peer_identity, req.client_address),
             peer=str(Address(*req.peer_address)),
         )
-        upstream, status, reason = await self._admit(rec, req.peer_identity, req.peer_address[0], ip, port)
-        if upstream is None:
-            await reply.refuse(status, reason)
+        try:
+            upstream = await self._admit(rec, req.peer_identity, req.peer_address[0], ip, port)
+        except Refused as refused:  # the one place an HBONE tunnel's refusal is answered
+            self._count_refusal(rec, refused)
+            await reply.refuse(refused.status, refused.reason)
             return
         async with upstream:
-            tunnel = await reply.accept()
-            await self._proxy(rec, tunnel, upstream)
+            await proxied(self.state, rec, await reply.accept(), upstream)
 
     async def _admit(
         self, rec: ConnectionRecord, source: SpiffeId | None, source_ip: str, ip: str, port: int
-    ) -> tuple[trio.abc.HalfCloseableStream | None, int, str]:
-        """Find the local workload, apply mTLS mode (plaintext only) and L4 policy, connect to it.
-        Returns (the workload connection, 200, "") or (None, HBONE status, reason), the refusal
-        already counted and logged."""
+    ) -> trio.abc.HalfCloseableStream:
+        """Find the local workload, apply mTLS mode (plaintext only) and L4 policy, connect to it;
+        the connection to the workload, or Refused with the HBONE status and the access log's flag."""
         workload = self._local_workload(ip, port)
         if workload is None:
-            return self._refused(rec, FLAG_NO_ROUTE, 503, f"no workload on this node listens on {ip}:{port}")
+            raise Refused(503, FLAG_NO_ROUTE, f"no workload on this node listens on {ip}:{port}")
         self._describe_destination(rec, workload)
         bound = self.state.catalog.waypoints_bound(workload, port)
         if bound:
             # Bound to a waypoint: only that waypoint may reach the workload. It authorized the request
             # (L7, with the client's identity) already, so L4 policy is not evaluated again here.
             if source is not None and self._is_waypoint(source, bound):
-                return await self._connect(rec, ip, port)
+                return await self._connect(ip, port)
             if source is not None:
                 return await self._hairpin(rec, source, workload, ip, port)
-            return self._refused(
-                rec,
-                FLAG_UNAUTHORIZED,
+            raise Refused(
                 401,
+                FLAG_UNAUTHORIZED,
                 f"workload {workload.key} is bound to waypoint {', '.join(bound)}: plaintext cannot be "
                 "sent through it (no client identity to vouch for); connect over HBONE",
             )
@@ -117,9 +116,7 @@ class Inbound:
                 None,
             )
             if mtls_mode(self.state.policy, workload.namespace, workload.name, configured) == "STRICT":
-                return self._refused(
-                    rec, FLAG_UNAUTHORIZED, 401, "plaintext refused: workload is STRICT mTLS"
-                )
+                raise Refused(401, FLAG_UNAUTHORIZED, "plaintext refused: workload is STRICT mTLS")
         decision = authorize_connection(
             self.state.policy,
             ConnectionAttrs(
@@ -133,8 +130,8 @@ class Inbound:
             ),
         )
         if not decision.allowed:
-            return self._refused(rec, FLAG_UNAUTHORIZED, 401, decision.reason)
-        return await self._connect(rec, ip, port)
+            raise Refused(401, FLAG_UNAUTHORIZED, decision.reason)
+        return await self._connect(ip, port)
 
     def _is_waypoint(self, source: SpiffeId, names: list[str]) -> bool:
         """Is `source` the node identity of one of these waypoints (role waypoint in the catalog)?"""
@@ -146,7 +143,7 @@ class Inbound:
 
     async def _hairpin(
         self, rec: ConnectionRecord, source: SpiffeId, workload: WorkloadEntry, ip: str, port: int
-    ) -> tuple[trio.abc.HalfCloseableStream | None, int, str]:
+    ) -> trio.abc.HalfCloseableStream:
         """A client dialled a waypoint-bound workload directly: send it through the waypoint, as our
         node identity, claiming the client's identity and the workload it dialled (see
         meshd/waypoint/hairpin.py for why the waypoint may believe us)."""
@@ -156,7 +153,7 @@ class Inbound:
         ep = catalog.waypoint_endpoint(found[0].key, found[1].port, vip) if found and vip else None
         if found is None or ep is None:
             reason = f"workload {workload.key} is bound to a waypoint that is not in the catalog (yet)"
-            return self._refused(rec, FLAG_NO_ROUTE, 503, reason)
+            raise Refused(503, FLAG_NO_ROUTE, reason)
         svc = found[0]
         rec.destination_service = svc.key
         headers = [("forwarded", f'for="{rec.src}"'), *claim_headers(source, str(Address(ip, port)))]
@@ -165,14 +162,13 @@ class Inbound:
                 self.state.node_identity, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers
             )
         except TunnelRefused as exc:
-            return self._refused(
-                rec,
-                FLAG_UNAUTHORIZED if exc.status == 401 else FLAG_UPSTREAM_CONNECT,
+            raise Refused(
                 exc.status,
+                FLAG_UNAUTHORIZED if exc.status == 401 else FLAG_UPSTREAM_CONNECT,
                 f"waypoint {svc.waypoint} refused the hairpin: {exc}",
-            )
+            ) from None
         except (HboneConnectError, PeerIdentityError) as exc:
-            return self._refused(rec, FLAG_UPSTREAM_CONNECT, 503, f"waypoint {svc.waypoint}: {exc}")
+            raise Refused(503, FLAG_UPSTREAM_CONNECT, f"waypoint {svc.waypoint}: {exc}") from None
         log.info(
             "hairpinned a direct tunnel through the waypoint",
             extra={
@@ -182,33 +178,18 @@ class Inbound:
                 "via": ep.authority,
             },
         )
-        return tunnel, 200, ""
+        return tunnel
 
-    async def _connect(self, rec: ConnectionRecord, ip: str, port: int) -> tuple[TcpStream | None, int, str]:
+    async def _connect(self, ip: str, port: int) -> TcpStream:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                return await TcpStream.connect(ip, port), 200, ""
+                return await TcpStream.connect(ip, port)
         except (OSError, trio.TooSlowError) as exc:
             reason = f"connect to workload {ip}:{port} failed: {exc or 'timed out'}"
-            return self._refused(rec, FLAG_UPSTREAM_CONNECT, 503, reason)
+            raise Refused(503, FLAG_UPSTREAM_CONNECT, reason) from None
 
-    def _refused(self, rec: ConnectionRecord, flag: str, status: int, reason: str) -> tuple[None, int, str]:
-        self.state.telemetry.failed(rec, flag, reason)
-        return None, status, reason
-
-    async def _proxy(
-        self,
-        rec: ConnectionRecord,
-        client: trio.abc.HalfCloseableStream,
-        upstream: trio.abc.HalfCloseableStream,
-    ) -> None:
-        self.state.telemetry.opened(rec)
-        self.state.track_inflight(1)
-        try:
-            result = await pump(client, upstream)
-        finally:
-            self.state.track_inflight(-1)
-        self.state.telemetry.closed(rec, sent=result.b_to_a, received=result.a_to_b, error=result.error)
+    def _count_refusal(self, rec: ConnectionRecord, refused: Refused) -> None:
+        self.state.telemetry.failed(rec, refused.flag or "-", refused.reason)
 
     def _describe_destination(self, rec: ConnectionRecord, w: WorkloadEntry) -> None:
         rec.destination_identity = w.identity(self.state.config.trust_domain)
@@ -262,8 +243,10 @@ class Inbound:
                 return
             ip, port = dest
             rec.dst = f"{ip}:{port}"
-            upstream, _, _ = await self._admit(rec, None, str(peer[0]), ip, port)
-            if upstream is None:
+            try:
+                upstream = await self._admit(rec, None, str(peer[0]), ip, port)
+            except Refused as refused:  # plaintext has no refusal to send: the connection closes
+                self._count_refusal(rec, refused)
                 return
             async with upstream:
-                await self._proxy(rec, stream, upstream)
+                await proxied(self.state, rec, stream, upstream)

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from meshd.config.model import UpstreamConfig
-from meshd.dataplane.pump import pump
+from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import Endpoint
 from meshd.discovery.vip import VipIndex
@@ -156,34 +156,27 @@ class Outbound:
                 source=source_of(self.state.catalog, source, f"{peer[0]}:{peer[1]}"),
                 destination_service=up.service_key,
             )
-            endpoints, why = self.endpoints(up.service_key, up.port)
-            if not endpoints:
-                self.state.telemetry.failed(rec, FLAG_NO_ROUTE, why)
-                return
-            tunnel, last_error = await self._open(rec, source, endpoints, up, f"{peer[0]}:{peer[1]}")
-            if tunnel is None:
-                flag = FLAG_UNAUTHORIZED if last_error.startswith("401") else FLAG_NO_HEALTHY
-                self.state.telemetry.failed(rec, flag, last_error)
+            try:
+                tunnel = await self._open(rec, source, up, f"{peer[0]}:{peer[1]}")
+            except Refused as refused:  # the client is plain TCP: counted and logged, then closed
+                self.state.telemetry.failed(rec, refused.flag or "-", refused.reason)
                 return
             async with tunnel:
-                self.state.telemetry.opened(rec)
-                self.state.track_inflight(1)
-                try:
-                    result = await pump(client, tunnel)
-                finally:
-                    self.state.track_inflight(-1)
-                self.state.telemetry.closed(
-                    rec, sent=result.b_to_a, received=result.a_to_b, error=result.error
-                )
+                await proxied(self.state, rec, client, tunnel)
 
     async def _open(
         self,
         rec: ConnectionRecord,
         source: SpiffeId,
-        endpoints: list[Endpoint],
         up: UpstreamConfig,
         client: str,
-    ) -> tuple[TunnelStream | None, str]:
+    ) -> TunnelStream:
+        """A tunnel to the first endpoint that takes it (healthy ones first), or Refused: NR with
+        nowhere to go, UAEX when a destination's policy refused the client (no other endpoint is
+        tried: they share the policy), UH when every endpoint failed."""
+        endpoints, why = self.endpoints(up.service_key, up.port)
+        if not endpoints:
+            raise Refused(503, FLAG_NO_ROUTE, why)
         last_error = "no endpoint tried"
         for ep in self.picker.candidates(f"{up.service_key}:{up.port}", endpoints, time.monotonic()):
             rec.destination_identity = ep.identity
@@ -201,7 +194,7 @@ class Outbound:
             except TunnelRefused as exc:
                 last_error = f"{exc.status} from {ep.dial}: {exc.reason}"
                 if exc.status == 401:
-                    return None, last_error
+                    raise Refused(401, FLAG_UNAUTHORIZED, last_error) from None
                 self.health.failed(ep, time.monotonic())
                 continue
             except (HboneConnectError, PeerIdentityError) as exc:
@@ -213,8 +206,8 @@ class Outbound:
                 continue
             self.state.metrics.connect_duration.observe(time.monotonic() - started)
             self.health.succeeded(ep)
-            return tunnel, ""
-        return None, last_error
+            return tunnel
+        raise Refused(503, FLAG_NO_HEALTHY, last_error)
 
 
 def _baggage(source: SpiffeId) -> str:

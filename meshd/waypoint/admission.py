@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshd.dataplane.proxied import Refused
 from meshd.discovery.catalog import Catalog, ServiceEntry, ServicePortEntry, WorkloadEntry
 from meshd.discovery.vip import VipIndex
 from meshd.hbone.server import InboundRequest
@@ -25,16 +26,6 @@ from meshd.observe.accesslog import (
 from meshd.policy.evaluate import ConnectionAttrs
 from meshd.units import Address
 from meshd.waypoint.hairpin import SOURCE_HEADER, TARGET_HEADER, HairpinRefused, accept_claim
-
-
-class Refused(Exception):
-    """The tunnel (or request) is answered here: `status`, the access log's response `flag`, `reason`."""
-
-    def __init__(self, status: int, flag: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.flag = flag
-        self.reason = reason
 
 
 @dataclass(frozen=True, eq=False)

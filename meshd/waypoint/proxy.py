@@ -23,7 +23,7 @@ from typing import Any
 import pluggy
 import trio
 
-from meshd.dataplane.pump import pump
+from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
 from meshd.discovery.vip import VipIndex
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
@@ -37,7 +37,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
 )
 from meshd.policy.evaluate import authorize_connection
-from meshd.waypoint.admission import Refused, Tunnel, admit
+from meshd.waypoint.admission import Tunnel, admit
 from meshd.waypoint.backends import Backends
 from meshd.waypoint.front_http1 import H1Connection
 from meshd.waypoint.front_http2 import H2Front
@@ -177,14 +177,7 @@ class Waypoint:
             telemetry.failed(rec, "UF", str(exc))
             raise Refused(503, "UF", f"upstream {ep.authority}: {exc}") from None
         async with upstream:
-            client = await reply.accept()
-            telemetry.opened(rec)
-            self.state.track_inflight(1)
-            try:
-                result = await pump(client, upstream)
-            finally:
-                self.state.track_inflight(-1)
-            telemetry.closed(rec, sent=result.b_to_a, received=result.a_to_b, error=result.error)
+            await proxied(self.state, rec, await reply.accept(), upstream)
 
     def statistics(self) -> dict[str, Any]:
         return {"upstream_connections": self.upstreams.statistics(), "backends": self.backends.statistics()}
