@@ -3,6 +3,10 @@
 `meshd [run] [-c FILE] [KEY=VALUE ...]` runs the daemon; with no subcommand the arguments go to
 `run`, so `meshd role=waypoint` works as written. Other subcommands: `ca`, `config`, `enroll`, `version`.
 Every user error prints `FILE:LINE: what is wrong (what to do)` or `error: ...`, never a traceback.
+
+The commands import what they run (the daemon, trio, the CA) inside their function, so `meshd
+--help`, `meshd version` and the admin commands start without loading the data plane; there is
+no cycle behind those imports (`make lint` checks the layers).
 """
 
 from __future__ import annotations

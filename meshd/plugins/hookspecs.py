@@ -9,12 +9,11 @@ pluggy is synchronous; a hook may return an awaitable, which meshd awaits (`insp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
-if TYPE_CHECKING:
-    from meshd.plugins.filters import FilterType, HttpRequest, LocalResponse
+from meshd.plugins.filters import FilterType, HttpRequest, LocalResponse
 
 PROJECT = "meshd"
 hookspec = pluggy.HookspecMarker(PROJECT)
