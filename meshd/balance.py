@@ -1,5 +1,6 @@
 """Endpoint choice, shared by every role that picks among a service's endpoints: round robin, least
-request (power of two choices), outlier ejection and circuit breaking.
+request (power of two choices), outlier ejection (the waypoint's, on consecutive 5xx), connect-failure
+back-off (the node's, on failed tunnels) and circuit breaking.
 
 Rule: no I/O and no HTTP. Clocks and random sources are injected; nothing here sleeps, logs or touches
 sockets, and a refusal is a False the caller turns into its own answer (the waypoint: 503 UO).
@@ -11,9 +12,19 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 E = TypeVar("E", bound=Hashable)
+
+
+class HasKey(Protocol):
+    """An endpoint that names itself (the catalog's Endpoint: node, workload, port)."""
+
+    @property
+    def key(self) -> Hashable: ...
+
+
+K = TypeVar("K", bound=HasKey)
 
 
 class RoundRobin(Generic[E]):
@@ -28,6 +39,15 @@ class RoundRobin(Generic[E]):
         ep = endpoints[self._next % len(endpoints)]
         self._next += 1
         return ep
+
+    def rotation(self, endpoints: Sequence[E]) -> list[E]:
+        """All of them, starting with the one `pick` would return (and advancing as a pick does):
+        the order to try them in when the first may fail."""
+        if not endpoints:
+            return []
+        start = self._next % len(endpoints)
+        self._next = start + 1
+        return [*endpoints[start:], *endpoints[:start]]
 
 
 class LeastRequest(Generic[E]):
@@ -110,6 +130,41 @@ class OutlierDetector(Generic[E]):
     def available(self, endpoints: Sequence[E]) -> list[E]:
         ok = [ep for ep in endpoints if not self.is_ejected(ep)]
         return ok or list(endpoints)
+
+
+@dataclass
+class Ejection:
+    until: float = 0.0
+    failures: int = 0
+
+
+class ConnectBackoff(Generic[K]):
+    """Connect-failure ejection per endpoint, the node's: every failed tunnel ejects the endpoint for
+    base, 2 * base, 4 * base ... up to `max_ejection`; one success forgets it. Ejected endpoints are
+    tried last, never skipped (a service whose every endpoint failed still gets its connects tried).
+    Unlike OutlierDetector (5xx in a row, linear), a connect failure is a strong signal on its own."""
+
+    def __init__(self, base: float, max_ejection: float) -> None:
+        self.base = base
+        self.max = max_ejection
+        self.ejected: dict[Hashable, Ejection] = {}
+
+    def healthy(self, ep: K, now: float) -> bool:
+        e = self.ejected.get(ep.key)
+        return e is None or e.until <= now
+
+    def failed(self, ep: K, now: float) -> None:
+        e = self.ejected.setdefault(ep.key, Ejection())
+        e.failures += 1
+        # The exponent is capped: 2 ** 1024 does not fit a float (OverflowError after 1025 failures).
+        e.until = now + min(self.base * 2 ** min(e.failures - 1, 32), self.max)
+
+    def succeeded(self, ep: K) -> None:
+        self.ejected.pop(ep.key, None)
+
+    def healthy_first(self, endpoints: Sequence[K], now: float) -> list[K]:
+        healthy = [e for e in endpoints if self.healthy(e, now)]
+        return healthy + [e for e in endpoints if not self.healthy(e, now)]
 
 
 class CircuitBreaker:

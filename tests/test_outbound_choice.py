@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from meshd.balance import ConnectBackoff
 from meshd.discovery.catalog import Endpoint, WorkloadEntry
 from meshd.identity.spiffe import SpiffeId
-from meshd.node.outbound import EJECT_MAX, EndpointHealth, EndpointPicker
+from meshd.node.outbound import EJECT_BASE, EJECT_MAX, EndpointPicker
 from meshd.units import Address
 
 
@@ -14,7 +17,7 @@ def ep(name: str) -> Endpoint:
 
 
 def test_ejection_grows_and_resets() -> None:
-    health = EndpointHealth()
+    health: ConnectBackoff[Any] = ConnectBackoff(EJECT_BASE, EJECT_MAX)
     a = ep("a")
     assert health.healthy(a, 0.0)
     health.failed(a, 0.0)

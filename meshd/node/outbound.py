@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from meshd.balance import ConnectBackoff, RoundRobin
 from meshd.config.model import UpstreamConfig
 from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
@@ -41,32 +41,6 @@ EJECT_BASE = 1.0
 EJECT_MAX = 30.0
 
 
-@dataclass
-class _Ejection:
-    until: float = 0.0
-    failures: int = 0
-
-
-@dataclass
-class EndpointHealth:
-    """Connect-failure ejection per endpoint: 1 s, 2 s, 4 s ... up to 30 s; a success resets it."""
-
-    ejected: dict[tuple[str, str, int], _Ejection] = field(default_factory=dict)
-
-    def healthy(self, ep: Endpoint, now: float) -> bool:
-        e = self.ejected.get(ep.key)
-        return e is None or e.until <= now
-
-    def failed(self, ep: Endpoint, now: float) -> None:
-        e = self.ejected.setdefault(ep.key, _Ejection())
-        e.failures += 1
-        # The exponent is capped: 2 ** 1024 does not fit a float (OverflowError after 1025 failures).
-        e.until = now + min(EJECT_BASE * 2 ** min(e.failures - 1, 32), EJECT_MAX)
-
-    def succeeded(self, ep: Endpoint) -> None:
-        self.ejected.pop(ep.key, None)
-
-
 def source_identity(state: NodeState, up: UpstreamConfig) -> SpiffeId:
     cfg = state.config
     if up.workload is not None:
@@ -79,21 +53,17 @@ def source_identity(state: NodeState, up: UpstreamConfig) -> SpiffeId:
 
 
 class EndpointPicker:
-    """Round robin per service port, healthy endpoints first. Pure: the clock is passed in."""
+    """Round robin per service port, endpoints whose connect failed lately last. Pure: the clock is
+    passed in."""
 
     def __init__(self) -> None:
-        self.health = EndpointHealth()
-        self._next: dict[str, int] = {}
+        self.health: ConnectBackoff[Endpoint] = ConnectBackoff(EJECT_BASE, EJECT_MAX)
+        self._rotation: dict[str, RoundRobin[Endpoint]] = {}
 
     def candidates(self, key: str, endpoints: list[Endpoint], now: float) -> list[Endpoint]:
         """Round-robin order starting after the last pick; healthy endpoints first, ejected ones last."""
-        if not endpoints:
-            return []
-        start = self._next.get(key, 0) % len(endpoints)
-        self._next[key] = start + 1
-        ordered = endpoints[start:] + endpoints[:start]
-        healthy = [e for e in ordered if self.health.healthy(e, now)]
-        return healthy + [e for e in ordered if e not in healthy]
+        order = self._rotation.setdefault(key, RoundRobin()).rotation(endpoints)
+        return self.health.healthy_first(order, now)
 
 
 class Outbound:
