@@ -20,8 +20,7 @@ from tests.support.procs import Meshd, http_get, http_post, meshd_cli, wait_for
 
 
 def plain_node(tmp_path: Path, ip: str) -> Meshd:
-    """A node with a policy folder and nothing else that listens (the example's upstream port is
-    127.0.0.1:17000, shared by every test that runs it)."""
+    """A node with a policy folder and no [[upstream]] listener."""
     cfg = node_config(
         tmp_path / "node.toml", "n" + ip.replace(".", "-"), tmp_path / "ca", policy_dir=tmp_path / "policy.d"
     )

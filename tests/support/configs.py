@@ -46,10 +46,14 @@ def echo_workload(ip: str, port: int = ECHO_PORT) -> str:
 
 
 def example_node(tmp_path: Path, ca: LocalCA, ip: str, *extra: str) -> Meshd:
-    """configs/meshd.toml as shipped, on its own loopback address and the CA `ca` made at tmp_path/ca."""
+    """configs/meshd.toml as shipped, on its own loopback address and the CA `ca` made at tmp_path/ca.
+    Its [[upstream]] listener moves from 127.0.0.1:17000 to ip:17000, so suites running side by side
+    (or a meshd on this machine) never contend for the port."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
+    config = tmp_path / "configs" / "meshd.toml"
+    text = config.read_text()
+    assert 'listen = "127.0.0.1:17000"' in text, "configs/meshd.toml's upstream listener moved"
+    config.write_text(text.replace('listen = "127.0.0.1:17000"', f'listen = "{ip}:17000"'))
     return Meshd(
-        tmp_path / "configs" / "meshd.toml",
-        ip,
-        [f"identity.ca_dir={tmp_path / 'ca'}", f"node_name=n{ip.replace('.', '-')}", *extra],
+        config, ip, [f"identity.ca_dir={tmp_path / 'ca'}", f"node_name=n{ip.replace('.', '-')}", *extra]
     )
