@@ -17,6 +17,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -55,7 +56,14 @@ async def open_listeners(key: str, address: Address, owner: str = "") -> list[tr
         raise ListenError(key, address, exc, owner) from exc
 
 
-def peer_of(stream: trio.SocketStream) -> tuple[str, int] | None:
+class SocketBacked(Protocol):
+    """A stream over one socket: trio's SocketStream, the node's TcpStream."""
+
+    @property
+    def socket(self) -> socket.socket | trio.socket.SocketType: ...
+
+
+def peer_of(stream: SocketBacked) -> tuple[str, int] | None:
     """The client's (ip, port); None if it already reset the connection (ENOTCONN: a port scan,
     a client that gave up). Such a connection is closed quietly, not logged as a failure."""
     try:

@@ -237,6 +237,8 @@ class Inbound:
             src = str(Address(str(peer[0]), int(peer[1])))
             rec = ConnectionRecord(reporter="destination", src=src, dst="", peer=src, security="none")
             if dest is None:
+                if peer_of(stream) is None:  # reset meanwhile (a port scan): nothing to report
+                    return
                 self.state.telemetry.failed(
                     rec, FLAG_NO_ROUTE, "plaintext connection without an original destination"
                 )
