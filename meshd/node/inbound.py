@@ -28,6 +28,7 @@ from meshd.listeners import open_listeners, peer_of, per_connection
 from meshd.node.pump import pump
 from meshd.node.state import NodeState
 from meshd.node.tcp import TcpStream
+from meshd.observe import dry_run
 from meshd.observe.accesslog import (
     FLAG_NO_ROUTE,
     FLAG_UNAUTHORIZED,
@@ -135,6 +136,7 @@ class Inbound:
                 workload_labels=workload.label_map,
             ),
         )
+        rec.dry_run = dry_run.record(self.state.telemetry.metrics, decision)
         if not decision.allowed:
             return self._refused(rec, FLAG_UNAUTHORIZED, 401, decision.reason)
         return await self._connect(rec, ip, port)
