@@ -436,20 +436,22 @@ class _Policy:
     def match(self, c: _Ctx, node: bool, trace: list[RuleTrace] | None = None) -> int | None:
         """1-based number of the first matching rule, or None. With `trace`, every rule is evaluated
         and recorded; the answer is the same."""
+        rules = self.node_rules if node else self.waypoint_rules
+        if trace is None:  # the data path: the first match answers
+            for i, rule in enumerate(rules, start=1):
+                if rule is not None and rule.matches(c):
+                    return i
+            return None
         first: int | None = None
-        for i, rule in enumerate(self.node_rules if node else self.waypoint_rules, start=1):
+        for i, rule in enumerate(rules, start=1):
             note = self.node_notes[i - 1] if node else None
             if rule is None:
-                if trace is not None:
-                    trace.append(RuleTrace(i, False, (), note))
+                trace.append(RuleTrace(i, False, (), note))
                 continue
-            failed: list[str] | None = None if trace is None else []
+            failed: list[str] = []
             if rule.matches(c, failed):
-                if trace is None:
-                    return i
                 first = first or i
-            if trace is not None:
-                trace.append(RuleTrace(i, failed == [], tuple(failed or ()), note))
+            trace.append(RuleTrace(i, not failed, tuple(failed), note))
         return first
 
 
@@ -704,13 +706,18 @@ def _ctx(conn: ConnectionAttrs) -> _Ctx:
 
 
 def authorize_connection(policies: PolicySet, conn: ConnectionAttrs) -> Decision:
-    """Node (L4) semantics: L7 rules never match in ALLOW/AUDIT, and lose their L7 parts in DENY."""
-    return policies.evaluate(conn).decision
+    """Node (L4) semantics: L7 rules never match in ALLOW/AUDIT, and lose their L7 parts in DENY.
+    The data path's call: `PolicySet.evaluate` without a trace, minus the Evaluation wrapper."""
+    c = _ctx(conn)
+    return policies._decide(c, conn.workload_namespace, conn.workload_name, conn.workload_labels, True, None)
 
 
 def authorize_request(policies: PolicySet, req: RequestAttrs) -> Decision:
-    """Waypoint (L7) semantics: every field is evaluated."""
-    return policies.evaluate(req).decision
+    """Waypoint (L7) semantics: every field is evaluated (as `PolicySet.evaluate`, without a trace)."""
+    conn = req.connection
+    c = _ctx(conn)
+    c.method, c.path, c.host, c.headers = req.method, req.path, req.host, req.headers
+    return policies._decide(c, conn.workload_namespace, conn.workload_name, conn.workload_labels, False, None)
 
 
 def mtls_mode(
