@@ -8,13 +8,19 @@ decides as that page says it does. What meshd cannot express is refused, all or 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from meshd.config.schema import load_document
 from meshd.errors import ConfigError
 from meshd.policy.evaluate import PolicySet, authorize_connection, authorize_request
 from meshd.policy.istio_import import Options, convert
 from meshd.policy.load import load_policy_dir
+from meshd.policy.model import PolicyFile
 from tests.support.policy import conn, request
 from tests.support.procs import meshd_cli
 
@@ -338,3 +344,90 @@ def test_cli_writes_a_file_meshd_loads_and_refuses_with_exit_2(tmp_path: Path) -
     assert refused.returncode == 2 and not (tmp_path / "no.toml").exists()
     assert f"{src}:10: policy 'ext-authz': action CUSTOM" in refused.stderr
     assert "nothing converted (1 problem(s))" in refused.stderr
+
+
+# ---- Hypothesis: whatever YAML comes in, import answers with TOML that loads, or refuses ------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-1, 70000),
+    st.sampled_from(["", "*", "GET", "/api/*", "dev", "10.0.0.0/8", "default/sa", "8080", "x{*}", "a b"]),
+)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+_source = st.dictionaries(
+    st.sampled_from(
+        [
+            *"principals",
+            "notPrincipals",
+            "namespaces",
+            "ipBlocks",
+            "serviceAccounts",
+            "requestPrincipals",
+            "trustDomains",
+            "bogus",
+        ]
+    ),
+    _values,
+    max_size=3,
+)
+_operation = st.dictionaries(
+    st.sampled_from(["hosts", "ports", "notPorts", "methods", "paths"]), _values, max_size=3
+)
+_condition = st.dictionaries(
+    st.sampled_from(["key", "values", "notValues"]),
+    st.one_of(_values, st.sampled_from(["source.ip", "request.auth.claims[x]", "remote.ip"])),
+    max_size=3,
+)
+_rule = st.fixed_dictionaries(
+    {},
+    optional={
+        "from": st.lists(st.one_of(st.fixed_dictionaries({"source": _source}), _values), max_size=2),
+        "to": st.lists(st.fixed_dictionaries({"operation": _operation}), max_size=2),
+        "when": st.lists(_condition, max_size=2),
+    },
+)
+_metadata = st.fixed_dictionaries(
+    {"name": st.sampled_from(["a", "b", "c", "d", "Bad Name", 7])},
+    optional={
+        "namespace": st.sampled_from(["foo", "bar", "istio-system"]),
+        "annotations": st.dictionaries(st.just("istio.io/dry-run"), st.sampled_from(["true", "no", True])),
+    },
+)
+_rules = st.lists(_rule, max_size=3)
+_spec = st.fixed_dictionaries(
+    {},
+    optional={
+        "action": st.sampled_from(["ALLOW", "DENY", "AUDIT", "CUSTOM", 1]),
+        "rules": st.one_of(_rules, _rules, _rules, _values),
+        "selector": st.one_of(
+            st.fixed_dictionaries({"matchLabels": st.dictionaries(st.sampled_from(["app"]), _scalars)}),
+            _values,
+        ),
+        "targetRefs": st.lists(
+            st.fixed_dictionaries({"kind": st.just("Service"), "name": st.just("x")}), max_size=1
+        ),
+    },
+)
+# Mostly well-formed shells (so the insides get exercised), sometimes anything at all.
+_document = st.fixed_dictionaries(
+    {
+        "apiVersion": st.sampled_from(["security.istio.io/v1"] * 8 + ["v1", 3]),
+        "kind": st.sampled_from(["AuthorizationPolicy"] * 8 + ["Service", "List"]),
+        "metadata": st.one_of(_metadata, _metadata, _metadata, _values),
+        "spec": st.one_of(_spec, _spec, _spec, _values),
+    },
+    optional={"items": st.lists(_values, max_size=2)},
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(docs=st.lists(_document, min_size=1, max_size=2))
+def test_random_yaml_converts_to_loadable_toml_or_is_refused(docs: list[dict[str, Any]]) -> None:
+    text = yaml.safe_dump_all(docs)
+    try:
+        result = convert(text, "in.yaml")
+    except ConfigError as exc:
+        assert exc.problems and all(p.file == "in.yaml" for p in exc.problems)
+        return
+    load_document(PolicyFile, result.toml, "out.toml", Path("."))
