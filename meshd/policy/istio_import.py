@@ -258,6 +258,11 @@ def _rule(y: _Y, opts: Options) -> dict[str, Any]:
     return rule
 
 
+def _target_text(ref: Mapping[str, _Y]) -> str:
+    """`Service web` for a targetRef, for the refusal."""
+    return " ".join(str(ref[k].value) if k in ref else "?" for k in ("kind", "name"))
+
+
 def _policy(doc: _Y, opts: Options) -> _Converted:
     top = _mapping(doc, "the document")
     meta = _mapping(top.get("metadata"), "metadata")
@@ -289,10 +294,7 @@ def _policy(doc: _Y, opts: Options) -> _Converted:
     for key in ("targetRef", "targetRefs"):
         if key in spec:
             refs = [spec[key]] if key == "targetRef" else _list(spec[key], key)
-            kinds = ", ".join(
-                f"{_mapping(r, key).get('kind', _Y('?', 0)).value} {_mapping(r, key).get('name', _Y('?', 0)).value}"
-                for r in refs
-            )
+            kinds = ", ".join(_target_text(_mapping(r, key)) for r in refs)
             raise _Refused(
                 spec[key].line,
                 f"spec.{key} ({kinds}) attaches the policy to a Gateway, Service or ServiceEntry: meshd "
