@@ -7,6 +7,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,6 +16,7 @@ from meshd.config.load import config_path, load_config
 from meshd.discovery.catalog import local_catalog, merge
 from meshd.discovery.vip import VipIndex
 from meshd.errors import ConfigError
+from meshd.policy.istio_import import Options, convert
 from meshd.policy.load import load_policy_dir
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError, answer, parse_headers
 from meshd.waypoint.explain import explain_request
@@ -97,6 +99,56 @@ def policy_explain(
             click.echo(f"{source} -> {r['workload']} ({r['address']})")
             click.echo(r["text"])
     sys.exit(0 if all(r["allowed"] for r in results) else 3)
+
+
+@policy.command("import")
+@click.argument("yaml_file", metavar="FILE.yaml", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="write the TOML here (default: standard output)"
+)
+@click.option(
+    "--root-namespace",
+    default="istio-system",
+    show_default=True,
+    help="Istio's root namespace: a policy there becomes mesh-wide",
+)
+@click.option(
+    "--namespace",
+    "default_namespace",
+    default="default",
+    show_default=True,
+    help="the namespace of a policy whose metadata has none",
+)
+@click.option(
+    "--trust-domain",
+    help="rewrite principals of Istio's default trust domain cluster.local into this one (e.g. home.arpa)",
+)
+def policy_import(
+    yaml_file: str, output: str | None, root_namespace: str, default_namespace: str, trust_domain: str | None
+) -> None:
+    """Convert Istio AuthorizationPolicy YAML (one or many documents, or a `kubectl get -o yaml` list) to
+    meshd policy TOML. All or nothing: what meshd cannot express is refused, with FILE:LINE and why, and
+    nothing is written (exit 2)."""
+    name = "<stdin>" if yaml_file == "-" else yaml_file
+    try:
+        text = sys.stdin.read() if yaml_file == "-" else Path(yaml_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {name}: {exc}") from None
+    try:
+        result = convert(text, name, Options(root_namespace, default_namespace, trust_domain))
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(p.format(), err=True)
+        click.echo(f"{name}: nothing converted ({len(exc.problems)} problem(s))", err=True)
+        sys.exit(2)
+    if output:
+        try:
+            Path(output).write_text(result.toml, encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {output}: {exc}") from None
+        click.echo(f"{name}: {result.count} authorization policies written to {output}", err=True)
+    else:
+        click.echo(result.toml, nl=False)
 
 
 def _ask_daemon(admin: str, query: ExplainQuery) -> list[dict[str, Any]]:

@@ -6,8 +6,6 @@ Each row builds its policy from TOML text, so the tables exercise the same path 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshd.config.schema import build, load_document
+from meshd.config.schema import build
 from meshd.errors import ConfigError
-from meshd.identity.spiffe import SpiffeId
 from meshd.policy.evaluate import (
     ConnectionAttrs,
     Decision,
@@ -28,100 +25,23 @@ from meshd.policy.evaluate import (
     mtls_mode,
 )
 from meshd.policy.model import Located, Origin, PolicyFile
-
-CLIENT = "home.arpa/ns/default/sa/client"
-Rule = dict[str, Any]
-
-
-def policies(text: str) -> PolicySet:
-    doc = load_document(PolicyFile, text, "test.toml", Path("."))
-    return PolicySet(
-        [Located(a, Origin("test.toml", i)) for i, a in enumerate(doc.authorizations)],
-        [Located(p, Origin("test.toml", i)) for i, p in enumerate(doc.peer_authentications)],
-    )
-
-
-def inline(value: Any) -> str:
-    """A Python value as inline TOML."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {inline(v)}" for k, v in value.items()) + " }" if value else "{}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(inline(v) for v in value) + "]"
-    if isinstance(value, int):
-        return str(value)
-    return json.dumps(value)
-
-
-def frm(**fields: Any) -> Rule:
-    return {"from": [fields]}
-
-
-def to(**fields: Any) -> Rule:
-    return {"to": [fields]}
-
-
-def when(key: str, values: list[str] | None = None, not_values: list[str] | None = None) -> Rule:
-    cond: dict[str, Any] = {"key": key}
-    if values is not None:
-        cond["values"] = values
-    if not_values is not None:
-        cond["not_values"] = not_values
-    return {"when": [cond]}
-
-
-def both(*rules: Rule) -> Rule:
-    """One rule whose `when` lists the conditions of all the given rules (AND'd)."""
-    return {"when": [c for r in rules for c in r["when"]]}
-
-
-def policy(action: str, *rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
-    lines = ["[[authorization]]", f'name = "{name}"', f'action = "{action}"', scope]
-    if rules:
-        lines.append(f"rules = {inline(list(rules))}")
-    return "\n".join(lines) + "\n"
-
-
-def allow(*rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
-    return policy("ALLOW", *rules, name=name, scope=scope)
-
-
-def deny(*rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
-    return policy("DENY", *rules, name=name, scope=scope)
-
-
-def conn(
-    source: str | None = CLIENT,
-    source_ip: str = "127.0.0.1",
-    destination_ip: str = "127.0.0.1",
-    port: int = 7000,
-    ns: str = "default",
-    name: str = "echo",
-    labels: Mapping[str, str] | None = None,
-) -> ConnectionAttrs:
-    return ConnectionAttrs(
-        source=None if source is None else SpiffeId.parse_principal(source),
-        source_ip=source_ip,
-        destination_ip=destination_ip,
-        destination_port=port,
-        workload_namespace=ns,
-        workload_name=name,
-        workload_labels=labels or {},
-    )
-
-
-def request(
-    method: str = "GET",
-    path: str = "/",
-    host: str = "echo.default",
-    headers: Mapping[str, str] | None = None,
-    **conn_kw: Any,
-) -> RequestAttrs:
-    return RequestAttrs(conn(**conn_kw), method, path, host, headers or {})
-
-
-def cases(rows: list[tuple[Any, ...]]) -> list[Any]:
-    return [pytest.param(*row[1:], id=row[0]) for row in rows]
-
+from tests.support.policy import (
+    CLIENT,
+    allow,
+    authz,
+    both,
+    cases,
+    conn,
+    conns,
+    deny,
+    frm,
+    policies,
+    policy,
+    request,
+    strs,
+    to,
+    when,
+)
 
 # ---- L4 fields, at the node (and the same answer at a waypoint) ---------------------------------
 
@@ -425,86 +345,6 @@ def test_config_dump_has_sources() -> None:
 # ---- Hypothesis: whatever validates, the evaluator answers (never raises) -------------------------
 # Pools are valid values (what fails validation is test_policy_load's business); some combinations
 # still fail (e.g. a `when` value of the wrong kind) and are skipped. Connections may be odd.
-
-principals = st.sampled_from(
-    [CLIENT, f"spiffe://{CLIENT}", "home.arpa/ns/*", "*/sa/client", "*", "td/ns/a/sa/b"]
-)
-names = st.sampled_from(["default", "prod", "d*", "*t", "*"])
-cidrs = st.sampled_from(["127.0.0.0/8", "10.0.0.1", "fd00::/8", "::1", "0.0.0.0/0"])
-ports = st.integers(min_value=1, max_value=65535)
-strs = st.sampled_from(["GET", "POST", "/api/*", "*", "/", "*.png", "echo.default"])
-keys = st.sampled_from(
-    [
-        "source.ip",
-        "destination.ip",
-        "destination.port",
-        "source.principal",
-        "source.namespace",
-        "request.headers[x-user]",
-    ]
-)
-when_values = st.sampled_from(["7000", "127.0.0.1", CLIENT, "default", "*", "alice", "x"])
-
-
-def _opt(s: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    return st.lists(s, max_size=2)
-
-
-sources = st.fixed_dictionaries(
-    {},
-    optional={
-        "principals": _opt(principals),
-        "not_principals": _opt(principals),
-        "namespaces": _opt(names),
-        "not_namespaces": _opt(names),
-        "ip_blocks": _opt(cidrs),
-        "not_ip_blocks": _opt(cidrs),
-    },
-)
-operations = st.fixed_dictionaries(
-    {},
-    optional={
-        "ports": _opt(ports),
-        "not_ports": _opt(ports),
-        "methods": _opt(strs),
-        "not_methods": _opt(strs),
-        "paths": _opt(strs),
-        "not_paths": _opt(strs),
-        "hosts": _opt(strs),
-        "not_hosts": _opt(strs),
-    },
-)
-conditions = st.fixed_dictionaries(
-    {"key": keys, "values": st.lists(when_values, min_size=1, max_size=2)},
-    optional={"not_values": _opt(when_values)},
-)
-rules = st.fixed_dictionaries(
-    {},
-    optional={
-        "from": st.lists(sources, min_size=1, max_size=2),
-        "to": st.lists(operations, min_size=1, max_size=2),
-        "when": st.lists(conditions, min_size=1, max_size=2),
-    },
-)
-authz = st.fixed_dictionaries(
-    {"name": st.sampled_from(["a", "b", "c"]), "action": st.sampled_from(["ALLOW", "DENY", "AUDIT"])},
-    optional={
-        "namespace": st.sampled_from(["default", "prod"]),
-        "workloads": _opt(st.sampled_from(["echo", "web"])),
-        "selector": st.dictionaries(st.sampled_from(["version"]), st.sampled_from(["v1", "v2"])),
-        "rules": st.lists(rules, max_size=3),
-    },
-)
-conns = st.builds(
-    conn,
-    source=st.sampled_from([None, CLIENT, "home.arpa/ns/prod/sa/web"]),
-    source_ip=st.sampled_from(["127.0.0.1", "10.0.0.1", "fd00::1", "::ffff:10.0.0.1", "not-an-ip"]),
-    destination_ip=st.sampled_from(["127.0.0.1", "::1", "garbage"]),
-    port=ports,
-    ns=st.sampled_from(["default", "prod"]),
-    name=st.sampled_from(["echo", "web"]),
-    labels=st.dictionaries(st.sampled_from(["version"]), st.sampled_from(["v1", "v2"])),
-)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

@@ -26,6 +26,7 @@ from meshd.hbone.server import Handler, InboundRequest, ServerReply
 from meshd.identity.spiffe import SpiffeId
 from meshd.listeners import open_listeners, original_destination, peer_of, per_connection
 from meshd.node.tcp import TcpStream
+from meshd.observe import dry_run
 from meshd.observe.accesslog import (
     FLAG_NO_ROUTE,
     FLAG_UNAUTHORIZED,
@@ -129,6 +130,7 @@ class Inbound:
                 workload_labels=workload.label_map,
             ),
         )
+        rec.dry_run = dry_run.record(self.state.telemetry.metrics, decision)
         if not decision.allowed:
             raise Refused(401, FLAG_UNAUTHORIZED, decision.reason)
         return await self._connect(ip, port)

@@ -121,6 +121,7 @@ class ConnectionRecord:
     security: str = "mutual_tls"
     started: float = field(default_factory=time.monotonic)
     opened: bool = False
+    dry_run: str | None = None  # what dry-run policies would have decided: "policy=deny,..." (dry_run.py)
 
     @property
     def source_labels(self) -> WorkloadLabels:
@@ -208,6 +209,7 @@ class ConnectionTelemetry:
                 "response_flags": flags,
                 "security": rec.security,
                 "error": error,
+                **({"dry_run": rec.dry_run} if rec.dry_run else {}),
             },
         )
 
@@ -242,6 +244,7 @@ class RequestRecord:
     request_id: str | None = None
     user_agent: str | None = None
     error: str | None = None
+    dry_run: str | None = None  # what dry-run policies would have decided: "policy=deny,..." (dry_run.py)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -293,6 +296,7 @@ class RequestRecord:
             "request_id": self.request_id,
             "user_agent": self.user_agent,
             "error": self.error,
+            **({"dry_run": self.dry_run} if self.dry_run else {}),
         }
 
 

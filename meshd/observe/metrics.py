@@ -134,6 +134,13 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
 
+        self.policy_dry_run = Counter(
+            "meshd_policy_dry_run",
+            "dry-run authorization policies evaluated: the decision each would have given if enforced",
+            ("policy", "result"),
+            registry=r,
+        )
+
         self.requests = Counter("istio_requests", "HTTP requests (waypoint)", HTTP_LABELS, registry=r)
         self.request_duration = Histogram(
             "istio_request_duration_milliseconds",

@@ -16,9 +16,8 @@ from meshd.config.schema import KeyPath, build, parse_toml
 from meshd.config.toml_lines import KeyLines
 from meshd.errors import ConfigError, Problem
 from meshd.plugins.manager import RegisteredFilter, filter_types, make_plugin_manager
-from meshd.policy.evaluate import PolicySet
+from meshd.policy.evaluate import PolicySet, l7_fields
 from meshd.policy.model import (
-    L7_TO_FIELDS,
     AuthorizationPolicy,
     Located,
     Origin,
@@ -176,10 +175,57 @@ def _mtls_conflicts(items: list[Located[PeerAuthentication]]) -> list[Problem]:
     return out
 
 
-def _l7_fields(rule: Rule) -> list[str]:
-    fields = [f for f in L7_TO_FIELDS if any(getattr(op, f) for op in rule.operations or ())]
-    fields += [f"when {c.key}" for c in rule.conditions or () if c.is_l7]
-    return list(dict.fromkeys(fields))
+def _entry_text(obj: object, keys: tuple[str, ...]) -> str:
+    return " and ".join(f"{k} {list(v)}" for k in keys if (v := getattr(obj, k)))
+
+
+def l4_summary(rule: Rule) -> str:
+    """What a rule still matches at a node once its L7 fields are dropped, in words."""
+    parts = []
+    sources = [_entry_text(s, _L4_SOURCE_KEYS) for s in rule.sources or ()]
+    if sources and all(sources):  # an entry left empty matches any source, and entries are OR'd
+        parts.append("from " + " or ".join(sources))
+    ops = [_entry_text(op, ("ports", "not_ports")) for op in rule.operations or ()]
+    if ops and all(ops):
+        parts.append("to " + " or ".join(ops))
+    parts += [
+        f"when {c.key}"
+        + (f" in {list(c.values)}" if c.values else "")
+        + (f" not in {list(c.not_values)}" if c.not_values else "")
+        for c in rule.conditions or ()
+        if not c.is_l7
+    ]
+    return "every connection " + (", ".join(parts) if parts else "to the workloads it applies to")
+
+
+def ztunnel_skips(rule: Rule) -> bool:
+    """Would ztunnel never match this DENY rule? istiod drops L7 fields, and ztunnel skips an entry left
+    empty (an L7 `when` always becomes one), so the clause, and the rule, cannot match."""
+    return (
+        (
+            any(not _entry_text(s, _L4_SOURCE_KEYS) and s.has_l7 for s in rule.sources or ())
+            and all(not _entry_text(s, _L4_SOURCE_KEYS) for s in rule.sources or ())
+        )
+        or (
+            any(op.has_l7 for op in rule.operations or ())
+            and all(not _entry_text(op, ("ports", "not_ports")) for op in rule.operations or ())
+        )
+        or any(c.is_l7 for c in rule.conditions or ())
+    )
+
+
+_L4_SOURCE_KEYS = (
+    "principals",
+    "not_principals",
+    "service_accounts",
+    "not_service_accounts",
+    "namespaces",
+    "not_namespaces",
+    "ip_blocks",
+    "not_ip_blocks",
+    "remote_ip_blocks",
+    "not_remote_ip_blocks",
+)
 
 
 def _trust_domain_of(principal: str) -> str | None:
@@ -251,12 +297,17 @@ def _warnings(f: _File, i: int, policy: AuthorizationPolicy, role: Role) -> list
                                 f"write {method.upper()!r}",
                             )
                         )
-        l7 = _l7_fields(rule)
+        l7 = l7_fields(rule)
         if role != "node" or not l7:
             continue
         uses = ", ".join(l7)
         if policy.action == "DENY":
-            message = f"{label} uses L7 fields ({uses}) a node cannot see: it is enforced without them (denies more)"
+            message = (
+                f"{label} uses L7 fields ({uses}) a node cannot see: it is enforced without them, so it "
+                f"denies {l4_summary(rule)}{' (dry run: reported, not enforced)' if policy.dry_run else ''}"
+            )
+            if ztunnel_skips(rule):
+                message += " (ztunnel would skip this rule and deny nothing: meshd fails closed on purpose)"
         else:
             message = f"{label} uses L7 fields ({uses}) a node cannot see: it never matches here"
         out.append(Problem(f.name, f.line(where), message, "L7 rules take effect at a waypoint"))

@@ -30,17 +30,26 @@ _PATTERN_TEXT = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 _PRINCIPAL_TEXT = re.compile(r"^[A-Za-z0-9._/-]+$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-zA-Z-]+$")  # an HTTP token (RFC 9110)
 _WHEN_HEADER = re.compile(r"^request\.headers\[(.*)\]$")
+_SERVICE_ACCOUNT = re.compile(r"^([a-z0-9]([a-z0-9._-]*[a-z0-9])?/)?[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+
+# Until networks exist (the gateway issue), every workload and node is in this one network.
+DEFAULT_NETWORK = "default"
 
 # `when` keys meshd understands, and whether they need L7 (a waypoint) to be evaluated.
 WHEN_KEYS: dict[str, bool] = {
     "source.ip": False,
     "source.namespace": False,
     "source.principal": False,
+    "source.network": False,
+    "remote.ip": False,
     "destination.ip": False,
     "destination.port": False,
     "request.headers[<name>]": True,
+    "request.auth.principal": True,
 }
 L7_TO_FIELDS = ("methods", "not_methods", "paths", "not_paths", "hosts", "not_hosts")
+# Request principals come from a JWT: a request attribute, so L7 like the fields of `to` above.
+L7_FROM_FIELDS = ("request_principals", "not_request_principals")
 
 
 def doc(text: str, **kw: object) -> dict[str, object]:
@@ -168,6 +177,28 @@ def _ip_blocks(values: tuple[str, ...], key: str) -> list[Issue]:
     return issues
 
 
+def _service_accounts(values: tuple[str, ...], key: str) -> list[Issue]:
+    return [
+        Issue(
+            (key, i),
+            f"{key}: {v!r} is not NAMESPACE/SERVICE_ACCOUNT or SERVICE_ACCOUNT (no wildcards, as in Istio)",
+            'write e.g. "default/client"',
+        )
+        for i, v in enumerate(values)
+        if not _SERVICE_ACCOUNT.match(v)
+    ]
+
+
+def split_service_account(value: str, namespace: str | None) -> tuple[str, str]:
+    """`ns/sa` -> (ns, sa); a bare `sa` is in `namespace` (the policy's, as Istio reads it)."""
+    ns, sep, sa = value.partition("/")
+    if sep:
+        return ns, sa
+    if namespace is None:
+        raise ValueError(f"service account {value!r} has no namespace and the policy is mesh-wide")
+    return namespace, value
+
+
 def _ports(values: tuple[int, ...], key: str) -> list[Issue]:
     return [
         Issue((key, i), f"{key}: port {p} is outside 1-65535")
@@ -187,18 +218,45 @@ def _check_name(value: str, key: str) -> list[Issue]:
 
 @dataclass(frozen=True)
 class Source:
-    """Who connects (Istio `from.source`). Fields AND'd; values within a field OR'd."""
+    """Who connects (Istio `from.source`). Fields AND'd; values within a field OR'd.
+
+    An entry that sets no field matches any source (Istio's docs: an unset source allows any).
+    """
 
     principals: tuple[str, ...] = field(
         default=(), metadata=doc("peer identities, td/ns/NS/sa/SA or spiffe://")
     )
     not_principals: tuple[str, ...] = field(default=(), metadata=doc("peer identities that must not match"))
+    service_accounts: tuple[str, ...] = field(
+        default=(),
+        metadata=doc("peer service accounts, NS/SA or SA (the policy's namespace); any trust domain"),
+    )
+    not_service_accounts: tuple[str, ...] = field(
+        default=(), metadata=doc("peer service accounts that must not match")
+    )
     namespaces: tuple[str, ...] = field(default=(), metadata=doc("peer namespaces (from the mTLS identity)"))
     not_namespaces: tuple[str, ...] = field(default=(), metadata=doc("peer namespaces that must not match"))
     ip_blocks: tuple[str, ...] = field(default=(), metadata=doc("source IPs or CIDR blocks"))
     not_ip_blocks: tuple[str, ...] = field(
         default=(), metadata=doc("source IPs or CIDR blocks that must not match")
     )
+    remote_ip_blocks: tuple[str, ...] = field(
+        default=(), metadata=doc("the remote (peer) address: meshd trusts no proxy hops, so the connection's")
+    )
+    not_remote_ip_blocks: tuple[str, ...] = field(
+        default=(), metadata=doc("remote addresses that must not match")
+    )
+    request_principals: tuple[str, ...] = field(
+        default=(),
+        metadata=doc("JWT principals ISS/SUB (L7; meshd has no JWT authentication: never present)"),
+    )
+    not_request_principals: tuple[str, ...] = field(
+        default=(), metadata=doc("JWT principals that must not match (L7)")
+    )
+
+    @property
+    def has_l7(self) -> bool:
+        return any(getattr(self, f) for f in L7_FROM_FIELDS)
 
     def check(self) -> list[Issue]:
         issues = _principals(self.principals, "principals") + _principals(
@@ -206,8 +264,23 @@ class Source:
         )
         issues += _patterns(self.namespaces, "namespaces") + _patterns(self.not_namespaces, "not_namespaces")
         issues += _ip_blocks(self.ip_blocks, "ip_blocks") + _ip_blocks(self.not_ip_blocks, "not_ip_blocks")
-        if not any(getattr(self, f) for f in self.__dataclass_fields__):
-            issues.append(Issue((), "a `from` entry sets no field", "remove `from` to match any source"))
+        issues += _ip_blocks(self.remote_ip_blocks, "remote_ip_blocks")
+        issues += _ip_blocks(self.not_remote_ip_blocks, "not_remote_ip_blocks")
+        issues += _patterns(self.request_principals, "request_principals")
+        issues += _patterns(self.not_request_principals, "not_request_principals")
+        issues += _service_accounts(self.service_accounts, "service_accounts")
+        issues += _service_accounts(self.not_service_accounts, "not_service_accounts")
+        if (self.service_accounts or self.not_service_accounts) and (
+            self.principals or self.not_principals or self.namespaces or self.not_namespaces
+        ):
+            key = "service_accounts" if self.service_accounts else "not_service_accounts"
+            issues.append(
+                Issue(
+                    (key,),
+                    "service_accounts cannot be set with principals or namespaces in one `from` entry (as in Istio)",
+                    "use one or the other, or put them in separate `from` entries (OR'd)",
+                )
+            )
         return issues
 
 
@@ -273,7 +346,7 @@ class Condition:
             )
         for key in ("values", "not_values"):
             values: tuple[str, ...] = getattr(self, key)
-            if kind in ("source.ip", "destination.ip"):
+            if kind in ("source.ip", "destination.ip", "remote.ip"):
                 issues += _ip_blocks(values, key)
             elif kind == "source.principal":
                 issues += _principals(values, key)
@@ -302,12 +375,17 @@ class Rule:
 
     @property
     def has_l7(self) -> bool:
-        return any(op.has_l7 for op in self.operations or ()) or any(c.is_l7 for c in self.conditions or ())
+        return (
+            any(op.has_l7 for op in self.operations or ())
+            or any(c.is_l7 for c in self.conditions or ())
+            or any(s.has_l7 for s in self.sources or ())
+        )
 
     def check(self) -> list[Issue]:
+        # `from = []` is accepted and means any source, as an omitted `from` does (see Source).
         return [
             Issue((key,), f"{key} = [] is empty", f"remove {key} to match anything, or add an entry")
-            for key, value in (("from", self.sources), ("to", self.operations), ("when", self.conditions))
+            for key, value in (("to", self.operations), ("when", self.conditions))
             if value is not None and not value
         ]
 
@@ -326,9 +404,34 @@ class AuthorizationPolicy:
     )
     action: Action = field(default="ALLOW", metadata=doc("ALLOW, DENY or AUDIT (log only)"))
     rules: tuple[Rule, ...] = field(default=(), metadata=doc("OR'd; none = the policy matches nothing"))
+    dry_run: bool = field(
+        default=False, metadata=doc("evaluated and reported (metric, access log, explain), never enforced")
+    )
 
     def check(self) -> list[Issue]:
-        return _check_scope(self.name, self.namespace, self.workloads)
+        issues = _check_scope(self.name, self.namespace, self.workloads)
+        if self.dry_run and self.action == "AUDIT":
+            issues.append(
+                Issue(
+                    ("dry_run",),
+                    "dry_run is for ALLOW and DENY policies: an AUDIT policy never enforces anything",
+                    "remove dry_run",
+                )
+            )
+        if self.namespace is None:  # a bare service account names the policy's namespace: there is none
+            for j, rule in enumerate(self.rules):
+                for k, src in enumerate(rule.sources or ()):
+                    for key in ("service_accounts", "not_service_accounts"):
+                        for n, v in enumerate(getattr(src, key)):
+                            if "/" not in v:
+                                issues.append(
+                                    Issue(
+                                        ("rules", j, "from", k, key, n),
+                                        f"{key}: {v!r} has no namespace, and a mesh-wide policy has none to lend it",
+                                        f'write "NAMESPACE/{v}"',
+                                    )
+                                )
+        return issues
 
 
 def _check_scope(name: str, namespace: str | None, workloads: tuple[str, ...]) -> list[Issue]:

@@ -17,6 +17,7 @@ built once per tunnel (admission.Tunnel).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import AsyncIterable, Callable, Iterator
@@ -28,6 +29,7 @@ import trio
 
 from meshd import grpc
 from meshd.discovery.catalog import Catalog, WorkloadEntry
+from meshd.observe import dry_run
 from meshd.observe.accesslog import FLAG_UNAUTHORIZED, RequestRecord, RequestTelemetry
 from meshd.plugins.filters import (
     FilterContext,
@@ -38,7 +40,7 @@ from meshd.plugins.filters import (
     RequestInfo,
     SendUpstream,
 )
-from meshd.policy.evaluate import Decision, PolicySet, RequestAttrs, authorize_request
+from meshd.policy.evaluate import Decision, DryRunResult, PolicySet, RequestAttrs, authorize_request
 from meshd.waypoint.admission import Tunnel
 from meshd.waypoint.http1 import trace_headers
 from meshd.waypoint.router import (
@@ -141,6 +143,7 @@ class Pipeline:
         """Authorize, route, run the chain and the upstream. Returns the response to send."""
         info = RequestInfo("", source_principal=t.source.principal, source_address=t.src)
         decision = self.authorize(t, request)
+        rec.dry_run = dry_run.record(self.telemetry.metrics, decision)
         if not decision.allowed:
             log.info(
                 "request denied",
@@ -204,10 +207,14 @@ class Pipeline:
         """Allowed only if allowed for every workload of the service (see the module docstring)."""
         policy = self._policy()
         decision = Decision(True, None, "no workload")
+        verdicts: list[DryRunResult] = []
         for attrs in request_attrs(t, request, self._workloads_of(t.service.key)):
             decision = authorize_request(policy, attrs)
+            verdicts += decision.dry_run
             if not decision.allowed:
-                return decision
+                break
+        if len(verdicts) > len(decision.dry_run):  # several workloads: one verdict per dry-run policy
+            decision = dataclasses.replace(decision, dry_run=dry_run.merge(verdicts))
         return decision
 
     def match(self, request: HttpRequest, service: str) -> RouteChoice | None:

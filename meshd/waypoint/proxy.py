@@ -29,6 +29,7 @@ from meshd.discovery.vip import VipIndex
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
+from meshd.observe import dry_run
 from meshd.observe.accesslog import (
     FLAG_NO_HEALTHY,
     FLAG_UNAUTHORIZED,
@@ -162,6 +163,7 @@ class Waypoint:
         rec.destination_identity = w.identity(td)
         rec.destination = WorkloadLabels.of(w, td)
         decision = authorize_connection(self.state.policy, t.connection_attrs(w, ep.target_port))
+        rec.dry_run = dry_run.record(telemetry.metrics, decision)
         if not decision.allowed:
             telemetry.failed(rec, FLAG_UNAUTHORIZED, decision.reason)
             raise Refused(401, FLAG_UNAUTHORIZED, decision.reason)

@@ -50,6 +50,16 @@ action = "DENY"
 [[authorization.rules]]
 to = [{ paths = ["/admin*"] }]
 
+# Dry run: evaluated and reported for every request, never enforced.
+[[authorization]]
+name = "trial-no-dry"
+namespace = "default"
+workloads = ["reviews-v1"]
+action = "DENY"
+dry_run = true
+[[authorization.rules]]
+to = [{ paths = ["/v1/dry*"] }]
+
 # `hosts` match the Host the app sent (docs/waypoint.md, "The authority"): through an [[upstream]]
 # listener that is the listener's address unless the app dials a name.
 [[authorization]]
@@ -344,6 +354,17 @@ def test_l7_deny_403_backend_sees_nothing(mesh: WaypointMesh) -> None:
     conn.close()
     assert not any(p.startswith("/admin") for p in mesh.v1.paths() + mesh.v2.paths())
     assert mesh.wp.metric("istio_requests_total", response_code="403", response_flags="UAEX") >= 1
+
+
+def test_dry_run_deny_is_counted_and_logged_and_the_request_passes(mesh: WaypointMesh) -> None:
+    conn = mesh.client()
+    status, _, _ = request(conn, "/v1/dry-run-me")
+    conn.close()
+    assert status == 200
+    assert "/v1/dry-run-me" in mesh.v1.paths()
+    assert mesh.wp.metric("meshd_policy_dry_run_total", policy="trial-no-dry", result="deny") >= 1
+    wait_for(lambda: "dry_run=trial-no-dry=deny" in mesh.wp.log(), mesh.wp)  # the request's access-log line
+    assert "dry-run policy trial-no-dry would deny what was allowed" in mesh.wp.log()
 
 
 def test_waypoint_status_lines_carry_reason_phrases(mesh: WaypointMesh) -> None:
