@@ -460,8 +460,8 @@ class EtcdView:
         try:
             entry = decode_entry(kv.key, kv.value, prefix=self.prefix, trust_domain=self.trust_domain)
         except EntryError as exc:
-            self.ignored[key] = str(exc)
             gone = self._delete(kv.key)  # a node's key now holding junk: what it said no longer holds
+            self.ignored[key] = str(exc)
             return [*gone, Ignored(key, str(exc))]
         self.ignored.pop(key, None)
         if entry.node == self.own_node:
