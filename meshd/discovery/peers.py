@@ -33,11 +33,16 @@ class ForgedEntry(Exception):
 @dataclass
 class PeerInfo:
     address: Address
-    how: str  # "static", "mdns" or "etcd"
+    sources: set[str]  # who told us of it: "static", "mdns", "etcd"
     catalog: NodeCatalog | None = None
     last_seen: float | None = None  # trio clock
     last_error: str | None = None
     failures: int = 0
+
+    @property
+    def how(self) -> str:
+        """How it was found, as `meshd peers` shows it ("etcd", "mdns+static", ...)."""
+        return "+".join(sorted(self.sources))
 
 
 class PeerTable:
@@ -46,7 +51,9 @@ class PeerTable:
         self.peers: dict[Address, PeerInfo] = {}
 
     def add(self, address: Address, how: str) -> PeerInfo:
-        return self.peers.setdefault(address, PeerInfo(address, how))
+        info = self.peers.setdefault(address, PeerInfo(address, set()))
+        info.sources.add(how)
+        return info
 
     def answered(self, address: Address, catalog: NodeCatalog, now: float) -> bool:
         """Record a fetched catalog; True if what the mesh sees changed."""
@@ -187,23 +194,27 @@ class PeerPoller:
         """Start following a peer; returns an event set after its first attempt, None if followed already."""
         if self._nursery is None:
             raise RuntimeError("PeerPoller.run() is not running")
+        self.table.add(address, how)
         if address in self._followers:
             return None
-        self.table.add(address, how)
         follower = self._followers[address] = _Follower()
         first = trio.Event()
         self._nursery.start_soon(self._follow, address, follower, first)
         return first
 
     def _forget(self, address: Address, how: str = "mdns") -> None:
+        """`how` no longer reports the peer at `address`; stop following it when nothing else does."""
         info = self.table.peers.get(address)
-        if info is None or info.how != how:
+        if info is None or how not in info.sources:
             return
         if how == "etcd":
             remaining = {n for n, a in self._etcd.items() if a == address}
             proved = info.catalog.node if info.catalog is not None else None
             if remaining and (proved is None or proved in remaining):
                 return  # another entry still points here (and does not contradict the peer)
+        info.sources.discard(how)
+        if info.sources:
+            return  # still known another way (a static peer, or announced over mDNS too)
         follower = self._followers.pop(address, None)
         if follower is not None:
             follower.scope.cancel()
@@ -222,7 +233,7 @@ class PeerPoller:
             self.on_failure()
             error = f"{type(exc).__name__}: {exc}"
             info = self.table.peers[address]
-            if info.how == "etcd" and info.catalog is None and info.last_error != error:
+            if "etcd" in info.sources and info.catalog is None and info.last_error != error:
                 names = sorted(n for n, a in self._etcd.items() if a == address)
                 log.warning(
                     "etcd entry not confirmed: its address does not prove the node",
@@ -253,7 +264,7 @@ class PeerPoller:
                     },
                 )
         info = self.table.peers.get(address)
-        if info is not None and info.how == "etcd" and names and catalog.node not in names:
+        if info is not None and info.sources == {"etcd"} and names and catalog.node not in names:
             raise ForgedEntry(
                 f"etcd names node(s) {', '.join(sorted(names))} at {address}, but it proved node {catalog.node!r}"
             )
