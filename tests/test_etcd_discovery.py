@@ -19,7 +19,7 @@ import pytest
 
 from meshd.identity.ca import LocalCA
 from tests.support.configs import echo_workload, node_config
-from tests.support.etcd import EtcdMember, EtcdPki, Etcdctl, etcd_cluster
+from tests.support.etcd import Etcdctl, EtcdMember, EtcdPki, etcd_cluster
 from tests.support.procs import Meshd, http_get, meshd_cli, unique_loopback, wait_for
 
 pytestmark = pytest.mark.slow
