@@ -11,14 +11,16 @@ answering); we retry with backoff, and `meshd_etcd_connected` / `meshd status` s
 listing after reconnecting is compared with what we held, and only then are vanished nodes gone.
 
 Theory of operation: `run` loops over sessions. A session picks the next endpoint (failover in
-turn), grants a lease (`lease_ttl`), writes our entry with it, lists the prefix (`EtcdView.reset`)
-and then runs, in one nursery: the keepalive (every third of the TTL; a lost lease ends the session
-and the next one re-grants), the publisher (our catalog revision changed -> put), and the watch
-(from the view's revision + 1; a compacted revision re-lists; a broken stream resumes from the last
-revision applied). Any failure ends the session; the next one starts after a backoff (0.5 s
-doubling, capped at the TTL) at the next endpoint. The JSON of every request and answer, and the
-watch stream, are handled by the pure `meshd.discovery.etcd_wire`; this module does the I/O (httpx
-under trio) and the timing.
+turn), grants a lease (`lease_ttl`), writes our entry with it, lists the prefix on first contact
+(`EtcdView.reset`), and then runs, in one nursery: the keepalive (every third of the TTL; a lost
+lease ends the session and the next one re-grants), the publisher (our catalog revision changed ->
+put), and the watch. The watch always starts from the view's revision + 1: a stream that breaks,
+and the first watch of a later session, resume where the last left off (etcd replays what happened
+meanwhile, lease expiries included); only a compacted revision makes us list again. Any failure
+ends the session; the next one starts at the next endpoint, after a backoff (0.5 s doubling, capped
+at the TTL) once every endpoint has failed. The JSON of every request and answer, and the watch
+stream, are handled by the pure `meshd.discovery.etcd_wire`; this module does the I/O (httpx under
+trio) and the timing.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class EtcdStatistics:
     published: dict[str, str] = field(default_factory=dict)
     entries: dict[str, str] = field(default_factory=dict)  # node -> address
     ignored: dict[str, str] = field(default_factory=dict)  # key -> why
+    listings: int = 0  # full listings of the prefix (first contact, or a compacted watch revision)
+    watch_resumes: int = 0  # watch streams resumed from the last revision after they broke
 
 
 class EtcdDiscovery:
@@ -172,7 +176,8 @@ class EtcdDiscovery:
             lease = wire.parse_grant(await call(wire.grant(self.ttl)))
             self._stats.lease = f"{lease.id:x}"
             published = await self._publish(call, lease.id, advertise)
-            self._reset(wire.parse_range(await call(wire.range_prefix(self.prefix.encode()))))
+            if self.view.revision == 0:
+                await self._list(call)  # first contact; later sessions resume the watch instead
             self._stats.connected, self._stats.since, self._stats.last_error = True, trio.current_time(), None
             self.on_state(True)
             log.info(
@@ -232,14 +237,31 @@ class EtcdDiscovery:
         raise EtcdUnavailable("certificate renewed; reconnecting with it")
 
     async def _watch(self, client: httpx.AsyncClient, call: _Caller) -> None:
-        """Follow the prefix from the view's revision; re-list when that revision was compacted."""
+        """Follow the prefix from the view's revision. A stream that breaks resumes from the last
+        revision applied (after a short pause); a compacted revision means listing again."""
+        pause = BACKOFF_FIRST
         while True:
             request = wire.watch_create(self.prefix.encode(), self.view.revision + 1)
-            compacted = await self._stream(client, request)
-            if compacted is None:
-                raise EtcdUnavailable("watch stream ended")
-            log.info("etcd watch revision compacted; listing again", extra={"compacted": compacted})
-            self._reset(wire.parse_range(await call(wire.range_prefix(self.prefix.encode()))))
+            try:
+                compacted = await self._stream(client, request)
+            except (httpx.TransportError, wire.EtcdProtocolError) as exc:
+                compacted, why = None, _reason(exc)
+            else:
+                why = "stream ended"
+            if compacted is not None:
+                log.info("etcd watch revision compacted; listing again", extra={"compacted": compacted})
+                await self._list(call)
+                continue
+            self._stats.watch_resumes += 1
+            log.info(
+                "etcd watch broke; resuming", extra={"from_revision": self.view.revision + 1, "error": why}
+            )
+            await trio.sleep(pause)  # the keepalive ends the session if etcd itself is gone
+            pause = min(pause * 2, self.ttl / 3)
+
+    async def _list(self, call: _Caller) -> None:
+        self._stats.listings += 1
+        self._report(self.view.reset(wire.parse_range(await call(wire.range_prefix(self.prefix.encode())))))
 
     async def _stream(self, client: httpx.AsyncClient, request: wire.Request) -> int | None:
         """One watch stream; returns the compact revision if etcd cancelled it for compaction,
@@ -272,9 +294,6 @@ class EtcdDiscovery:
         elif isinstance(event, wire.WatchCanceled):
             raise EtcdUnavailable(f"watch cancelled by etcd: {event.reason}")
         return None
-
-    def _reset(self, listing: wire.Listing) -> None:
-        self._report(self.view.reset(listing))
 
     def _report(self, hints: list[wire.Hint]) -> None:
         for hint in hints:
