@@ -12,7 +12,10 @@ import contextlib
 import datetime
 import ipaddress
 import shutil
+import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -115,11 +118,13 @@ class EtcdMember:
     client_port: int = 2379
     peer_port: int = 2380
     prefix: Sequence[str] = ()
+    extra_ips: Sequence[str] = ()  # more addresses its certificate names (a relay in front of it)
     proc: subprocess.Popen[bytes] | None = None
     cert: tuple[Path, Path] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.cert = self.pki.issue(f"member-{self.name}", cn=f"member-{self.name}", ips=[self.ip])
+        ips = [self.ip, *self.extra_ips]
+        self.cert = self.pki.issue(f"member-{self.name}", cn=f"member-{self.name}", ips=ips)
 
     @property
     def client_url(self) -> str:
@@ -233,3 +238,73 @@ def etcd_cluster(members: Sequence[EtcdMember]) -> Iterator[Sequence[EtcdMember]
     finally:
         for m in members:
             m.stop()
+
+
+class Relay:
+    """A TCP forwarder (threads) between a client and an etcd member: a network the test can cut.
+    `cut()` closes every relayed connection and refuses new ones until `restore()`."""
+
+    def __init__(self, listen_ip: str, target: tuple[str, int]) -> None:
+        self.target = target
+        self._server = socket.create_server((listen_ip, 0))
+        self._server.settimeout(0.2)
+        self.address = self._server.getsockname()[:2]
+        self._open = threading.Event()
+        self._open.set()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address[0]}:{self.address[1]}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not self._open.is_set():
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # RST: "connection refused" as the client sees it, near enough
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.cut()
+        self._server.close()
+        self._thread.join(2)
