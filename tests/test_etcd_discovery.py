@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from meshd.discovery.etcd_wire import b64
 from meshd.identity.ca import LocalCA
+from meshd.identity.spiffe import SpiffeId
 from tests.support.configs import echo_workload, node_config
-from tests.support.etcd import Etcdctl, EtcdMember, EtcdPki, etcd_cluster
+from tests.support.etcd import Etcdctl, EtcdMember, EtcdPki, enable_rbac, etcd_cluster
 from tests.support.procs import Meshd, http_get, meshd_cli, unique_loopback, wait_for
 
 pytestmark = pytest.mark.slow
@@ -123,3 +127,46 @@ def test_nodes_meet_through_etcd_forged_entries_add_nothing_and_a_killed_node_le
         finally:
             echo.kill()
             echo.wait()
+
+
+def test_with_etcd_rbac_each_node_writes_only_its_own_key(
+    tmp_path: Path, ca: LocalCA, daemons: list[Meshd]
+) -> None:
+    """etcd auth enabled as docs/discovery.md sets it up: nodes authenticate by password through the
+    gateway (over mTLS with their own mesh certificates) and meet; alpha's user cannot touch beta's key."""
+    pki = EtcdPki.create(tmp_path / "etcd-pki", tmp_path / "ca" / "ca.crt")
+    member = EtcdMember("m1", unique_loopback(), tmp_path / "etcd-m1", pki)
+    ctl = Etcdctl([member.client_url], pki)
+    passwords = {"alpha": "alpha-secret", "beta": "beta-secret"}
+    with etcd_cluster([member]):
+        ctl.wait_healthy(members=[member])
+        enable_rbac(ctl, "/meshd/home.arpa/", passwords)
+        nodes = {}
+        for name in passwords:
+            secret = tmp_path / f"{name}.password"
+            secret.write_text(passwords[name] + "\n")
+            body = _etcd_body(member.client_url, pki) + f'user = "meshd-{name}"\npassword_file = "{secret}"\n'
+            cfg = node_config(tmp_path / f"{name}.toml", name, tmp_path / "ca", body=body)
+            nodes[name] = Meshd(cfg, unique_loopback())
+            daemons.append(nodes[name])
+            nodes[name].start().wait_ready()
+        wait_for(lambda: _nodes(nodes["alpha"]) == ["alpha", "beta"], nodes["alpha"])
+        wait_for(lambda: _nodes(nodes["beta"]) == ["alpha", "beta"], nodes["beta"])
+
+        # alpha's etcd user, over mTLS with alpha's own node certificate, against beta's key
+        cert = ca.issue(SpiffeId.node("home.arpa", "alpha"))
+        (tmp_path / "alpha.crt").write_bytes(cert.cert_pem)
+        (tmp_path / "alpha.key").write_bytes(cert.key_pem)
+        tls = ssl.create_default_context(cafile=str(pki.ca_cert))
+        tls.load_cert_chain(str(tmp_path / "alpha.crt"), str(tmp_path / "alpha.key"))
+        with httpx.Client(base_url=member.client_url, verify=tls, timeout=5) as client:
+            token = client.post(
+                "/v3/auth/authenticate", json={"name": "meshd-alpha", "password": passwords["alpha"]}
+            ).json()["token"]
+            forged = {"key": b64(b"/meshd/home.arpa/nodes/beta"), "value": b64(b"{}")}
+            answer = client.post("/v3/kv/put", json=forged, headers={"Authorization": token}).json()
+            assert answer.get("message") == "etcdserver: permission denied", answer
+        assert _nodes(nodes["alpha"]) == ["alpha", "beta"]
+        for node in nodes.values():
+            assert node.stop() == 0
+            assert "etcd unreachable" not in node.log(), node.log()

@@ -159,6 +159,10 @@ class EtcdConfig:
         default=None, metadata=doc("client certificate for etcd; default: this node's own mesh certificate")
     )
     key: Path | None = field(default=None, metadata=doc("private key of `cert`"))
+    user: str = field(default="", metadata=doc("etcd user (RBAC); empty = etcd without auth"))
+    password_file: Path | None = field(
+        default=None, metadata=doc("file holding `user`'s password (one line); re-read at each reconnect")
+    )
     lease_ttl: timedelta = field(
         default=timedelta(seconds=30),
         metadata=doc("our entry's lease; kept alive every third of it, gone this long after we die"),
@@ -205,6 +209,14 @@ class EtcdConfig:
                     ("prefix",),
                     f"etcd prefix {self.prefix!r} must start and end with '/'",
                     'e.g. "/meshd/home.arpa/"',
+                )
+            )
+        if bool(self.user) != (self.password_file is not None):
+            issues.append(
+                Issue(
+                    ("user",),
+                    "discovery.etcd: set both user and password_file, or neither",
+                    "etcd's RBAC through its JSON gateway authenticates by password (docs/discovery.md)",
                 )
             )
         if self.lease_ttl < timedelta(seconds=2):

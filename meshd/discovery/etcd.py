@@ -172,6 +172,12 @@ class EtcdDiscovery:
         timeout = httpx.Timeout(self.request_timeout)
         async with httpx.AsyncClient(base_url=endpoint, verify=tls or True, timeout=timeout) as client:
             call = _Caller(client)
+            if self.settings.user and self.settings.password_file is not None:
+                password = await trio.Path(self.settings.password_file).read_text()
+                token = wire.parse_authenticate(
+                    await call(wire.authenticate(self.settings.user, password.rstrip("\r\n")))
+                )
+                client.headers["Authorization"] = token
             advertise = await self._advertise(endpoint)
             lease = wire.parse_grant(await call(wire.grant(self.ttl)))
             self._stats.lease = f"{lease.id:x}"
@@ -348,6 +354,11 @@ def _reason(exc: BaseException) -> str:
         return f"cannot connect: {exc} (is etcd running there, and its client port open?)"
     if isinstance(exc, wire.EtcdServerError) and "permission denied" in exc.message:
         return f"{exc} (etcd RBAC: may this node's user write {exc.message!r}? see docs/discovery.md)"
+    if isinstance(exc, EtcdUnavailable) and "CommonName of client" in str(exc):
+        return (
+            f"{exc} (with auth enabled, etcd's JSON gateway refuses client certificates that carry a "
+            "CommonName: leave discovery.etcd.cert unset to use this node's mesh certificate, which has none)"
+        )
     text = str(exc) or type(exc).__name__
     return (
         text if isinstance(exc, EtcdUnavailable | wire.EtcdServerError) else f"{type(exc).__name__}: {text}"

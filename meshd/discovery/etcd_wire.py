@@ -112,6 +112,10 @@ def _object(raw: object, what: str) -> Mapping_:
 Request = tuple[str, dict[str, Any]]
 
 
+def authenticate(name: str, password: str) -> Request:
+    return "/v3/auth/authenticate", {"name": name, "password": password}
+
+
 def grant(ttl: int) -> Request:
     return "/v3/lease/grant", {"TTL": str(ttl)}
 
@@ -208,6 +212,14 @@ def parse_range(raw: object) -> Listing:
     if not isinstance(kvs, list):
         raise EtcdProtocolError(f"kvs is not a list: {kvs!r:.80}")
     return Listing(header_revision(obj), tuple(_kv(kv) for kv in kvs))
+
+
+def parse_authenticate(raw: object) -> str:
+    """The token to send as `Authorization` on every later request."""
+    token = check_error(raw).get("token")
+    if not isinstance(token, str) or not token or len(token) > 4096 or not token.isprintable():
+        raise EtcdProtocolError(f"authenticate answered without a usable token: {token!r:.80}")
+    return token
 
 
 def parse_put(raw: object) -> int:

@@ -308,3 +308,20 @@ class Relay:
         self.cut()
         self._server.close()
         self._thread.join(2)
+
+
+def enable_rbac(ctl: Etcdctl, prefix: str, passwords: dict[str, str]) -> None:
+    """The RBAC set-up docs/discovery.md shows: every node reads the prefix and writes only its own key;
+    root (the operator, by certificate CN over gRPC) keeps full access."""
+    ctl.run("user", "add", "root", "--no-password")
+    ctl.run("user", "grant-role", "root", "root")
+    ctl.run("role", "add", "meshd-read")
+    ctl.run("role", "grant-permission", "meshd-read", "read", "--prefix", prefix)
+    for node, password in passwords.items():
+        user = f"meshd-{node}"
+        ctl.run("user", "add", user, f"--new-user-password={password}", "--interactive=false")
+        ctl.run("role", "add", user)
+        ctl.run("role", "grant-permission", user, "readwrite", f"{prefix}nodes/{node}")
+        ctl.run("user", "grant-role", user, "meshd-read")
+        ctl.run("user", "grant-role", user, user)
+    ctl.run("auth", "enable")
