@@ -55,6 +55,17 @@ class EtcdUnavailable(Exception):
     """This session with etcd ended; the message says why (the next session retries)."""
 
 
+# What etcd, the network or the operator can cause; anything else is logged with its traceback.
+EXPECTED_FAILURES = (
+    EtcdUnavailable,
+    wire.EtcdServerError,
+    wire.EtcdProtocolError,
+    httpx.HTTPError,
+    OSError,  # ssl.SSLError, a missing password or certificate file, ...
+    trio.TooSlowError,
+)
+
+
 @dataclass
 class EtcdStatistics:
     endpoints: list[str] = field(default_factory=list)
@@ -158,6 +169,8 @@ class EtcdDiscovery:
         self._stats.connected = False
         self._stats.lease = None
         self.on_state(False)
+        if not isinstance(exc, EXPECTED_FAILURES):  # a bug of ours, not etcd's: say where
+            log.error("etcd session failed unexpectedly; retrying", exc_info=exc)
         level = (
             logging.WARNING if was or self._stats.failures <= len(self.settings.endpoints) else logging.DEBUG
         )
