@@ -39,6 +39,7 @@ from meshd.capture.dns import decide, formerr, parse, to_wire
 from meshd.config.load import parse_overrides
 from meshd.config.model import Config
 from meshd.config.schema import leaf_keys, load_document
+from meshd.discovery import etcd_wire
 from meshd.discovery.catalog import (
     CatalogError,
     NodeCatalog,
@@ -635,6 +636,89 @@ def check_txt(props: dict[Any, Any]) -> None:
 MDNS = Target("mdns_txt", "mDNS TXT records", TXT_INPUT, check_txt)
 
 
+# ---- etcd watch streams and entries -------------------------------------------------------------
+
+_ETCD_PREFIX = "/meshd/home.arpa/"
+
+
+def _etcd_value(draw: st.DrawFn) -> bytes:
+    good = {"v": 1, "td": "home.arpa", "node": "beta", "role": "node", "hbone": "10.0.0.2:15008", "rev": "ab"}
+    change = draw(
+        st.dictionaries(
+            st.sampled_from(["v", "td", "node", "role", "hbone", "rev", "x"]),
+            st.one_of(st.none(), st.integers(), st.text(max_size=12), st.booleans()),
+            max_size=3,
+        )
+    )
+    return draw(st.one_of(st.just(json.dumps({**good, **change}).encode()), st.binary(max_size=40)))
+
+
+@st.composite
+def _etcd_stream(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    """A watch stream: well-formed messages (puts, deletes, created, compacted, errors) mixed with junk."""
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        node = draw(st.sampled_from(["beta", "gamma", "alpha", "x" * 70, "Bad"]))
+        key = draw(st.sampled_from([f"{_ETCD_PREFIX}nodes/{node}", f"{_ETCD_PREFIX}other", "/elsewhere"]))
+        kv = {
+            "key": etcd_wire.b64(key.encode()),
+            "value": etcd_wire.b64(_etcd_value(draw)),
+            "mod_revision": str(draw(st.integers(-1, 50))),
+        }
+        event: dict[str, Any] = {"kv": kv, **draw(st.sampled_from([{}, {"type": "DELETE"}, {"type": "X"}]))}
+        header = {"revision": draw(st.sampled_from(["7", 7, "x", None]))}
+        result = draw(
+            st.sampled_from(
+                [
+                    {"header": header, "events": [event]},
+                    {"header": header, "created": True},
+                    {"header": header, "canceled": True, "compact_revision": "3"},
+                    {"header": header, "canceled": True},
+                    {"header": header, "events": "x"},
+                ]
+            )
+        )
+        message = draw(
+            st.sampled_from(
+                [{"result": result}, {"error": {"grpc_code": 14, "message": "x"}}, [], {"result": 1}]
+            )
+        )
+        lines.append(json.dumps(message).encode())
+    junk = draw(st.binary(max_size=30))
+    data = b"\n".join([*lines, junk] if draw(st.booleans()) else lines)
+    return data, draw(st.lists(st.integers(0, 4096), max_size=6))
+
+
+def check_etcd(value: tuple[bytes, list[int]]) -> None:
+    data, cuts = value
+    decoder = etcd_wire.WatchDecoder()
+    view = etcd_wire.EtcdView(_ETCD_PREFIX, "home.arpa", "alpha")
+    try:
+        events = [e for chunk in _cuts(data, cuts) for e in decoder.feed(chunk)] + decoder.close()
+    except (etcd_wire.EtcdProtocolError, etcd_wire.EtcdServerError) as exc:
+        assert str(exc)
+        return
+    live: set[str] = set()
+    for event in events:
+        if isinstance(event, etcd_wire.WatchChanges):
+            for hint in view.apply(event):
+                if isinstance(hint, etcd_wire.Seen):
+                    live.add(hint.node)
+                elif isinstance(hint, etcd_wire.Gone):
+                    live.discard(hint.node)
+    # The hints replay to exactly the view's entries; every entry is a valid one, and never our own.
+    assert live == set(view.entries) and "alpha" not in live
+    for node, entry in view.entries.items():
+        key = etcd_wire.node_key(_ETCD_PREFIX, node)
+        assert (
+            etcd_wire.decode_entry(key, entry.encode(), prefix=_ETCD_PREFIX, trust_domain="home.arpa")
+            == entry
+        )
+
+
+ETCD = Target("etcd_watch", "etcd watch streams and entries (discovery.etcd)", _etcd_stream(), check_etcd)
+
+
 # ---- DNS proxy packets --------------------------------------------------------------------------
 
 _SERVICES = {
@@ -704,4 +788,4 @@ def check_dns(value: tuple[bytes, bool, str]) -> None:
 DNS = Target("dns", "DNS proxy queries (pure answer function)", DNS_INPUT, check_dns)
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS)}
+TARGETS: dict[str, Target] = {t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS, ETCD)}

@@ -85,10 +85,27 @@ def status_text(d: dict[str, Any]) -> str:
             ["identity", "not after", "expires in", "last renewal error"],
         ),
     ]
+    lines += etcd_lines(d.get("etcd"))
     if d["catalog"].get("conflicts"):
         lines += ["", "catalog conflicts:", *(f"  {c}" for c in d["catalog"]["conflicts"])]
     lines += reload_lines(d.get("reload") or {})
     return "\n".join(lines)
+
+
+def etcd_lines(etcd: dict[str, Any] | None) -> list[str]:
+    """One line on the etcd rendezvous (discovery.etcd): connected, or since when it is not."""
+    if not etcd:
+        return []
+    entries = len(etcd.get("entries") or {})
+    if etcd["connected"]:
+        return [
+            f"etcd: connected to {etcd['endpoint']}, revision {etcd['revision']}, {plural(entries, 'peer entry', 'peer entries')}"
+        ]
+    for_s = etcd.get("for_s")
+    since = f" for {for_s}s" if for_s is not None else ""
+    return [
+        f"etcd: UNREACHABLE{since} ({etcd.get('last_error')}); serving from the last catalog, retrying",
+    ]
 
 
 def reload_lines(reload: dict[str, Any]) -> list[str]:

@@ -147,6 +147,96 @@ class CaConfig:
 
 
 @dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = field(
+        default=(), metadata=doc('etcd client URLs, tried in turn: ["https://10.0.0.5:2379", ...]')
+    )
+    prefix: str = field(default="", metadata=doc('key prefix; default "/meshd/<trust_domain>/"'))
+    ca: Path | None = field(
+        default=None, metadata=doc("CA bundle that signed etcd's server certificates; default: the mesh's")
+    )
+    cert: Path | None = field(
+        default=None, metadata=doc("client certificate for etcd; default: this node's own mesh certificate")
+    )
+    key: Path | None = field(default=None, metadata=doc("private key of `cert`"))
+    user: str = field(default="", metadata=doc("etcd user (RBAC); empty = etcd without auth"))
+    password_file: Path | None = field(
+        default=None, metadata=doc("file holding `user`'s password (one line); re-read at each reconnect")
+    )
+    lease_ttl: timedelta = field(
+        default=timedelta(seconds=30),
+        metadata=doc("our entry's lease; kept alive every third of it, gone this long after we die"),
+    )
+    advertise: Address | None = field(
+        default=None,
+        metadata=doc(
+            "HBONE address peers dial, written to etcd; default: listen.hbone, or when that is a "
+            "wildcard, this host's address towards etcd"
+        ),
+    )
+
+    def check(self) -> list[Issue]:
+        issues = []
+        if not self.endpoints:
+            issues.append(
+                Issue(
+                    ("endpoints",),
+                    "discovery.etcd needs at least one endpoint",
+                    'e.g. ["https://10.0.0.5:2379"]',
+                )
+            )
+        for i, url in enumerate(self.endpoints):
+            m = re.match(r"^(https?)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?$", url)
+            if m is None or not 0 < int(m.group(3)) < 65536:
+                issues.append(
+                    Issue(
+                        ("endpoints", i),
+                        f"etcd endpoint {url!r} is not http(s)://HOST:PORT",
+                        "e.g. https://10.0.0.5:2379",
+                    )
+                )
+        if (self.cert is None) != (self.key is None):
+            issues.append(
+                Issue(
+                    ("cert",),
+                    "discovery.etcd: set both cert and key, or neither",
+                    "neither = this node's own certificate",
+                )
+            )
+        if self.prefix and not (self.prefix.startswith("/") and self.prefix.endswith("/")):
+            issues.append(
+                Issue(
+                    ("prefix",),
+                    f"etcd prefix {self.prefix!r} must start and end with '/'",
+                    'e.g. "/meshd/home.arpa/"',
+                )
+            )
+        if bool(self.user) != (self.password_file is not None):
+            issues.append(
+                Issue(
+                    ("user",),
+                    "discovery.etcd: set both user and password_file, or neither",
+                    "etcd's RBAC through its JSON gateway authenticates by password (docs/discovery.md)",
+                )
+            )
+        if self.lease_ttl < timedelta(seconds=2):
+            issues.append(
+                Issue(("lease_ttl",), "discovery.etcd.lease_ttl must be at least 2s", "the default is 30s")
+            )
+        if self.advertise is not None and (
+            self.advertise.host in ("0.0.0.0", "::", "") or not self.advertise.port
+        ):
+            issues.append(
+                Issue(
+                    ("advertise",),
+                    f"etcd advertise {self.advertise} is not an address a peer can dial",
+                    "name this host's address and HBONE port",
+                )
+            )
+        return issues
+
+
+@dataclass(frozen=True)
 class DiscoveryConfig:
     mdns: bool = field(default=True, metadata=doc("announce and browse _meshd._tcp.local."))
     peers: tuple[Address, ...] = field(default=(), metadata=doc("static peers' HBONE addresses"))
@@ -158,6 +248,9 @@ class DiscoveryConfig:
     )
     refresh: timedelta = field(
         default=timedelta(seconds=10), metadata=doc("how often peers (static and mDNS) are polled")
+    )
+    etcd: EtcdConfig | None = field(
+        default=None, metadata=doc("a shared catalog rendezvous on etcd, for meshes mDNS cannot span")
     )
 
 

@@ -1,8 +1,10 @@
 """Peers and their catalogs: fetched over mTLS, kept while they answer, withdrawn when they go quiet.
 
 `PeerTable` is the bookkeeping (pure, clock passed in); `PeerPoller` is the trio component that
-polls every known peer: the static ones (`discovery.peers`) from the start, and the ones mDNS
-reports (`mdns_seen` / `mdns_goodbye`) while they are announced. A peer whose catalog cannot be
+polls every known peer: the static ones (`discovery.peers`) from the start, the ones mDNS
+reports (`mdns_seen` / `mdns_goodbye`) while they are announced, and the ones etcd lists
+(`etcd_seen` / `etcd_gone`) while their entry is there. An etcd entry names the node it is for:
+the catalog fetched from its address must be that node's, or the entry adds nothing. A peer whose catalog cannot be
 fetched keeps its last catalog until `peer_timeout` has passed since it last answered; then its
 endpoints are withdrawn. A goodbye withdraws them at once and stops polling that peer. Connections
 already open are not cut: they hold their own streams.
@@ -24,14 +26,23 @@ log = logging.getLogger("meshd.discovery")
 Fetch = Callable[[Address], Awaitable[NodeCatalog]]
 
 
+class ForgedEntry(Exception):
+    """A peer found through etcd proved a node other than the one its entry names."""
+
+
 @dataclass
 class PeerInfo:
     address: Address
-    how: str  # "static" or "mdns"
+    sources: set[str]  # who told us of it: "static", "mdns", "etcd"
     catalog: NodeCatalog | None = None
     last_seen: float | None = None  # trio clock
     last_error: str | None = None
     failures: int = 0
+
+    @property
+    def how(self) -> str:
+        """How it was found, as `meshd peers` shows it ("etcd", "mdns+static", ...)."""
+        return "+".join(sorted(self.sources))
 
 
 class PeerTable:
@@ -40,7 +51,9 @@ class PeerTable:
         self.peers: dict[Address, PeerInfo] = {}
 
     def add(self, address: Address, how: str) -> PeerInfo:
-        return self.peers.setdefault(address, PeerInfo(address, how))
+        info = self.peers.setdefault(address, PeerInfo(address, set()))
+        info.sources.add(how)
+        return info
 
     def answered(self, address: Address, catalog: NodeCatalog, now: float) -> bool:
         """Record a fetched catalog; True if what the mesh sees changed."""
@@ -110,6 +123,8 @@ class PeerPoller:
         self._nursery: trio.Nursery | None = None
         self._followers: dict[Address, _Follower] = {}
         self._mdns: dict[str, Address] = {}  # mDNS instance name -> the address it announced
+        self._etcd: dict[str, Address] = {}  # node name in an etcd entry -> the address it gives
+        self._unconfirmed: set[tuple[str, Address, str]] = set()  # etcd claims refuted (logged once)
 
     async def run(
         self,
@@ -148,7 +163,26 @@ class PeerPoller:
         and stop polling it (a static peer at the same address stays)."""
         address = self._mdns.pop(instance, None)
         if address is not None:
-            self._forget(address)
+            self._forget(address, "mdns")
+
+    # ---- etcd hints (called from trio) ----
+    def etcd_seen(self, node: str, address: Address, revision: str) -> None:
+        """An entry in etcd says `node` is at `address`: poll it (fetch now if new or changed)."""
+        old = self._etcd.get(node)
+        self._etcd[node] = address
+        if old is not None and old != address:
+            self._forget(old, "etcd")
+        if self._add(address, "etcd") is not None:
+            return
+        info = self.table.peers.get(address)
+        if info is not None and (info.catalog is None or info.catalog.revision != revision):
+            self.refresh_now(address)
+
+    def etcd_gone(self, node: str) -> None:
+        """The node's entry left etcd (deleted, or its lease expired): withdraw it now."""
+        address = self._etcd.pop(node, None)
+        if address is not None:
+            self._forget(address, "etcd")
 
     def refresh_now(self, address: Address) -> None:
         follower = self._followers.get(address)
@@ -160,18 +194,27 @@ class PeerPoller:
         """Start following a peer; returns an event set after its first attempt, None if followed already."""
         if self._nursery is None:
             raise RuntimeError("PeerPoller.run() is not running")
+        self.table.add(address, how)
         if address in self._followers:
             return None
-        self.table.add(address, how)
         follower = self._followers[address] = _Follower()
         first = trio.Event()
         self._nursery.start_soon(self._follow, address, follower, first)
         return first
 
-    def _forget(self, address: Address) -> None:
+    def _forget(self, address: Address, how: str = "mdns") -> None:
+        """`how` no longer reports the peer at `address`; stop following it when nothing else does."""
         info = self.table.peers.get(address)
-        if info is None or info.how != "mdns":
+        if info is None or how not in info.sources:
             return
+        if how == "etcd":
+            remaining = {n for n, a in self._etcd.items() if a == address}
+            proved = info.catalog.node if info.catalog is not None else None
+            if remaining and (proved is None or proved in remaining):
+                return  # another entry still points here (and does not contradict the peer)
+        info.sources.discard(how)
+        if info.sources:
+            return  # still known another way (a static peer, or announced over mDNS too)
         follower = self._followers.pop(address, None)
         if follower is not None:
             follower.scope.cancel()
@@ -183,16 +226,48 @@ class PeerPoller:
         try:
             with trio.fail_after(max(self.interval, 2.0)):
                 catalog = await self.fetch(address)
+            self._check_claims(address, catalog)
         except Exception as exc:  # whatever went wrong, it went wrong with that peer
             if address not in self.table.peers:
                 return False  # forgotten while we fetched
             self.on_failure()
-            if self.table.failed(address, f"{type(exc).__name__}: {exc}", trio.current_time()):
+            error = f"{type(exc).__name__}: {exc}"
+            info = self.table.peers[address]
+            if "etcd" in info.sources and info.catalog is None and info.last_error != error:
+                names = sorted(n for n, a in self._etcd.items() if a == address)
+                log.warning(
+                    "etcd entry not confirmed: its address does not prove the node",
+                    extra={"node": ", ".join(names), "peer": str(address), "error": error},
+                )
+            if self.table.failed(address, error, trio.current_time()):
                 self.on_change()
             return False
         if address in self.table.peers and self.table.answered(address, catalog, trio.current_time()):
             self.on_change()
         return True
+
+    def _check_claims(self, address: Address, catalog: NodeCatalog) -> None:
+        """The node at `address` proved `catalog.node`. Etcd entries naming another node at that
+        address are refuted (logged once each); a peer known only through etcd must be one of the
+        nodes its entries name, or its catalog is refused."""
+        names = {n for n, a in self._etcd.items() if a == address}
+        for name in sorted(names - {catalog.node}):
+            claim = (name, address, catalog.node)
+            if claim not in self._unconfirmed:
+                self._unconfirmed.add(claim)
+                log.warning(
+                    "etcd entry ignored: forged or stale",
+                    extra={
+                        "node": name,
+                        "peer": str(address),
+                        "reason": f"{address} proved node {catalog.node!r}, not {name!r}",
+                    },
+                )
+        info = self.table.peers.get(address)
+        if info is not None and info.sources == {"etcd"} and names and catalog.node not in names:
+            raise ForgedEntry(
+                f"etcd names node(s) {', '.join(sorted(names))} at {address}, but it proved node {catalog.node!r}"
+            )
 
     async def _follow(self, address: Address, follower: _Follower, first: trio.Event) -> None:
         with follower.scope:

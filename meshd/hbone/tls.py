@@ -80,14 +80,19 @@ def _pem_path(data: bytes) -> Iterator[str]:
         yield path
 
 
+def load_cert_chain_pem(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """`ctx.load_cert_chain` from PEM bytes held in memory (the key never lands in a lasting file)."""
+    with _pem_path(cert_pem) as cert_path, _pem_path(key_pem) as key_path:
+        ctx.load_cert_chain(cert_path, key_path)
+
+
 def _configure(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols([ALPN])
     ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
-    with _pem_path(cert_pem) as cert_path, _pem_path(key_pem) as key_path:
-        ctx.load_cert_chain(cert_path, key_path)
+    load_cert_chain_pem(ctx, cert_pem, key_pem)
     return ctx
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 from typing import Any
 
 import pluggy
@@ -21,11 +22,12 @@ from meshd.discovery.catalog import (
     local_catalog,
     merge,
 )
+from meshd.discovery.etcd import EtcdDiscovery
 from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, HboneServer
-from meshd.hbone.tls import CONTROL_SNI
+from meshd.hbone.tls import CONTROL_SNI, load_cert_chain_pem
 from meshd.node.contexts import TlsContexts
 from meshd.node.inbound import Inbound
 from meshd.node.outbound import Outbound
@@ -77,6 +79,21 @@ class NodeProxy:
                 on_peer=self.poller.mdns_seen,
                 on_goodbye=self.poller.mdns_goodbye,
             )
+        self.etcd: EtcdDiscovery | None = None
+        if disc.etcd is not None:
+            self.etcd = EtcdDiscovery(
+                disc.etcd,
+                trust_domain=local.trust_domain,
+                node=local.node,
+                role=local.role,
+                hbone=state.config.listen.hbone,
+                revision=local.revision,
+                on_peer=self.poller.etcd_seen,
+                on_gone=self.poller.etcd_gone,
+                ssl_context=self.etcd_ssl_context,
+                credentials_changed=state.identities.wait_changed if disc.etcd.cert is None else None,
+                on_state=self._etcd_state,
+            )
         self._accept_loops: set[trio.CancelScope] = set()  # all but HBONE's (which drains itself)
         self._draining = False
         self._upstreams: dict[UpstreamConfig, trio.CancelScope] = {}
@@ -102,6 +119,8 @@ class NodeProxy:
             await nursery.start(self.poller.run, cfg.discovery.peers)
             if self.mdns is not None:
                 await nursery.start(self.mdns.run)
+            if self.etcd is not None:
+                await nursery.start(self.etcd.run)
             task_status.started()
 
     async def _accept_until_drained(
@@ -145,6 +164,8 @@ class NodeProxy:
             scope.cancel()
         if self.mdns is not None:
             self.mdns.drain()  # goodbye first: peers stop choosing us while tunnels finish
+        if self.etcd is not None:
+            self.etcd.drain()  # our entry's lease revoked: peers see it deleted at once
         self.server.drain()
         if self.waypoint is not None:
             self.waypoint.drain()  # keep-alive clients inside the tunnels: connection: close / GOAWAY
@@ -168,6 +189,27 @@ class NodeProxy:
             expected_node=peer.service_account.removeprefix("node-"),
         )
 
+    def etcd_ssl_context(self) -> ssl.SSLContext:
+        """TLS to etcd: its server certificate checked against `etcd.ca` (default: the mesh's bundle),
+        and as client certificate `etcd.cert`/`etcd.key`, or this node's own mesh certificate."""
+        settings = self.state.config.discovery.etcd
+        assert settings is not None
+        node_cert = self.state.identities.certificate(self.state.node_identity)
+        if settings.ca is not None:
+            ctx = ssl.create_default_context(cafile=str(settings.ca))
+        else:
+            ctx = ssl.create_default_context(cadata=node_cert.ca_pem.decode("ascii"))
+        if settings.cert is not None and settings.key is not None:
+            ctx.load_cert_chain(str(settings.cert), str(settings.key))
+        else:
+            load_cert_chain_pem(ctx, node_cert.cert_pem, node_cert.key_pem)
+        return ctx
+
+    def _etcd_state(self, connected: bool) -> None:
+        self.state.metrics.etcd_connected.set(1 if connected else 0)
+        if not connected:
+            self.state.metrics.etcd_failures.inc()
+
     def rebuild_catalog(self) -> None:
         local = local_catalog(self.state.config)
         new = merge(local, self.peers.records())
@@ -177,13 +219,24 @@ class NodeProxy:
         self.state.metrics.peers.set(len(new.peers))
         if self.mdns is not None:
             self.mdns.set_revision(local.revision)
+        if self.etcd is not None:
+            self.etcd.set_revision(local.revision)
         log.info("catalog updated", extra={"nodes": len(new.peers) + 1, "workloads": len(new.workloads)})
+
+    def etcd_status(self) -> dict[str, Any] | None:
+        if self.etcd is None:
+            return None
+        stats = dataclasses.asdict(self.etcd.statistics())
+        since = stats.pop("since")
+        stats["for_s"] = None if since is None else round(trio.current_time() - since, 1)
+        return stats
 
     def config_dump(self) -> dict[str, Any]:
         return {
             "catalog": self.state.catalog.to_json(),
             "peers": self.peers.describe(trio.current_time()),
             "mdns": dataclasses.asdict(self.mdns.statistics()) if self.mdns else None,
+            "etcd": self.etcd_status(),
             "hbone_server": dataclasses.asdict(self.server.statistics()),
             "pool": dataclasses.asdict(self.pool.statistics()),
             "capture": self.capture.config_dump(),

@@ -121,6 +121,14 @@ class Metrics:
             "meshd_catalog_fetch_failures", "failed fetches of a peer's catalog", registry=r
         )
         self.peers = Gauge("meshd_peers", "peers whose catalog is current", registry=r)
+        self.etcd_connected = Gauge(
+            "meshd_etcd_connected", "1 while an etcd endpoint answers (discovery.etcd set)", registry=r
+        )
+        self.etcd_failures = Counter(
+            "meshd_etcd_failures",
+            "etcd sessions that failed (unreachable, no quorum, lease lost)",
+            registry=r,
+        )
         self.ca_requests = Counter(
             "meshd_ca_requests",
             "CA service decisions (the CA host only): enrollments and certificate signings",

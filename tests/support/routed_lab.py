@@ -1,0 +1,85 @@
+"""Two subnets joined by a router, as network namespaces: multicast (mDNS) does not cross it.
+
+Layout: a namespace `<id>-r` is the router; it holds one bridge per subnet (`metc-brA`, `metc-brB`,
+addresses 10.234.1.1/24 and 10.234.2.1/24) and forwards between them. Each host is a namespace
+`<id>-<label>` whose `eth0` is a veth into its subnet's bridge, with a default route via the router.
+Every name starts with `metc` and every address is in 10.234.0.0/16; nothing touches the host's own
+network namespace, and `close()` deletes every namespace (and with them the veths and bridges).
+The `Host` objects are tests/netns/lab.py's, so `NsMeshd`, `tagged_echo` and `exchange` work on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+
+from tests.netns.lab import Host, NetnsUnavailable, ip
+
+SUBNETS = {"A": "10.234.1", "B": "10.234.2"}
+
+
+class RoutedLab:
+    def __init__(self) -> None:
+        self.id = "metc" + secrets.token_hex(3)
+        self.router = f"{self.id}-r"
+        self.hosts: list[Host] = []
+        self._namespaces: list[str] = []
+
+    @classmethod
+    def create(cls) -> RoutedLab:
+        if os.geteuid() != 0:
+            raise NetnsUnavailable("not running as root (network namespaces need CAP_SYS_ADMIN)")
+        lab = cls()
+        try:
+            lab._add_ns(lab.router)
+            for name, net in SUBNETS.items():
+                ip("-n", lab.router, "link", "add", f"metc-br{name}", "type", "bridge", "mcast_snooping", "0")
+                ip("-n", lab.router, "addr", "add", f"{net}.1/24", "dev", f"metc-br{name}")
+                ip("-n", lab.router, "link", "set", f"metc-br{name}", "up")
+            lab.exec_in(lab.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+            lab.close()
+            raise NetnsUnavailable(str(exc)) from exc
+        return lab
+
+    def exec_in(self, ns: str, *cmd: str) -> None:
+        subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True, timeout=10)
+
+    def _add_ns(self, name: str) -> None:
+        ip("netns", "add", name)
+        self._namespaces.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+
+    def add_host(self, subnet: str) -> Host:
+        n = len(self.hosts) + 1
+        label = f"h{n}"
+        host = Host(label, f"{self.id}-{label}", f"{SUBNETS[subnet]}.{10 + n}")
+        self._add_ns(host.ns)
+        veth = f"metc-v{n}"
+        ip("-n", self.router, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", host.ns)
+        ip("-n", self.router, "link", "set", veth, "master", f"metc-br{subnet}", "up")
+        ip("-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+        ip("-n", host.ns, "link", "set", "eth0", "multicast", "on", "up")
+        ip("-n", host.ns, "route", "add", "default", "via", f"{SUBNETS[subnet]}.1")
+        self.hosts.append(host)
+        return host
+
+    def close(self) -> None:
+        """Kill what runs in the namespaces (ours by construction), then delete them."""
+        for host in self.hosts:
+            for proc in host.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(5)
+        for ns in reversed(self._namespaces):
+            with contextlib.suppress(RuntimeError, OSError):
+                for pid in ip("netns", "pids", ns).split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(RuntimeError, OSError):
+                ip("netns", "del", ns)
+        self._namespaces.clear()
