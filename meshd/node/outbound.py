@@ -34,6 +34,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.units import Address
 
 log = logging.getLogger("meshd.outbound")
 
@@ -183,21 +184,27 @@ class Outbound:
         endpoints: list[Endpoint],
         up: UpstreamConfig,
         client: str,
+        *,
+        udp: bool = False,
     ) -> tuple[TunnelStream | None, str]:
+        """A tunnel to the first endpoint that takes it (connect-udp with `udp`), or (None, why)."""
         last_error = "no endpoint tried"
         for ep in self.picker.candidates(f"{up.service_key}:{up.port}", endpoints, time.monotonic()):
             rec.destination_identity = ep.identity
             rec.destination = WorkloadLabels.of(ep.workload, self.state.config.trust_domain)
             rec.peer = str(ep.dial)
             started = time.monotonic()
+            headers = [("forwarded", f'for="{client}"'), ("baggage", _baggage(source))]
             try:
-                tunnel = await self.pool.open_tunnel(
-                    source,
-                    ep.identity,
-                    (ep.dial.host, ep.dial.port),
-                    ep.authority,
-                    headers=[("forwarded", f'for="{client}"'), ("baggage", _baggage(source))],
-                )
+                if udp:
+                    target = Address.parse(ep.authority)
+                    tunnel = await self.pool.open_udp_tunnel(
+                        source, ep.identity, (ep.dial.host, ep.dial.port), (target.host, target.port), headers
+                    )
+                else:
+                    tunnel = await self.pool.open_tunnel(
+                        source, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
+                    )
             except TunnelRefused as exc:
                 last_error = f"{exc.status} from {ep.dial}: {exc.reason}"
                 if exc.status == 401:

@@ -28,6 +28,9 @@ from meshd.node.contexts import CONTROL_SNI, TlsContexts
 from meshd.node.inbound import Inbound
 from meshd.node.outbound import Outbound
 from meshd.node.state import NodeState
+from meshd.node.udp_inbound import UdpInbound
+from meshd.node.udp_outbound import UdpUpstream
+from meshd.observe.udp import UdpTelemetry
 from meshd.readiness import Readiness
 from meshd.units import Address
 from meshd.waypoint.proxy import Waypoint
@@ -46,6 +49,10 @@ class NodeProxy:
         self.pool = HbonePool(self.contexts.client)
         self.outbound = Outbound(state, self.pool)
         self.inbound = Inbound(state, self.pool, self.outbound.vips)
+        self.udp_telemetry = UdpTelemetry(state.metrics, access_log=state.telemetry.access_log)
+        self.udp_inbound = UdpInbound(state, self.udp_telemetry, state.config.udp)
+        self.inbound.udp_handler = self.udp_inbound.handle
+        self.udp_upstreams: dict[UpstreamConfig, UdpUpstream] = {}
         self.capture = Capture(state, self.outbound)  # transparent mode and the DNS proxy
         self.waypoint: Waypoint | None = None
         handler: Handler = self.inbound.handle
@@ -123,7 +130,16 @@ class NodeProxy:
 
         async def serve(connections: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
             with scope:
-                await self.outbound.serve(up, connections, task_status=task_status)
+                if up.protocol == "udp":
+                    udp = self.udp_upstreams[up] = UdpUpstream(
+                        self.outbound, self.udp_telemetry, up, self.state.config.udp
+                    )
+                    try:
+                        await udp.serve(task_status=task_status)
+                    finally:
+                        self.udp_upstreams.pop(up, None)
+                else:
+                    await self.outbound.serve(up, connections, task_status=task_status)
 
         try:
             await self._connections.start(self._accept_until_drained, serve)
@@ -187,4 +203,11 @@ class NodeProxy:
             "pool": dataclasses.asdict(self.pool.statistics()),
             "capture": self.capture.config_dump(),
             "waypoint": self.waypoint.statistics() if self.waypoint is not None else None,
+            "udp": {
+                "inbound_flows": self.udp_inbound.active,
+                "upstreams": {
+                    f"{up.listen}/udp": dataclasses.asdict(u.statistics())
+                    for up, u in self.udp_upstreams.items()
+                },
+            },
         }

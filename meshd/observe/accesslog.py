@@ -121,6 +121,7 @@ class ConnectionRecord:
     security: str = "mutual_tls"
     started: float = field(default_factory=time.monotonic)
     opened: bool = False
+    protocol: str = "tcp"  # Istio's request_protocol label: "tcp", or "udp" for a UDP flow
 
     @property
     def source_labels(self) -> WorkloadLabels:
@@ -135,7 +136,7 @@ class ConnectionRecord:
                 self.destination,
                 self.destination_identity,
                 self.destination_service,
-                "tcp",
+                self.protocol,
             ),
             flags,
             self.security,
