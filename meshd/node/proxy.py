@@ -53,7 +53,8 @@ class NodeProxy:
         self.udp_inbound = UdpInbound(state, self.udp_telemetry, state.config.udp)
         self.inbound.udp_handler = self.udp_inbound.handle
         self.udp_upstreams: dict[UpstreamConfig, UdpUpstream] = {}
-        self.capture = Capture(state, self.outbound)  # transparent mode and the DNS proxy
+        # Transparent mode (TCP and UDP to service VIPs) and the DNS proxy.
+        self.capture = Capture(state, self.outbound, self.udp_telemetry)
         self.waypoint: Waypoint | None = None
         handler: Handler = self.inbound.handle
         if state.config.role == "waypoint":

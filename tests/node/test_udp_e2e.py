@@ -192,8 +192,10 @@ def test_10000_datagrams_of_mixed_sizes_echoed_intact(mesh: UdpMesh) -> None:
     # Every datagram is counted each way at both nodes (live flows flush their counters every few seconds).
     for daemon in (mesh.alpha, mesh.beta):
         wait_for(
-            lambda d=daemon: d.metric("meshd_udp_received_packets_total", destination_workload="uecho")  # type: ignore[misc]
-            == count,
+            lambda d=daemon: (
+                d.metric("meshd_udp_received_packets_total", destination_workload="uecho")  # type: ignore[misc]
+                == count
+            ),
             daemon,
         )
         assert daemon.metric("meshd_udp_sent_packets_total", destination_workload="uecho") == count - lost

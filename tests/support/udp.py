@@ -7,18 +7,26 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any, TypeVar
 
 import dns.message
 import dns.query
 
+T = TypeVar("T")
+
+
+def _here(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
 
 @contextmanager
-def udp_echo_server(host: str, port: int) -> Iterator[tuple[str, int]]:
-    """Echo every datagram to its sender, from a thread, until the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def udp_echo_server(host: str, port: int, call: Callable[..., Any] = _here) -> Iterator[tuple[str, int]]:
+    """Echo every datagram to its sender, from a thread, until the block ends. `call` creates the
+    socket (a netns Host's `call` puts it in that namespace)."""
+    sock = call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
     sock.bind((host, port))
     sock.settimeout(0.2)
