@@ -432,7 +432,7 @@ class Config:
             "service account",
         )
         issues += _duplicates(
-            [(u.protocol, str(u.listen)) for u in self.upstreams], "upstream", "listen", "listen address"
+            [f"{u.listen}/{u.protocol}" for u in self.upstreams], "upstream", "listen", "listen address"
         )
         if self.dns.capture and self.capture.mode == "off":
             issues.append(

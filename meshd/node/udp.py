@@ -25,6 +25,7 @@ from meshd.hbone.stream import TunnelStream
 from meshd.observe.udp import DROP_SOCKET_FULL, DROP_UNKNOWN_CONTEXT, FLUSH_INTERVAL, FlowCounters, FlowMeter
 
 MAX_DATAGRAM = 65535
+LISTENER_RECEIVE_BUFFER = 4 * 1024 * 1024  # one per UDP upstream: every client's datagrams queue here
 BATCH_BYTES = 64 * 1024  # capsules written to the tunnel at once
 BATCH_PACKETS = 64  # datagrams read from a socket per wake-up
 _DROPPABLE = (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE, errno.ECONNREFUSED)
@@ -38,10 +39,14 @@ class DatagramSocket:
         self.socket = sock
 
     @classmethod
-    def bind(cls, host: str, port: int) -> DatagramSocket:
+    def bind(cls, host: str, port: int, receive_buffer: int | None = None) -> DatagramSocket:
+        """A listening socket; `receive_buffer` asks for a larger kernel queue (capped by
+        net.core.rmem_max) so a burst from many clients waits there instead of being dropped."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if receive_buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
             sock.bind((host, port))
         except OSError:
             sock.close()

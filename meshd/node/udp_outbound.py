@@ -28,7 +28,14 @@ from meshd.hbone.capsule import CapsuleError
 from meshd.hbone.stream import TunnelStream
 from meshd.listeners import ListenError
 from meshd.node.outbound import Outbound, source_identity
-from meshd.node.udp import BATCH_BYTES, DatagramSocket, encode_batch, expire_when_idle, tunnel_to_socket
+from meshd.node.udp import (
+    BATCH_BYTES,
+    LISTENER_RECEIVE_BUFFER,
+    DatagramSocket,
+    encode_batch,
+    expire_when_idle,
+    tunnel_to_socket,
+)
 from meshd.observe.accesslog import (
     FLAG_NO_ROUTE,
     FLAG_UNAUTHORIZED,
@@ -86,7 +93,7 @@ class UdpUpstream:
         """Receive on the upstream's UDP address until cancelled; every flow ends with it."""
         up = self.up
         try:
-            sock = DatagramSocket.bind(up.listen.host, up.listen.port)
+            sock = DatagramSocket.bind(up.listen.host, up.listen.port, LISTENER_RECEIVE_BUFFER)
         except OSError as exc:
             raise ListenError(
                 "[[upstream]] listen", up.listen, exc, f"{up.service_key}:{up.port}/udp"
