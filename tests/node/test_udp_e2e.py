@@ -230,7 +230,11 @@ def test_deny_policy_refuses_the_flow(mesh: UdpMesh) -> None:
 
 def test_idle_flows_expire_and_are_released(mesh: UdpMesh) -> None:
     """200 clients each open a flow; 2 s after the last datagram every flow is gone on both nodes: the
-    flow tables are empty, the tunnels' HTTP/2 streams released, and every flow counted closed."""
+    flow tables are empty, the tunnels' HTTP/2 streams released, beta's per-flow sockets closed, and
+    every flow counted closed."""
+    assert mesh.beta.proc is not None
+    beta_fds = Path(f"/proc/{mesh.beta.proc.pid}/fd")
+    fds_before = len(list(beta_fds.iterdir()))
     socks = []
     try:
         for _ in range(200):
@@ -244,6 +248,7 @@ def test_idle_flows_expire_and_are_released(mesh: UdpMesh) -> None:
         dump = config_dump(mesh.alpha)
         assert sum(u["flows"] for u in dump["udp"]["upstreams"].values()) == 200
         assert mesh.beta.metric("meshd_udp_flows_active", reporter="destination") == 200
+        assert len(list(beta_fds.iterdir())) >= fds_before + 200  # a socket of its own per flow
 
         def released() -> bool:
             a, b = config_dump(mesh.alpha), config_dump(mesh.beta)
@@ -255,6 +260,11 @@ def test_idle_flows_expire_and_are_released(mesh: UdpMesh) -> None:
             )
 
         wait_for(released, mesh.alpha, timeout=20)
+        # Back to where it was, plus the pooled HBONE connections the flows opened (100 streams each,
+        # kept for reuse).
+        hbone = config_dump(mesh.beta)["hbone_server"]["connections"]
+        assert hbone <= 3
+        wait_for(lambda: len(list(beta_fds.iterdir())) <= fds_before + hbone, mesh.beta)
     finally:
         for s in socks:
             s.close()
