@@ -22,13 +22,27 @@ import trio
 
 from meshd.hbone.capsule import CapsuleDecoder, datagram_header
 from meshd.hbone.stream import TunnelStream
-from meshd.observe.udp import DROP_SOCKET_FULL, DROP_UNKNOWN_CONTEXT, FLUSH_INTERVAL, FlowCounters, FlowMeter
+from meshd.observe.udp import (
+    DROP_REFUSED,
+    DROP_SOCKET_FULL,
+    DROP_TOO_LARGE,
+    DROP_UNKNOWN_CONTEXT,
+    FLUSH_INTERVAL,
+    FlowCounters,
+    FlowMeter,
+)
 
 MAX_DATAGRAM = 65535
 LISTENER_RECEIVE_BUFFER = 4 * 1024 * 1024  # one per UDP upstream: every client's datagrams queue here
 BATCH_BYTES = 64 * 1024  # capsules written to the tunnel at once
 BATCH_PACKETS = 64  # datagrams read from a socket per wake-up
-_DROPPABLE = (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE, errno.ECONNREFUSED)
+# Why the kernel did not take a datagram, as a drop reason (meshd_udp_dropped_packets_total).
+_DROP_REASONS = {
+    errno.EAGAIN: DROP_SOCKET_FULL,
+    errno.ENOBUFS: DROP_SOCKET_FULL,
+    errno.EMSGSIZE: DROP_TOO_LARGE,
+    errno.ECONNREFUSED: DROP_REFUSED,
+}
 
 
 class DatagramSocket:
@@ -87,18 +101,20 @@ class DatagramSocket:
                 out.append((data, (str(addr[0]), int(addr[1]))))
         return out
 
-    def send_nowait(self, data: bytes, address: tuple[str, int] | None = None) -> bool:
-        """Send one datagram now; False if the kernel did not take it (buffer full, refused, too large)."""
+    def send_nowait(self, data: bytes, address: tuple[str, int] | None = None) -> str | None:
+        """Send one datagram now; None if the kernel took it, else why not (a drop reason: buffer
+        full, port closed, too large)."""
         try:
             if address is None:
                 self.socket.send(data)
             else:
                 self.socket.sendto(data, address)
         except OSError as e:
-            if e.errno in _DROPPABLE:
-                return False
-            raise
-        return True
+            reason = _DROP_REASONS.get(e.errno or 0)
+            if reason is None:
+                raise
+            return reason
+        return None
 
     def close(self) -> None:
         if self.socket.fileno() != -1:
@@ -117,14 +133,14 @@ def encode_batch(payloads: list[bytes]) -> bytearray:
 
 async def tunnel_to_socket(
     tunnel: TunnelStream,
-    deliver: Callable[[bytes], bool],
+    deliver: Callable[[bytes], str | None],
     counters: FlowCounters,
     on_drop: Callable[[str, int], None],
     *,
     towards_client: bool,
 ) -> None:
-    """Decode capsules from the tunnel and `deliver` each UDP payload (False: dropped, counted) until
-    the peer ends the stream. Raises CapsuleError on a malformed capsule stream."""
+    """Decode capsules from the tunnel and `deliver` each UDP payload (a returned reason: dropped,
+    counted) until the peer ends the stream. Raises CapsuleError on a malformed capsule stream."""
     decoder = CapsuleDecoder()
     unknown = 0
     while data := await tunnel.receive_some():
@@ -134,9 +150,10 @@ async def tunnel_to_socket(
                 counters.to_client(len(payload), now)
             else:
                 counters.from_client(len(payload), now)
-            if not deliver(payload):
+            dropped = deliver(payload)
+            if dropped is not None:
                 counters.dropped += 1
-                on_drop(DROP_SOCKET_FULL, 1)
+                on_drop(dropped, 1)
         if decoder.stats.unknown_context != unknown:
             on_drop(DROP_UNKNOWN_CONTEXT, decoder.stats.unknown_context - unknown)
             unknown = decoder.stats.unknown_context

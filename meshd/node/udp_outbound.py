@@ -190,7 +190,7 @@ class UdpUpstream:
         """Datagrams both ways until idle, the peer ends the stream, or an error. (why it ended, error)."""
         ended, error = "idle", None
 
-        def deliver(payload: bytes) -> bool:
+        def deliver(payload: bytes) -> str | None:
             return sock.send_nowait(payload, flow.client)
 
         def on_drop(reason: str, count: int) -> None:

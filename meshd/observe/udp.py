@@ -24,6 +24,7 @@ DROP_QUEUE_FULL = "queue_full"  # the flow's queue was full (the tunnel or the w
 DROP_SOCKET_FULL = "socket_full"  # the kernel refused the datagram (socket buffer full)
 DROP_FLOW_FAILED = "flow_failed"  # queued for a flow whose tunnel could not be opened
 DROP_TOO_LARGE = "too_large"  # a datagram the socket could not send (EMSGSIZE)
+DROP_REFUSED = "refused"  # the destination's port is closed (ICMP port unreachable on an earlier send)
 DROP_UNKNOWN_CONTEXT = "unknown_context"  # a DATAGRAM capsule for a context id other than 0
 
 
