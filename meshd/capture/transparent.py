@@ -195,7 +195,7 @@ class Capture:
             up = UpstreamConfig(
                 service=key[0], port=key[1], listen=Address(cfg.capture.listen.host, 0), protocol="udp"
             )
-            upstream = UdpUpstream(self.outbound, self.udp_telemetry, up, cfg.udp)
+            upstream = UdpUpstream(self.outbound, self.udp_telemetry, up)
             scope = trio.CancelScope()
             await nursery.start(_scoped, scope, upstream)
             self.udp_upstreams[key] = (upstream, scope)

@@ -50,7 +50,7 @@ class NodeProxy:
         self.outbound = Outbound(state, self.pool)
         self.inbound = Inbound(state, self.pool, self.outbound.vips)
         self.udp_telemetry = UdpTelemetry(state.metrics, access_log=state.telemetry.access_log)
-        self.udp_inbound = UdpInbound(state, self.udp_telemetry, state.config.udp)
+        self.udp_inbound = UdpInbound(state, self.udp_telemetry)
         self.inbound.udp_handler = self.udp_inbound.handle
         self.udp_upstreams: dict[UpstreamConfig, UdpUpstream] = {}
         # Transparent mode (TCP and UDP to service VIPs) and the DNS proxy.
@@ -132,9 +132,7 @@ class NodeProxy:
         async def serve(connections: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
             with scope:
                 if up.protocol == "udp":
-                    udp = self.udp_upstreams[up] = UdpUpstream(
-                        self.outbound, self.udp_telemetry, up, self.state.config.udp
-                    )
+                    udp = self.udp_upstreams[up] = UdpUpstream(self.outbound, self.udp_telemetry, up)
                     try:
                         await udp.serve(task_status=task_status)
                     finally:

@@ -41,11 +41,15 @@ CAPSULE_PROTOCOL = ("capsule-protocol", "?1")
 
 
 class UdpInbound:
-    def __init__(self, state: NodeState, telemetry: UdpTelemetry, limits: UdpConfig) -> None:
+    def __init__(self, state: NodeState, telemetry: UdpTelemetry) -> None:
         self.state = state
         self.telemetry = telemetry
-        self.limits = limits
         self.active = 0
+
+    @property
+    def limits(self) -> UdpConfig:
+        """The `[udp]` settings in force (a reload applies them to the flows opened after it)."""
+        return self.state.config.udp
 
     def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
         for w in self.state.catalog.local.workloads:

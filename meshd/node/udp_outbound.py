@@ -77,14 +77,18 @@ class UdpUpstreamStatistics:
 class UdpUpstream:
     """The listener of one UDP upstream, and its flows."""
 
-    def __init__(self, outbound: Outbound, telemetry: UdpTelemetry, up: UpstreamConfig, limits: UdpConfig):
+    def __init__(self, outbound: Outbound, telemetry: UdpTelemetry, up: UpstreamConfig):
         self.outbound = outbound
         self.telemetry = telemetry
         self.up = up
-        self.limits = limits
         self.flows: dict[tuple[str, int], UdpFlow] = {}
         self._per_client: Counter[str] = Counter()
         self.address: tuple[str, int] | None = None
+
+    @property
+    def limits(self) -> UdpConfig:
+        """The `[udp]` settings in force (a reload applies them to the flows opened after it)."""
+        return self.outbound.state.config.udp
 
     def statistics(self) -> UdpUpstreamStatistics:
         return UdpUpstreamStatistics(flows=len(self.flows), clients=len(self._per_client))
