@@ -52,6 +52,14 @@ from meshd.discovery.mdns import TxtError, parse_txt
 from meshd.discovery.vip import allocate
 from meshd.errors import ConfigError
 from meshd.hbone import events as ev
+from meshd.hbone.capsule import (
+    MAX_UDP_PAYLOAD,
+    CapsuleDecoder,
+    CapsuleError,
+    encode_capsule,
+    encode_datagram,
+    encode_varint,
+)
 from meshd.hbone.connection import HboneConnection, Role
 from meshd.hbone.errors import RemoteProtocolError
 from meshd.plugins.filters import Headers
@@ -95,6 +103,19 @@ def _cuts(data: bytes, cuts: list[int]) -> list[bytes]:
 
 _STREAM_IDS = st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1])
 _AUTHORITIES = st.sampled_from(["10.0.0.1:80", "[fd00::1]:8080", "10.0.0.1", "echo:80", "", "1.2.3.4:0"])
+_UDP_PATHS = st.one_of(
+    st.sampled_from(
+        [
+            "/.well-known/masque/udp/10.0.0.1/53/",
+            "/.well-known/masque/udp/fd00%3A%3A1/53/",
+            "/.well-known/masque/udp/name/53/",
+            "/.well-known/masque/udp/10.0.0.1/99999/",
+            "/.well-known/masque/udp//",
+            "/",
+        ]
+    ),
+    st.text(max_size=40).map(lambda t: "/.well-known/masque/udp/" + t),
+)
 _HEADER_NAMES = st.sampled_from(
     [
         ":method",
@@ -122,9 +143,17 @@ _HEADER_VALUES = st.one_of(
 
 @st.composite
 def _header_block(draw: st.DrawFn) -> list[tuple[str, str]]:
-    kind = draw(st.sampled_from(["connect", "get", "response", "random"]))
+    kind = draw(st.sampled_from(["connect", "connect-udp", "get", "response", "random"]))
     if kind == "connect":
         hdrs = [(":method", "CONNECT"), (":authority", draw(_AUTHORITIES))]
+    elif kind == "connect-udp":
+        hdrs = [
+            (":method", "CONNECT"),
+            (":protocol", draw(st.sampled_from(["connect-udp", "websocket", ""]))),
+            (":scheme", "https"),
+            (":authority", draw(_AUTHORITIES)),
+            (":path", draw(_UDP_PATHS)),
+        ]
     elif kind == "get":
         hdrs = [(":method", "GET"), (":scheme", "https"), (":authority", "n"), (":path", "/catalog")]
     elif kind == "response":
@@ -219,7 +248,14 @@ HBONE_INPUT = st.tuples(
 def _react(conn: HboneConnection, events: list[ev.Event]) -> None:
     """What a well-behaved app does with each event (so the fuzzer reaches the app-facing paths)."""
     for e in events:
-        if isinstance(e, ev.TunnelRequested | ev.RequestReceived) and conn.role is Role.CLIENT:
+        if isinstance(e, ev.UdpTunnelRequested):
+            if conn.role is Role.CLIENT or not conn.can_send(e.stream_id):
+                conn.release_stream(e.stream_id)
+            else:
+                conn.accept(e.stream_id, [("capsule-protocol", "?1")])
+                if conn.send_window(e.stream_id) >= 8:
+                    conn.send_data(e.stream_id, encode_datagram(b"hello"))
+        elif isinstance(e, ev.TunnelRequested | ev.RequestReceived) and conn.role is Role.CLIENT:
             conn.release_stream(e.stream_id)  # a server-opened stream: the client link drops it so
         elif isinstance(e, ev.TunnelRequested | ev.RequestReceived) and not conn.can_send(e.stream_id):
             conn.release_stream(e.stream_id)  # reset later in the same batch (as ServerReply checks)
@@ -248,7 +284,10 @@ def check_hbone(value: tuple[Role, list[Any], bytes, list[int]]) -> None:
         conn.open_tunnel("10.0.0.1:80")
         conn.open_tunnel("10.0.0.2:80")
         conn.send_request("GET", "n", "/catalog")
-        wire = _serialize([("settings", 0, {}, set())]) + _serialize(specs) + garbage
+        settings = _serialize([("settings", 0, {8: 1}, set())])  # SETTINGS_ENABLE_CONNECT_PROTOCOL
+        conn.receive_data(settings)
+        conn.open_udp_tunnel("10.0.0.3", 53)  # stream 7
+        wire = _serialize(specs) + garbage
     else:
         wire = PREFACE + _serialize([("settings", 0, {}, set())]) + _serialize(specs) + garbage
     conn.data_to_send()
@@ -788,4 +827,41 @@ def check_dns(value: tuple[bytes, bool, str]) -> None:
 DNS = Target("dns", "DNS proxy queries (pure answer function)", DNS_INPUT, check_dns)
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS, ETCD)}
+# ---- capsules on a connect-udp stream -----------------------------------------------------------
+
+_CAPSULE_PIECES = st.one_of(
+    st.binary(max_size=1500).map(encode_datagram),
+    st.tuples(st.integers(0, 2**62 - 1), st.binary(max_size=200)).map(lambda t: encode_capsule(*t)),
+    st.tuples(st.integers(1, 2**62 - 1), st.binary(max_size=50)).map(
+        lambda t: encode_capsule(0, encode_varint(t[0]) + t[1])  # a context id no extension negotiated
+    ),
+    st.binary(max_size=20),  # garbage, truncated headers, huge announced lengths
+)
+CAPSULE_INPUT = st.tuples(
+    st.lists(_CAPSULE_PIECES, max_size=20),
+    st.lists(st.integers(0, 40_000), max_size=8),
+    st.integers(0, MAX_UDP_PAYLOAD),
+)
+
+
+def check_capsules(value: tuple[list[bytes], list[int], int]) -> None:
+    pieces, cuts, max_datagram = value
+    decoder = CapsuleDecoder(max_datagram)
+    wire = b"".join(pieces)
+    try:
+        for chunk in _cuts(wire, cuts):
+            for payload in decoder.feed(chunk):
+                assert len(payload) <= max_datagram
+            # Held: one capsule header and one datagram's value at most (unknown capsules are skipped).
+            assert decoder.buffered <= max_datagram + 8 + 16
+        decoder.finish()
+    except CapsuleError:
+        return
+
+
+CAPSULES = Target("capsules", "connect-udp capsules (RFC 9297 decoder)", CAPSULE_INPUT, check_capsules)
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS, ETCD, CAPSULES)
+}

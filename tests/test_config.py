@@ -88,6 +88,21 @@ MISTAKES = [
         "not declared",
     ),
     ("admin not loopback", BASE + "[listen]\nadmin = '0.0.0.0:15000'\n", 6, "not loopback"),
+    (
+        "bad upstream protocol",
+        BASE + "[[upstream]]\nservice='e'\nport=1\nlisten='127.0.0.1:1'\nprotocol='quic'\n",
+        9,
+        "is not one of 'tcp', 'udp'",
+    ),
+    ("udp idle timeout too short", BASE + "[udp]\nidle_timeout = '0s'\n", 6, "under 1 s"),
+    ("udp limit zero", BASE + "[udp]\nqueue_packets = 0\n", 6, "at least 1"),
+    (
+        "two udp upstreams on one address",
+        BASE + "[[upstream]]\nservice='e'\nport=1\nlisten='127.0.0.1:1'\nprotocol='udp'\n"
+        "[[upstream]]\nservice='f'\nport=1\nlisten='127.0.0.1:1'\nprotocol='udp'\n",
+        13,
+        "duplicate listen address '127.0.0.1:1/udp'",
+    ),
     ("bad name", BASE.replace('"alpha"', '"Alpha Box"'), 2, "node_name"),
     (
         "second array element",
@@ -180,6 +195,18 @@ def test_an_address_mistake_gets_one_hint_not_two(tmp_path: Path) -> None:
     assert found == "F:6: listen.hbone: 'nonsense' is not an address (write HOST:PORT, e.g. 127.0.0.1:15008)"
     (found,) = problems(tmp_path, BASE + "[listen]\nhbone = '1.2.3.4:x'\n")
     assert found.count("write") == 1, found
+
+
+def test_a_tcp_and_a_udp_upstream_may_share_an_address(tmp_path: Path) -> None:
+    """DNS listens on 53 for both."""
+    cfg = load(
+        tmp_path,
+        BASE + "[[upstream]]\nservice='dns'\nport=53\nlisten='127.0.0.1:5353'\n"
+        "[[upstream]]\nservice='dns'\nport=53\nlisten='127.0.0.1:5353'\nprotocol='udp'\n"
+        "[[service]]\nname='dns'\nports=[{port=53, protocol='udp'}]\n",
+    )
+    assert [u.protocol for u in cfg.upstreams] == ["tcp", "udp"]
+    assert cfg.udp.idle_timeout == timedelta(seconds=30)
 
 
 def test_a_client_workload_needs_no_ports(tmp_path: Path) -> None:

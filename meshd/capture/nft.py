@@ -5,7 +5,10 @@ another table. Rule 2: installing is one `nft -f` transaction that creates the t
 deletes it and defines it again, so a table left by a crashed meshd is replaced, never duplicated.
 
 Chains:
-- `output` (nat, hook output): TCP from this host to the VIP range -> the capture port (15001).
+- `output` (nat, hook output): TCP from this host to the VIP range -> the capture port (15001); UDP to
+  a VIP:port listed in the `udp_vips` map -> the local UDP port meshd serves that service port on
+  (the map is rewritten as the catalog changes, `udp_map_script`; conntrack turns the replies' source
+  back into the VIP:port). UDP to a VIP:port not in the map is not redirected.
   meshd's own connections never go to a VIP, so they are not captured. With `dns.capture`, UDP and
   TCP to port 53 -> the DNS proxy, except packets marked DNS_MARK (the proxy's own forwarded queries).
 - with inbound protection, for each workload port reachable from other hosts (not loopback):
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +29,7 @@ import trio
 log = logging.getLogger("meshd.capture")
 
 TABLE = "meshd"
+UDP_MAP = "udp_vips"
 FAMILY = "ip"
 NFT_TIMEOUT = 10.0
 CAP_NET_ADMIN = 12
@@ -57,9 +61,13 @@ def ruleset(
         f"table {t}",
         f"delete table {t}",
         f"table {t} {{",
+        f"\tmap {UDP_MAP} {{",
+        "\t\ttypeof ip daddr . udp dport : udp dport",
+        "\t}",
         "\tchain output {",
         "\t\ttype nat hook output priority -100; policy accept;",
         f"\t\tip daddr {net} ip protocol tcp redirect to :{capture_port}",
+        f"\t\tip daddr {net} ip protocol udp redirect to :ip daddr . udp dport map @{UDP_MAP}",
     ]
     if dns_port is not None:
         lines += [
@@ -79,6 +87,16 @@ def ruleset(
         lines += [f"\t\t{_match(r)} drop" for r in drops]
         lines.append("\t}")
     lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def udp_map_script(entries: Mapping[tuple[str, int], int]) -> str:
+    """`nft -f` input that replaces the `udp_vips` map's elements in one transaction:
+    (VIP, service port) -> the local UDP port serving it."""
+    lines = [f"flush map {FAMILY} {TABLE} {UDP_MAP}"]
+    if entries:
+        items = ", ".join(f"{vip} . {port} : {local}" for (vip, port), local in sorted(entries.items()))
+        lines.append(f"add element {FAMILY} {TABLE} {UDP_MAP} {{ {items} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,11 @@ from its original destination (SO_ORIGINAL_DST) VIP:port to the service and port
 exactly as one accepted by an `[[upstream]]` listener for that service port (the upstream rule for
 the source identity: the host's single workload, else the node's own).
 
+UDP to a VIP: every service port with `protocol = "udp"` in the catalog gets a UDP upstream of its own
+on capture.listen's host and an ephemeral port, and the table's `udp_vips` map sends VIP:port there
+(a UDP socket cannot learn a redirected datagram's original destination, so each service port has
+its own socket). Both follow the catalog, checked every UDP_SYNC_INTERVAL seconds.
+
 Without the `nft` binary or CAP_NET_ADMIN, meshd logs why and keeps running in explicit mode.
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import Counter
@@ -32,15 +37,35 @@ from meshd.units import Address
 
 log = logging.getLogger("meshd.capture")
 
+UDP_SYNC_INTERVAL = 1.0
+
 # The node's outbound path, handed in by the node: a captured connection is handled exactly as one
 # accepted by an [[upstream]] listener for the service port it was headed to.
 OutboundHandler = Callable[[trio.SocketStream, UpstreamConfig], Awaitable[None]]
 
 
+class UdpListener(Protocol):
+    """A UDP upstream for one service port, as the node makes them (meshd/node/udp_outbound.py)."""
+
+    @property
+    def address(self) -> tuple[str, int] | None: ...
+
+    async def serve(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+# Handed in by the node, as the TCP path is: a UDP upstream listening where the `udp_vips` map points.
+UdpUpstreamFactory = Callable[[UpstreamConfig], UdpListener]
+
+
 class Capture:
-    def __init__(self, state: NodeState, outbound: OutboundHandler) -> None:
+    def __init__(
+        self, state: NodeState, outbound: OutboundHandler, udp_upstream: UdpUpstreamFactory | None = None
+    ) -> None:
         self.state = state
         self.outbound = outbound
+        self.udp_upstream = udp_upstream
+        self.udp_upstreams: dict[tuple[str, int], tuple[UdpListener, trio.CancelScope]] = {}
+        self.udp_map: dict[tuple[str, int], int] = {}  # (VIP, port) -> local UDP port, as installed
         cfg = state.config
         self.vips = VipIndex(cfg.capture.vip_range)
         self.status = "off" if cfg.capture.mode == "off" else "starting"
@@ -122,12 +147,15 @@ class Capture:
             },
         )
         try:
-            await trio.serve_listeners(
-                per_connection(self.handle, "capture"),
-                listeners,
-                handler_nursery=connections,
-                task_status=task_status,
-            )
+            async with trio.open_nursery() as udp:
+                if self.udp_upstream is not None:
+                    udp.start_soon(self._serve_udp)
+                await trio.serve_listeners(
+                    per_connection(self.handle, "capture"),
+                    listeners,
+                    handler_nursery=connections,
+                    task_status=task_status,
+                )
         finally:
             self.status = "removed"
             await nft.remove(cfg.nft)
@@ -151,10 +179,61 @@ class Capture:
         up = UpstreamConfig(service=service, port=dest[1], listen=Address(*dest))
         await self.outbound(stream, up)
 
+    async def _serve_udp(self) -> None:
+        """Keep one UDP upstream per UDP service port of the catalog, and the `udp_vips` map, in step."""
+        seen = None
+        async with trio.open_nursery() as nursery:
+            while True:
+                if self.state.catalog is not seen:
+                    seen = self.state.catalog
+                    try:
+                        await self._sync_udp(nursery)
+                    except nft.NftUnavailable as exc:
+                        log.error("could not update UDP capture (the map %s): %s", nft.UDP_MAP, exc)
+                        seen = None  # try again
+                await trio.sleep(UDP_SYNC_INTERVAL)
+
+    async def _sync_udp(self, nursery: trio.Nursery) -> None:
+        assert self.udp_upstream is not None
+        cfg = self.state.config
+        table = self.table()
+        wanted: dict[tuple[str, int], str] = {}
+        for service_key, svc in self.state.catalog.services.items():
+            vip = table.vip(service_key)
+            if vip is not None:
+                wanted.update({(service_key, p.port): vip for p in svc.ports if p.protocol == "udp"})
+        for key in set(self.udp_upstreams) - set(wanted):
+            self.udp_upstreams.pop(key)[1].cancel()
+        for key in sorted(set(wanted) - set(self.udp_upstreams)):
+            up = UpstreamConfig(
+                service=key[0], port=key[1], listen=Address(cfg.capture.listen.host, 0), protocol="udp"
+            )
+            upstream = self.udp_upstream(up)
+            scope = trio.CancelScope()
+            await nursery.start(_scoped, scope, upstream)
+            self.udp_upstreams[key] = (upstream, scope)
+        entries = {}
+        for key, vip in wanted.items():
+            address = self.udp_upstreams[key][0].address
+            assert address is not None
+            entries[(vip, key[1])] = address[1]
+        if entries != self.udp_map:
+            await nft.run_nft(cfg.capture.nft, nft.udp_map_script(entries))
+            self.udp_map = entries
+            log.info("UDP capture updated", extra={"udp_vips": len(entries)})
+
     def config_dump(self) -> dict[str, Any]:
         return {
             "mode": self.state.config.capture.mode,
             "status": self.status,
+            "udp": {f"{vip}:{port}": local for (vip, port), local in sorted(self.udp_map.items())},
             **self.table().to_json(),
             "dns": self.dns.statistics() if self.dns is not None else None,
         }
+
+
+async def _scoped(
+    scope: trio.CancelScope, upstream: UdpListener, *, task_status: trio.TaskStatus[Any]
+) -> None:
+    with scope:
+        await upstream.serve(task_status=task_status)

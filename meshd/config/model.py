@@ -309,10 +309,11 @@ def _check_ports(ports: tuple[int, ...], key: str, *, required: bool = True) -> 
 class ServicePort:
     port: int = field(metadata=doc("service port clients dial"))
     target_port: int | None = field(default=None, metadata=doc("workload port; default: port"))
-    protocol: Literal["tcp", "http", "http2", "grpc"] = field(
+    protocol: Literal["tcp", "http", "http2", "grpc", "udp"] = field(
         default="tcp",
         metadata=doc(
-            "tcp; or for waypoint L7: http (HTTP/1.1 to the workload), http2 or grpc (HTTP/2 to it)"
+            "tcp; or for waypoint L7: http (HTTP/1.1 to the workload), http2 or grpc (HTTP/2 to it); "
+            "udp: datagrams, carried as connect-udp (node only)"
         ),
     )
 
@@ -376,6 +377,9 @@ class UpstreamConfig:
     port: int = field(metadata=doc("service port"))
     listen: Address = field(metadata=doc("local listener the app dials"))
     workload: str | None = field(default=None, metadata=doc("local workload whose identity the tunnel uses"))
+    protocol: Literal["tcp", "udp"] = field(
+        default="tcp", metadata=doc("tcp; or udp: a UDP listener, one connect-udp flow per client address")
+    )
 
     @property
     def service_key(self) -> str:
@@ -448,6 +452,30 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class UdpConfig:
+    idle_timeout: timedelta = field(
+        default=timedelta(seconds=30),
+        metadata=doc("a UDP flow with no datagram either way for this long ends"),
+    )
+    max_flows: int = field(default=4096, metadata=doc("UDP flows per upstream listener; more are dropped"))
+    max_flows_per_client: int = field(
+        default=256, metadata=doc("UDP flows one client IP may hold per upstream listener")
+    )
+    queue_packets: int = field(
+        default=256, metadata=doc("datagrams queued per flow and direction; more are dropped (counted)")
+    )
+
+    def check(self) -> list[Issue]:
+        issues = []
+        if self.idle_timeout < timedelta(seconds=1):
+            issues.append(Issue(("idle_timeout",), "udp.idle_timeout is under 1 s", 'e.g. "30s"'))
+        for key in ("max_flows", "max_flows_per_client", "queue_packets"):
+            if getattr(self, key) < 1:
+                issues.append(Issue((key,), f"udp.{key} must be at least 1", None))
+        return issues
+
+
+@dataclass(frozen=True)
 class Config:
     role: Role = field(default="node", metadata=doc("node (ztunnel role) or waypoint"))
     trust_domain: str = field(default="home.arpa", metadata=doc("SPIFFE trust domain"))
@@ -465,6 +493,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata=doc("policy files"))
     capture: CaptureConfig = field(default_factory=CaptureConfig, metadata=doc("transparent capture"))
     dns: DnsConfig = field(default_factory=DnsConfig, metadata=doc("DNS proxy for mesh names"))
+    udp: UdpConfig = field(default_factory=UdpConfig, metadata=doc("UDP flows (connect-udp)"))
     workloads: tuple[WorkloadConfig, ...] = field(
         default=(), metadata=doc("workloads on this host", toml="workload")
     )
@@ -495,7 +524,9 @@ class Config:
             "name",
             "service account",
         )
-        issues += _duplicates([str(u.listen) for u in self.upstreams], "upstream", "listen", "listen address")
+        issues += _duplicates(
+            [f"{u.listen}/{u.protocol}" for u in self.upstreams], "upstream", "listen", "listen address"
+        )
         if self.dns.capture and self.capture.mode == "off":
             issues.append(
                 Issue(

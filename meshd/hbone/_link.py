@@ -90,7 +90,9 @@ class Slot:
         self.writable.fire()
 
 
-RequestCallback = Callable[["HboneLink", "ev.TunnelRequested | ev.RequestReceived"], None]
+RequestCallback = Callable[
+    ["HboneLink", "ev.TunnelRequested | ev.UdpTunnelRequested | ev.RequestReceived"], None
+]
 
 
 class HboneLink:
@@ -122,6 +124,7 @@ class HboneLink:
         self._drained = Signal()  # the kernel took everything written (or the link failed)
         self._streams_changed = Signal()
         self._pong = Signal()
+        self._peer_settings = Signal()
         self._last_pong: bytes = b""
         self._pongs = 0  # PING acknowledgements received (any payload: each proves the link is alive)
         self._finishing = False  # no new streams; close once the queued bytes are out
@@ -187,6 +190,13 @@ class HboneLink:
             self._wake_flusher.fire()
             await self._drained.wait()
 
+    async def wait_peer_settings(self) -> bool:
+        """Until the peer's first SETTINGS arrived (or the link broke); whether they allow extended
+        CONNECT (RFC 8441)."""
+        while self.conn.peer_enables_connect_protocol is None and not self.broken:
+            await self._peer_settings.wait()
+        return bool(self.conn.peer_enables_connect_protocol)
+
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         assert self._nursery is not None, "spawn() before run() started"
         self._nursery.start_soon(fn, *args)
@@ -224,6 +234,7 @@ class HboneLink:
             slot.wake()
         self._drained.fire()
         self._pong.fire()
+        self._peer_settings.fire()
         self._finish()
 
     # ---- tasks -------------------------------------------------------------------------------------
@@ -299,12 +310,14 @@ class HboneLink:
             if (slot := self._slots.get(event.stream_id)) is not None:
                 slot.response = event
                 slot.readable.fire()
-        elif isinstance(event, ev.TunnelRequested | ev.RequestReceived):
+        elif isinstance(event, ev.TunnelRequested | ev.UdpTunnelRequested | ev.RequestReceived):
             self.add_slot(event.stream_id)
             if self._on_request is None or self._finishing:
                 self.release(event.stream_id)
             else:
                 self._on_request(self, event)
+        elif isinstance(event, ev.PeerSettingsReceived):
+            self._peer_settings.fire()
         elif isinstance(event, ev.PingAcked):
             self._last_pong = event.payload
             self._pongs += 1

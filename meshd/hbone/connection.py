@@ -23,6 +23,11 @@ Theory of operation
   that hook the fix lapses silently (a test guards it), but correctness never depends on it.
 - Stream records: every stream the app knows about has a record until `release_stream()`. Events for
   streams without a record (refused, auto-rejected) are dropped and their data acknowledged at once.
+- Extended CONNECT (RFC 8441) for UDP: the server advertises SETTINGS_ENABLE_CONNECT_PROTOCOL; a CONNECT
+  with `:protocol connect-udp` names its target in `:path` (RFC 9298's default template) and arrives as
+  `UdpTunnelRequested`; any other `:protocol` is refused (501). The client opens one only once the peer's
+  SETTINGS said it may (`peer_enables_connect_protocol`). The stream's DATA is then capsules
+  (meshd/hbone/capsule.py); this class carries them as bytes, like a TCP tunnel's.
 
 Errors: misuse raises `LocalProtocolError`; a peer that breaks HTTP/2 makes `receive_data` raise
 `RemoteProtocolError`, after which `data_to_send()` holds our GOAWAY and the connection is finished.
@@ -31,8 +36,10 @@ Errors: misuse raises `LocalProtocolError`; a peer that breaks HTTP/2 makes `rec
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 import h2.config
 import h2.connection
@@ -100,6 +107,35 @@ def parse_authority(text: str) -> tuple[str, int] | None:
     return addr.host, addr.port
 
 
+CONNECT_UDP = "connect-udp"
+UDP_PATH_PREFIX = "/.well-known/masque/udp/"
+
+
+def udp_path(host: str, port: int) -> str:
+    """RFC 9298's default URI template, expanded for an IP target (an IPv6 literal's colons are
+    percent-encoded, as the template's expansion requires)."""
+    return f"{UDP_PATH_PREFIX}{quote(host, safe='')}/{port}/"
+
+
+def parse_udp_path(path: str | None) -> tuple[str, int] | None:
+    """The (ip, port) target of a connect-udp `:path`; None unless it is the default template with an
+    IP literal and a port 1..65535 (meshd resolves no names at a node, as for TCP)."""
+    if path is None or not path.startswith(UDP_PATH_PREFIX):
+        return None
+    rest = path[len(UDP_PATH_PREFIX) :].split("?", 1)[0]
+    parts = rest.split("/")
+    if len(parts) != 3 or parts[2] != "":
+        return None
+    host, port = unquote(parts[0]), parts[1]
+    if not (port.isdigit() and port.isascii() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return str(ip), int(port)
+
+
 def format_forwarded(host: str, port: int) -> str:
     """The `forwarded` header value ztunnel sends: `for="ip:port"` (IPv6 in brackets, RFC 7239)."""
     return f'for="{Address(host, port)}"'
@@ -151,14 +187,17 @@ class HboneConnection:
         s = self.settings
         codes = h2.settings.SettingCodes
         self._frames = QuietFrameBuffer(server=role is Role.SERVER)
+        local = {
+            codes.INITIAL_WINDOW_SIZE: s.stream_window,
+            codes.MAX_FRAME_SIZE: s.max_frame_size,
+            codes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+            codes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+        }
+        if role is Role.SERVER:
+            local[codes.ENABLE_CONNECT_PROTOCOL] = 1  # RFC 8441: clients may send connect-udp
         self._h2 = start_connection(
             client=role is Role.CLIENT,
-            settings={
-                codes.INITIAL_WINDOW_SIZE: s.stream_window,
-                codes.MAX_FRAME_SIZE: s.max_frame_size,
-                codes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
-                codes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
-            },
+            settings=local,
             connection_window=s.connection_window,
             frames=self._frames,
         )
@@ -174,6 +213,7 @@ class HboneConnection:
         self._goaway_sent: int | None = None  # last_stream_id we announced
         self._goaway_received: int | None = None
         self._closed = False
+        self._peer_settings_seen = False
 
     # ---- state -------------------------------------------------------------------------------------
 
@@ -212,6 +252,13 @@ class HboneConnection:
             return 0
         limit = min(self._h2.remote_settings.max_concurrent_streams, self.settings.max_concurrent_streams)
         return max(0, limit - self._h2.open_outbound_streams)
+
+    @property
+    def peer_enables_connect_protocol(self) -> bool | None:
+        """Whether the peer's SETTINGS allow extended CONNECT (RFC 8441); None until they arrived."""
+        if not self._peer_settings_seen:
+            return None
+        return bool(self._h2.remote_settings.enable_connect_protocol)
 
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
@@ -257,6 +304,39 @@ class HboneConnection:
             hdrs.append(("traceparent", traceparent))
         if baggage is not None:
             hdrs.append(("baggage", baggage))
+        hdrs.extend(headers)
+        return self._open(hdrs, end_stream=False)
+
+    def open_udp_tunnel(
+        self,
+        host: str,
+        port: int,
+        *,
+        authority: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """Client: an extended CONNECT (`:protocol connect-udp`, RFC 9298) for the UDP target
+        `host:port` (an IP literal); returns the new stream id. `:authority` defaults to the target's
+        ip:port, as a TCP tunnel's; the target itself travels in `:path`. The peer's SETTINGS must have
+        enabled extended CONNECT (`peer_enables_connect_protocol`)."""
+        if not self.peer_enables_connect_protocol:
+            raise LocalProtocolError(
+                "the peer has not enabled extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)"
+                if self._peer_settings_seen
+                else "the peer's SETTINGS have not arrived yet: extended CONNECT is not allowed before"
+            )
+        path = udp_path(host, port)
+        if parse_udp_path(path) is None:
+            raise LocalProtocolError(f"UDP target {host!r}:{port} is not an IP literal and port")
+        target = str(Address(host, port))
+        hdrs = [
+            (":method", "CONNECT"),
+            (":protocol", CONNECT_UDP),
+            (":scheme", "https"),
+            (":authority", authority or target),
+            (":path", path),
+            ("capsule-protocol", "?1"),
+        ]
         hdrs.extend(headers)
         return self._open(hdrs, end_stream=False)
 
@@ -314,9 +394,10 @@ class HboneConnection:
         rec.local_ended = end_stream
         self._wants_write = True
 
-    def accept(self, stream_id: int) -> None:
-        """Server: 200 to a CONNECT; the tunnel is open both ways."""
-        self.send_response(stream_id, 200)
+    def accept(self, stream_id: int, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """Server: 200 to a CONNECT; the tunnel is open both ways. (A connect-udp stream answers with
+        `capsule-protocol: ?1`.)"""
+        self.send_response(stream_id, 200, headers)
 
     def refuse(self, stream_id: int, status: int, reason: str = "") -> None:
         """Server: answer with `status` and a short text `reason`, end the stream, and (if the client
@@ -612,7 +693,11 @@ class HboneConnection:
         elif isinstance(event, h2.events.WindowUpdated):
             out.append(ev.WindowOpened(event.stream_id or 0))
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            first = not self._peer_settings_seen
+            self._peer_settings_seen = True
             out.append(ev.WindowOpened(0))
+            if first:
+                out.append(ev.PeerSettingsReceived(bool(self._h2.remote_settings.enable_connect_protocol)))
         elif isinstance(event, h2.events.PingAckReceived):
             assert event.ping_data is not None
             out.append(ev.PingAcked(bytes(event.ping_data)))
@@ -649,7 +734,10 @@ class HboneConnection:
         method = pseudo.get(":method", "")
         authority = pseudo.get(":authority", "")
         self._streams[sid] = _Stream()
-        if method == "CONNECT":
+        protocol = pseudo.get(":protocol")
+        if method == "CONNECT" and protocol is not None:
+            self._on_extended_connect(sid, protocol, authority, pseudo.get(":path"), rest, end, out)
+        elif method == "CONNECT":
             target = parse_authority(authority)
             if target is None:
                 reason = f"CONNECT authority {authority!r} is not ip:port"
@@ -662,6 +750,37 @@ class HboneConnection:
             out.append(ev.TunnelRequested(sid, authority, target[0], target[1], rest, end))
         else:
             out.append(ev.RequestReceived(sid, method, authority, pseudo.get(":path"), rest, end))
+
+    def _on_extended_connect(
+        self,
+        sid: int,
+        protocol: str,
+        authority: str,
+        path: str | None,
+        headers: ev.Headers,
+        end: bool,
+        out: list[ev.Event],
+    ) -> None:
+        if protocol != CONNECT_UDP:
+            self._reject(
+                sid, 501, f"extended CONNECT protocol {protocol!r} is not supported (only connect-udp)", out
+            )
+            return
+        target = parse_udp_path(path)
+        if target is None:
+            reason = (
+                f"connect-udp :path {path!r} is not {UDP_PATH_PREFIX}<ip>/<port>/ (an IP literal and a port)"
+            )
+            self._reject(sid, 400, reason, out)
+            return
+        out.append(ev.UdpTunnelRequested(sid, authority, path or "", target[0], target[1], headers, end))
+
+    def _reject(self, sid: int, status: int, reason: str, out: list[ev.Event]) -> None:
+        stream = self._h2.streams.get(sid)
+        if stream is not None and not stream.closed:  # a RST later in the same read closed it
+            self.refuse(sid, status, reason)
+        self.release_stream(sid)
+        out.append(ev.RequestRejected(sid, status, reason))
 
     def _on_goaway(self, frame: GoAwayFrame, out: list[ev.Event]) -> None:
         last = int(frame.last_stream_id)

@@ -42,6 +42,20 @@ class TunnelRequested(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class UdpTunnelRequested(Event):
+    """Server side: an extended CONNECT with `:protocol connect-udp` (RFC 9298) whose `:path` names an
+    IP target and port (`/.well-known/masque/udp/10.0.0.1/53/`). Its DATA carries capsules."""
+
+    stream_id: int
+    authority: str
+    path: str
+    host: str
+    port: int
+    headers: Headers
+    end_stream: bool
+
+
+@dataclass(frozen=True, slots=True)
 class RequestRejected(Event):
     """Server side: the core answered a malformed request itself (400) and reset the stream."""
 
@@ -110,6 +124,14 @@ class ConnectionTerminated(Event):
     error_code: int
     last_stream_id: int
     additional_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettingsReceived(Event):
+    """The peer's first SETTINGS arrived (also reported as `WindowOpened(0)`); whether it allows
+    extended CONNECT (RFC 8441), which a connect-udp stream needs."""
+
+    enable_connect_protocol: bool
 
 
 @dataclass(frozen=True, slots=True)

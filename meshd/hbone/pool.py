@@ -157,6 +157,36 @@ class HbonePool:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def open_udp_tunnel(
+        self,
+        source: SpiffeId,
+        destination: SpiffeId,
+        address: tuple[str, int],
+        target: tuple[str, int],
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> TunnelStream:
+        """A connect-udp stream (RFC 9298) to the UDP `target` (ip, port) through the HBONE endpoint at
+        `address`, on the same pooled connections as TCP tunnels. The returned stream carries capsules
+        (meshd.hbone.capsule). Raises as `open_tunnel`; HboneConnectError if the peer does not enable
+        extended CONNECT."""
+        key = PoolKey(source, destination, (address[0], int(address[1])))
+        for attempt in range(2):
+            link, sid = await self._open_stream(
+                key, lambda c: c.open_udp_tunnel(target[0], target[1], headers=headers), extended=True
+            )
+            try:
+                status = await self._wait_response(link, sid, retryable=attempt == 0)
+                if 200 <= status < 300:
+                    return TunnelStream(link, sid)
+                reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
+                raise TunnelRefused(status, reason)
+            except _Retry:
+                continue
+            except BaseException:
+                link.release(sid)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def get(
         self, source: SpiffeId, destination: SpiffeId, address: tuple[str, int], path: str
     ) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
@@ -181,7 +211,7 @@ class HbonePool:
     # ---- internals -----------------------------------------------------------------------------------
 
     async def _open_stream(
-        self, key: PoolKey, opener: Callable[[HboneConnection], int]
+        self, key: PoolKey, opener: Callable[[HboneConnection], int], *, extended: bool = False
     ) -> tuple[HboneLink, int]:
         lock = self._locks.setdefault(key, trio.Lock())
         async with lock:
@@ -189,6 +219,21 @@ class HbonePool:
             if link is None:
                 link = await self._connect(key)
                 self._links.setdefault(key, []).append(link)
+            if extended and link.conn.peer_enables_connect_protocol is None:
+                # RFC 8441: no extended CONNECT before the peer's SETTINGS allow it. Only a brand-new
+                # connection waits (its SETTINGS come with the server's first flight).
+                with trio.move_on_after(self._connect_timeout):
+                    await link.wait_peer_settings()
+                if not (link.usable and link.conn.available_streams > 0):
+                    link = await self._connect(key)
+                    self._links.setdefault(key, []).append(link)
+                    with trio.move_on_after(self._connect_timeout):
+                        await link.wait_peer_settings()
+            if extended and not link.conn.peer_enables_connect_protocol:
+                raise HboneConnectError(
+                    f"{_peer(link)} does not enable extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL): "
+                    "it cannot carry UDP (connect-udp); is it a meshd without UDP support, or ztunnel?"
+                )
             # No checkpoint between picking and opening: the free stream cannot be taken meanwhile.
             sid = opener(link.conn)
             link.add_slot(sid)

@@ -28,6 +28,7 @@ from meshd.hbone.connection import (
     Role,
     parse_authority,
     parse_forwarded_for,
+    parse_udp_path,
 )
 from meshd.hbone.errors import LocalProtocolError, PeerIdentityError
 from meshd.hbone.stream import TunnelStream
@@ -51,14 +52,23 @@ class InboundRequest:
     peer_identity: SpiffeId
     peer_address: tuple[str, int]
     stream_id: int = 0
+    protocol: str | None = None  # extended CONNECT's :protocol ("connect-udp"); None for a TCP tunnel
 
     @property
     def is_connect(self) -> bool:
         return self.method == "CONNECT"
 
     @property
+    def is_udp(self) -> bool:
+        """A connect-udp stream (RFC 9298): its DATA is capsules carrying UDP payloads."""
+        return self.method == "CONNECT" and self.protocol == "connect-udp"
+
+    @property
     def destination(self) -> tuple[str, int] | None:
-        """The CONNECT target (ip, port), or None if the authority is not ip:port."""
+        """The CONNECT target (ip, port): the authority of a TCP tunnel, the `:path` template of a
+        connect-udp one; None if it is not an IP and port."""
+        if self.is_udp:
+            return parse_udp_path(self.path)
         return parse_authority(self.authority)
 
     @property
@@ -97,10 +107,10 @@ class ServerReply:
             raise trio.BrokenResourceError(self._link.failure or "the client went away")
         self.status = status
 
-    async def accept(self) -> TunnelStream:
+    async def accept(self, headers: Sequence[tuple[str, str]] = ()) -> TunnelStream:
         """200: the tunnel is open. The returned stream is closed for you when the handler returns."""
         self._start(200)
-        self._link.conn.accept(self._stream_id)
+        self._link.conn.accept(self._stream_id, headers)
         self._link.send_pending()
         self._stream = TunnelStream(self._link, self._stream_id)
         await trio.lowlevel.checkpoint()
@@ -280,9 +290,14 @@ class HboneServer:
     def _context_for(self, tcp: trio.SocketStream) -> ssl.SSLContext:
         return self._context_provider(str(tcp.socket.getsockname()[0]))
 
-    def _on_request(self, link: HboneLink, event: ev.TunnelRequested | ev.RequestReceived) -> None:
+    def _on_request(
+        self, link: HboneLink, event: ev.TunnelRequested | ev.UdpTunnelRequested | ev.RequestReceived
+    ) -> None:
+        protocol = None
         if isinstance(event, ev.TunnelRequested):
             method, path = "CONNECT", None
+        elif isinstance(event, ev.UdpTunnelRequested):
+            method, path, protocol = "CONNECT", event.path, "connect-udp"
         else:
             method, path = event.method, event.path
         req = InboundRequest(
@@ -293,6 +308,7 @@ class HboneServer:
             peer_identity=link.peer_identity,
             peer_address=link.peer_address,
             stream_id=event.stream_id,
+            protocol=protocol,
         )
         link.spawn(self._run_handler, link, req)
 

@@ -51,6 +51,7 @@ class Inbound:
         self.pool = pool  # hairpin tunnels to waypoints
         self.vips = vips
         self.ca_handler: Handler | None = None  # the CA service's endpoints, on the CA host only
+        self.udp_handler: Handler | None = None  # connect-udp streams (meshd.node.udp_inbound)
 
     def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
         for w in self.state.catalog.local.workloads:
@@ -61,6 +62,12 @@ class Inbound:
     async def handle(self, req: InboundRequest, reply: ServerReply) -> None:
         if not req.is_connect:
             await self._handle_request(req, reply)
+            return
+        if req.is_udp:
+            if self.udp_handler is None:
+                await reply.refuse(501, "this node does not carry UDP")
+                return
+            await self.udp_handler(req, reply)
             return
         dest = req.destination
         if dest is None:

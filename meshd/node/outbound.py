@@ -30,10 +30,12 @@ from meshd.observe.accesslog import (
     FLAG_NO_HEALTHY,
     FLAG_NO_ROUTE,
     FLAG_UNAUTHORIZED,
+    FLAG_UPSTREAM_CONNECT,
     ConnectionRecord,
     WorkloadLabels,
     source_of,
 )
+from meshd.units import Address
 
 log = logging.getLogger("meshd.outbound")
 
@@ -127,24 +129,32 @@ class Outbound:
                 destination_service=up.service_key,
             )
             try:
-                tunnel = await self._open(rec, source, up, f"{peer[0]}:{peer[1]}")
+                tunnel = await self.open_tunnel(rec, source, up, f"{peer[0]}:{peer[1]}")
             except Refused as refused:  # the client is plain TCP: counted and logged, then closed
                 self.state.telemetry.failed(rec, refused.flag or "-", refused.reason)
                 return
             async with tunnel:
                 await proxied(self.state, rec, client, tunnel)
 
-    async def _open(
+    async def open_tunnel(
         self,
         rec: ConnectionRecord,
         source: SpiffeId,
         up: UpstreamConfig,
         client: str,
+        *,
+        udp: bool = False,
     ) -> TunnelStream:
-        """A tunnel to the first endpoint that takes it (healthy ones first), or Refused: NR with
-        nowhere to go, UAEX when a destination's policy refused the client (no other endpoint is
-        tried: they share the policy), UH when every endpoint failed."""
-        endpoints, why = self.endpoints(up.service_key, up.port)
+        """A tunnel to the first endpoint that takes it (healthy ones first; connect-udp with `udp`),
+        or Refused: NR with nowhere to go, UAEX when a destination's policy refused the client (no
+        other endpoint is tried: they share the policy), UH (UF for a UDP flow) when every endpoint
+        failed. Waypoints carry HTTP, not datagrams: a UDP flow goes to the workloads themselves,
+        authorized (L4) by their node."""
+        if udp:
+            endpoints = self.state.catalog.endpoints(up.service_key, up.port)
+            why = f"no endpoint for {up.service_key}:{up.port} in the catalog"
+        else:
+            endpoints, why = self.endpoints(up.service_key, up.port)
         if not endpoints:
             raise Refused(503, FLAG_NO_ROUTE, why)
         last_error = "no endpoint tried"
@@ -153,14 +163,17 @@ class Outbound:
             rec.destination = WorkloadLabels.of(ep.workload, self.state.config.trust_domain)
             rec.peer = str(ep.dial)
             started = time.monotonic()
+            headers = [("forwarded", f'for="{client}"'), ("baggage", _baggage(source))]
             try:
-                tunnel = await self.pool.open_tunnel(
-                    source,
-                    ep.identity,
-                    (ep.dial.host, ep.dial.port),
-                    ep.authority,
-                    headers=[("forwarded", f'for="{client}"'), ("baggage", _baggage(source))],
-                )
+                if udp:
+                    target = Address.parse(ep.authority)
+                    tunnel = await self.pool.open_udp_tunnel(
+                        source, ep.identity, (ep.dial.host, ep.dial.port), (target.host, target.port), headers
+                    )
+                else:
+                    tunnel = await self.pool.open_tunnel(
+                        source, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
+                    )
             except TunnelRefused as exc:
                 last_error = f"{exc.status} from {ep.dial}: {exc.reason}"
                 if exc.status == 401:
@@ -177,7 +190,7 @@ class Outbound:
             self.state.metrics.connect_duration.observe(time.monotonic() - started)
             self.health.succeeded(ep)
             return tunnel
-        raise Refused(503, FLAG_NO_HEALTHY, last_error)
+        raise Refused(503, FLAG_UPSTREAM_CONNECT if udp else FLAG_NO_HEALTHY, last_error)
 
 
 def _baggage(source: SpiffeId) -> str:

@@ -31,6 +31,9 @@ from meshd.hbone.tls import CONTROL_SNI, load_cert_chain_pem
 from meshd.node.contexts import TlsContexts
 from meshd.node.inbound import Inbound
 from meshd.node.outbound import Outbound
+from meshd.node.udp_inbound import UdpInbound
+from meshd.node.udp_outbound import UdpUpstream
+from meshd.observe.udp import UdpTelemetry
 from meshd.readiness import Readiness
 from meshd.units import Address
 from meshd.waypoint.proxy import Waypoint
@@ -49,7 +52,12 @@ class NodeProxy:
         self.pool = HbonePool(self.contexts.client)
         self.outbound = Outbound(state, self.pool)
         self.inbound = Inbound(state, self.pool, self.outbound.vips)
-        self.capture = Capture(state, self.outbound.handle)  # transparent mode and the DNS proxy
+        self.udp_telemetry = UdpTelemetry(state.metrics, access_log=state.telemetry.access_log)
+        self.udp_inbound = UdpInbound(state, self.udp_telemetry)
+        self.inbound.udp_handler = self.udp_inbound.handle
+        self.udp_upstreams: dict[UpstreamConfig, UdpUpstream] = {}
+        # Transparent mode (TCP and UDP to service VIPs) and the DNS proxy, handed the outbound paths.
+        self.capture = Capture(state, self.outbound.handle, self.udp_upstream)
         self.waypoint: Waypoint | None = None
         handler: Handler = self.inbound.handle
         if state.config.role == "waypoint":
@@ -136,6 +144,10 @@ class NodeProxy:
             finally:
                 self._accept_loops.discard(scope)
 
+    def udp_upstream(self, up: UpstreamConfig) -> UdpUpstream:
+        """A UDP upstream for `up` (an [[upstream]] with protocol "udp", or a captured VIP port)."""
+        return UdpUpstream(self.outbound, self.udp_telemetry, up)
+
     async def start_upstream(self, up: UpstreamConfig) -> None:
         """Listen for an upstream (at start, or added by a reload); ListenError if it cannot bind."""
         assert self._connections is not None
@@ -143,7 +155,14 @@ class NodeProxy:
 
         async def serve(connections: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
             with scope:
-                await self.outbound.serve(up, connections, task_status=task_status)
+                if up.protocol == "udp":
+                    udp = self.udp_upstreams[up] = self.udp_upstream(up)
+                    try:
+                        await udp.serve(task_status=task_status)
+                    finally:
+                        self.udp_upstreams.pop(up, None)
+                else:
+                    await self.outbound.serve(up, connections, task_status=task_status)
 
         try:
             await self._connections.start(self._accept_until_drained, serve)
@@ -241,4 +260,11 @@ class NodeProxy:
             "pool": dataclasses.asdict(self.pool.statistics()),
             "capture": self.capture.config_dump(),
             "waypoint": self.waypoint.statistics() if self.waypoint is not None else None,
+            "udp": {
+                "inbound_flows": self.udp_inbound.active,
+                "upstreams": {
+                    f"{up.listen}/udp": dataclasses.asdict(u.statistics())
+                    for up, u in self.udp_upstreams.items()
+                },
+            },
         }

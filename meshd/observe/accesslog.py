@@ -122,6 +122,7 @@ class ConnectionRecord:
     started: float = field(default_factory=time.monotonic)
     opened: bool = False
     dry_run: str | None = None  # what dry-run policies would have decided: "policy=deny,..." (dry_run.py)
+    protocol: str = "tcp"  # Istio's request_protocol label: "tcp", or "udp" for a UDP flow
 
     @property
     def source_labels(self) -> WorkloadLabels:
@@ -136,7 +137,7 @@ class ConnectionRecord:
                 self.destination,
                 self.destination_identity,
                 self.destination_service,
-                "tcp",
+                self.protocol,
             ),
             flags,
             self.security,

@@ -91,7 +91,7 @@ class Waypoint:
         self.upstreams.close_idle()
 
     async def handle(self, req: InboundRequest, reply: ServerReply) -> None:
-        if not req.is_connect:
+        if not req.is_connect or req.is_udp:  # UDP flows go to workloads, never through a waypoint
             if self.fallback is not None:
                 await self.fallback(req, reply)
             else:

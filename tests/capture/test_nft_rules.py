@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshd.capture.nft import DNS_MARK, InboundRule, delete_command, has_net_admin, ruleset
+from meshd.capture.nft import DNS_MARK, InboundRule, delete_command, has_net_admin, ruleset, udp_map_script
 
 
 def test_outbound_only() -> None:
@@ -10,18 +10,30 @@ def test_outbound_only() -> None:
         "table ip meshd\n"
         "delete table ip meshd\n"
         "table ip meshd {\n"
+        "\tmap udp_vips {\n"
+        "\t\ttypeof ip daddr . udp dport : udp dport\n"
+        "\t}\n"
         "\tchain output {\n"
         "\t\ttype nat hook output priority -100; policy accept;\n"
         "\t\tip daddr 240.240.0.0/16 ip protocol tcp redirect to :15001\n"
+        "\t\tip daddr 240.240.0.0/16 ip protocol udp redirect to :ip daddr . udp dport map @udp_vips\n"
         "\t}\n"
         "}\n"
     )
 
 
+def test_udp_map_replaces_its_elements_in_one_transaction() -> None:
+    assert udp_map_script({("240.240.0.9", 53): 40001, ("240.240.0.5", 514): 40002}) == (
+        "flush map ip meshd udp_vips\n"
+        "add element ip meshd udp_vips { 240.240.0.5 . 514 : 40002, 240.240.0.9 . 53 : 40001 }\n"
+    )
+    assert udp_map_script({}) == "flush map ip meshd udp_vips\n"
+
+
 def test_dns_capture_redirects_port_53_except_the_proxys_own_queries() -> None:
     text = ruleset("240.240.0.0/16", 15001, 15006, [], dns_port=15053)
     assert (
-        "\t\tip daddr 240.240.0.0/16 ip protocol tcp redirect to :15001\n"
+        "\t\tip daddr 240.240.0.0/16 ip protocol udp redirect to :ip daddr . udp dport map @udp_vips\n"
         f"\t\tmeta mark {DNS_MARK:#x} return\n"
         "\t\tudp dport 53 redirect to :15053\n"
         "\t\ttcp dport 53 redirect to :15053\n\t}\n"

@@ -97,17 +97,20 @@ class Host:
 
 
 class Lab:
-    def __init__(self) -> None:
-        self.id = "mdt" + secrets.token_hex(4)
+    def __init__(self, prefix: str = "mdt", subnet: str = SUBNET) -> None:
+        self.id = prefix + secrets.token_hex(4)
+        self.subnet = subnet
         self.bridge_ns = f"{self.id}-br"
         self.hosts: list[Host] = []
         self._namespaces: list[str] = []
 
     @classmethod
-    def create(cls) -> Lab:
+    def create(cls, prefix: str = "mdt", subnet: str = SUBNET) -> Lab:
+        """`prefix` names the namespaces and `subnet` ("10.77.0") numbers the hosts: tests that may
+        run beside others' labs give their own."""
         if os.geteuid() != 0:
             raise NetnsUnavailable("not running as root (network namespaces need CAP_SYS_ADMIN)")
-        lab = cls()
+        lab = cls(prefix, subnet)
         try:
             lab._add_ns(lab.bridge_ns)
             ip("-n", lab.bridge_ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
@@ -124,7 +127,7 @@ class Lab:
 
     def add_host(self) -> Host:
         n = len(self.hosts) + 1
-        host = Host(f"h{n}", f"{self.id}-h{n}", f"{SUBNET}.{n}")
+        host = Host(f"h{n}", f"{self.id}-h{n}", f"{self.subnet}.{n}")
         self._add_ns(host.ns)
         ip(
             "-n",
