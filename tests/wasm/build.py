@@ -35,14 +35,19 @@ def cache_dir() -> Path:
 def run(cmd: list[str], cwd: Path) -> None:
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} (in {cwd}) failed, exit {done.returncode}:\n{done.stdout}{done.stderr}")
+        raise SystemExit(
+            f"{' '.join(cmd)} (in {cwd}) failed, exit {done.returncode}:\n{done.stdout}{done.stderr}"
+        )
 
 
 def install(cache: Path) -> None:
     """node_modules in the cache, installed from the lock file (again only if the lock file changed)."""
     for tool in ("npm", "npx"):
         if shutil.which(tool) is None:
-            print(f"{tool} not found: install Node.js and npm (Debian: apt-get install nodejs npm)", file=sys.stderr)
+            print(
+                f"{tool} not found: install Node.js and npm (Debian: apt-get install nodejs npm)",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
     cache.mkdir(parents=True, exist_ok=True)
     lock = (HERE / "package-lock.json").read_bytes()
@@ -64,8 +69,12 @@ def build(name: str, cache: Path) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="compare with the checked-in .wasm, write nothing")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the checked-in .wasm, write nothing"
+    )
     parser.add_argument("filters", nargs="*", default=list(FILTERS), help="which filters (default: all)")
     args = parser.parse_args(argv)
     cache = cache_dir()
@@ -82,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         target.write_bytes(built)
         print(f"{target.relative_to(HERE.parent.parent)}: {len(built)} bytes")
     if differ:
-        print(f"built .wasm differs from the checked-in one: {', '.join(differ)}; run {Path(__file__).name}", file=sys.stderr)
+        print(
+            f"built .wasm differs from the checked-in one: {', '.join(differ)}; run {Path(__file__).name}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
