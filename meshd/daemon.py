@@ -39,6 +39,7 @@ from meshd.observe.metrics import Metrics
 from meshd.plugins.manager import filter_types, installed_since, make_plugin_manager, plugin_infos
 from meshd.policy.load import load_policy_dir
 from meshd.policy.query import ExplainQuery, answer
+from meshd.policy.routes import referenced_files
 from meshd.readiness import Readiness
 from meshd.reload import ReloadOutcome, plan_reload
 from meshd.sdnotify import Notifier
@@ -202,6 +203,8 @@ class Daemon:
                     return True
                 self._files_seen = seen
                 outcome = await self._reload(why)
+                if outcome.applied:  # the new policy may name other files (wasm modules): watch those
+                    self._files_seen = self._files_fingerprint()
             finally:
                 self.systemd.ready("reloaded")
             self.last_reload = outcome
@@ -274,6 +277,7 @@ class Daemon:
         policy_dir = self.config.policy.dir
         if policy_dir is not None and policy_dir.is_dir():
             paths += sorted(policy_dir.glob("*.toml"))
+        paths += referenced_files(self.state.policy.loaded_routes)  # e.g. wasm modules
         out = []
         for p in paths:
             try:
