@@ -131,6 +131,40 @@ def abi_version(exports: Iterable[str]) -> str:
     return max(found)
 
 
+# The callbacks the host calls, with the signatures it calls them with (a module exporting one with
+# another signature is refused: the host's calls are not type-checked per call).
+CALLBACKS: Final[Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "_initialize": ((), ()),
+    "_start": ((), ()),
+    "malloc": (("i32",), ("i32",)),
+    "proxy_on_memory_allocate": (("i32",), ("i32",)),
+    "proxy_on_context_create": (("i32", "i32"), ()),
+    "proxy_on_vm_start": (("i32", "i32"), ("i32",)),
+    "proxy_on_configure": (("i32", "i32"), ("i32",)),
+    "proxy_on_tick": (("i32",), ()),
+    "proxy_on_request_headers": (("i32", "i32", "i32"), ("i32",)),
+    "proxy_on_request_body": (("i32", "i32", "i32"), ("i32",)),
+    "proxy_on_response_headers": (("i32", "i32", "i32"), ("i32",)),
+    "proxy_on_response_body": (("i32", "i32", "i32"), ("i32",)),
+    "proxy_on_done": (("i32",), ("i32",)),
+    "proxy_on_log": (("i32",), ()),
+    "proxy_on_delete": (("i32",), ()),
+}
+
+
+def bad_callbacks(exports: Iterable[tuple[str, tuple[str, ...], tuple[str, ...]]]) -> list[str]:
+    """Exported functions the host calls whose signature is not the ABI's, each with both signatures."""
+    out = []
+    for name, params, results in exports:
+        want = CALLBACKS.get(name)
+        if want is not None and want != (params, results):
+            out.append(
+                f"{name} is ({', '.join(params)}) -> ({', '.join(results)}), "
+                f"the ABI's is ({', '.join(want[0])}) -> ({', '.join(want[1])})"
+            )
+    return out
+
+
 # ---- the host's side: every function a plugin may import -----------------------------------------
 
 I32, I64 = "i32", "i64"

@@ -23,6 +23,7 @@ Must never know: trio, sockets, the filter chain's order (that is `meshd.plugins
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import wasmtime
+from wasmtime import _ffi as ffi  # the C API: calls without wasmtime-py's per-value boxing (see RAW)
 
 from meshd.plugins import wasm_abi as abi
 from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, LocalResponse, RequestInfo
@@ -44,6 +46,32 @@ from meshd.plugins.wasm_abi import AbiError, Status
 log = logging.getLogger("meshd.plugins.wasm")
 
 ROOT_CONTEXT_ID: Final = 1
+
+# wasmtime-py boxes every argument and result of every call (a FuncType and ValType objects per call):
+# ~20 us a crossing, and the AssemblyScript SDK crosses ~30 times per request. RAW uses the C API's
+# unchecked calls instead (raw values in a ctypes array); the signatures are checked once, at load
+# (`wasm_abi.CALLBACKS`, `wasm_abi.IMPORT_MODULES`). False: wasmtime-py's public API only.
+RAW: bool = all(
+    hasattr(ffi, name)
+    for name in (
+        "wasmtime_func_new_unchecked",
+        "wasmtime_func_call_unchecked",
+        "wasmtime_val_raw_t",
+        "wasmtime_memory_data",
+        "wasmtime_memory_data_size",
+        "wasmtime_trap_new",
+        "wasmtime_context_set_fuel",
+        "dll",
+    )
+)
+if RAW:  # the C functions themselves, without _bindings' Python wrappers (a frame per call)
+    _set_fuel = ffi.dll.wasmtime_context_set_fuel
+    _call_unchecked = ffi.dll.wasmtime_func_call_unchecked
+    _memory_data = ffi.dll.wasmtime_memory_data
+    _memory_data_size = ffi.dll.wasmtime_memory_data_size
+_MAX_MAP: Final = max(abi.MapType)
+_MAX_BUFFER: Final = max(abi.BufferType)
+_NO_FINALIZER: Final = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _env: None)
 _LEVELS: Final = {
     abi.LogLevel.TRACE: logging.DEBUG,
     abi.LogLevel.DEBUG: logging.DEBUG,
@@ -141,6 +169,14 @@ def compile_module(path: Path, sha256: str | None = None) -> CompiledModule:
     missing = abi.missing_imports(_imports(module))
     if missing:
         raise ModuleError(f"{path} imports what this host does not provide: {'; '.join(missing)}")
+    exported = [
+        (e.name, tuple(str(p) for p in e.type.params), tuple(str(r) for r in e.type.results))
+        for e in module.exports
+        if isinstance(e.type, wasmtime.FuncType)
+    ]
+    wrong = abi.bad_callbacks(exported)
+    if wrong:
+        raise ModuleError(f"{path} exports callbacks with the wrong signature: {'; '.join(wrong)}")
     try:
         version = abi.abi_version(e.name for e in module.exports)
     except AbiError as exc:
@@ -258,7 +294,7 @@ class HttpStream:
     fields: dict[abi.MapType, _Fields] = field(default_factory=dict)
 
     def map(self, kind: int) -> _Fields:
-        if not 0 <= kind <= max(abi.MapType):
+        if not 0 <= kind <= _MAX_MAP:
             raise AbiError(Status.BAD_ARGUMENT, f"unknown map type {kind}")
         fields = self.fields.get(abi.MapType(kind))
         if fields is not None:
@@ -340,6 +376,10 @@ class PluginVM:
         self.broken: str | None = None
         self.store = wasmtime.Store(engine())
         self.store.set_limits(memory_size=config.memory_limit)
+        self.raw = RAW
+        self._ctx = self.store._context()
+        self._pending: BaseException | None = None  # raised by a host function during a raw call
+        self._keep: list[Any] = []  # ctypes callbacks of the raw host functions: alive as long as the VM
         self.streams: dict[int, HttpStream] = {}
         self.effective: HttpStream | None = None
         self._next_id = ROOT_CONTEXT_ID + 1
@@ -356,6 +396,9 @@ class PluginVM:
         memory = exports["memory"]
         assert isinstance(memory, wasmtime.Memory)
         self.memory = memory
+        self._memory_ref = ctypes.byref(memory._memory)
+        self._mapped_base = 0
+        self._mapped_size = -1
         self._exports = exports
         self._alloc = self._export(*abi.ALLOCATORS)
         assert self._alloc is not None
@@ -388,8 +431,10 @@ class PluginVM:
     def _call(self, func: wasmtime.Func, *args: int) -> Any:
         if self.broken is not None:
             raise CallbackFailure("broken", f"the VM failed earlier: {self.broken}")
-        self.store.set_fuel(self.config.fuel)
         try:
+            if self.raw:
+                return self._invoke(func, args)
+            self.store.set_fuel(self.config.fuel)
             return func(self.store, *args)
         except _ProcExit as exc:
             failure = CallbackFailure("exit", str(exc))
@@ -406,15 +451,32 @@ class PluginVM:
             failure = CallbackFailure("host", repr(exc))
         # Runtimes grow memory by doubling: a failure with over half the limit in use was most likely a
         # refused memory.grow (wasmtime answers -1; the module then traps or exits).
-        if (
-            failure.reason in ("exit", "trap")
-            and 2 * self.memory.data_len(self.store) > self.config.memory_limit
-        ):
+        if failure.reason in ("exit", "trap") and 2 * self._memory_size() > self.config.memory_limit:
             failure = CallbackFailure(
                 "memory", f"{failure} (memory at its limit of {self.config.memory_limit} bytes)"
             )
         self.broken = str(failure)
         raise failure
+
+    def _invoke(self, func: wasmtime.Func, args: tuple[int, ...]) -> int:
+        """Call with raw values (the signature was checked at load); re-raise a host function's error."""
+        err = _set_fuel(self._ctx, self.config.fuel)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+        vals = (ffi.wasmtime_val_raw_t * max(len(args), 1))()
+        for i, arg in enumerate(args):
+            vals[i].i32 = arg
+        trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._pending = None
+        err = _call_unchecked(self._ctx, ctypes.byref(func._func), vals, len(vals), ctypes.byref(trap))
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            raise pending
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+        if trap:
+            raise wasmtime.Trap._from_ptr(trap)
+        return int(vals[0].i32)
 
     def _root_call(self, name: str, *args: int) -> int:
         func = self._export(name)
@@ -482,19 +544,30 @@ class PluginVM:
 
     # ---- guest memory ------------------------------------------------------------------------------
 
-    def read(self, ptr: int, size: int) -> bytes:
-        if ptr < 0 or size < 0 or ptr + size > self.memory.data_len(self.store):
+    def _memory_size(self) -> int:
+        if not self.raw:
+            return self.memory.data_len(self.store)
+        return int(_memory_data_size(self._ctx, self._memory_ref))
+
+    def _address(self, ptr: int, size: int) -> int:
+        """Where [ptr, ptr + size) of the module's memory is in ours, once checked to lie inside it.
+        The memory moves only when it grows, so its base is looked up again only when its size changed."""
+        length = self._memory_size()
+        if ptr < 0 or size < 0 or ptr + size > length:
             raise AbiError(
                 Status.INVALID_MEMORY_ACCESS, f"[{ptr}, {ptr + size}) is outside the module's memory"
             )
-        return bytes(self.memory.read(self.store, ptr, ptr + size)) if size else b""
+        if length != self._mapped_size:
+            data = _memory_data(self._ctx, self._memory_ref) if self.raw else self.memory.data_ptr(self.store)
+            self._mapped_base = ctypes.cast(data, ctypes.c_void_p).value or 0
+            self._mapped_size = length
+        return self._mapped_base + ptr
+
+    def read(self, ptr: int, size: int) -> bytes:
+        return ctypes.string_at(self._address(ptr, size), size) if size else b""
 
     def write(self, ptr: int, data: bytes) -> None:
-        if ptr < 0 or ptr + len(data) > self.memory.data_len(self.store):
-            raise AbiError(
-                Status.INVALID_MEMORY_ACCESS, f"[{ptr}, {ptr + len(data)}) is outside the module's memory"
-            )
-        self.memory.write(self.store, data, ptr)
+        ctypes.memmove(self._address(ptr, len(data)), data, len(data))
 
     def write_u32(self, ptr: int, value: int) -> None:
         self.write(ptr, struct.pack("<I", value & 0xFFFFFFFF))
@@ -508,7 +581,12 @@ class PluginVM:
         addr = 0
         if data or allocate_empty:
             assert self._alloc is not None
-            addr = int(self._alloc(self.store, len(data)))
+            addr = (
+                self._invoke(self._alloc, (len(data),))
+                if self.raw
+                else int(self._alloc(self.store, len(data)))
+            )
+            addr &= 0xFFFFFFFF
             if addr == 0:
                 raise AbiError(Status.INVALID_MEMORY_ACCESS, "the module's allocator returned NULL")
             if data:
@@ -526,6 +604,7 @@ class PluginVM:
         assert isinstance(ty, wasmtime.FuncType)
         wasi = imp.module != "env"
         impl = getattr(self, f"_wasi_{name}" if wasi else f"_{name}", None) if spec.implemented else None
+        fn: Callable[..., int | None]
         if impl is None:
             status = abi.WasiErrno.NOTSUP if wasi else Status.UNIMPLEMENTED
             if name == "proxy_call_foreign_function":
@@ -534,23 +613,53 @@ class PluginVM:
             def stub(*_args: int) -> int:
                 return int(status)
 
-            return wasmtime.Func(self.store, ty, stub)
-        if spec.results:
+            fn = stub
+        elif spec.results:
 
             def guarded(*args: int) -> int:
                 try:
                     return int(impl(*args))
                 except AbiError as exc:
-                    if wasi:
-                        return int(
-                            abi.WasiErrno.FAULT
-                            if exc.status == Status.INVALID_MEMORY_ACCESS
-                            else abi.WasiErrno.INVAL
-                        )
-                    return int(exc.status)
+                    if not wasi:
+                        return int(exc.status)
+                    invalid = exc.status == Status.INVALID_MEMORY_ACCESS
+                    return int(abi.WasiErrno.FAULT if invalid else abi.WasiErrno.INVAL)
 
-            return wasmtime.Func(self.store, ty, guarded)
-        return wasmtime.Func(self.store, ty, impl)
+            fn = guarded
+        else:
+            fn = impl
+        if self.raw:
+            return self._raw_function(ty, fn, spec)
+        return wasmtime.Func(self.store, ty, fn)
+
+    def _raw_function(
+        self, ty: wasmtime.FuncType, fn: Callable[..., int | None], spec: abi.HostFunction
+    ) -> wasmtime.Func:
+        """A host function called with raw values: i32 arguments as unsigned (pointers, sizes)."""
+        wide = tuple(p == abi.I64 for p in spec.params)
+        has_result = bool(spec.results)
+        vm = self
+
+        def callback(_env: Any, _caller: Any, vals: Any, _n: int) -> int:
+            try:
+                args = [vals[i].i64 if w else vals[i].i32 & 0xFFFFFFFF for i, w in enumerate(wide)]
+                result = fn(*args)
+                if has_result:
+                    vals[0].i32 = result
+                return 0
+            except BaseException as exc:  # re-raised by _invoke once the module has unwound
+                vm._pending = exc
+                message = b"host function failed"
+                trap = ffi.wasmtime_trap_new(ctypes.c_char_p(message), len(message))
+                return ctypes.cast(trap, ctypes.c_void_p).value or 0
+
+        c_callback = ffi.wasmtime_func_unchecked_callback_t(callback)
+        self._keep.append(c_callback)
+        raw = ffi.wasmtime_func_t()
+        ffi.wasmtime_func_new_unchecked(
+            self._ctx, ty.ptr(), c_callback, None, _NO_FINALIZER, ctypes.byref(raw)
+        )
+        return wasmtime.Func._from_raw(raw)
 
     def _stream(self) -> HttpStream:
         if self.effective is None:
@@ -603,7 +712,7 @@ class PluginVM:
             return self._stream().request_body
         if kind == abi.BufferType.HTTP_RESPONSE_BODY:
             return self._stream().response_body
-        if 0 <= kind <= max(abi.BufferType):
+        if 0 <= kind <= _MAX_BUFFER:
             raise AbiError(Status.NOT_FOUND, f"buffer {abi.BufferType(kind).name} is not available")
         raise AbiError(Status.BAD_ARGUMENT, f"unknown buffer type {kind}")
 

@@ -29,6 +29,13 @@ from meshd.plugins.wasm_abi import LogLevel
 WASM = Path(__file__).resolve().parents[1] / "wasm"
 
 
+@pytest.fixture(autouse=True, params=["raw", "public"])
+def calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: with the C API's unchecked calls (the default) and with wasmtime-py's public API."""
+    monkeypatch.setattr(wasm_host, "RAW", wasm_host.RAW and request.param == "raw")
+    return str(request.param)
+
+
 def module(name: str) -> Path:
     return WASM / name / "build" / "filter.wasm"
 
