@@ -174,7 +174,7 @@ class WasmFilter(Filter):
         try:
             vm = self.plugin.vm()
             stream = vm.open_stream(ctx.info, request)
-            ctx.state["stream"] = stream
+            ctx.state["stream"] = stream  # the only strong reference: see PluginVM.open_stream
             vm.stream_call(stream, "proxy_on_request_headers", len(request.headers) + 4, 0)
         except self.plugin.host.CallbackFailure as failure:
             return self._failed(ctx, failure) or CONTINUE

@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -292,6 +293,7 @@ class HttpStream:
     local: LocalResponse | None = None
     closed: bool = False
     fields: dict[abi.MapType, _Fields] = field(default_factory=dict)
+    finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
 
     def map(self, kind: int) -> _Fields:
         if not 0 <= kind <= _MAX_MAP:
@@ -380,12 +382,15 @@ class PluginVM:
         self._ctx = self.store._context()
         self._pending: BaseException | None = None  # raised by a host function during a raw call
         self._keep: list[Any] = []  # ctypes callbacks of the raw host functions: alive as long as the VM
-        self.streams: dict[int, HttpStream] = {}
+        # Weak: a request that ends without on_log (the client went away) drops its stream; the
+        # stream's finalizer queues its id in `abandoned`, and the next open_stream closes it in the
+        # module (never from the garbage collector's context: that could re-enter the module).
+        self.streams: weakref.WeakValueDictionary[int, HttpStream] = weakref.WeakValueDictionary()
+        self.abandoned: list[int] = []
         self.effective: HttpStream | None = None
         self._next_id = ROOT_CONTEXT_ID + 1
         self.tick_period: float = 0.0
         self.next_tick: float | None = None
-        self._in_root = False
         imports = [self._host_function(imp) for imp in compiled.module.imports]
         self.store.set_fuel(config.fuel)
         try:
@@ -479,15 +484,12 @@ class PluginVM:
         return int(vals[0].i32)
 
     def _root_call(self, name: str, *args: int) -> int:
+        """Call a root context callback; its result (1 if it has none, or is not exported)."""
         func = self._export(name)
         if func is None:
             return 1
-        self._in_root = True
-        try:
-            result = self._call(func, *args)
-        finally:
-            self._in_root = False
-        return int(result) if result is not None else 1
+        result = self._call(func, *args)
+        return int(result) if _returns(name) and result is not None else 1
 
     def maybe_tick(self) -> None:
         if self.next_tick is None or self.broken is not None:
@@ -509,12 +511,15 @@ class PluginVM:
             result = self._call(func, stream.id, *args)
         finally:
             self.effective = None
-        return int(result) if result is not None else 0
+        return int(result) if _returns(name) and result is not None else 0
 
     def open_stream(self, info: RequestInfo, request: HttpRequest) -> HttpStream:
+        while self.abandoned:
+            self._close_context(self.abandoned.pop())
         stream = HttpStream(self, self._next_id, info, request)
         self._next_id += 1
         self.streams[stream.id] = stream
+        stream.finalizer = weakref.finalize(stream, self.abandoned.append, stream.id)
         self.maybe_tick()
         create = self._export("proxy_on_context_create")
         if create is not None:
@@ -530,6 +535,8 @@ class PluginVM:
         if stream.closed:
             return
         stream.closed = True
+        if stream.finalizer is not None:
+            stream.finalizer.detach()
         try:
             if self.broken is None:
                 self.stream_call(stream, "proxy_on_done")
@@ -537,6 +544,13 @@ class PluginVM:
                 self.stream_call(stream, "proxy_on_delete")
         finally:
             self.streams.pop(stream.id, None)
+
+    def _close_context(self, context_id: int) -> None:
+        """End an abandoned stream's context in the module (no stream is effective: its request is gone)."""
+        for name in ("proxy_on_done", "proxy_on_log", "proxy_on_delete"):
+            func = self._export(name)
+            if func is not None and self.broken is None:
+                self._call(func, context_id)
 
     def plugin_properties(self) -> dict[tuple[str, ...], abi.PropertyValue]:
         c = self.config
@@ -873,6 +887,12 @@ class PluginVM:
 
     def _wasi_proc_exit(self, code: int) -> None:
         raise _ProcExit(code)
+
+
+def _returns(callback: str) -> bool:
+    """Does the ABI's callback return a value (else the raw call's slot 0 still holds an argument)?"""
+    signature = abi.CALLBACKS.get(callback)
+    return signature is None or bool(signature[1])
 
 
 def _first_line(exc: BaseException) -> str:

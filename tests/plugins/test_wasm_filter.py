@@ -3,6 +3,7 @@ FilterChain, in memory: what each test filter does, and how failures stay contai
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import subprocess
 import sys
@@ -90,6 +91,20 @@ async def test_headers_filter_changes_both_sides_and_reads_config_and_properties
     for _ in range(20):  # contexts are created and deleted per request: the VM keeps serving
         resp, _, _, _ = await send(f)
         assert resp.status == 200
+    assert f.plugin.vm().streams == {}
+
+
+async def test_a_request_that_never_reaches_on_log_still_frees_its_context() -> None:
+    f = wasm("headers")
+    chain = FilterChain("r", [BoundFilter("wasm", "meshd.wasm", f)])
+    info = RequestInfo("r")
+    ctxs = chain.contexts(info)
+    response = await chain.handle(HttpRequest("GET", "/", "x"), Upstream(), info, ctxs)
+    await response.aclose()
+    assert len(f.plugin.vm().streams) == 1
+    del ctxs, response  # the client went away: no chain.log
+    gc.collect()
+    await send(f)
     assert f.plugin.vm().streams == {}
 
 

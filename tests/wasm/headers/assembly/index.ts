@@ -3,12 +3,28 @@ export * from "@solo-io/proxy-runtime/proxy";
 import {
   RootContext, Context, registerRootContext, FilterHeadersStatusValues, stream_context,
 } from "@solo-io/proxy-runtime";
-import { get_property, set_tick_period_milliseconds } from "@solo-io/proxy-runtime/runtime";
+import { set_tick_period_milliseconds } from "@solo-io/proxy-runtime/runtime";
+import { free } from "@solo-io/proxy-runtime/malloc";
+
+// The SDK's get_property aborts on NOT_FOUND (a plaintext request has no source.principal): call the
+// ABI directly and read a missing property as "".
+// @ts-ignore: decorator
+@external("env", "proxy_get_property")
+declare function proxy_get_property(path: usize, path_size: usize, value_ptr: usize, value_size: usize): u32;
 
 let ticks: u32 = 0;
+const returned = new ArrayBuffer(8);  // the host writes the value's address and size here
 
 function property(path: string): string {
-  return String.UTF8.decode(get_property(path));
+  const name = String.UTF8.encode(path);
+  const out = changetype<usize>(returned);
+  if (proxy_get_property(changetype<usize>(name), name.byteLength, out, out + 4) != 0) return "";
+  const data = load<u32>(out);
+  const size = load<u32>(out + 4);
+  if (size == 0) return "";
+  const value = String.UTF8.decodeUnsafe(data, size);
+  free(data);
+  return value;
 }
 
 class HeadersRoot extends RootContext {
