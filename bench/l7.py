@@ -766,7 +766,7 @@ def run(args: argparse.Namespace) -> int:
         meshd_missing: str | None = None
         mesh_pids: dict[str, int] = {}
         l4_missing: str | None = None
-        if wanted & {"meshd", "meshd+filters", "meshd-l4", "meshd-h2"}:
+        if wanted & {"meshd", "meshd+filters", *FILTER_PATHS, "meshd-l4", "meshd-h2"}:
             try:
                 ca = work / "ca"
                 meshd("ca", "init", "--dir", str(ca), "--trust-domain", TD)
