@@ -20,6 +20,7 @@ if the filter were absent) and `meshd_wasm_failures_total{filter,reason}` counts
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,11 @@ class WasmPlugin:
             raise ValueError(str(exc)) from None
         self.restarts = 0
 
+    @property
+    def current(self) -> PluginVM:
+        """The VM in use, broken or not (ticks never restart one)."""
+        return self._vm
+
     def vm(self) -> PluginVM:
         if self._vm.broken is None:
             return self._vm
@@ -142,6 +148,26 @@ class WasmFilter(Filter):
         self.plugin = WasmPlugin(settings)
         self.settings = settings
         self._logged: set[str] = set()
+
+    def tick(self) -> float:
+        """Run the plugin's due `proxy_on_tick` (the waypoint's tick task calls this); seconds until its
+        next tick, `inf` if it has none. A failed tick breaks the VM: the next request gets a new one."""
+        vm = self.plugin.current
+        if vm.broken is not None or vm.next_tick is None:
+            return math.inf
+        try:
+            vm.maybe_tick()
+        except self.plugin.host.CallbackFailure as failure:
+            if "tick" not in self._logged:
+                self._logged.add("tick")
+                log.error(
+                    "wasm filter %r failed in proxy_on_tick (%s): %s",
+                    self.settings.label,
+                    failure.reason,
+                    failure,
+                )
+            return math.inf
+        return math.inf if vm.next_tick is None else max(vm.next_tick - vm.clock(), 0.0)
 
     # ---- failures ------------------------------------------------------------------------------------
 

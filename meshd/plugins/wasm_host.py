@@ -15,8 +15,8 @@ Theory of operation
   * The host functions see the request through the *effective* context (the stream whose callback is
     running, or one chosen by `proxy_set_effective_context`). A value returned to the module is copied
     into memory the module allocates (`proxy_on_memory_allocate` / `malloc`).
-  * Tick timers are lazy: a due `proxy_on_tick` runs before the VM's next callback (a VM with no
-    traffic does not tick).
+  * Tick timers: the waypoint's tick task calls `maybe_tick` when a tick is due (`WasmFilter.tick`),
+    and a due tick also runs before the VM's next callback.
 
 Must never know: trio, sockets, the filter chain's order (that is `meshd.plugins.wasm`).
 """
