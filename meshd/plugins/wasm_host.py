@@ -70,6 +70,12 @@ if RAW:  # the C functions themselves, without _bindings' Python wrappers (a fra
     _call_unchecked = ffi.dll.wasmtime_func_call_unchecked
     _memory_data = ffi.dll.wasmtime_memory_data
     _memory_data_size = ffi.dll.wasmtime_memory_data_size
+# A raw host function's C signature with plain addresses (no ctypes POINTER objects per call).
+_RAW_CALLBACK: Final = ctypes.CFUNCTYPE(
+    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+)
+_RAW_SLOT: Final = 16  # sizeof(wasmtime_val_raw_t)
+_RESULT: Final = struct.Struct("<I")
 _MAX_MAP: Final = max(abi.MapType)
 _MAX_BUFFER: Final = max(abi.BufferType)
 _NO_FINALIZER: Final = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _env: None)
@@ -654,21 +660,24 @@ class PluginVM:
         spec: abi.HostFunction,
         drop_below: int = -1,
     ) -> wasmtime.Func:
-        """A host function called with raw values: i32 arguments as unsigned (pointers, sizes).
-        `drop_below` (proxy_log): a first argument below it answers OK at once."""
-        wide = tuple(p == abi.I64 for p in spec.params)
+        """A host function called with raw values, read and written with one struct call each: i32
+        arguments as unsigned (pointers, sizes), i64 signed. `drop_below` (proxy_log): a level below it
+        answers OK before anything else is done (the SDKs log a lot at debug)."""
+        slots = struct.Struct("<" + "".join("q8x" if p == abi.I64 else "I12x" for p in spec.params))
+        size = max(slots.size, _RAW_SLOT if spec.results else 0)
         has_result = bool(spec.results)
         vm = self
 
-        def callback(_env: Any, _caller: Any, vals: Any, _n: int) -> int:
-            if vals[0].i32 < drop_below:  # a proxy_log below the level: the SDKs log a lot at debug
-                vals[0].i32 = 0
-                return 0
+        def callback(_env: int | None, _caller: int | None, vals: int, _n: int) -> int:
             try:
-                args = [vals[i].i64 if w else vals[i].i32 & 0xFFFFFFFF for i, w in enumerate(wide)]
+                view = (ctypes.c_char * size).from_address(vals) if size else b""
+                args = slots.unpack_from(view)
+                if args and args[0] < drop_below:
+                    _RESULT.pack_into(view, 0, 0)
+                    return 0
                 result = fn(*args)
                 if has_result:
-                    vals[0].i32 = result
+                    _RESULT.pack_into(view, 0, (result or 0) & 0xFFFFFFFF)
                 return 0
             except BaseException as exc:  # re-raised by _invoke once the module has unwound
                 vm._pending = exc
@@ -676,11 +685,16 @@ class PluginVM:
                 trap = ffi.wasmtime_trap_new(ctypes.c_char_p(message), len(message))
                 return ctypes.cast(trap, ctypes.c_void_p).value or 0
 
-        c_callback = ffi.wasmtime_func_unchecked_callback_t(callback)
+        c_callback = _RAW_CALLBACK(callback)
         self._keep.append(c_callback)
         raw = ffi.wasmtime_func_t()
         ffi.wasmtime_func_new_unchecked(
-            self._ctx, ty.ptr(), c_callback, None, _NO_FINALIZER, ctypes.byref(raw)
+            self._ctx,
+            ty.ptr(),
+            ctypes.cast(c_callback, ffi.wasmtime_func_unchecked_callback_t),
+            None,
+            _NO_FINALIZER,
+            ctypes.byref(raw),
         )
         return wasmtime.Func._from_raw(raw)
 
