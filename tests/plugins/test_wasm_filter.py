@@ -24,7 +24,7 @@ from meshd.plugins.filters import (
     RequestInfo,
     body_of,
 )
-from meshd.plugins.wasm import WasmFilter, WasmSettings
+from meshd.plugins.wasm import RESTART_INTERVAL, WasmFilter, WasmSettings
 from meshd.plugins.wasm_abi import LogLevel
 
 WASM = Path(__file__).resolve().parents[1] / "wasm"
@@ -139,14 +139,27 @@ async def test_body_beyond_the_buffer_limit_is_413() -> None:
 
 
 @pytest.mark.parametrize(("path", "reason"), [("/t", "trap"), ("/exit", "exit")])
-async def test_a_trap_fails_the_request_and_the_next_gets_a_new_vm(path: str, reason: str) -> None:
-    f = wasm("trap")
+async def test_a_trap_fails_the_request_and_a_later_one_gets_a_new_vm(path: str, reason: str) -> None:
+    now = [0.0]
+    f = WasmFilter(WasmSettings(module=module("trap"), root_id="trap"), clock=lambda: now[0])
     for i in range(3):
+        now[0] += RESTART_INTERVAL
         resp, data, up, info = await send(f, path)
         assert (resp.status, data, up.seen) == (500, b"wasm filter failed\n", [])
         assert info.response_flags == [PLUGIN_ERROR]
         assert info.wasm_failures == [("trap", reason)]
-        assert f.plugin.restarts == i  # the first VM broke on request 0; each later one gets a fresh VM
+        assert f.plugin.restarts == i  # the first VM broke on request 0; each later one got a fresh VM
+
+
+async def test_a_crash_loop_is_limited_to_one_new_vm_per_interval() -> None:
+    now = [0.0]
+    f = WasmFilter(WasmSettings(module=module("trap"), root_id="trap"), clock=lambda: now[0])
+    reasons = [(await send(f, "/t"))[3].wasm_failures for _ in range(5)]
+    assert reasons == [[("trap", "trap")]] + [[("trap", "broken")]] * 4
+    assert f.plugin.restarts == 0
+    now[0] += RESTART_INTERVAL
+    assert (await send(f, "/t"))[3].wasm_failures == [("trap", "trap")]
+    assert f.plugin.restarts == 1
 
 
 async def test_fail_open_lets_the_request_through() -> None:

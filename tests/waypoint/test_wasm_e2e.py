@@ -175,8 +175,11 @@ def test_trapping_and_looping_modules_fail_their_requests_and_wp_serves_on(mesh:
         assert mesh.get("/plain", conn)[0] == 200
     conn.close()
     assert mesh.get("/open")[0] == 200  # fail_open
-    assert mesh.wp.metric("meshd_wasm_failures_total", filter="trap", reason="trap") >= 4
-    assert mesh.wp.metric("meshd_wasm_failures_total", filter="loop", reason="fuel") >= 3
+    # the first failure of each is the trap / the fuel; later ones may find the VM not restarted yet
+    assert mesh.wp.metric("meshd_wasm_failures_total", filter="trap", reason="trap") >= 1
+    assert mesh.wp.metric("meshd_wasm_failures_total", filter="trap") >= 4
+    assert mesh.wp.metric("meshd_wasm_failures_total", filter="loop", reason="fuel") >= 1
+    assert mesh.wp.metric("meshd_wasm_failures_total", filter="loop") >= 3
     assert mesh.wp.proc is not None and mesh.wp.proc.poll() is None
 
 
