@@ -251,11 +251,12 @@ class WasmFilter(Filter):
         """Buffer while the plugin pauses (StopIterationAndBuffer); release what it lets through."""
         attr = "response_body" if response else "request_body"
         seen = f"{attr}_seen"
-        buffered: bytes = getattr(stream, attr) + chunk
+        held: bytes = getattr(stream, attr)
+        buffered = held + chunk
         if not buffered and end and not ctx.state.get(seen):
             return CONTINUE  # no body at all: Envoy does not call on_*_body for a headers-only message
         ctx.state[seen] = True
-        if len(buffered) > self.settings.buffer_limit:
+        if held and len(buffered) > self.settings.buffer_limit:  # the plugin paused: it holds the body
             setattr(stream, attr, b"")
             ctx.state["stream"] = None
             return LocalResponse(413 if not response else 500, body=b"body too large for the wasm filter\n")
