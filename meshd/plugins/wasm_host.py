@@ -10,8 +10,9 @@ Theory of operation
     gets an `HttpStream` (an HTTP context, ids from 2 up) in the VM.
   * Every call into the module gets a fresh fuel budget; running out is a trap. A trap, `proc_exit`, or
     a bug in a host function ends that callback with `CallbackFailure(reason)`, and the VM is marked
-    broken: its in-flight streams fail too, and the next request gets a new VM (the plugin's own state
-    is lost, as the spec's "plugin crashes" section asks). Nothing propagates to the waypoint.
+    broken: its in-flight streams fail too, and a later request gets a new VM (the plugin's own state
+    is lost, as the spec's "plugin crashes" section asks; `meshd.plugins.wasm` limits how often).
+    Nothing propagates to the waypoint.
   * The host functions see the request through the *effective* context (the stream whose callback is
     running, or one chosen by `proxy_set_effective_context`). A value returned to the module is copied
     into memory the module allocates (`proxy_on_memory_allocate` / `malloc`).
@@ -38,11 +39,16 @@ from pathlib import Path
 from typing import Any, Final
 
 import wasmtime
-from wasmtime import _ffi as ffi  # the C API: calls without wasmtime-py's per-value boxing (see RAW)
 
 from meshd.plugins import wasm_abi as abi
 from meshd.plugins.filters import Headers, HttpRequest, HttpResponse, LocalResponse, RequestInfo
 from meshd.plugins.wasm_abi import AbiError, Status
+
+ffi: Any
+try:  # the C API: calls without wasmtime-py's per-value boxing (see RAW); private, so optional
+    from wasmtime import _ffi as ffi
+except ImportError:  # pragma: no cover - a wasmtime-py without it: the public API only
+    ffi = None
 
 log = logging.getLogger("meshd.plugins.wasm")
 
@@ -52,7 +58,7 @@ ROOT_CONTEXT_ID: Final = 1
 # ~20 us a crossing, and the AssemblyScript SDK crosses ~30 times per request. RAW uses the C API's
 # unchecked calls instead (raw values in a ctypes array); the signatures are checked once, at load
 # (`wasm_abi.CALLBACKS`, `wasm_abi.IMPORT_MODULES`). False: wasmtime-py's public API only.
-RAW: bool = all(
+RAW: bool = ffi is not None and all(
     hasattr(ffi, name)
     for name in (
         "wasmtime_func_new_unchecked",
