@@ -570,6 +570,10 @@ class PluginVM:
 
     # ---- guest memory ------------------------------------------------------------------------------
 
+    def memory_size(self) -> int:
+        """Bytes of linear memory the module has now."""
+        return self._memory_size()
+
     def _memory_size(self) -> int:
         if not self.raw:
             return self.memory.data_len(self.store)

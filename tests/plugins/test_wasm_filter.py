@@ -162,6 +162,25 @@ async def test_a_crash_loop_is_limited_to_one_new_vm_per_interval() -> None:
     assert f.plugin.restarts == 1
 
 
+async def test_a_vm_over_half_its_memory_is_rotated_without_failing_requests() -> None:
+    """The SDK leaks a little per context: past half the limit, new requests go to a fresh VM."""
+    now = [0.0]
+    f = WasmFilter(
+        WasmSettings(module=module("headers"), root_id="headers", max_memory_mib=1), clock=lambda: now[0]
+    )
+    first = f.plugin.vm()
+    for _ in range(40):
+        now[0] += RESTART_INTERVAL
+        resp, _, _, info = await send(f)
+        assert resp.status == 200 and info.wasm_failures == []
+    assert f.plugin.rotations == 0
+    while f.plugin.vm() is first:  # grow the first VM's memory past half the limit (512 KiB)
+        first.memory.grow(first.store, 4)
+    assert f.plugin.rotations == 1 and f.plugin.restarts == 0
+    resp, _, _, info = await send(f)
+    assert resp.status == 200 and info.wasm_failures == []
+
+
 async def test_fail_open_lets_the_request_through() -> None:
     resp, _, up, info = await send(wasm("trap", fail_open=True), "/t")
     assert resp.status == 200 and len(up.seen) == 1
