@@ -6,6 +6,9 @@ Side by side in one run, all on loopback (127.56.0.0/24):
   meshd         wrk -> alpha's [[upstream]] listener -> HBONE -> waypoint "wp" (HTTP parse, route) -> HBONE
                 -> beta (destination node) -> backend nginx
   meshd+filters the same, on a route with the `headers` and `ratelimit` filters (a rate that never limits)
+  meshd+headers the same, on a route with only the Python `headers` filter        (--paths ...,meshd+headers)
+  meshd+wasm    the same, on a route with the proxy-wasm header filter tests/wasm/headers (needs
+                meshd-ambient[wasm]); the report gives each filter's added CPU per request over `meshd`
 
 See bench/README.md ("L7") for what each figure means. Usage:
 
@@ -65,11 +68,22 @@ SERVICE_H2 = "web-h2.default"
 FILTERED_PREFIX = "/filtered"  # requests under this path take the route with two filters
 FILTER_HEADER = "x-bench-filters"  # set on responses by the `headers` filter: proof the chain ran
 
+HEADERS_PREFIX = "/py-headers"  # the route with the Python `headers` filter alone
+WASM_PREFIX = "/wasm"  # the route with the proxy-wasm header filter
+WASM_MODULE = ROOT / "tests" / "wasm" / "headers" / "build" / "filter.wasm"
+WASM_HEADER = "x-wasm-filter"  # set on responses by that module: proof it ran
+
 PATH_NAMES = ("direct", "nginx", "meshd", "meshd+filters")  # the default set
 # HTTP/2 end to end (h2load -m H2_STREAMS; the service port is protocol "http2"): optional
 H2_PATHS = ("direct-h2", "nginx-h2", "meshd-h2")
-ALL_PATHS = (*PATH_NAMES, "meshd-l4", *H2_PATHS)  # meshd-l4: alpha -> beta -> backend, no waypoint
-WAYPOINT_PATHS = ("meshd", "meshd+filters")
+FILTER_PATHS = ("meshd+headers", "meshd+wasm")  # one filter each: added CPU per request over `meshd`
+ALL_PATHS = (
+    *PATH_NAMES,
+    *FILTER_PATHS,
+    "meshd-l4",
+    *H2_PATHS,
+)  # meshd-l4: alpha -> beta -> backend, no waypoint
+WAYPOINT_PATHS = ("meshd", "meshd+filters", *FILTER_PATHS)
 
 
 @dataclass
@@ -144,9 +158,47 @@ def routes_toml(rate: int) -> str:
         f'  {{ name = "ratelimit", settings = {{ max_tokens = {rate}, fill_interval = "1s" }} }},\n'
         "]\n\n"
         "[[route]]\n"
+        'name = "bench-headers"\n'
+        f'service = "{SERVICE}"\n'
+        f'match = [{{ path = {{ prefix = "{HEADERS_PREFIX}" }} }}]\n'
+        'filters = [{ name = "headers", settings = { request = { add = { x-wasm-config = "" } }, '
+        f'response = {{ add = {{ {WASM_HEADER} = "headers" }} }} }} }}]\n\n'
+        + (
+            "[[route]]\n"
+            'name = "bench-wasm"\n'
+            f'service = "{SERVICE}"\n'
+            f'match = [{{ path = {{ prefix = "{WASM_PREFIX}" }} }}]\n'
+            f'filters = [{{ name = "wasm", settings = {{ module = "{WASM_MODULE}", root_id = "headers" }} }}]\n\n'
+            if wasm_available()
+            else ""
+        )
+        + "[[route]]\n"
         'name = "bench-plain"\n'
         f'service = "{SERVICE}"\n'
     )
+
+
+def wasm_available() -> bool:
+    try:
+        import wasmtime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def added_cpu(results: dict[str, dict[str, Any] | None]) -> list[str]:
+    """Each one-filter path's CPU per request (all three daemons) over the bare `meshd` path."""
+    base = results.get("meshd")
+    if not base or base.get("cpu_s_per_1k_proxies") is None:
+        return []
+    out = []
+    for name in FILTER_PATHS:
+        r = results.get(name)
+        if r and r.get("cpu_s_per_1k_proxies") is not None:
+            added = (r["cpu_s_per_1k_proxies"] - base["cpu_s_per_1k_proxies"]) * 1000  # s/1k req -> us/req
+            aim = " (aim <= 50 us)" if name == "meshd+wasm" else ""
+            out.append(f"added CPU per request over meshd: {name} {added:.0f} us{aim}")
+    return out
 
 
 def first_error_line(text: str) -> str:
@@ -293,15 +345,21 @@ def probe_meshd(timeout: float = 15.0) -> None:
     for _ in range(1000):  # bounded by the deadline, and by count
         try:
             before = waypoint_request_count(WP_IP)
-            for path in ("/", FILTERED_PREFIX + "/x"):
+            for path in (
+                "/",
+                FILTERED_PREFIX + "/x",
+                HEADERS_PREFIX + "/x",
+                *([WASM_PREFIX + "/x"] if wasm_available() else []),
+            ):
                 url = f"http://{ALPHA_IP}:{UPSTREAM_PORT}{path}"
                 with urllib.request.urlopen(url, timeout=5) as resp:
                     body = resp.read().decode(errors="replace")
                     if resp.status != 200 or body != h.BODY:
                         raise RuntimeError(f"GET {path} -> {resp.status} {body[:80]!r}")
-                    if path != "/" and resp.headers.get(FILTER_HEADER) is None:
+                    proof = FILTER_HEADER if path.startswith(FILTERED_PREFIX) else WASM_HEADER
+                    if path != "/" and resp.headers.get(proof) is None:
                         raise RuntimeError(
-                            f"GET {path} reached the backend but without the `{FILTER_HEADER}` header the "
+                            f"GET {path} reached the backend but without the `{proof}` header the "
                             "route's `headers` filter sets: the request did not pass through the waypoint's filters"
                         )
             if waypoint_request_count(WP_IP) <= before:
@@ -708,7 +766,7 @@ def run(args: argparse.Namespace) -> int:
         meshd_missing: str | None = None
         mesh_pids: dict[str, int] = {}
         l4_missing: str | None = None
-        if wanted & {"meshd", "meshd+filters", "meshd-l4", "meshd-h2"}:
+        if wanted & {"meshd", "meshd+filters", *FILTER_PATHS, "meshd-l4", "meshd-h2"}:
             try:
                 ca = work / "ca"
                 meshd("ca", "init", "--dir", str(ca), "--trust-domain", TD)
@@ -733,6 +791,15 @@ def run(args: argparse.Namespace) -> int:
                     paths.append(Path_("meshd", base + "/", dict(mesh_pids)))
                 if "meshd+filters" in wanted:
                     paths.append(Path_("meshd+filters", base + FILTERED_PREFIX + "/", dict(mesh_pids)))
+                if "meshd+headers" in wanted:
+                    paths.append(Path_("meshd+headers", base + HEADERS_PREFIX + "/", dict(mesh_pids)))
+                if "meshd+wasm" in wanted:
+                    if wasm_available():
+                        paths.append(Path_("meshd+wasm", base + WASM_PREFIX + "/", dict(mesh_pids)))
+                    else:
+                        print(
+                            "\nNOTE: meshd+wasm is missing: wasmtime is not installed (pip install 'meshd-ambient[wasm]')\n"
+                        )
                 if "meshd-h2" in wanted:
                     h2_url = f"http://{ALPHA_IP}:{UPSTREAM_H2_PORT}/"
                     paths.append(Path_("meshd-h2", h2_url, dict(mesh_pids), h2=True))
@@ -777,7 +844,7 @@ def run(args: argparse.Namespace) -> int:
 
         print()
         print_table(results)
-        for line in target_verdict(results):
+        for line in target_verdict(results) + added_cpu(results):
             print(line)
         if meshd_missing and wanted & set(WAYPOINT_PATHS):
             print(f"meshd columns missing: {meshd_missing}")

@@ -11,6 +11,7 @@ Every crash either run finds becomes an `@example` (or an explicit test) in `tes
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import tempfile
@@ -62,6 +63,7 @@ from meshd.hbone.capsule import (
 )
 from meshd.hbone.connection import HboneConnection, Role
 from meshd.hbone.errors import RemoteProtocolError
+from meshd.plugins import wasm_abi
 from meshd.plugins.filters import Headers
 from meshd.policy.load import load_policy_dir
 from meshd.waypoint.http1 import (
@@ -862,6 +864,49 @@ def check_capsules(value: tuple[list[bytes], list[int], int]) -> None:
 CAPSULES = Target("capsules", "connect-udp capsules (RFC 9297 decoder)", CAPSULE_INPUT, check_capsules)
 
 
+_WASM_PATHS = st.sampled_from(
+    [b"plugin_root_id", b"source.principal", b"request\0headers\0x-a", b"request.headers.x-a"]
+)
+WASM_ABI_INPUT = st.tuples(
+    st.one_of(
+        st.binary(max_size=120),
+        st.lists(st.tuples(st.binary(max_size=8), st.binary(max_size=8)), max_size=5).map(
+            lambda pairs: wasm_abi.serialize_map(pairs)
+        ),
+    ),
+    st.one_of(_WASM_PATHS, st.binary(max_size=30)),
+    st.tuples(st.binary(max_size=20), st.integers(-2, 40), st.integers(-2, 40), st.binary(max_size=8)),
+)
+
+
+def check_wasm_abi(value: tuple[bytes, bytes, tuple[bytes, int, int, bytes]]) -> None:
+    """What a plugin's memory hands the host: a map, a property path, a buffer edit. Only AbiError
+    escapes, and a map that parses serializes back to the same bytes."""
+    data, path, (buf, start, size, new) = value
+    try:
+        pairs = wasm_abi.deserialize_map(data)
+        assert wasm_abi.serialize_map(pairs) == data or data == b"\0"
+    except wasm_abi.AbiError:
+        pass
+    props: dict[tuple[str, ...], wasm_abi.PropertyValue] = {
+        ("plugin_root_id",): "x",
+        ("request", "headers"): [("x-a", "1")],
+    }
+    with contextlib.suppress(wasm_abi.AbiError):
+        wasm_abi.lookup_property(props, wasm_abi.property_path(path))
+    try:
+        out = wasm_abi.buffer_edit(buf, start, size, new)
+        assert new in out
+        wasm_abi.buffer_slice(out, start, size)
+    except wasm_abi.AbiError:
+        pass
+
+
+WASM_ABI = Target(
+    "wasm_abi", "proxy-wasm ABI (maps, property paths, buffer edits)", WASM_ABI_INPUT, check_wasm_abi
+)
+
+
 TARGETS: dict[str, Target] = {
-    t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS, ETCD, CAPSULES)
+    t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS, ETCD, CAPSULES, WASM_ABI)
 }

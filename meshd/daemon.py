@@ -37,8 +37,10 @@ from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
 from meshd.plugins.manager import filter_types, installed_since, make_plugin_manager, plugin_infos
+from meshd.plugins.wasm import WasmFilter
 from meshd.policy.load import load_policy_dir
 from meshd.policy.query import ExplainQuery, answer
+from meshd.policy.routes import referenced_files
 from meshd.readiness import Readiness
 from meshd.reload import ReloadOutcome, plan_reload
 from meshd.sdnotify import Notifier
@@ -47,6 +49,7 @@ from meshd.waypoint.explain import explain_request
 log = logging.getLogger("meshd")
 
 WATCH_INTERVAL = 2.0  # seconds between checks of the config file and policy folder for changes
+WASM_TICK_IDLE = 0.25  # the wasm tick task looks again this often when no plugin asked for a tick sooner (a reload may add one)
 
 
 def workload_identity(config: Config, name: str) -> SpiffeId:
@@ -118,6 +121,8 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self.systemd.keep_alive)
             nursery.start_soon(self._watch_files)
+            if self.config.role == "waypoint":
+                nursery.start_soon(self._drive_wasm_ticks)
             await self._start_component(nursery, "readiness", self._serve_readiness)
             await self._start_component(nursery, "metrics", self._serve_metrics)
             await self._start_component(nursery, "admin", self._serve_admin)
@@ -202,6 +207,8 @@ class Daemon:
                     return True
                 self._files_seen = seen
                 outcome = await self._reload(why)
+                if outcome.applied:  # the new policy may name other files (wasm modules): watch those
+                    self._files_seen = self._files_fingerprint()
             finally:
                 self.systemd.ready("reloaded")
             self.last_reload = outcome
@@ -262,6 +269,16 @@ class Daemon:
         log.info("config and policy reloaded", extra={"trigger": why})
         return ReloadOutcome(time.time(), why, applied=True)
 
+    async def _drive_wasm_ticks(self) -> None:
+        """proxy-wasm tick timers (`proxy_set_tick_period_milliseconds`) of the wasm filters in force."""
+        while True:
+            delay = WASM_TICK_IDLE
+            for route in self.state.policy.loaded_routes:
+                for bound in route.filters:
+                    if isinstance(bound.filter, WasmFilter):
+                        delay = min(delay, bound.filter.tick())
+            await trio.sleep(max(delay, 0.001))
+
     async def _watch_files(self) -> None:
         """Reload when the config file or a policy file changes (polled: no inotify dependency)."""
         while True:
@@ -274,6 +291,7 @@ class Daemon:
         policy_dir = self.config.policy.dir
         if policy_dir is not None and policy_dir.is_dir():
             paths += sorted(policy_dir.glob("*.toml"))
+        paths += referenced_files(self.state.policy.loaded_routes)  # e.g. wasm modules
         out = []
         for p in paths:
             try:

@@ -247,6 +247,7 @@ class RequestRecord:
     error: str | None = None
     dry_run: str | None = None  # what dry-run policies would have decided: "policy=deny,..." (dry_run.py)
     started: float = field(default_factory=time.monotonic)
+    wasm_failures: list[tuple[str, str]] = field(default_factory=list)  # (filter, reason), counted once
 
     @property
     def flags(self) -> str:
@@ -317,6 +318,8 @@ class RequestTelemetry:
         m.request_duration.labels(*labels).observe(duration_ms)
         m.request_bytes.labels(*labels).observe(rec.request_bytes)
         m.response_bytes.labels(*labels).observe(rec.response_bytes)
+        for filter_name, reason in rec.wasm_failures:
+            m.wasm_failures.labels(filter_name, reason).inc()
         record = rec.to_json(round(duration_ms, 1))
         if self.access_log:
             log.info("request complete" if rec.error is None else "request failed", extra=record)

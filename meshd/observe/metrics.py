@@ -172,6 +172,13 @@ class Metrics:
             buckets=SIZE_BUCKETS,
         )
 
+        self.wasm_failures = Counter(
+            "meshd_wasm_failures",
+            "wasm filter callbacks that failed (reason: fuel, trap, exit, memory, host, broken, load)",
+            ("filter", "reason"),
+            registry=r,
+        )
+
     def add_collect_hook(self, hook: Callable[[], None]) -> None:
         """Run `hook` right before each scrape (refresh gauges derived from state)."""
         self._hooks.append(hook)

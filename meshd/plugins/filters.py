@@ -264,6 +264,10 @@ class RequestInfo:
     source_address: str | None = None
     response_flags: list[str] = field(default_factory=list)
     upstream_attempts: int = 0
+    destination_service: str | None = None  # name.namespace, as the catalog names it
+    wasm_failures: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (filter, reason): the metric's labels
 
     def flag(self, flag: str) -> None:
         if flag not in self.response_flags:

@@ -18,7 +18,7 @@ from meshd.plugins import hookspecs
 from meshd.plugins.filters import FilterType
 
 ENTRY_POINT_GROUP = "meshd"
-BUILTINS = ("retries", "timeout", "ratelimit", "fault", "headers")
+BUILTINS = ("retries", "timeout", "ratelimit", "fault", "headers", "wasm")
 
 
 @dataclass(frozen=True)

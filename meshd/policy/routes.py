@@ -7,6 +7,7 @@ meshd/waypoint/router.py compiles `LoadedRoute`s into its Router. Nothing here m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,22 @@ class LoadedRoute:
 
     located: Located[Route]
     filters: tuple[BoundFilter, ...]
+
+
+def referenced_files(routes: Sequence[LoadedRoute]) -> list[Path]:
+    """Files the routes' filter settings name (a wasm filter's `module`): a change to one is a policy
+    change, so the daemon's reload (SIGHUP or the file watcher) notices it like an edited policy file."""
+    out: list[Path] = []
+    for loaded in routes:
+        for ref in loaded.located.value.filters:
+            settings = ref.settings
+            if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+                out += [
+                    v
+                    for f in dataclasses.fields(settings)
+                    if isinstance(v := getattr(settings, f.name), Path)
+                ]
+    return sorted(set(out))
 
 
 def split_filter_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[int, int], Any]]:

@@ -141,7 +141,9 @@ class Pipeline:
         self, t: Tunnel, request: HttpRequest, rec: RequestRecord, body: AsyncIterable[bytes]
     ) -> Outcome:
         """Authorize, route, run the chain and the upstream. Returns the response to send."""
-        info = RequestInfo("", source_principal=t.source.principal, source_address=t.src)
+        info = RequestInfo(
+            "", source_principal=t.source.principal, source_address=t.src, destination_service=t.service.key
+        )
         decision = self.authorize(t, request)
         rec.dry_run = dry_run.record(self.telemetry.metrics, decision)
         if not decision.allowed:
@@ -180,6 +182,7 @@ class Pipeline:
         """Telemetry once the response went out: metrics, access log, filters' on_log, the hook."""
         rec.response_flags = list(done.info.response_flags)
         rec.attempts = done.info.upstream_attempts
+        rec.wasm_failures = done.info.wasm_failures
         if rec.grpc and not rec.grpc_status:  # a trailers-only answer carries it in its headers
             response = done.response
             rec.grpc_status = (

@@ -27,7 +27,7 @@ def test_every_hookspec_is_prefixed_documented_and_tested() -> None:
 def test_meshd_filter_types() -> None:
     pm = make_plugin_manager(load_entry_points=False)
     types = filter_types(pm)
-    assert set(types) == {"retries", "timeout", "ratelimit", "fault", "headers"}
+    assert set(types) == {"retries", "timeout", "ratelimit", "fault", "headers", "wasm"}
     assert types["ratelimit"].plugin == "meshd.ratelimit"
 
     class Dup:

@@ -1,0 +1,28 @@
+// The trapping filter: every request traps (a wasm `unreachable`), or on /trap/exit throws, which
+// the SDK turns into a critical log and proc_exit(255).
+export * from "@solo-io/proxy-runtime/proxy";
+import {
+  RootContext, Context, registerRootContext, FilterHeadersStatusValues, stream_context,
+} from "@solo-io/proxy-runtime";
+
+class TrapRoot extends RootContext {
+  createContext(context_id: u32): Context {
+    return new Trap(context_id, this);
+  }
+}
+
+class Trap extends Context {
+  constructor(context_id: u32, root_context: TrapRoot) {
+    super(context_id, root_context);
+  }
+  onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
+    const path = stream_context.headers.request.get(":path");
+    if (path.includes("exit")) {
+      throw new Error("the trap filter throws on " + path);
+    }
+    unreachable();
+    return FilterHeadersStatusValues.Continue;
+  }
+}
+
+registerRootContext((context_id: u32) => { return new TrapRoot(context_id); }, "trap");
