@@ -96,13 +96,45 @@ class Host:
         return self.call(http_get, url)
 
 
-class Lab:
-    def __init__(self, prefix: str = "mdt", subnet: str = SUBNET) -> None:
-        self.id = prefix + secrets.token_hex(4)
-        self.subnet = subnet
-        self.bridge_ns = f"{self.id}-br"
+class Namespaces:
+    """Network namespaces a test made (named `<id>-...`) and the hosts in them; `close()` kills what
+    runs in them and deletes them, and with them every veth and bridge inside."""
+
+    def __init__(self, lab_id: str) -> None:
+        self.id = lab_id
         self.hosts: list[Host] = []
         self._namespaces: list[str] = []
+
+    def _add_ns(self, name: str) -> None:
+        ip("netns", "add", name)
+        self._namespaces.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+
+    def close(self) -> None:
+        """Kill what runs in the namespaces (ours by construction), then delete them."""
+        for host in self.hosts:
+            for proc in host.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(5)
+        for ns in reversed(self._namespaces):
+            with contextlib.suppress(RuntimeError, OSError):
+                for pid in ip("netns", "pids", ns).split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(RuntimeError, OSError):
+                ip("netns", "del", ns)
+        self._namespaces.clear()
+
+
+class Lab(Namespaces):
+    """Hosts on one bridge (one subnet): multicast reaches all of them."""
+
+    def __init__(self, prefix: str = "mdt", subnet: str = SUBNET) -> None:
+        super().__init__(prefix + secrets.token_hex(4))
+        self.subnet = subnet
+        self.bridge_ns = f"{self.id}-br"
 
     @classmethod
     def create(cls, prefix: str = "mdt", subnet: str = SUBNET) -> Lab:
@@ -119,11 +151,6 @@ class Lab:
             lab.close()
             raise NetnsUnavailable(str(exc)) from exc
         return lab
-
-    def _add_ns(self, name: str) -> None:
-        ip("netns", "add", name)
-        self._namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
 
     def add_host(self) -> Host:
         n = len(self.hosts) + 1
@@ -148,23 +175,6 @@ class Lab:
         ip("-n", host.ns, "link", "set", "eth0", "multicast", "on", "up")
         self.hosts.append(host)
         return host
-
-    def close(self) -> None:
-        """Kill what runs in the namespaces (ours by construction), then delete them."""
-        for host in self.hosts:
-            for proc in host.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(5)
-        for ns in reversed(self._namespaces):
-            with contextlib.suppress(RuntimeError, OSError):
-                for pid in ip("netns", "pids", ns).split():
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
-            with contextlib.suppress(RuntimeError, OSError):
-                ip("netns", "del", ns)
-        self._namespaces.clear()
 
 
 # ---- meshd and friends on a host ------------------------------------------------------------------

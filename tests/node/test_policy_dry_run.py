@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import urllib.parse
 from pathlib import Path
 
-from meshd.identity.ca import LocalCA
 from meshd.tools.echo import echo_server
-from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
+from tests.support.configs import ECHO_PORT
+from tests.support.mesh import Mesh, Upstream, client_host, echo_host
+from tests.support.procs import http_get, unique_loopback, wait_for
+from tests.support.sockets import send_and_read
 
 CLIENT = "home.arpa/ns/default/sa/client"
 TRIAL = (
@@ -22,51 +22,21 @@ TRIAL = (
 )
 
 
-def round_trip(address: tuple[str, int], data: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = bytearray()
-        try:
-            while chunk := s.recv(1 << 16):
-                out += chunk
-        except ConnectionResetError:
-            return b""
-        return bytes(out)
-
-
-def test_dry_run_deny_counts_and_logs_but_traffic_passes(
-    tmp_path: Path, ca: LocalCA, daemons: list[Meshd]
-) -> None:
+def test_dry_run_deny_counts_and_logs_but_traffic_passes(tmp_path: Path) -> None:
     a_ip, b_ip = unique_loopback(), unique_loopback()
     upstream = (a_ip, 18000)
-    alpha_cfg = node_config(
-        tmp_path / "alpha.toml",
-        "alpha",
-        tmp_path / "ca",
-        peers=[f"{b_ip}:15008"],
-        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
-        f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{a_ip}:{upstream[1]}"\n',
+    nodes = Mesh(
+        tmp_path,
+        [
+            client_host("alpha", a_ip, Upstream("echo.default", ECHO_PORT, f"{a_ip}:{upstream[1]}")),
+            echo_host("beta", b_ip, ECHO_PORT, policy={"trial.toml": TRIAL}),
+        ],
     )
-    beta_policy = tmp_path / "beta-policy"
-    beta_cfg = node_config(
-        tmp_path / "beta.toml",
-        "beta",
-        tmp_path / "ca",
-        peers=[f"{a_ip}:15008"],
-        policy_dir=beta_policy,
-        body=echo_workload(b_ip),
-    )
-    (beta_policy / "trial.toml").write_text(TRIAL)
-    with echo_server(b_ip, ECHO_PORT):
-        beta, alpha = Meshd(beta_cfg, b_ip), Meshd(alpha_cfg, a_ip)
-        daemons += [beta, alpha]
-        beta.start()
-        alpha.start()
-        beta.wait_ready()
-        alpha.wait_ready()
+    beta_policy = nodes.policy_dir("beta")
+    with echo_server(b_ip, ECHO_PORT), nodes.running():
+        alpha, beta = nodes["alpha"], nodes["beta"]
         # The connection goes through (the catalog may take a moment to reach alpha).
-        wait_for(lambda: round_trip(upstream, b"hello") == b"hello", alpha)
+        wait_for(lambda: send_and_read(upstream, b"hello") == b"hello", alpha)
         wait_for(
             lambda: beta.metric("meshd_policy_dry_run_total", policy="trial-deny", result="deny") >= 1, beta
         )
@@ -97,5 +67,5 @@ def test_dry_run_deny_counts_and_logs_but_traffic_passes(
         # Enforced (dry_run removed, SIGHUP): the same client is refused.
         (beta_policy / "trial.toml").write_text(TRIAL.replace("dry_run = true\n", ""))
         beta.signal(signal.SIGHUP)
-        wait_for(lambda: round_trip(upstream, b"x") == b"", beta)
+        wait_for(lambda: send_and_read(upstream, b"x") == b"", beta)
         assert beta.metric("meshd_tcp_connections_failed_total", reason="UAEX") >= 1

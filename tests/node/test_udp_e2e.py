@@ -4,7 +4,6 @@ Debian's dnsmasq and a UDP echo server. Datagrams cross as connect-udp streams (
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import socket
 import struct
@@ -19,9 +18,9 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from meshd.identity.ca import LocalCA
-from tests.support.configs import node_config
-from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.mesh import dump as config_dump
+from tests.support.procs import Meshd, unique_loopback, wait_for
 from tests.support.udp import dnsmasq, udp_echo_server
 
 DNS_PORT = 5353  # dnsmasq on beta
@@ -41,52 +40,45 @@ class UdpMesh:
     beta_policy: Path
 
 
-def beta_body(ip: str) -> str:
-    return (
-        f'[[workload]]\nname = "resolver"\naddress = "{ip}"\nports = [{DNS_PORT}]\nservices = ["dns"]\n'
-        f'[[workload]]\nname = "uecho"\naddress = "{ip}"\nports = [{ECHO_PORT}]\nservices = ["uecho"]\n'
-        f'[[service]]\nname = "dns"\nports = [{{ port = 53, target_port = {DNS_PORT}, protocol = "udp" }}]\n'
-        f'[[service]]\nname = "uecho"\nports = [{{ port = {ECHO_PORT}, protocol = "udp" }}]\n'
-    )
-
-
-def alpha_body(ip: str) -> str:
-    return (
-        f'[[workload]]\nname = "client"\naddress = "{ip}"\nports = [8000]\n'
-        f'[[upstream]]\nservice = "dns"\nport = 53\nprotocol = "udp"\nlisten = "{ip}:{DNS_LISTEN}"\n'
-        f'[[upstream]]\nservice = "uecho"\nport = {ECHO_PORT}\nprotocol = "udp"\nlisten = "{ip}:{ECHO_LISTEN}"\n'
-        '[udp]\nidle_timeout = "2s"\n'
-    )
-
-
 @pytest.fixture
-def mesh(tmp_path: Path, ca: LocalCA, daemons: list[Meshd]) -> Iterator[UdpMesh]:
+def mesh(tmp_path: Path) -> Iterator[UdpMesh]:
     a_ip, b_ip = unique_loopback(), unique_loopback()
-    alpha_cfg = node_config(
-        tmp_path / "alpha.toml", "alpha", tmp_path / "ca", peers=[f"{b_ip}:15008"], body=alpha_body(a_ip)
+    short_idle = '[udp]\nidle_timeout = "2s"\n'
+    nodes = Mesh(
+        tmp_path,
+        [
+            client_host(
+                "alpha",
+                a_ip,
+                Upstream("dns", 53, f"{a_ip}:{DNS_LISTEN}", protocol="udp"),
+                Upstream("uecho", ECHO_PORT, f"{a_ip}:{ECHO_LISTEN}", protocol="udp"),
+                body=short_idle,
+            ),
+            Host(
+                "beta",
+                b_ip,
+                workloads=[
+                    Workload("resolver", b_ip, [DNS_PORT], services=["dns"]),
+                    Workload("uecho", b_ip, [ECHO_PORT], services=["uecho"]),
+                ],
+                services=[
+                    Service("dns", [Port(53, "udp", target_port=DNS_PORT)]),
+                    Service("uecho", [Port(ECHO_PORT, "udp")]),
+                ],
+                policy={},
+                body=short_idle,
+            ),
+        ],
     )
-    beta_cfg = node_config(
-        tmp_path / "beta.toml",
-        "beta",
-        tmp_path / "ca",
-        peers=[f"{a_ip}:15008"],
-        policy_dir=tmp_path / "beta-policy",
-        body=beta_body(b_ip) + '[udp]\nidle_timeout = "2s"\n',
-    )
-    with dnsmasq(b_ip, DNS_PORT, tmp_path, {"svc.test": "10.1.2.3"}), udp_echo_server(b_ip, ECHO_PORT):
-        beta = Meshd(beta_cfg, b_ip)
-        alpha = Meshd(alpha_cfg, a_ip)
-        daemons += [beta, alpha]
-        beta.start()
-        alpha.start()
-        beta.wait_ready()
-        alpha.wait_ready()
-        wait_for(lambda: "uecho.default" in config_dump(alpha)["catalog"]["services"], alpha)
-        yield UdpMesh(alpha, beta, (a_ip, DNS_LISTEN), (a_ip, ECHO_LISTEN), tmp_path / "beta-policy")
-
-
-def config_dump(daemon: Meshd) -> dict:  # type: ignore[type-arg]
-    return json.loads(http_get(daemon.admin_url + "/config_dump")[1])  # type: ignore[no-any-return]
+    with (
+        dnsmasq(b_ip, DNS_PORT, tmp_path, {"svc.test": "10.1.2.3"}),
+        udp_echo_server(b_ip, ECHO_PORT),
+        nodes.running(),
+    ):
+        nodes.wait_knows("alpha", services=["uecho.default"])
+        yield UdpMesh(
+            nodes["alpha"], nodes["beta"], (a_ip, DNS_LISTEN), (a_ip, ECHO_LISTEN), nodes.policy_dir("beta")
+        )
 
 
 def test_dig_resolves_through_the_mesh(mesh: UdpMesh) -> None:

@@ -91,9 +91,11 @@ class Upstream:
     service: str  # "name.namespace"
     port: int
     listen: str  # "ip:port"
+    protocol: str | None = None  # "udp" for a UDP upstream
 
     def toml(self) -> str:
-        return f'[[upstream]]\nservice = "{self.service}"\nport = {self.port}\nlisten = "{self.listen}"\n'
+        out = f'[[upstream]]\nservice = "{self.service}"\nport = {self.port}\nlisten = "{self.listen}"\n'
+        return out + (f'protocol = "{self.protocol}"\n' if self.protocol else "")
 
 
 @dataclass

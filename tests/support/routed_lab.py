@@ -10,23 +10,19 @@ The `Host` objects are tests/netns/lab.py's, so `NsMeshd`, `tagged_echo` and `ex
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import subprocess
 
-from tests.netns.lab import Host, NetnsUnavailable, ip
+from tests.netns.lab import Host, Namespaces, NetnsUnavailable, ip
 
 SUBNETS = {"A": "10.234.1", "B": "10.234.2"}
 
 
-class RoutedLab:
+class RoutedLab(Namespaces):
     def __init__(self) -> None:
-        self.id = "metc" + secrets.token_hex(3)
+        super().__init__("metc" + secrets.token_hex(3))
         self.router = f"{self.id}-r"
-        self.hosts: list[Host] = []
-        self._namespaces: list[str] = []
 
     @classmethod
     def create(cls) -> RoutedLab:
@@ -48,11 +44,6 @@ class RoutedLab:
     def exec_in(self, ns: str, *cmd: str) -> None:
         subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True, timeout=10)
 
-    def _add_ns(self, name: str) -> None:
-        ip("netns", "add", name)
-        self._namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
-
     def add_host(self, subnet: str) -> Host:
         n = len(self.hosts) + 1
         label = f"h{n}"
@@ -66,20 +57,3 @@ class RoutedLab:
         ip("-n", host.ns, "route", "add", "default", "via", f"{SUBNETS[subnet]}.1")
         self.hosts.append(host)
         return host
-
-    def close(self) -> None:
-        """Kill what runs in the namespaces (ours by construction), then delete them."""
-        for host in self.hosts:
-            for proc in host.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(5)
-        for ns in reversed(self._namespaces):
-            with contextlib.suppress(RuntimeError, OSError):
-                for pid in ip("netns", "pids", ns).split():
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
-            with contextlib.suppress(RuntimeError, OSError):
-                ip("netns", "del", ns)
-        self._namespaces.clear()

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from meshd.identity.ca import LocalCA
-from tests.support.configs import node_config
 from tests.support.http_backend import Backend, http_backend
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
 from tests.support.procs import Meshd, unique_loopback, wait_for
 
 pytestmark = pytest.mark.slow
@@ -56,7 +55,7 @@ def routes(wasm_dir: Path, swap_root: str = "headers", swap_config: str = "v1") 
 
 
 @dataclass
-class Mesh:
+class WasmMesh:
     wp: Meshd
     backend: Backend
     client_address: tuple[str, int]
@@ -78,63 +77,42 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WasmMesh]:
     tmp = tmp_path_factory.mktemp("wasm")
-    LocalCA.init(tmp / "ca", "home.arpa")
     wasm_dir = tmp / "wasm"
     wasm_dir.mkdir()
     for name in ("headers", "deny", "body", "trap", "loop"):
         shutil.copy(WASM / name / "build" / "filter.wasm", wasm_dir / f"{name}.wasm")
     shutil.copy(wasm_dir / "headers.wasm", wasm_dir / "swap.wasm")
-    a_ip, b_ip, w_ip, r_ip = (unique_loopback() for _ in range(4))
-    alpha = node_config(
-        tmp / "alpha.toml",
-        "alpha",
-        tmp / "ca",
-        peers=[f"{b_ip}:15008", f"{w_ip}:15008"],
-        body=f'[[workload]]\nname = "client"\naddress = "{a_ip}"\nports = [8000]\n'
-        f'[[upstream]]\nservice = "reviews.default"\nport = {PORT}\nlisten = "{a_ip}:{UPSTREAM}"\n',
+    a_ip, r_ip = unique_loopback(), unique_loopback()
+    nodes = Mesh(
+        tmp,
+        [
+            client_host("alpha", a_ip, Upstream("reviews.default", PORT, f"{a_ip}:{UPSTREAM}")),
+            Host(
+                "beta",
+                workloads=[
+                    Workload("reviews-v1", r_ip, [PORT], services=["reviews"], service_account="reviews")
+                ],
+                services=[Service("reviews", [Port(PORT, "http")], waypoint="wp")],
+            ),
+            Host("wp", role="waypoint", policy={"routes.toml": routes(wasm_dir)}),
+        ],
     )
-    beta = node_config(
-        tmp / "beta.toml",
-        "beta",
-        tmp / "ca",
-        peers=[f"{a_ip}:15008", f"{w_ip}:15008"],
-        body=f'[[workload]]\nname = "reviews-v1"\nservice_account = "reviews"\naddress = "{r_ip}"\n'
-        f'ports = [{PORT}]\nservices = ["reviews"]\n'
-        f'[[service]]\nname = "reviews"\nwaypoint = "wp"\nports = [{{ port = {PORT}, protocol = "http" }}]\n',
-    )
-    policy = tmp / "wp-policy"
-    wp_cfg = node_config(
-        tmp / "wp.toml", "wp", tmp / "ca", peers=[f"{a_ip}:15008", f"{b_ip}:15008"], policy_dir=policy
-    )
-    wp_cfg.write_text('role = "waypoint"\n' + wp_cfg.read_text())
-    (policy / "routes.toml").write_text(routes(wasm_dir))
-    with http_backend("reviews-v1", r_ip, PORT) as backend:
-        daemons = [Meshd(beta, b_ip), Meshd(alpha, a_ip), Meshd(wp_cfg, w_ip)]
-        try:
-            for d in daemons:
-                d.start()
-            for d in daemons:
-                d.wait_ready()
-            m = Mesh(daemons[2], backend, (a_ip, UPSTREAM), policy, wasm_dir)
+    with http_backend("reviews-v1", r_ip, PORT) as backend, nodes.running():
+        m = WasmMesh(nodes["wp"], backend, (a_ip, UPSTREAM), nodes.policy_dir("wp"), wasm_dir)
 
-            def through() -> bool:
-                try:
-                    return m.get("/plain")[0] == 200
-                except OSError:
-                    return False
+        def through() -> bool:
+            try:
+                return m.get("/plain")[0] == 200
+            except OSError:
+                return False
 
-            wait_for(through, daemons[1], timeout=30)
-            yield m
-        finally:
-            for d in daemons:
-                if d.proc is not None and d.proc.poll() is None:
-                    d.proc.kill()
-                    d.proc.wait()
+        wait_for(through, nodes["alpha"], timeout=30)
+        yield m
 
 
-def test_header_filter(mesh: Mesh) -> None:
+def test_header_filter(mesh: WasmMesh) -> None:
     status, headers, _ = mesh.get("/headers/x?y=1")
     assert status == 200
     assert headers["x-wasm-filter"] == "headers"
@@ -144,7 +122,7 @@ def test_header_filter(mesh: Mesh) -> None:
     assert seen["x-wasm-principal"] == "spiffe://home.arpa/ns/default/sa/client"
 
 
-def test_tick_timers_run_without_traffic(mesh: Mesh) -> None:
+def test_tick_timers_run_without_traffic(mesh: WasmMesh) -> None:
     """The header module asks for a tick every 50 ms and reports how many it saw: the waypoint's tick
     task runs them while no request arrives (a tick run only before a callback would add one)."""
     before = int(mesh.get("/headers")[1]["x-wasm-ticks"])
@@ -153,20 +131,20 @@ def test_tick_timers_run_without_traffic(mesh: Mesh) -> None:
     assert after >= before + 4, (before, after)
 
 
-def test_deny_filter(mesh: Mesh) -> None:
+def test_deny_filter(mesh: WasmMesh) -> None:
     status, headers, body = mesh.get("/deny/secret/file")
     assert (status, headers["x-denied-by"], body) == (403, "wasm", b"denied by wasm: /deny/secret/file\n")
     assert mesh.get("/deny/public")[0] == 200
 
 
-def test_body_filter(mesh: Mesh) -> None:
+def test_body_filter(mesh: WasmMesh) -> None:
     status, _, body = mesh.get("/body")
     assert status == 200
     original = b"reviews-v1 GET /body\n"
     assert body == b"wasm saw %d bytes: " % len(original) + original
 
 
-def test_trapping_and_looping_modules_fail_their_requests_and_wp_serves_on(mesh: Mesh) -> None:
+def test_trapping_and_looping_modules_fail_their_requests_and_wp_serves_on(mesh: WasmMesh) -> None:
     conn = http.client.HTTPConnection(*mesh.client_address, timeout=10)
     for _ in range(3):
         assert mesh.get("/trap", conn)[0] == 500
@@ -183,7 +161,7 @@ def test_trapping_and_looping_modules_fail_their_requests_and_wp_serves_on(mesh:
     assert mesh.wp.proc is not None and mesh.wp.proc.poll() is None
 
 
-def test_reload_swaps_the_module_without_dropping_requests_and_keeps_it_on_a_bad_one(mesh: Mesh) -> None:
+def test_reload_swaps_the_module_without_dropping_requests_and_keeps_it_on_a_bad_one(mesh: WasmMesh) -> None:
     assert mesh.get("/swap")[1]["x-wasm-filter"] == "headers"
     results: list[int] = []
     errors: list[BaseException] = []
