@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 # One list: the build of the .deb, `make test-compiled` and `meshd version` read it.
@@ -52,19 +53,23 @@ def main(argv: list[str]) -> int:
         print(f"compile_core: not compiling, the pure-Python build stays: {reason}")
         return 0
     paths = [m.replace(".", "/") + ".py" for m in COMPILED_MODULES]
-    build = tree / "build" / "mypyc"
-    cmd = [sys.executable, "-m", "mypyc", *paths]
     env = {**os.environ, "MYPYC_OPT_LEVEL": os.environ.get("MYPYC_OPT_LEVEL", "3")}
-    # mypyc writes its build files under the current directory: keep them out of the tree shipped.
-    result = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    for leftover in (build, tree / "build", tree / ".mypy_cache"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if result.returncode != 0:
-        print(result.stdout[-4000:] + result.stderr[-4000:], file=sys.stderr)
-        print("compile_core: mypyc failed (above); nothing was changed", file=sys.stderr)
-        for so in tree.glob("meshd/**/*.so"):
-            so.unlink()
-        return 1
+    # mypyc compiles in a scratch copy of the package: the tree may be a site-packages whose other
+    # top-level modules (typing_extensions.py ...) mypy would take for ours, and its build files stay
+    # out of what is shipped. The extensions it writes (beside each module, and its shared
+    # <hash>__mypyc library at the top) are then moved into the tree.
+    with tempfile.TemporaryDirectory(prefix="compile_core.") as scratch:
+        work = Path(scratch)
+        shutil.copytree(tree / "meshd", work / "meshd", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        result = subprocess.run(
+            [sys.executable, "-m", "mypyc", *paths], cwd=work, env=env, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            print(result.stdout[-4000:] + result.stderr[-4000:], file=sys.stderr)
+            print("compile_core: mypyc failed (above); nothing was changed", file=sys.stderr)
+            return 1
+        for so in [*work.glob("*.so"), *work.glob("meshd/**/*.so")]:
+            shutil.copy2(so, tree / so.relative_to(work))
     print(f"compile_core: compiled {len(COMPILED_MODULES)} modules in {tree}")
     return 0
 
