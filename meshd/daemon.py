@@ -36,6 +36,7 @@ from meshd.observe.accesslog import ConnectionTelemetry
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
+from meshd.observe.tracing import Tracer
 from meshd.plugins.manager import filter_types, installed_since, make_plugin_manager, plugin_infos
 from meshd.policy.load import load_policy_dir
 from meshd.policy.query import ExplainQuery, answer
@@ -91,14 +92,25 @@ class Daemon:
         )
         for w in warnings:
             log.warning("policy: %s", w.format())
+        self.tracer = Tracer(
+            config.tracing,
+            self.metrics,
+            {
+                "service.name": config.node_name,
+                "service.version": __version__,
+                "meshd.role": config.role,
+                "host.name": config.node_name,
+            },
+        )
         self.state = NodeState(
             config=config,
             identities=self.identities,
             metrics=self.metrics,
-            telemetry=ConnectionTelemetry(self.metrics, access_log=config.log.access_log),
+            telemetry=ConnectionTelemetry(self.metrics, access_log=config.log.access_log, tracer=self.tracer),
             catalog=merge(local_catalog(config)),
             policy=policy,
             track_inflight=self.track_inflight,
+            tracer=self.tracer,
         )
         self.node = NodeProxy(self.state, self.plugins)
         self.node.inbound.ca_handler = self.ca.hbone_handler
@@ -122,6 +134,8 @@ class Daemon:
             await self._start_component(nursery, "metrics", self._serve_metrics)
             await self._start_component(nursery, "admin", self._serve_admin)
             await self._start_component(nursery, "identity", self.identities.run)
+            if self.tracer.enabled:
+                await self._start_component(nursery, "tracing", self.tracer.run)
             await self._start_component(nursery, "node", self.node.run, self.readiness)
             if self.ca.service is not None:
                 await self._start_component(nursery, "ca", self.ca.serve_enrollment)
@@ -348,6 +362,7 @@ class Daemon:
                 "refused": self.last_refused_reload.to_json() if self.last_refused_reload else None,
             },
             "listeners": self.bound,
+            "tracing": self.tracer.statistics(),
             "config": to_plain(self.config),
             "certificates": certs,
             "policy": self.state.policy.config_dump(),

@@ -36,6 +36,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.observe.tracecontext import extract, trace_header
 from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mode
 from meshd.units import Address
 from meshd.waypoint.hairpin import bound_service, claim_headers
@@ -77,6 +78,9 @@ class Inbound:
             source=source_of(self.state.catalog, req.peer_identity, req.client_address),
             peer=str(Address(*req.peer_address)),
         )
+        tracer = self.state.tracer
+        if tracer.connection_spans:  # a child of the CONNECT's traceparent (the sender's span)
+            rec.trace = tracer.start(extract(req.header))
         upstream, status, reason = await self._admit(rec, req.peer_identity, req.peer_address[0], ip, port)
         if upstream is None:
             await reply.refuse(status, reason)
@@ -162,7 +166,11 @@ class Inbound:
             return self._refused(rec, FLAG_NO_ROUTE, 503, reason)
         svc = found[0]
         rec.destination_service = svc.key
-        headers = [("forwarded", f'for="{rec.src}"'), *claim_headers(source, str(Address(ip, port)))]
+        headers = [
+            ("forwarded", f'for="{rec.src}"'),
+            *claim_headers(source, str(Address(ip, port))),
+            *trace_header(rec.trace),
+        ]
         try:
             tunnel = await self.pool.open_tunnel(
                 self.state.node_identity, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers

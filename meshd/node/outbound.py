@@ -34,6 +34,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.observe.tracecontext import trace_header
 
 log = logging.getLogger("meshd.outbound")
 
@@ -156,6 +157,8 @@ class Outbound:
                 source=source_of(self.state.catalog, source, f"{peer[0]}:{peer[1]}"),
                 destination_service=up.service_key,
             )
+            if self.state.tracer.connection_spans:  # the root of the trace that follows the connection
+                rec.trace = self.state.tracer.start(None)
             endpoints, why = self.endpoints(up.service_key, up.port)
             if not endpoints:
                 self.state.telemetry.failed(rec, FLAG_NO_ROUTE, why)
@@ -196,7 +199,11 @@ class Outbound:
                     ep.identity,
                     (ep.dial.host, ep.dial.port),
                     ep.authority,
-                    headers=[("forwarded", f'for="{client}"'), ("baggage", _baggage(source))],
+                    headers=[
+                        ("forwarded", f'for="{client}"'),
+                        ("baggage", _baggage(source)),
+                        *trace_header(rec.trace),
+                    ],
                 )
             except TunnelRefused as exc:
                 last_error = f"{exc.status} from {ep.dial}: {exc.reason}"
