@@ -130,7 +130,8 @@ def test_one_trace_from_client_node_through_waypoint_to_node(tmp_path: Path) -> 
 def test_a_down_or_slow_collector_drops_spans_and_never_slows_requests(tmp_path: Path) -> None:
     down = socket.socket()
     down.bind((unique_loopback(), 0))
-    down_url = "http://%s:%d" % down.getsockname()
+    host, port = down.getsockname()
+    down_url = f"http://{host}:{port}"
     down.close()  # nothing listens there: every export is refused
     with otlp_receiver(unique_loopback(), delay=5.0) as slow:
         slow_cfg = tracing(slow.url, queue_size="16", batch_size="8", timeout='"10s"')
