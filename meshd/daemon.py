@@ -33,6 +33,7 @@ from meshd.log import set_level
 from meshd.node.proxy import NodeProxy
 from meshd.node.state import NodeState
 from meshd.observe.accesslog import ConnectionTelemetry
+from meshd.observe.dashboard import Dashboard
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
@@ -123,6 +124,8 @@ class Daemon:
         self.last_reload: ReloadOutcome | None = None
         self.last_refused_reload: ReloadOutcome | None = None  # kept until a later reload applies
         self._files_seen = self._files_fingerprint()
+        self.dashboard = Dashboard(self)
+        self.node.inbound.control = self.dashboard.control
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -134,6 +137,7 @@ class Daemon:
             await self._start_component(nursery, "metrics", self._serve_metrics)
             await self._start_component(nursery, "admin", self._serve_admin)
             await self._start_component(nursery, "identity", self.identities.run)
+            await self._start_component(nursery, "dashboard", self.dashboard.sample)
             if self.tracer.enabled:
                 await self._start_component(nursery, "tracing", self.tracer.run)
             await self._start_component(nursery, "node", self.node.run, self.readiness)
@@ -179,6 +183,11 @@ class Daemon:
             await self._idle.wait()
         if scope.cancelled_caught:
             log.warning("drain timeout: closing %d in-flight connection(s)", self._inflight)
+
+    @property
+    def inflight(self) -> int:
+        """Connections (and waypoint tunnels) being proxied now."""
+        return self._inflight
 
     def track_inflight(self, delta: int) -> None:
         self._inflight += delta

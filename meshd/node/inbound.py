@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -36,6 +37,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.observe.graph import CONTROL_PATHS
 from meshd.observe.tracecontext import extract, trace_header
 from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mode
 from meshd.units import Address
@@ -54,6 +56,8 @@ class Inbound:
         self.pool = pool  # hairpin tunnels to waypoints
         self.vips = vips
         self.ca_handler: Handler | None = None  # the CA service's endpoints, on the CA host only
+        # The dashboard's node-only GETs (graph.CONTROL_PATHS): (path, query) -> (status, JSON body).
+        self.control: Callable[[str, str], tuple[int, bytes]] | None = None
 
     def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
         for w in self.state.catalog.local.workloads:
@@ -239,6 +243,15 @@ class Inbound:
             await reply.respond(
                 200, [("content-type", "application/json"), ("x-meshd-revision", cat.revision)], cat.encode()
             )
+            return
+        path, _, query = (req.path or "").partition("?")
+        if req.method == "GET" and path in CONTROL_PATHS and self.control is not None:
+            # The dashboard's view of this node: as the catalog, for meshd node identities only.
+            if not req.peer_identity.is_node:
+                await reply.refuse(403, f"{path} is served to meshd node identities only")
+                return
+            status, body = self.control(path, query)
+            await reply.respond(status, [("content-type", "application/json")], body)
             return
         await reply.refuse(
             400, f"HBONE expects CONNECT (or GET {CATALOG_PATH}), got {req.method} {req.path or ''}"

@@ -28,6 +28,7 @@ from meshd.node.contexts import CONTROL_SNI, TlsContexts
 from meshd.node.inbound import Inbound
 from meshd.node.outbound import Outbound
 from meshd.node.state import NodeState
+from meshd.observe.graph import MAX_REPORT_BYTES
 from meshd.readiness import Readiness
 from meshd.units import Address
 from meshd.waypoint.proxy import Waypoint
@@ -166,6 +167,23 @@ class NodeProxy:
             trust_domain=self.state.config.trust_domain,
             expected_node=peer.service_account.removeprefix("node-"),
         )
+
+    async def fetch_control(self, address: Address, path: str) -> tuple[str, int, bytes]:
+        """A dashboard GET of a peer (graph.CONTROL_PATHS, with its query), over mTLS as the catalog is
+        fetched: (the node name its certificate says, status, JSON body). CatalogError if the peer is
+        not a meshd node, or refused."""
+        status, _, body, peer = await self.pool.get_control(
+            self.state.node_identity,
+            (address.host, address.port),
+            path,
+            server_hostname=CONTROL_SNI,
+            max_body=MAX_REPORT_BYTES,
+        )
+        if not peer.is_node:
+            raise CatalogError(f"{address} presented {peer}, not a meshd node identity")
+        if status not in (200, 400):  # 400: a query the peer explains as not valid (its JSON says why)
+            raise CatalogError(f"{address} answered {status}: {body[:200].decode(errors='replace')}")
+        return peer.service_account.removeprefix("node-"), status, body
 
     def rebuild_catalog(self) -> None:
         local = local_catalog(self.state.config)

@@ -86,28 +86,27 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         """`meshd plugins --admin`: what the running daemon loaded (not what is installed now)."""
         return Response(200, dumps(plugins_json(daemon.plugins)), "application/json")
 
-    def status_page(_: Request) -> Response:
+    def status_html() -> str:
+        """The server-rendered head of the dashboard page (it reads without JavaScript too)."""
         dump = daemon.config_dump()
         rows = "".join(
             f"<tr><td>{html.escape(k)}</td><td>{html.escape(v['not_after'])}</td></tr>"
             for k, v in dump["certificates"].items()
         )
-        body = (
-            "<!doctype html><title>meshd</title><h1>meshd</h1>"
+        return (
             f"<p>role <b>{html.escape(dump['role'])}</b>, node <b>{html.escape(dump['node_name'])}</b>, "
             f"version {html.escape(dump['version'])}, {'ready' if dump['ready'] else 'not ready'}</p>"
             f"{_refused_reload(dump['reload']['refused'])}"
             f"<h2>Certificates</h2><table><tr><th>identity</th><th>expires</th></tr>{rows}</table>"
             '<p><a href="/config_dump">/config_dump</a></p>'
         )
-        return Response(200, body.encode(), "text/html; charset=utf-8")
 
     return {
-        "/": status_page,
         "/config_dump": config_dump,
         "/debug/memory": debug_memory,
         "/logging": logging_level,
         "/plugins": plugins,
         "/policy/explain": policy_explain,
         "/quitquitquit": quit_,
+        **daemon.dashboard.routes(status_html),  # "/" and /api/...
     }
