@@ -36,7 +36,9 @@ def dump_dom(url: str, *, budget_ms: int = 0, timeout: float = 60) -> str:
     return out.stdout
 
 
-def screenshot(url: str, path: Path, *, size: str = "1400,1000", budget_ms: int = 0, timeout: float = 60) -> Path:
+def screenshot(
+    url: str, path: Path, *, size: str = "1400,1000", budget_ms: int = 0, timeout: float = 60
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = [f"--virtual-time-budget={budget_ms}"] if budget_ms else []
     out = _run([*extra, f"--window-size={size}", f"--screenshot={path}", url], timeout)

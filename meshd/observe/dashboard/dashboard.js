@@ -225,6 +225,10 @@ function show(mesh) {
   renderEdges(mesh.graph);
   renderServices(mesh);
   renderNodes(mesh);
+  $("#alerts").replaceChildren(...mesh.reports.filter((r) => r.reload.refused).map((r) =>
+    el("p", { class: "alert", "data-node": r.node }, el("b", {}, `${r.node}: reload refused`),
+      ` at ${r.reload.refused.at}, the config from before stays in force: `,
+      el("code", {}, r.reload.refused.problems.join("; ")))));
   const errs = Object.entries(mesh.errors || {});
   const p = $("#errors");
   p.hidden = !errs.length;
