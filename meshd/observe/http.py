@@ -7,6 +7,7 @@ is closed in `finally`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -140,11 +141,11 @@ class HttpServer:
             f"HTTP/1.1 {exc.error_status_hint} {reason(exc.error_status_hint).decode()}\r\n"
             f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
         ).encode()
-        with trio.move_on_after(READ_TIMEOUT):
-            try:
-                await stream.send_all(head + body)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        with (
+            trio.move_on_after(READ_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(head + body)
 
     async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> Request | None:
         head: h11.Request | None = None
