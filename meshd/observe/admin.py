@@ -1,5 +1,5 @@
-"""Admin endpoints (127.0.0.1:15000): /config_dump, /logging, /policy/explain, /quitquitquit and a
-status page."""
+"""Admin endpoints (127.0.0.1:15000): /config_dump, /logging, /policy/explain, /quitquitquit, and the
+dashboard (observe/dashboard.py: the page at / with this daemon's status rendered in it, and /api/)."""
 
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ function draw(graph) {
   } else {
     shapeKey = key;
     if (cy) cy.destroy();
-    const big = els.length > 120;
+    const forced = new URLSearchParams(location.search).get("layout");  // ?layout=cose|breadthfirst
+    const big = forced ? forced !== "cose" : els.length > 120;
     cy = cytoscape({
       container: $("#graph"),
       elements: els,
