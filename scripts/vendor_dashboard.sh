@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Refresh the dashboard's vendored client library from npm: cytoscape (MIT), pinned below.
-# Usage: scripts/vendor_dashboard.sh [VERSION]   (then commit meshd/observe/dashboard/vendor/)
+# Usage: scripts/vendor_dashboard.sh [VERSION]   (then commit meshd/observe/web/vendor/)
 # The dashboard has no build step: the daemon serves these files as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:-3.35.0}"
-dest=meshd/observe/dashboard/vendor
+dest=meshd/observe/web/vendor
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && npm pack --silent "cytoscape@${version}" >/dev/null)

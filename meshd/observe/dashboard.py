@@ -1,4 +1,4 @@
-"""The dashboard on the admin port: one page (no build step: the files in dashboard/ are served as they
+"""The dashboard on the admin port: one page (no build step: the files in web/ are served as they
 are) and the JSON it reads under /api/.
 
 - `/api/node`: this daemon's report: role, certificates and expiry, peers and how they were found,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshd.dashboard")
 
-STATIC = Path(__file__).with_name("dashboard")
+STATIC = Path(__file__).with_name("web")  # the page and its files, served as they are
 PEER_TIMEOUT = 3.0
 CACHE_SECONDS = 2.0
 SAMPLE_INTERVAL = 5.0  # seconds between counter samples; rates span the last minute of them

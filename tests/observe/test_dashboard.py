@@ -4,6 +4,7 @@ requests and clients that leave mid-response."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -186,3 +187,13 @@ async def test_node_reports_are_served_to_node_identities_only(tmp_path: Path) -
             if expected == 200:
                 report = json.loads(body)
                 assert report["node"] == "solo" and report["role"] == "node" and "edges" in report
+
+
+def test_vendored_cytoscape_is_the_pinned_file_with_its_licence() -> None:
+    vendor = REPO / "meshd" / "observe" / "web" / "vendor"
+    [line] = [ln for ln in (vendor / "VERSIONS").read_text().splitlines() if ln and not ln.startswith("#")]
+    name, version, licence, _, digest = line.split()
+    assert (name, licence) == ("cytoscape", "MIT") and re.fullmatch(r"\d+\.\d+\.\d+", version)
+    data = (vendor / "cytoscape.min.js").read_bytes()
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert "Permission is hereby granted" in (vendor / "cytoscape.LICENSE").read_text()
