@@ -61,6 +61,8 @@ def test_one_trace_from_client_node_through_waypoint_to_node(tmp_path: Path) -> 
                 "/traced", {"traceparent": f"00-{app_trace}-{app_span}-01", "tracestate": "app=1"}
             )
             assert status == 200 and headers["x-seen-traceparent"].split("-")[1] == app_trace
+            traced = next(r for r in mesh.backend.requests if r.path == "/traced").headers
+            assert traced["tracestate"] == "app=1"
             # 3. B3 (Zipkin) headers are accepted.
             b3_trace, b3_span = "463ac35c9f6413ad48485a3953bb6124", "a2fb4a1d1a96d312"
             status, _ = mesh.get(
