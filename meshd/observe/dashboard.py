@@ -26,7 +26,7 @@ import trio
 
 from meshd import __version__
 from meshd.discovery.catalog import CatalogError, metrics_target
-from meshd.hbone.errors import HboneConnectError, PeerIdentityError
+from meshd.hbone.errors import HboneError
 from meshd.observe.graph import EXPLAIN_PATH, REPORT_PATH, EdgeWindow, edge_counters, mesh_graph
 from meshd.observe.http import Request, Response
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError
@@ -61,6 +61,7 @@ class Dashboard:
         self.window = EdgeWindow()
         self._cache: tuple[float, dict[str, Any]] | None = None
         self._gathering: trio.Event | None = None
+        self._peer_errors: dict[str, str] = {}
 
     async def sample(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sample the edge counters every SAMPLE_INTERVAL (the first at once: rates from the start)."""
@@ -212,21 +213,18 @@ class Dashboard:
                 if status != 200 or not isinstance(report, dict) or report.get("node") != name:
                     raise CatalogError(f"{address} answered {status} with no report of {name}")
                 reports[name] = report
-            except (
-                OSError,
-                ValueError,
-                trio.TooSlowError,
-                trio.BrokenResourceError,
-                CatalogError,
-                HboneConnectError,
-                PeerIdentityError,
-            ) as exc:
+            except Exception as exc:  # whatever went wrong, it went wrong with that peer's report
                 why = (
                     f"no answer within {PEER_TIMEOUT:.0f} s"
                     if isinstance(exc, trio.TooSlowError)
                     else str(exc)
                 )
                 errors[name] = why or type(exc).__name__
+                if self._peer_errors.get(name) != errors[name]:  # logged when it changes, not every refresh
+                    log.warning("dashboard: no report from %s (%s): %s", name, address, errors[name])
+                    self._peer_errors[name] = errors[name]
+                return
+            self._peer_errors.pop(name, None)
 
         async with trio.open_nursery() as nursery:
             for name, address in self._peer_addresses().items():
@@ -258,8 +256,7 @@ class Dashboard:
             trio.TooSlowError,
             trio.BrokenResourceError,
             CatalogError,
-            HboneConnectError,
-            PeerIdentityError,
+            HboneError,
         ) as exc:
             return _json(502, {"error": f"asking {node} at {address} failed: {exc or type(exc).__name__}"})
         return _json(status, answer)

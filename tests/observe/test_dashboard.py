@@ -162,6 +162,16 @@ def test_dashboard_shows_the_mesh_traffic_and_a_refused_reload_in_chromium(tmp_p
         assert shot.stat().st_size > 20_000  # a drawn page, not a blank one
         shutil.copy(shot, tmp_path / "dashboard.png")
 
+        # A peer that stops answering is named; the others still show.
+        assert mesh.wp.stop() == 0
+
+        def wp_missing() -> bool:
+            m = json.loads(http_get(mesh.alpha.admin_url + "/api/mesh", timeout=10)[1])
+            return "wp" in m["errors"] and [r["node"] for r in m["reports"]] == ["alpha", "beta"]
+
+        wait_for(wp_missing, mesh.alpha)
+        assert http_get(mesh.alpha.admin_url + "/")[0] == 200
+
 
 async def test_node_reports_are_served_to_node_identities_only(tmp_path: Path) -> None:
     ip = unique_loopback()
