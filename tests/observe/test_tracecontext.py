@@ -146,3 +146,35 @@ def test_queue_is_bounded_and_counts_what_it_drops() -> None:
     assert not q.add(span()) and q.dropped == 1
     assert [s.span_id for s in q.take(2)] == [f"{1:016x}", f"{2:016x}"]
     assert q.add(span()) and len(q) == 2
+
+
+attribute_values = st.one_of(
+    st.text(max_size=30),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=20), attribute_values, max_size=8),
+    st.text(max_size=40),
+    st.text(max_size=40),
+)
+def test_any_attribute_and_name_round_trip_through_the_official_protos(
+    attrs: dict[str, object], name: str, message: str
+) -> None:
+    body = encode_traces(
+        {"service.name": name},
+        ("meshd", "x"),
+        [span(name=name, attributes=attrs, status=STATUS_ERROR, status_message=message)],
+    )
+    [got] = spans_of(decode(body))
+    assert got.name == name and got.service == name
+    assert got.attributes == attrs
+
+
+def test_a_float_json_cannot_write_is_sent_as_a_string() -> None:
+    [got] = spans_of(decode(encode_traces({}, ("meshd", "x"), [span(attributes={"x": float("inf")})])))
+    assert got.attributes == {"x": "inf"}

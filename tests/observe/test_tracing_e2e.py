@@ -113,11 +113,15 @@ def test_one_trace_from_client_node_through_waypoint_to_node(tmp_path: Path) -> 
     assert server.start_ns <= attempts[0].start_ns <= attempts[1].end_ns <= server.end_ns
     # The app saw the second attempt as its parent.
     assert seen_by_app[1] == root.trace_id and seen_by_app[2] == attempts[1].span_id
-    # beta: the upstream tunnel opened by the first attempt carries its context.
-    inbound = one(trace, "beta", "inbound reviews.default")
-    assert inbound.parent_span_id == attempts[0].span_id and inbound.kind == KIND_SERVER
-    assert inbound.attributes["source.principal"] == "spiffe://home.arpa/ns/meshd-system/sa/node-wp"
-    assert inbound.attributes["connection_security_policy"] == "mutual_tls"
+    # beta: the upstream tunnel opened by the first attempt carries its context (the retry reuses it,
+    # or opens a second tunnel, with its own context, when the first is not back in the pool yet).
+    inbound = [s for s in trace if s.service == "beta" and s.name == "inbound reviews.default"]
+    assert 1 <= len(inbound) <= 2, inbound
+    assert attempts[0].span_id in {s.parent_span_id for s in inbound}
+    assert {s.parent_span_id for s in inbound} <= {a.span_id for a in attempts}
+    for s in inbound:
+        assert s.kind == KIND_SERVER and s.attributes["connection_security_policy"] == "mutual_tls"
+        assert s.attributes["source.principal"] == "spiffe://home.arpa/ns/meshd-system/sa/node-wp"
     assert {s.service for s in trace} == {"alpha", "wp", "beta"}
 
     # Request 2: the app's trace, the app's span as the waypoint span's parent.
