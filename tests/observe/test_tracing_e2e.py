@@ -77,15 +77,18 @@ def test_one_trace_from_client_node_through_waypoint_to_node(tmp_path: Path) -> 
 
             def chain_arrived() -> bool:
                 spans = rx.snapshot()
-                return any(s.service == "beta" and s.name == "inbound reviews.default" for s in spans) and (
-                    len({s.trace_id for s in spans if s.service == "wp"}) >= 3
+                return (
+                    any(s.service == "beta" and s.name == "inbound reviews.default" for s in spans)
+                    and len({s.trace_id for s in spans if s.service == "wp"}) >= 3
+                    and sum(s.service == "alpha" and s.name == "connect reviews.default" for s in spans) >= 3
                 )
 
             wait_for(chain_arrived, mesh.beta)
         assert not rx.errors, rx.errors
         spans = rx.snapshot()
 
-    # Request 1: alpha (root, CLIENT) -> wp server span -> two attempt spans (503, then 200) -> beta.
+    # Request 1 (three client connections, three alpha spans):
+    # alpha (root, CLIENT) -> wp server span -> two attempt spans (503, then 200) -> beta.
     root = next(
         s
         for s in spans
