@@ -103,13 +103,18 @@ async def post(url: CollectorUrl, body: bytes) -> int:
         await stream.send_all(
             conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
         )
-        while True:
+        status: int | None = None
+        while True:  # the whole answer (an OTLP partial-success body is small), then close
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 conn.receive_data(bytes(await stream.receive_some(65536)))
             elif isinstance(event, h11.Response):
-                return event.status_code
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage) and status is not None:
+                return status
             elif isinstance(event, h11.ConnectionClosed):
+                if status is not None:
+                    return status
                 raise ExportError("the collector closed the connection without an answer")
 
 
