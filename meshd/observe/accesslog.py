@@ -214,7 +214,7 @@ class ConnectionTelemetry:
 
     def _span(self, rec: ConnectionRecord, sent: int, received: int, flags: str, error: str | None) -> None:
         """The connection's span: CLIENT for outbound (reporter source), SERVER for the inbound sides."""
-        if rec.trace is None or self.tracer is None:
+        if rec.trace is None or self.tracer is None or not rec.trace.context.sampled:
             return
         outbound = rec.reporter == "source"
         name = f"{'connect' if outbound else 'inbound'} {rec.destination_service}"
@@ -394,7 +394,7 @@ class RequestTelemetry:
         record = rec.to_json(round(duration_ms, 1))
         if self.access_log:
             log.info("request complete" if rec.error is None else "request failed", extra=record)
-        if rec.trace is not None and self.tracer is not None:
+        if rec.trace is not None and self.tracer is not None and rec.trace.context.sampled:
             failed = rec.error is not None or rec.response_code >= 500
             self.tracer.finish(
                 rec.trace,

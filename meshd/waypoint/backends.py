@@ -162,6 +162,8 @@ class Backends:
             attempts += 1
             if rec.trace is None:
                 return await send_once(request, t.upstream_headers)
+            if not rec.trace.context.sampled:  # not recorded: the next hop still learns that from the flags
+                return await send_once(request, (*t.upstream_headers, *trace_header(rec.trace)))
             # One child span per attempt (a retry is a sibling), the upstream's parent.
             span = tracer.child(rec.trace)
             set_trace_headers(request.headers, span)

@@ -71,6 +71,11 @@ def test_one_trace_from_client_node_through_waypoint_to_node(tmp_path: Path) -> 
             assert status == 200
             b3_seen = next(r for r in mesh.backend.requests if r.path == "/b3").headers
             assert b3_seen["x-b3-traceid"] == b3_trace and b3_seen["x-b3-spanid"] != b3_span
+            # 4. A caller that decided not to sample: nothing recorded, the decision passed on.
+            unsampled = "5bf92f3577b34da6a3ce929d0e0e4736"
+            status, headers = mesh.get("/unsampled", {"traceparent": f"00-{unsampled}-00f067aa0ba902b7-00"})
+            seen = headers["x-seen-traceparent"].split("-")
+            assert status == 200 and seen[1] == unsampled and seen[3] == "00"
             # The waypoint's upstream tunnel to beta closes when the waypoint stops (it flushes then).
             mesh.wp.signal(signal.SIGTERM)
             assert mesh.wp.proc is not None and mesh.wp.proc.wait(15) == 0
@@ -132,6 +137,7 @@ def test_one_trace_from_client_node_through_waypoint_to_node(tmp_path: Path) -> 
     server2 = one(app, "wp", "GET reviews.default")
     assert server2.parent_span_id == app_span
     assert one(app, "wp", "upstream reviews.default").parent_span_id == server2.span_id
+    assert by_trace(spans, unsampled) == []
     # Request 3: B3 continued.
     assert one(by_trace(spans, b3_trace), "wp", "GET reviews.default").parent_span_id == b3_span
 
