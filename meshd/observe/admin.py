@@ -8,6 +8,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshd.observe.dashboard import browser_guard
 from meshd.observe.http import Request, Response
 from meshd.plugins.manager import plugins_json
 from meshd.policy.query import ExplainQuery, NotServedHere, QueryError
@@ -101,7 +102,7 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
             '<p><a href="/config_dump">/config_dump</a></p>'
         )
 
-    return {
+    routes: dict[str, Callable[[Request], Any]] = {
         "/config_dump": config_dump,
         "/debug/memory": debug_memory,
         "/logging": logging_level,
@@ -110,3 +111,4 @@ def admin_routes(daemon: Daemon) -> dict[str, Callable[[Request], Response]]:
         "/quitquitquit": quit_,
         **daemon.dashboard.routes(status_html),  # "/" and /api/...
     }
+    return {path: browser_guard(handler) for path, handler in routes.items()}

@@ -14,6 +14,7 @@ are) and the JSON it reads under /api/.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -47,6 +48,43 @@ FILES = {
     "/vendor/cytoscape.min.js": ("vendor/cytoscape.min.js", "text/javascript; charset=utf-8"),
     "/vendor/cytoscape.LICENSE": ("vendor/cytoscape.LICENSE", "text/plain; charset=utf-8"),
 }
+
+
+def _host_is_literal(host: str) -> bool:
+    """`Host` names an IP literal or localhost (with any port): what a browser sends for the loopback
+    admin port, and never what a DNS-rebinding page sends (its own name)."""
+    # "[v6]:port", "v4:port", "name:port" (or without the port)
+    name = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0].lower()
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def browser_guard(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """The admin port has no authentication and now serves a page a browser keeps open: refuse a
+    browser's request whose `Host` is a DNS name (a rebinding attack reading /api/* or /config_dump),
+    and a POST from a page of another origin (a cross-site form stopping the daemon with
+    /quitquitquit). Only browsers are steered by other sites' pages: other clients (curl, meshd's
+    CLI, scripts) are not checked."""
+
+    def guarded(req: Request) -> Any:
+        host = req.headers.get("host", "")
+        headers = req.headers
+        browser = "sec-fetch-mode" in headers or (headers.get("user-agent") or "").startswith("Mozilla/")
+        if browser and host and not _host_is_literal(host):
+            return Response.text(403, f"the admin API answers to its IP address or localhost, not {host!r}\n")
+        origin = req.headers.get("origin")
+        if req.method not in ("GET", "HEAD") and origin is not None:
+            allowed = origin.removeprefix("http://")
+            if origin == allowed or allowed.rstrip("/") != host:
+                return Response.text(403, f"a request from the page {origin!r} may not change this meshd\n")
+        return handler(req)
+
+    return guarded
 
 
 def _json(status: int, data: Any) -> Response:

@@ -64,10 +64,10 @@ def test_admin_server_keeps_serving_after_head_malformed_requests_and_clients_th
     node = Meshd(node_config(tmp_path / "n.toml", "solo", tmp_path / "ca"), ip)
     admin = (ip, 15000)
     with running(node):
-        head = raw(admin, b"HEAD / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        head = raw(admin, b"HEAD / HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n"), head  # headers, no body
         assert b"content-length: " in head.lower()
-        head = raw(admin, b"HEAD /api/mesh HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        head = raw(admin, b"HEAD /api/mesh HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n"), head
         for garbage in (
             b"GARBAGE\r\n\r\n",
@@ -78,7 +78,7 @@ def test_admin_server_keeps_serving_after_head_malformed_requests_and_clients_th
             assert answer.startswith(b"HTTP/1.1 400 ") or answer == b"", answer[:200]
         assert raw(admin, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
         for _ in range(20):  # the 440 KB script, abandoned after its first bytes
-            got = raw(admin, b"GET /vendor/cytoscape.min.js HTTP/1.1\r\nhost: x\r\n\r\n", read=2000)
+            got = raw(admin, b"GET /vendor/cytoscape.min.js HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n", read=2000)
             assert got.startswith(b"HTTP/1.1 200 ")
         raw(admin, b"GET /api/no", read=0)  # half a request, then gone
         status, body = http_get(node.admin_url + "/api/node")
@@ -207,3 +207,31 @@ def test_vendored_cytoscape_is_the_pinned_file_with_its_licence() -> None:
     data = (vendor / "cytoscape.min.js").read_bytes()
     assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert "Permission is hereby granted" in (vendor / "cytoscape.LICENSE").read_text()
+
+
+def test_admin_refuses_dns_rebinding_and_cross_site_posts(tmp_path: Path) -> None:
+    ip = unique_loopback()
+    LocalCA.init(tmp_path / "ca", "home.arpa")
+    node = Meshd(node_config(tmp_path / "n.toml", "solo", tmp_path / "ca"), ip)
+    admin = (ip, 15000)
+    with running(node):
+        for host, ok in (
+            (f"{ip}:15000", True),
+            ("localhost:15000", True),
+            ("[::1]:15000", True),
+            ("evil.example:15000", False),
+        ):
+            ua = "user-agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/120\r\n"  # a browser, steered by a page
+            request = f"GET /api/node HTTP/1.1\r\nhost: {host}\r\n{ua}connection: close\r\n\r\n"
+            answer = raw(admin, request.encode())
+            assert answer.startswith(b"HTTP/1.1 200 " if ok else b"HTTP/1.1 403 "), (host, answer[:200])
+        # curl, the CLI, scripts (no browser headers): any Host
+        curl = b"GET /api/node HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        assert raw(admin, curl).startswith(b"HTTP/1.1 200 ")
+        post = "POST /quitquitquit HTTP/1.1\r\nhost: {h}\r\norigin: {o}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        answer = raw(admin, post.format(h=f"{ip}:15000", o="http://evil.example").encode())
+        assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+        assert http_get(node.readiness_url)[0] == 200  # still running
+        answer = raw(admin, post.format(h=f"{ip}:15000", o=f"http://{ip}:15000").encode())
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]  # the page's own origin may
+        assert node.proc is not None and node.proc.wait(15) == 0
