@@ -122,6 +122,10 @@ class SpanQueue:
         self.spans.append(span)
         return True
 
+    def put_back(self, spans: list[Span]) -> None:
+        """Spans taken but not sent (an export cancelled by shutdown) go back to the front, in order."""
+        self.spans.extendleft(reversed(spans))
+
     def take(self, limit: int) -> list[Span]:
         """Up to `limit` spans, oldest first."""
         n = min(limit, len(self.spans))

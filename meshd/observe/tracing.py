@@ -219,7 +219,16 @@ class Tracer:
     async def flush(self) -> None:
         """Export every queued span, a batch at a time."""
         while self.queue:
-            await self._export(self.queue.take(self.config.batch_size))
+            batch = self.queue.take(self.config.batch_size)
+            sent = False  # _export returns whatever the collector did; only a cancellation escapes it
+            try:
+                await self._export(batch)
+                sent = True
+            finally:
+                if (
+                    not sent
+                ):  # shutting down mid-export (Cancelled, maybe in a group): the final flush sends them
+                    self.queue.put_back(batch)
 
     async def _export(self, batch: list[Span]) -> None:
         assert self.url is not None

@@ -178,3 +178,12 @@ def test_any_attribute_and_name_round_trip_through_the_official_protos(
 def test_a_float_json_cannot_write_is_sent_as_a_string() -> None:
     [got] = spans_of(decode(encode_traces({}, ("meshd", "x"), [span(attributes={"x": float("inf")})])))
     assert got.attributes == {"x": "inf"}
+
+
+def test_spans_put_back_go_first_in_their_order() -> None:
+    q = SpanQueue(capacity=10)
+    for i in range(4):
+        q.add(span(span_id=f"{i + 1:016x}"))
+    batch = q.take(2)
+    q.put_back(batch)
+    assert [s.span_id for s in q.take(4)] == [f"{i + 1:016x}" for i in range(4)]

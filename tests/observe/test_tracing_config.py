@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import trio
 
 from meshd.config.load import load_config
+from meshd.config.model import TracingConfig
 from meshd.errors import ConfigError
+from meshd.observe.otlp import KIND_SERVER
 from meshd.observe.tracecontext import SpanContext
 from meshd.observe.tracing import CollectorUrl, Tracer
+from tests.support.otlp_receiver import otlp_receiver
+from tests.support.procs import unique_loopback
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -64,3 +70,23 @@ def test_sampling_zero_records_nothing_new_but_keeps_a_callers_decision(tmp_path
 
     child = tracer.start(SpanContext("1" * 32, "2" * 16, True))
     assert child is not None and child.context.sampled and child.parent_span_id == "2" * 16
+
+
+async def test_a_shutdown_during_an_export_still_sends_that_batch() -> None:
+    with otlp_receiver(unique_loopback(), delay=0.3) as rx:
+        config = TracingConfig(otlp=rx.url, interval=timedelta(milliseconds=20), timeout=timedelta(seconds=5))
+        tracer = Tracer(config, None, {"service.name": "t"})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tracer.run)
+            for _ in range(3):
+                start = tracer.start(None)
+                assert start is not None
+                tracer.finish(start, "s", KIND_SERVER, {})
+            with trio.fail_after(5):
+                while tracer.queue:  # taken by the exporter: its POST is under way (0.3 s)
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()  # shutdown now: the final flush sends them again
+        assert tracer.exported == 3 and not tracer.queue
+        with trio.fail_after(5):
+            while len({s.span_id for s in rx.snapshot()}) < 3:
+                await trio.sleep(0.05)

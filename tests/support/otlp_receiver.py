@@ -130,11 +130,14 @@ def otlp_receiver(host: str, delay: float = 0.0) -> Iterator[Receiver]:
             with receiver.lock:
                 receiver.requests += 1
                 receiver.spans.extend(spans)
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
+            try:
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the exporter gave up waiting (its timeout, or its daemon stopping)
 
     server = ThreadingHTTPServer((host, 0), Handler)
     server.daemon_threads = True
