@@ -12,13 +12,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
 
 from meshd.config.load import config_path, load_config
 from meshd.errors import ConfigError
-from meshd.units import plural
+from meshd.units import Address, plural
 
 DEFAULT_ADMIN = "127.0.0.1:15000"
 
@@ -189,9 +190,68 @@ def _command(
 status = _command(
     "status", status_text, lambda d: d, "Role, identity expiry, peers, services and connection counts."
 )
-peers = _command(
+_peers = _command(
     "peers", peers_text, lambda d: d.get("peers", []), "The peers this meshd knows, and how it found them."
 )
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def prometheus_sd(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """Prometheus file_sd groups: this meshd and every peer whose catalog names its metrics address.
+    This meshd's own wildcard metrics address is given as its HBONE host (127.0.0.1 if that is a
+    wildcard too: the file is read by a Prometheus on this host)."""
+    config = d["config"]
+    own = Address.parse(d["listeners"].get("metrics") or config["listen"]["metrics"])
+    hbone = Address.parse(config["listen"]["hbone"])
+    if own.host in _WILDCARDS:
+        own = Address(hbone.host if hbone.host not in _WILDCARDS else "127.0.0.1", own.port)
+    groups = [
+        {
+            "targets": [str(own)],
+            "labels": {"meshd_node": d["node_name"], "meshd_role": d["role"], "meshd_found_by": "self"},
+        }
+    ]
+    for p in d.get("peers", []):
+        if p.get("metrics") and p.get("name"):
+            labels = {"meshd_node": p["name"], "meshd_role": p["role"], "meshd_found_by": p["how"]}
+            groups.append({"targets": [p["metrics"]], "labels": labels})
+    return groups
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Prometheus re-reads a file_sd file when it changes: it must never see half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@click.command("peers", help=_peers.help)
+@click.option("--admin", metavar="HOST:PORT", help="admin API address (default: from the config file)")
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="config file")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option(
+    "--prometheus-sd",
+    "sd_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write a Prometheus file_sd JSON file of this meshd's and its peers' metrics endpoints",
+)
+def peers(admin: str | None, config_file: str | None, as_json: bool, sd_file: Path | None) -> None:
+    dump = fetch_dump(_admin_address(admin, config_file))
+    if sd_file is not None:
+        groups = prometheus_sd(dump)
+        try:
+            write_atomically(sd_file, json.dumps(groups, indent=2) + "\n")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {sd_file}: {exc.strerror or exc}") from None
+        click.echo(f"{sd_file}: {plural(len(groups), 'target')}")
+    elif as_json:
+        json.dump(dump.get("peers", []), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        click.echo(peers_text(dump))
+
+
 services = _command(
     "services", services_text, lambda d: d["catalog"], "Services in the merged catalog and their endpoints."
 )

@@ -23,6 +23,7 @@ from meshd.ca_service.wiring import CaWiring
 from meshd.config.load import load_config
 from meshd.config.model import Config, UpstreamConfig
 from meshd.config.schema import to_plain
+from meshd.dashboard import Dashboard
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
@@ -36,6 +37,7 @@ from meshd.observe.admin import admin_routes
 from meshd.observe.http import HttpServer, Request, Response
 from meshd.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.observe.metrics import Metrics
+from meshd.observe.tracing import Tracer
 from meshd.plugins.manager import filter_types, installed_since, make_plugin_manager, plugin_infos
 from meshd.plugins.wasm import WasmFilter
 from meshd.policy.load import load_policy_dir
@@ -94,14 +96,25 @@ class Daemon:
         )
         for w in warnings:
             log.warning("policy: %s", w.format())
+        self.tracer = Tracer(
+            config.tracing,
+            self.metrics,
+            {
+                "service.name": config.node_name,
+                "service.version": __version__,
+                "meshd.role": config.role,
+                "host.name": config.node_name,
+            },
+        )
         self.state = NodeState(
             config=config,
             identities=self.identities,
             metrics=self.metrics,
-            telemetry=ConnectionTelemetry(self.metrics, access_log=config.log.access_log),
+            telemetry=ConnectionTelemetry(self.metrics, access_log=config.log.access_log, tracer=self.tracer),
             catalog=merge(local_catalog(config)),
             policy=policy,
             track_inflight=self.track_inflight,
+            tracer=self.tracer,
         )
         self.node = NodeProxy(self.state, self.plugins)
         self.node.inbound.ca_handler = self.ca.hbone_handler
@@ -114,6 +127,8 @@ class Daemon:
         self.last_reload: ReloadOutcome | None = None
         self.last_refused_reload: ReloadOutcome | None = None  # kept until a later reload applies
         self._files_seen = self._files_fingerprint()
+        self.dashboard = Dashboard(self)
+        self.node.inbound.control = self.dashboard.control
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -127,6 +142,9 @@ class Daemon:
             await self._start_component(nursery, "metrics", self._serve_metrics)
             await self._start_component(nursery, "admin", self._serve_admin)
             await self._start_component(nursery, "identity", self.identities.run)
+            await self._start_component(nursery, "dashboard", self.dashboard.sample)
+            if self.tracer.enabled:
+                await self._start_component(nursery, "tracing", self.tracer.run)
             await self._start_component(nursery, "node", self.node.run, self.readiness)
             if self.ca.service is not None:
                 await self._start_component(nursery, "ca", self.ca.serve_enrollment)
@@ -170,6 +188,11 @@ class Daemon:
             await self._idle.wait()
         if scope.cancelled_caught:
             log.warning("drain timeout: closing %d in-flight connection(s)", self._inflight)
+
+    @property
+    def inflight(self) -> int:
+        """Connections (and waypoint tunnels) being proxied now."""
+        return self._inflight
 
     def track_inflight(self, delta: int) -> None:
         self._inflight += delta
@@ -364,6 +387,7 @@ class Daemon:
                 "refused": self.last_refused_reload.to_json() if self.last_refused_reload else None,
             },
             "listeners": self.bound,
+            "tracing": self.tracer.statistics(),
             "config": to_plain(self.config),
             "certificates": certs,
             "policy": self.state.policy.config_dump(),

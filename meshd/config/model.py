@@ -262,6 +262,45 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    otlp: str = field(
+        default="",
+        metadata=doc('OTLP/HTTP collector, e.g. "http://127.0.0.1:4318" (JSON to /v1/traces); empty = off'),
+    )
+    sampling: float = field(
+        default=1.0, metadata=doc("share of new traces recorded, 0.0-1.0 (a caller's decision is kept)")
+    )
+    connection_spans: bool = field(default=True, metadata=doc("nodes record one span per proxied connection"))
+    batch_size: int = field(default=256, metadata=doc("spans per export request"))
+    queue_size: int = field(default=2048, metadata=doc("spans kept waiting; more are dropped and counted"))
+    interval: timedelta = field(default=timedelta(seconds=2), metadata=doc("longest wait before an export"))
+    timeout: timedelta = field(default=timedelta(seconds=5), metadata=doc("one export request's limit"))
+
+    def check(self) -> list[Issue]:
+        issues: list[Issue] = []
+        if self.otlp and not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", self.otlp):
+            issues.append(
+                Issue(
+                    ("otlp",),
+                    f"tracing.otlp {self.otlp!r} is not an http(s) URL",
+                    'e.g. "http://127.0.0.1:4318"',
+                )
+            )
+        if not 0.0 <= self.sampling <= 1.0:
+            issues.append(
+                Issue(
+                    ("sampling",),
+                    f"tracing.sampling {self.sampling} is not within 0.0-1.0",
+                    "1.0 = every trace",
+                )
+            )
+        for key in ("batch_size", "queue_size"):
+            if getattr(self, key) < 1:
+                issues.append(Issue((key,), f"tracing.{key} must be at least 1", None))
+        return issues
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
     name: str = field(metadata=doc("workload name"))
     ports: tuple[int, ...] = field(
@@ -490,6 +529,7 @@ class Config:
     ca: CaConfig = field(default_factory=CaConfig, metadata=doc("mesh CA service"))
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig, metadata=doc("finding peers"))
     log: LogConfig = field(default_factory=LogConfig, metadata=doc("logging"))
+    tracing: TracingConfig = field(default_factory=TracingConfig, metadata=doc("trace export (OTLP)"))
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata=doc("policy files"))
     capture: CaptureConfig = field(default_factory=CaptureConfig, metadata=doc("transparent capture"))
     dns: DnsConfig = field(default_factory=DnsConfig, metadata=doc("DNS proxy for mesh names"))

@@ -4,7 +4,7 @@ telemetry, and the two values a reload swaps: the merged catalog and the policy 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshd.config.model import Config
 from meshd.discovery.catalog import Catalog
@@ -12,6 +12,7 @@ from meshd.identity.manager import IdentityManager
 from meshd.identity.spiffe import SpiffeId
 from meshd.observe.accesslog import ConnectionTelemetry
 from meshd.observe.metrics import Metrics
+from meshd.observe.tracing import Tracer
 from meshd.policy.evaluate import PolicySet
 
 
@@ -24,6 +25,7 @@ class NodeState:
     catalog: Catalog  # immutable value; swapped whole on every change
     policy: PolicySet  # immutable value; swapped whole on every reload
     track_inflight: Callable[[int], None]
+    tracer: Tracer = field(default_factory=Tracer.disabled)  # spans of connections and requests
 
     @property
     def node_identity(self) -> SpiffeId:

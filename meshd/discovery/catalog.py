@@ -91,6 +91,7 @@ class NodeCatalog:
     services: tuple[ServiceEntry, ...]
     namespaces: tuple[tuple[str, str], ...] = ()  # (namespace, default waypoint), sorted
     service_accounts: tuple[tuple[str, str, str], ...] = ()  # (namespace, account, waypoint), sorted
+    metrics: Address | None = None  # Prometheus endpoint as configured (a wildcard host: as hbone's)
 
     @property
     def identity(self) -> SpiffeId:
@@ -142,6 +143,7 @@ class NodeCatalog:
                 if self.service_accounts
                 else {}
             ),
+            **({"metrics": str(self.metrics)} if self.metrics is not None else {}),
         }
 
     def encode(self) -> bytes:
@@ -242,6 +244,7 @@ def _from_json(raw: Any) -> NodeCatalog:
         services=tuple(services),
         namespaces=namespaces,
         service_accounts=accounts,
+        metrics=Address.parse(_str(raw["metrics"])) if "metrics" in raw else None,
     )
 
 
@@ -280,6 +283,7 @@ def local_catalog(config: Config) -> NodeCatalog:
         services,
         namespaces,
         accounts,
+        config.listen.metrics,
     )
 
 
@@ -451,6 +455,15 @@ class Catalog:
             },
             "conflicts": list(self.conflicts),
         }
+
+
+def metrics_target(cat: NodeCatalog, reached_at: str) -> str | None:
+    """Where Prometheus scrapes a node that was reached at `reached_at`: its published metrics address,
+    with a wildcard host replaced by where it was reached. None if its catalog does not say."""
+    if cat.metrics is None:
+        return None
+    host = reached_at if cat.metrics.host in WILDCARDS else cat.metrics.host
+    return str(Address(host, cat.metrics.port))
 
 
 def _self_host(host: str) -> str:

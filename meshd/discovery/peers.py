@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from meshd.discovery.catalog import NodeCatalog, PeerRecord
+from meshd.discovery.catalog import NodeCatalog, PeerRecord, metrics_target
 from meshd.units import Address
 
 log = logging.getLogger("meshd.discovery")
@@ -89,6 +89,7 @@ class PeerTable:
                 "name": i.catalog.node if i.catalog else None,
                 "role": i.catalog.role if i.catalog else None,
                 "revision": i.catalog.revision if i.catalog else None,
+                "metrics": metrics_target(i.catalog, i.address.host) if i.catalog else None,
                 "last_seen_s_ago": None if i.last_seen is None else round(now - i.last_seen, 1),
                 "last_error": i.last_error,
             }

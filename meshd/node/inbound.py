@@ -12,6 +12,7 @@ connection's original destination (capture) and L4 policy applied with no princi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -35,6 +36,8 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.observe.graph import CONTROL_PATHS
+from meshd.observe.tracecontext import extract, trace_header
 from meshd.policy.evaluate import ConnectionAttrs, authorize_connection, mtls_mode
 from meshd.units import Address
 from meshd.waypoint.hairpin import bound_service, claim_headers
@@ -52,6 +55,8 @@ class Inbound:
         self.vips = vips
         self.ca_handler: Handler | None = None  # the CA service's endpoints, on the CA host only
         self.udp_handler: Handler | None = None  # connect-udp streams (meshd.node.udp_inbound)
+        # The dashboard's node-only GETs (graph.CONTROL_PATHS): (path, query) -> (status, JSON body).
+        self.control: Callable[[str, str], tuple[int, bytes]] | None = None
 
     def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
         for w in self.state.catalog.local.workloads:
@@ -82,6 +87,9 @@ class Inbound:
             source=source_of(self.state.catalog, req.peer_identity, req.client_address),
             peer=str(Address(*req.peer_address)),
         )
+        tracer = self.state.tracer
+        if tracer.connection_spans:  # a child of the CONNECT's traceparent (the sender's span)
+            rec.trace = tracer.start(extract(req.header))
         try:
             upstream = await self._admit(rec, req.peer_identity, req.peer_address[0], ip, port)
         except Refused as refused:  # the one place an HBONE tunnel's refusal is answered
@@ -165,7 +173,11 @@ class Inbound:
             raise Refused(503, FLAG_NO_ROUTE, reason)
         svc = found[0]
         rec.destination_service = svc.key
-        headers = [("forwarded", f'for="{rec.src}"'), *claim_headers(source, str(Address(ip, port)))]
+        headers = [
+            ("forwarded", f'for="{rec.src}"'),
+            *claim_headers(source, str(Address(ip, port))),
+            *trace_header(rec.trace),
+        ]
         try:
             tunnel = await self.pool.open_tunnel(
                 self.state.node_identity, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers
@@ -218,6 +230,15 @@ class Inbound:
             await reply.respond(
                 200, [("content-type", "application/json"), ("x-meshd-revision", cat.revision)], cat.encode()
             )
+            return
+        path, _, query = (req.path or "").partition("?")
+        if req.method == "GET" and path in CONTROL_PATHS and self.control is not None:
+            # The dashboard's view of this node: as the catalog, for meshd node identities only.
+            if not req.peer_identity.is_node:
+                await reply.refuse(403, f"{path} is served to meshd node identities only")
+                return
+            status, body = self.control(path, query)
+            await reply.respond(status, [("content-type", "application/json")], body)
             return
         await reply.refuse(
             400, f"HBONE expects CONNECT (or GET {CATALOG_PATH}), got {req.method} {req.path or ''}"

@@ -35,6 +35,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.observe.tracecontext import trace_header
 from meshd.units import Address
 
 log = logging.getLogger("meshd.outbound")
@@ -128,6 +129,8 @@ class Outbound:
                 source=source_of(self.state.catalog, source, f"{peer[0]}:{peer[1]}"),
                 destination_service=up.service_key,
             )
+            if self.state.tracer.connection_spans:  # the root of the trace that follows the connection
+                rec.trace = self.state.tracer.start(None)
             try:
                 tunnel = await self.open_tunnel(rec, source, up, f"{peer[0]}:{peer[1]}")
             except Refused as refused:  # the client is plain TCP: counted and logged, then closed
@@ -163,7 +166,11 @@ class Outbound:
             rec.destination = WorkloadLabels.of(ep.workload, self.state.config.trust_domain)
             rec.peer = str(ep.dial)
             started = time.monotonic()
-            headers = [("forwarded", f'for="{client}"'), ("baggage", _baggage(source))]
+            headers = [
+                ("forwarded", f'for="{client}"'),
+                ("baggage", _baggage(source)),
+                *trace_header(rec.trace),
+            ]
             try:
                 if udp:
                     target = Address.parse(ep.authority)

@@ -33,6 +33,7 @@ from meshd.node.inbound import Inbound
 from meshd.node.outbound import Outbound
 from meshd.node.udp_inbound import UdpInbound
 from meshd.node.udp_outbound import UdpUpstream
+from meshd.observe.graph import MAX_REPORT_BYTES
 from meshd.observe.udp import UdpTelemetry
 from meshd.readiness import Readiness
 from meshd.units import Address
@@ -228,6 +229,23 @@ class NodeProxy:
         self.state.metrics.etcd_connected.set(1 if connected else 0)
         if not connected:
             self.state.metrics.etcd_failures.inc()
+
+    async def fetch_control(self, address: Address, path: str) -> tuple[str, int, bytes]:
+        """A dashboard GET of a peer (graph.CONTROL_PATHS, with its query), over mTLS as the catalog is
+        fetched: (the node name its certificate says, status, JSON body). CatalogError if the peer is
+        not a meshd node, or refused."""
+        status, _, body, peer = await self.pool.get_control(
+            self.state.node_identity,
+            (address.host, address.port),
+            path,
+            server_hostname=CONTROL_SNI,
+            max_body=MAX_REPORT_BYTES,
+        )
+        if not peer.is_node:
+            raise CatalogError(f"{address} presented {peer}, not a meshd node identity")
+        if status not in (200, 400):  # 400: a query the peer explains as not valid (its JSON says why)
+            raise CatalogError(f"{address} answered {status}: {body[:200].decode(errors='replace')}")
+        return peer.service_account.removeprefix("node-"), status, body
 
     def rebuild_catalog(self) -> None:
         local = local_catalog(self.state.config)

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from meshd.discovery.catalog import Catalog, WorkloadEntry
 from meshd.identity.spiffe import SpiffeId
 from meshd.observe.metrics import Metrics
+from meshd.observe.otlp import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, AttributeValue
+from meshd.observe.tracecontext import SpanStart
+from meshd.observe.tracing import Tracer
 
 log = logging.getLogger("meshd.access")
 
@@ -123,6 +126,7 @@ class ConnectionRecord:
     opened: bool = False
     dry_run: str | None = None  # what dry-run policies would have decided: "policy=deny,..." (dry_run.py)
     protocol: str = "tcp"  # Istio's request_protocol label: "tcp", or "udp" for a UDP flow
+    trace: SpanStart | None = None  # the connection's span, when tracing records one
 
     @property
     def source_labels(self) -> WorkloadLabels:
@@ -142,6 +146,27 @@ class ConnectionRecord:
             flags,
             self.security,
         )
+
+    def span_attributes(self, sent: int, received: int, flags: str) -> dict[str, AttributeValue]:
+        """Istio's attribute names where it has one (`source.principal`, `response_flags`, ...)."""
+        src = self.source_labels
+        attrs: dict[str, AttributeValue] = {
+            "component": "proxy",
+            "meshd.reporter": self.reporter,
+            "peer.address": self.peer or self.src,
+            "source.address": self.src,
+            "source.workload": src.workload,
+            "source.principal": self.source_identity.uri if self.source_identity else UNKNOWN,
+            "destination.address": self.dst,
+            "destination.service": self.destination_service,
+            "destination.workload": self.destination.workload,
+            "destination.principal": self.destination_identity.uri if self.destination_identity else UNKNOWN,
+            "connection_security_policy": self.security,
+            "response_flags": flags,
+            "bytes_sent": sent,
+            "bytes_received": received,
+        }
+        return attrs
 
     def failed_labels(self, reason: str) -> tuple[str, ...]:
         """metrics.FAILED_LABELS: the peer node's IP (not its ephemeral port) keeps the series few."""
@@ -166,9 +191,10 @@ def _host(address: str) -> str:
 
 
 class ConnectionTelemetry:
-    def __init__(self, metrics: Metrics, *, access_log: bool) -> None:
+    def __init__(self, metrics: Metrics, *, access_log: bool, tracer: Tracer | None = None) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        self.tracer = tracer
 
     def opened(self, rec: ConnectionRecord) -> None:
         rec.opened = True
@@ -180,11 +206,28 @@ class ConnectionTelemetry:
         self.metrics.tcp_sent.labels(*labels).inc(sent)
         self.metrics.tcp_received.labels(*labels).inc(received)
         self._log(rec, sent=sent, received=received, error=error, flags="-")
+        self._span(rec, sent, received, "-", error)
 
     def failed(self, rec: ConnectionRecord, flag: str, reason: str) -> None:
         """A connection refused or failed before any byte was proxied."""
         self.metrics.tcp_failed.labels(*rec.failed_labels(flag)).inc()
         self._log(rec, sent=0, received=0, error=reason, flags=flag)
+        self._span(rec, 0, 0, flag, reason)
+
+    def _span(self, rec: ConnectionRecord, sent: int, received: int, flags: str, error: str | None) -> None:
+        """The connection's span: CLIENT for outbound (reporter source), SERVER for the inbound sides."""
+        if rec.trace is None or self.tracer is None or not rec.trace.context.sampled:
+            return
+        outbound = rec.reporter == "source"
+        name = f"{'connect' if outbound else 'inbound'} {rec.destination_service}"
+        self.tracer.finish(
+            rec.trace,
+            name,
+            KIND_CLIENT if outbound else KIND_SERVER,
+            rec.span_attributes(sent, received, flags),
+            STATUS_ERROR if error else 0,
+            error or "",
+        )
 
     def _log(self, rec: ConnectionRecord, *, sent: int, received: int, error: str | None, flags: str) -> None:
         if not self.access_log:
@@ -242,6 +285,8 @@ class RequestRecord:
     response_bytes: int = 0
     attempts: int = 0
     trace_id: str | None = None
+    trace: SpanStart | None = None  # the request's server span, when tracing records one
+    upstream_cluster: str = ""  # Istio's name for the destination: outbound|PORT||SERVICE
     request_id: str | None = None
     user_agent: str | None = None
     error: str | None = None
@@ -301,13 +346,47 @@ class RequestRecord:
             **({"dry_run": self.dry_run} if self.dry_run else {}),
         }
 
+    def span_attributes(self) -> dict[str, AttributeValue]:
+        """The waypoint's server span: Istio's (Envoy's) tracing attribute names."""
+        source = self.source if self.source is not None else WorkloadLabels.of_identity(self.source_identity)
+        attrs: dict[str, AttributeValue] = {
+            "component": "proxy",
+            "http.method": self.method,
+            "http.url": f"http://{self.authority}{self.path}",
+            "http.protocol": self.protocol,
+            "http.status_code": self.response_code,
+            "response_flags": self.flags,
+            "upstream_cluster": self.upstream_cluster,
+            "upstream_cluster.name": self.upstream_cluster,
+            "upstream.address": self.upstream or "",
+            "peer.address": self.src,
+            "source.workload": source.workload,
+            "source.principal": self.source_identity.uri if self.source_identity else UNKNOWN,
+            "destination.service": self.destination_service,
+            "destination.workload": self.destination.workload,
+            "destination.principal": self.destination_identity.uri if self.destination_identity else UNKNOWN,
+            "request_size": self.request_bytes,
+            "response_size": self.response_bytes,
+            "meshd.attempts": self.attempts,
+        }
+        if self.route:
+            attrs["meshd.route"] = self.route
+        if self.request_id:
+            attrs["guid:x-request-id"] = self.request_id
+        if self.user_agent:
+            attrs["user_agent"] = self.user_agent
+        if self.grpc:
+            attrs["grpc.status_code"] = self.grpc_status
+        return attrs
+
 
 class RequestTelemetry:
-    """Istio's HTTP metrics and one access-log line per request."""
+    """Istio's HTTP metrics and one access-log line per request (and its span, when traced)."""
 
-    def __init__(self, metrics: Metrics, *, access_log: bool) -> None:
+    def __init__(self, metrics: Metrics, *, access_log: bool, tracer: Tracer | None = None) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        self.tracer = tracer
 
     def finished(self, rec: RequestRecord) -> dict[str, object]:
         """Count the request and log it; returns the access-log record."""
@@ -323,4 +402,14 @@ class RequestTelemetry:
         record = rec.to_json(round(duration_ms, 1))
         if self.access_log:
             log.info("request complete" if rec.error is None else "request failed", extra=record)
+        if rec.trace is not None and self.tracer is not None and rec.trace.context.sampled:
+            failed = rec.error is not None or rec.response_code >= 500
+            self.tracer.finish(
+                rec.trace,
+                f"{rec.method} {rec.destination_service}",
+                KIND_SERVER,
+                rec.span_attributes(),
+                STATUS_ERROR if failed else 0,
+                rec.error or "",
+            )
         return record

@@ -7,6 +7,7 @@ is closed in `finally`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -126,10 +127,32 @@ class HttpServer:
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+        except h11.RemoteProtocolError as exc:
+            await self._bad_request(conn, stream, exc)
+        except h11.LocalProtocolError as exc:  # a response h11 would not send (a bug here): this one only
+            log.warning("%s: response not sent: %s", self.name, exc, extra={"component": self.name})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the client went away, mid-request or mid-response
         finally:
             await stream.aclose()
+
+    async def _bad_request(
+        self, conn: h11.Connection, stream: trio.SocketStream, exc: h11.RemoteProtocolError
+    ) -> None:
+        """A malformed request gets a 400 naming the problem (when no response has begun), then the
+        connection closes; the server carries on."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"bad request: {exc}\n".encode()
+        head = (
+            f"HTTP/1.1 {exc.error_status_hint} {reason(exc.error_status_hint).decode()}\r\n"
+            f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode()
+        with (
+            trio.move_on_after(READ_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(head + body)
 
     async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> Request | None:
         head: h11.Request | None = None

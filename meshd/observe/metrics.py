@@ -178,6 +178,15 @@ class Metrics:
             ("filter", "reason"),
             registry=r,
         )
+        self.spans_exported = Counter(
+            "meshd_tracing_spans_exported", "spans the OTLP collector accepted", registry=r
+        )
+        self.spans_dropped = Counter(
+            "meshd_tracing_spans_dropped",
+            "spans not exported: queue_full (the collector is down or slow) or export_failed",
+            ("reason",),
+            registry=r,
+        )
 
     def add_collect_hook(self, hook: Callable[[], None]) -> None:
         """Run `hook` right before each scrape (refresh gauges derived from state)."""

@@ -23,6 +23,7 @@ from meshd.observe.accesslog import (
     WorkloadLabels,
     source_of,
 )
+from meshd.observe.tracecontext import SpanContext, extract
 from meshd.policy.evaluate import ConnectionAttrs
 from meshd.units import Address
 from meshd.waypoint.hairpin import SOURCE_HEADER, TARGET_HEADER, HairpinRefused, accept_claim
@@ -41,6 +42,7 @@ class Tunnel:
     pinned: tuple[str, int] | None = None  # hairpin: the workload ip:port the client dialled, the only target
     source_labels: WorkloadLabels = UNKNOWN_WORKLOAD  # the client as telemetry labels it
     peer: str | None = None  # the node that opened the tunnel, ip:port
+    trace_parent: SpanContext | None = None  # the CONNECT's trace context (the client node's span)
     # Per-tunnel values computed once, not per request.
     default_authority: str = field(init=False)
     upstream_headers: tuple[tuple[str, str], ...] = field(init=False)
@@ -107,4 +109,5 @@ def admit(req: InboundRequest, catalog: Catalog, vips: VipIndex, me: str) -> Tun
         None if claim is None else claim.target,
         source_of(catalog, source, req.client_address),
         str(Address(*req.peer_address)),
+        extract(req.header),
     )

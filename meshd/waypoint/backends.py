@@ -17,9 +17,13 @@ import trio
 from meshd.balance import CircuitBreaker, LeastRequest, OutlierDetector, RoundRobin
 from meshd.discovery.catalog import Catalog, Endpoint
 from meshd.observe.accesslog import FLAG_NO_HEALTHY, RequestRecord, WorkloadLabels
+from meshd.observe.otlp import KIND_CLIENT, STATUS_ERROR, AttributeValue
+from meshd.observe.tracecontext import trace_header
+from meshd.observe.tracing import Tracer
 from meshd.plugins.filters import HttpRequest, HttpResponse, LocalResponse, RequestInfo, SendUpstream
 from meshd.policy.model import Route
 from meshd.waypoint.admission import Tunnel
+from meshd.waypoint.http1 import set_trace_headers
 from meshd.waypoint.router import Backend, CompiledRoute, RouteChoice
 from meshd.waypoint.upstream import EndpointKey, UpstreamPool
 
@@ -84,8 +88,13 @@ class Backends:
     """Per (route, backend) state and the endpoints the catalog gives each; `sender` for the pipeline."""
 
     def __init__(
-        self, upstreams: UpstreamPool, catalog: Callable[[], Catalog], trust_domain: Callable[[], str]
+        self,
+        upstreams: UpstreamPool,
+        catalog: Callable[[], Catalog],
+        trust_domain: Callable[[], str],
+        tracer: Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or Tracer.disabled()
         self.upstreams = upstreams
         self._catalog = catalog
         self._trust_domain = trust_domain
@@ -145,8 +154,42 @@ class Backends:
         port = backend.port or t.port.port
         upstreams = self.upstreams
         exchange = upstreams.exchange_h2 if t.port.protocol in H2_PROTOCOLS else upstreams.exchange
+        tracer = self.tracer
+        attempts = 0
 
         async def send(request: HttpRequest) -> HttpResponse:
+            nonlocal attempts
+            attempts += 1
+            if rec.trace is None:
+                return await send_once(request, t.upstream_headers)
+            if not rec.trace.context.sampled:  # not recorded: the next hop still learns that from the flags
+                return await send_once(request, (*t.upstream_headers, *trace_header(rec.trace)))
+            # One child span per attempt (a retry is a sibling), the upstream's parent.
+            span = tracer.child(rec.trace)
+            set_trace_headers(request.headers, span)
+            attrs: dict[str, AttributeValue] = {
+                "component": "proxy",
+                "upstream_cluster": rec.upstream_cluster,
+                "meshd.attempt": attempts,
+            }
+            try:
+                response = await send_once(request, (*t.upstream_headers, *trace_header(span)))
+            except BaseException as exc:
+                attrs["upstream.address"] = rec.upstream or ""
+                tracer.finish(
+                    span, f"upstream {rec.destination_service}", KIND_CLIENT, attrs, STATUS_ERROR, repr(exc)
+                )
+                raise
+            attrs["upstream.address"] = rec.upstream or ""
+            attrs["destination.workload"] = rec.destination.workload
+            attrs["http.status_code"] = response.status
+            failed = response.status >= 500
+            tracer.finish(
+                span, f"upstream {rec.destination_service}", KIND_CLIENT, attrs, STATUS_ERROR if failed else 0
+            )
+            return response
+
+        async def send_once(request: HttpRequest, tunnel_headers: Sequence[tuple[str, str]]) -> HttpResponse:
             ep = state.pick(self.pinned(t) if t.pinned else self.endpoints_of(backend, port))
             if ep is None:
                 info.flag(FLAG_NO_HEALTHY)
@@ -164,7 +207,7 @@ class Backends:
             if least is not None:
                 least.started(ep.key)
             try:
-                response = await exchange(ep, request, breaker, t.upstream_headers)
+                response = await exchange(ep, request, breaker, tunnel_headers)
             except BaseException as exc:
                 if not isinstance(exc, trio.Cancelled):
                     state.record(ep, ok=False)

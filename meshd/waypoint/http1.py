@@ -29,6 +29,7 @@ from typing import Final, cast
 
 import httptools
 
+from meshd.observe.tracecontext import SpanStart, b3_single
 from meshd.plugins.filters import Headers
 
 CHUNK = 256 * 1024
@@ -312,3 +313,21 @@ def trace_headers(headers: Headers, new_id: Callable[[], str] = _request_id) -> 
     if "x-request-id" not in headers:
         headers.set("x-request-id", new_id())
     return trace
+
+
+def set_trace_headers(headers: Headers, span: SpanStart) -> None:
+    """The upstream sees `span` as its parent: W3C headers always, B3 ones where the caller sent B3."""
+    ctx = span.context
+    headers.set("traceparent", ctx.traceparent)
+    if ctx.tracestate:
+        headers.set("tracestate", ctx.tracestate)
+    elif "tracestate" in headers:
+        headers.remove("tracestate")  # it belonged to a traceparent that was not valid
+    if "b3" in headers:
+        headers.set("b3", b3_single(ctx))
+    if "x-b3-traceid" in headers:
+        headers.set("x-b3-traceid", ctx.trace_id)
+        headers.set("x-b3-spanid", ctx.span_id)
+        headers.set("x-b3-sampled", "1" if ctx.sampled else "0")
+        if span.parent_span_id:
+            headers.set("x-b3-parentspanid", span.parent_span_id)

@@ -31,6 +31,8 @@ from meshd import grpc
 from meshd.discovery.catalog import Catalog, WorkloadEntry
 from meshd.observe import dry_run
 from meshd.observe.accesslog import FLAG_UNAUTHORIZED, RequestRecord, RequestTelemetry
+from meshd.observe.tracecontext import extract
+from meshd.observe.tracing import Tracer
 from meshd.plugins.filters import (
     FilterContext,
     HttpRequest,
@@ -42,7 +44,7 @@ from meshd.plugins.filters import (
 )
 from meshd.policy.evaluate import Decision, DryRunResult, PolicySet, RequestAttrs, authorize_request
 from meshd.waypoint.admission import Tunnel
-from meshd.waypoint.http1 import trace_headers
+from meshd.waypoint.http1 import set_trace_headers, trace_headers
 from meshd.waypoint.router import (
     CompiledRoute,
     RouteChoice,
@@ -97,7 +99,9 @@ class Pipeline:
         backends: Sender,
         telemetry: RequestTelemetry,
         plugins: pluggy.PluginManager | None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or Tracer.disabled()
         self._policy = policy
         self._catalog = catalog
         self.backends = backends
@@ -133,7 +137,17 @@ class Pipeline:
             user_agent=headers.get("user-agent"),
         )
         rec.grpc = grpc.is_grpc(headers.get("content-type"))
-        rec.trace_id = trace_headers(headers)
+        rec.upstream_cluster = f"outbound|{t.port.port}||{t.service.key}"
+        if self.tracer.enabled:
+            # The request's own context wins; else the tunnel's (the client node's connection span).
+            parent = extract(headers.get) or t.trace_parent
+            trace_headers(headers)  # x-request-id when missing
+            rec.trace = self.tracer.start(parent)
+            assert rec.trace is not None
+            set_trace_headers(headers, rec.trace)
+            rec.trace_id = rec.trace.context.trace_id
+        else:
+            rec.trace_id = trace_headers(headers)
         rec.request_id = headers.get("x-request-id")
         return rec
 

@@ -37,6 +37,7 @@ from meshd.observe.accesslog import (
     RequestTelemetry,
     WorkloadLabels,
 )
+from meshd.observe.tracecontext import trace_header
 from meshd.policy.evaluate import authorize_connection
 from meshd.waypoint.admission import Tunnel, admit
 from meshd.waypoint.backends import Backends
@@ -58,14 +59,18 @@ class Waypoint:
         self.upstreams = UpstreamPool(pool, lambda: self.state.node_identity)
         self.hbone = pool
         self.backends = Backends(
-            self.upstreams, lambda: self.state.catalog, lambda: self.state.config.trust_domain
+            self.upstreams,
+            lambda: self.state.catalog,
+            lambda: self.state.config.trust_domain,
+            state.tracer,
         )
         self.pipeline = Pipeline(
             lambda: self.state.policy,
             lambda: self.state.catalog,
             self.backends,
-            RequestTelemetry(state.metrics, access_log=state.config.log.access_log),
+            RequestTelemetry(state.metrics, access_log=state.config.log.access_log, tracer=state.tracer),
             plugins,
+            state.tracer,
         )
         self.fallback: Handler | None = None  # non-CONNECT requests (catalog GET): the node's inbound
         self._draining = False
@@ -152,6 +157,9 @@ class Waypoint:
             destination_service=t.service.key,
             peer=t.peer,
         )
+        tracer = self.state.tracer
+        if tracer.connection_spans:
+            rec.trace = tracer.start(t.trace_parent)
         telemetry = self.state.telemetry
         ep = self.backends.pick_tcp(t)
         if ep is None:
@@ -173,7 +181,7 @@ class Waypoint:
                 ep.identity,
                 (ep.dial.host, ep.dial.port),
                 ep.authority,
-                headers=[("forwarded", f'for="{t.src}"')],
+                headers=[("forwarded", f'for="{t.src}"'), *trace_header(rec.trace)],
             )
         except (TunnelRefused, HboneConnectError, PeerIdentityError) as exc:
             telemetry.failed(rec, "UF", str(exc))
