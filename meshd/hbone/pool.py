@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -178,6 +179,58 @@ class HbonePool:
                 link.release(sid)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def open_nested_tunnel(
+        self,
+        outer: TunnelStream,
+        source: SpiffeId,
+        destination: SpiffeId,
+        authority: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        peer_address: tuple[str, int],
+    ) -> TunnelStream:
+        """Double HBONE: an inner HBONE connection (TLS as `source`, the peer must be `destination`)
+        run inside the already open `outer` tunnel, and one CONNECT to `authority` on it. The inner
+        connection is not pooled (one per tunnel, as ztunnel does: the hop in the middle may reach a
+        different node each time) and closes a second after its stream ends; the outer tunnel is
+        closed with it. `peer_address` is where the inner endpoint is (for logs and errors).
+
+        The TLS code runs on sockets, so the outer tunnel is spliced to one end of a socketpair and
+        the inner connection runs on the other: the same `Wire` and `HboneLink` as every connection,
+        at the cost of one local copy each way (docs/hbone.md, "Double HBONE")."""
+        if self._nursery is None:
+            raise RuntimeError("HbonePool.run() is not running")
+        near, far = socket.socketpair()
+        inner_tcp = trio.SocketStream(trio.socket.from_stdlib_socket(near))
+        bridge = trio.SocketStream(trio.socket.from_stdlib_socket(far))
+        self._nursery.start_soon(_splice, bridge, outer)
+        try:
+            tls, identity = await self._handshake(
+                source, peer_address, None, expected=destination, tcp=inner_tcp
+            )
+        except BaseException:
+            await trio.aclose_forcefully(bridge)
+            raise
+        link = self._new_link(tls, identity, peer_address, idle_timeout=NESTED_IDLE)
+        await self._nursery.start(link.run)
+        try:
+            sid = link.conn.open_tunnel(authority, headers=headers)
+            link.add_slot(sid)
+            link.send_pending()
+        except BaseException:
+            link.close()
+            raise
+        try:
+            status = await self._wait_response(link, sid, retryable=False)
+            if 200 <= status < 300:
+                return TunnelStream(link, sid)
+            reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
+            raise TunnelRefused(status, reason)
+        except BaseException:
+            link.release(sid)
+            link.close()
+            raise
+
     # ---- internals -----------------------------------------------------------------------------------
 
     async def _open_stream(
@@ -313,16 +366,18 @@ class HbonePool:
         server_hostname: str | None,
         *,
         expected: SpiffeId | None,
+        tcp: trio.SocketStream | None = None,
     ) -> tuple[Wire, SpiffeId]:
-        """TCP + TLS under connect_timeout; checks ALPN, cipher and the server's identity (exactly
-        `expected`, or else any identity in `source`'s trust domain)."""
+        """TCP (unless `tcp` is given: an already connected stream) + TLS under connect_timeout;
+        checks ALPN, cipher and the server's identity (exactly `expected`, or else any identity in
+        `source`'s trust domain)."""
         host, port = address
         where = str(Address(host, port))
-        tcp: trio.SocketStream | None = None
         tls: Wire | None = None
         try:
             with trio.fail_after(self._connect_timeout):
-                tcp = await trio.open_tcp_stream(host, port)
+                if tcp is None:
+                    tcp = await trio.open_tcp_stream(host, port)
                 context = self._context_provider(source)
                 tls = await Wire.handshake(tcp, context, server_side=False, server_hostname=server_hostname)
             if tls.selected_alpn_protocol() != ALPN:
@@ -363,6 +418,33 @@ class HbonePool:
                 group.remove(link)
                 if not group:
                     del self._links[key]
+
+
+NESTED_IDLE = 1.0  # seconds an inner (double HBONE) connection outlives its one stream
+_SPLICE_CHUNK = 256 * 1024
+
+
+async def _splice(near: trio.SocketStream, outer: TunnelStream) -> None:
+    """Copy both ways between one end of a socketpair and a tunnel, with half-close, until both
+    directions ended (or either broke); then close both."""
+
+    async def one_way(
+        src: trio.abc.ReceiveStream, dst: trio.abc.HalfCloseableStream, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await src.receive_some(_SPLICE_CHUNK):
+                await dst.send_all(data)
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()  # either side went away: the inner connection sees its socket close
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_way, near, outer, nursery.cancel_scope)
+            nursery.start_soon(one_way, outer, near, nursery.cancel_scope)
+    finally:
+        await trio.aclose_forcefully(near)
+        await trio.aclose_forcefully(outer)
 
 
 def _peer(link: HboneLink) -> str:

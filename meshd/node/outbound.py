@@ -183,14 +183,14 @@ class Outbound:
             rec.destination = WorkloadLabels.of(ep.workload, self.state.config.trust_domain)
             rec.peer = str(ep.dial)
             started = time.monotonic()
+            headers = [("forwarded", f'for="{client}"'), ("baggage", _baggage(source))]
             try:
-                tunnel = await self.pool.open_tunnel(
-                    source,
-                    ep.identity,
-                    (ep.dial.host, ep.dial.port),
-                    ep.authority,
-                    headers=[("forwarded", f'for="{client}"'), ("baggage", _baggage(source))],
-                )
+                if ep.workload.network != self.state.catalog.network:
+                    tunnel = await self.through_gateway(rec, source, ep, headers)
+                else:
+                    tunnel = await self.pool.open_tunnel(
+                        source, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
+                    )
             except TunnelRefused as exc:
                 last_error = f"{exc.status} from {ep.dial}: {exc.reason}"
                 if exc.status == 401:
@@ -208,6 +208,39 @@ class Outbound:
             self.health.succeeded(ep)
             return tunnel
         raise Refused(503, FLAG_NO_HEALTHY, last_error)
+
+    async def through_gateway(
+        self, rec: ConnectionRecord, source: SpiffeId, ep: Endpoint, headers: list[tuple[str, str]]
+    ) -> TunnelStream:
+        """Double HBONE to an endpoint in another network: an outer tunnel to that network's gateway,
+        as this node's identity, whose CONNECT names the workload's address there (or, for a
+        waypoint, its HBONE endpoint); inside it the inner HBONE connection to the endpoint's node, as
+        `source`, verified end to end, with the CONNECT it would get in its own network plus
+        `x-istio-origin-network` (docs/hbone.md, "Double HBONE"). Raises what `open_tunnel` raises."""
+        network = ep.workload.network
+        gateways = self.state.catalog.gateways_for(network)
+        if not gateways:
+            raise HboneConnectError(f"no gateway fronts network {network!r} (is its gateway in the catalog?)")
+        gateway = gateways[0]
+        assert gateway.gateway is not None  # gateways_for returns gateways only
+        public = gateway.gateway.public
+        rec.peer = str(public)
+        ip = ep.authority.rsplit(":", 1)[0].strip("[]")
+        outer_authority = ep.authority if ip == ep.workload.address else str(ep.dial)
+        outer = await self.pool.open_tunnel(
+            self.state.node_identity, gateway.identity, (public.host, public.port), outer_authority, headers
+        )
+        return await self.pool.open_nested_tunnel(
+            outer,
+            source,
+            ep.identity,
+            ep.authority,
+            [*headers, (ORIGIN_NETWORK_HEADER, self.state.catalog.network)],
+            peer_address=(ep.dial.host, ep.dial.port),
+        )
+
+
+ORIGIN_NETWORK_HEADER = "x-istio-origin-network"  # ztunnel's, on the inner CONNECT of double HBONE
 
 
 def _baggage(source: SpiffeId) -> str:

@@ -23,11 +23,13 @@ from meshd.discovery.catalog import (
 )
 from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
+from meshd.gateway.forward import Gateway
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, HboneServer
 from meshd.hbone.tls import CONTROL_SNI
 from meshd.node.contexts import TlsContexts
 from meshd.node.inbound import Inbound
+from meshd.node.networks import NetworkCatalogs
 from meshd.node.outbound import Outbound
 from meshd.readiness import Readiness
 from meshd.units import Address
@@ -55,6 +57,12 @@ class NodeProxy:
             self.waypoint = Waypoint(state, self.pool, plugins)
             self.waypoint.fallback = self.inbound.handle
             handler = self.waypoint.handle
+        self.gateway: Gateway | None = None
+        if state.config.role == "gateway":
+            # A gateway's HBONE port carries other networks' outer tunnels; catalog fetches go to inbound.
+            self.gateway = Gateway(state, self.inbound.handle)
+            handler = self.gateway.handle
+        self.networks = NetworkCatalogs(state, self.pool, self.rebuild_catalog)
         self.server = HboneServer(self.contexts.server_for_ip, state.config.trust_domain, handler)
         disc = state.config.discovery
         self.peers = PeerTable(disc.peer_timeout.total_seconds())
@@ -100,6 +108,7 @@ class NodeProxy:
             if self.capture.dns is not None:
                 await nursery.start(self._accept_until_drained, self.capture.dns.serve)
             await nursery.start(self.poller.run, cfg.discovery.peers)
+            await nursery.start(self.networks.run)
             if self.mdns is not None:
                 await nursery.start(self.mdns.run)
             task_status.started()
@@ -170,7 +179,10 @@ class NodeProxy:
 
     def rebuild_catalog(self) -> None:
         local = local_catalog(self.state.config)
-        new = merge(local, self.peers.records())
+        remote = self.networks.records()
+        if self.gateway is not None:
+            self.gateway.remote = [r.catalog for r in remote]
+        new = merge(local, [*remote, *self.peers.records()])  # a peer of our own network wins a name
         for conflict in set(new.conflicts) - set(self.state.catalog.conflicts):
             log.warning("catalog conflict: %s", conflict)
         self.state.catalog = new
@@ -188,4 +200,10 @@ class NodeProxy:
             "pool": dataclasses.asdict(self.pool.statistics()),
             "capture": self.capture.config_dump(),
             "waypoint": self.waypoint.statistics() if self.waypoint is not None else None,
+            "gateway": self.gateway.statistics() if self.gateway is not None else None,
+            "networks": {
+                "sources": [str(a) for a in self.networks.sources()],
+                "errors": self.networks.errors,
+                "nodes": [c.node for c in self.networks.catalogs()],
+            },
         }
