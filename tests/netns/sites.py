@@ -29,7 +29,11 @@ SITE_SUBNETS = {"a": "10.236.1", "b": "10.236.2"}
 
 def nft(ns: str, script: str) -> None:
     proc = subprocess.run(
-        ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=10
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"nft in {ns}: {proc.stderr.strip()}")

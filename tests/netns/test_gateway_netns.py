@@ -77,7 +77,9 @@ def _config(tmp: Path, label: str, network: str, peers: list[str], body: str, to
 
 
 def _gateway_body(public: str, remote: str, listen: str = "0.0.0.0:15008") -> str:
-    return f'[listen]\nhbone = "{listen}"\n[gateway]\npublic = "{public}:15008"\nremote = ["{remote}:15008"]\n'
+    return (
+        f'[listen]\nhbone = "{listen}"\n[gateway]\npublic = "{public}:15008"\nremote = ["{remote}:15008"]\n'
+    )
 
 
 def build(tmp: Path, sites: Sites, *, reverse: bool = False) -> TwoSites:
@@ -144,7 +146,9 @@ def sites() -> Iterator[Sites]:
     try:
         sites = Sites.create()
     except NetnsUnavailable as exc:
-        pytest.fail(f"this machine cannot build network namespaces ({exc}); these tests need root, iproute2, nft")
+        pytest.fail(
+            f"this machine cannot build network namespaces ({exc}); these tests need root, iproute2, nft"
+        )
     try:
         yield sites
     finally:
@@ -160,7 +164,9 @@ def _knows_remote(two: TwoSites, label: str, services: set[str]) -> bool:
 def _tcpdump(host: Host, path: Path) -> subprocess.Popen[bytes]:
     log = path.with_suffix(".tcpdump.log")
     proc = host.popen(["tcpdump", "-i", "any", "--immediate-mode", "-U", "-w", str(path), "tcp"], log)
-    wait_for(lambda: log.exists() and b"listening on" in log.read_bytes(), timeout=10, what="tcpdump listening")
+    wait_for(
+        lambda: log.exists() and b"listening on" in log.read_bytes(), timeout=10, what="tcpdump listening"
+    )
     return proc
 
 
@@ -191,10 +197,19 @@ def test_a_client_in_site_a_reaches_site_b_through_both_gateways(tmp_path: Path,
     # Who saw which identity: the gateway the node (outer mTLS), the destination the client workload
     # (inner mTLS, verified end to end), so its ALLOW policy for that principal let it in.
     gw = two.daemons["gwb"]
-    assert gw.metric("istio_tcp_connections_opened_total", source_principal="spiffe://home.arpa/ns/meshd-system/sa/node-a1") >= 1
+    assert (
+        gw.metric(
+            "istio_tcp_connections_opened_total",
+            source_principal="spiffe://home.arpa/ns/meshd-system/sa/node-a1",
+        )
+        >= 1
+    )
     assert gw.metric("istio_tcp_connections_opened_total", source_principal=CLIENT) == 0
     dest = two.daemons["b1"]
-    assert dest.metric("istio_tcp_connections_opened_total", reporter="destination", source_principal=CLIENT) >= 1
+    assert (
+        dest.metric("istio_tcp_connections_opened_total", reporter="destination", source_principal=CLIENT)
+        >= 1
+    )
     assert "10.236.2.1" in dest.log(), "b1 saw the connection come from its gateway"
 
 
@@ -218,5 +233,11 @@ def test_l7_through_a_waypoint_in_the_other_site(tmp_path: Path, sites: Sites) -
     finally:
         served.__exit__(None, None, None)
     wp = two.daemons["wb"]
-    assert wp.metric("istio_requests_total", reporter="waypoint", source_principal=CLIENT, response_code="200") >= 1
-    assert wp.metric("istio_requests_total", reporter="waypoint", source_principal=CLIENT, response_code="403") >= 1
+    assert (
+        wp.metric("istio_requests_total", reporter="waypoint", source_principal=CLIENT, response_code="200")
+        >= 1
+    )
+    assert (
+        wp.metric("istio_requests_total", reporter="waypoint", source_principal=CLIENT, response_code="403")
+        >= 1
+    )
