@@ -348,6 +348,13 @@ class GatewayConfig:
     max_connections_per_network: int = field(
         default=1024, metadata=doc("forwarded connections open at once from one source network")
     )
+    reverse: bool = field(
+        default=False,
+        metadata=doc(
+            "no inbound port can be opened here: dial the `remote` gateways and keep a reverse "
+            "connection they send this network's traffic through (meshd's own extension)"
+        ),
+    )
 
     def check(self) -> list[Issue]:
         issues: list[Issue] = []
@@ -439,7 +446,15 @@ class Config:
             )
         issues += _check_name(self.node_name, "node_name")
         issues += _check_name(self.network, "network")
-        if self.role == "gateway" and self.gateway.public is None:
+        if self.role == "gateway" and self.gateway.reverse and not self.gateway.remote:
+            issues.append(
+                Issue(
+                    ("gateway", "reverse"),
+                    "gateway.reverse needs gateway.remote: the public gateways to dial out to",
+                    'e.g. remote = ["203.0.113.7:15008"]',
+                )
+            )
+        if self.role == "gateway" and self.gateway.public is None and not self.gateway.reverse:
             issues.append(
                 Issue(
                     ("gateway", "public"),

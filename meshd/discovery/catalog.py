@@ -83,9 +83,10 @@ class ServiceEntry:
 
 @dataclass(frozen=True, slots=True)
 class GatewayEntry:
-    """What a gateway publishes: the address other networks dial, and the networks behind it."""
+    """What a gateway publishes: the address other networks dial (None: it accepts no inbound
+    connection, it dials out instead: `gateway.reverse`), and the networks behind it."""
 
-    public: Address
+    public: Address | None
     networks: tuple[str, ...]
 
 
@@ -157,7 +158,12 @@ class NodeCatalog:
             # Only when not the default: single-network catalogs keep their encoding and revision.
             **({"network": self.network} if self.network != DEFAULT_NETWORK else {}),
             **(
-                {"gateway": {"public": str(self.gateway.public), "networks": list(self.gateway.networks)}}
+                {
+                    "gateway": {
+                        "public": None if self.gateway.public is None else str(self.gateway.public),
+                        "networks": list(self.gateway.networks),
+                    }
+                }
                 if self.gateway is not None
                 else {}
             ),
@@ -217,7 +223,8 @@ def _from_json(raw: Any) -> NodeCatalog:
     network = _str(raw.get("network", DEFAULT_NETWORK))
     gateway = None
     if (g := raw.get("gateway")) is not None:
-        gateway = GatewayEntry(Address.parse(_str(g["public"])), tuple(_str(n) for n in g["networks"]))
+        public = None if g.get("public") is None else Address.parse(_str(g["public"]))
+        gateway = GatewayEntry(public, tuple(_str(n) for n in g["networks"]))
     workloads = []
     for w in raw["workloads"]:
         ipaddress.ip_address(_str(w["address"]))
@@ -299,7 +306,7 @@ def local_catalog(config: Config) -> NodeCatalog:
     namespaces = tuple(sorted((n.name, n.waypoint) for n in config.namespaces))
     accounts = tuple(sorted((a.namespace, a.name, a.waypoint) for a in config.service_accounts))
     gateway = None
-    if config.role == "gateway" and config.gateway.public is not None:
+    if config.role == "gateway":
         gateway = GatewayEntry(config.gateway.public, config.fronted_networks)
     return NodeCatalog(
         config.node_name,
@@ -447,10 +454,14 @@ class Catalog:
         return self.local.network
 
     def gateways_for(self, network: str) -> list[NodeCatalog]:
-        """The gateways that front `network` (role gateway, with a public address), by node name."""
+        """The gateways that front `network` and can be dialled (a public address), by node name."""
         nodes = [self.local, *(p.catalog for p in self.peers.values())]
         return sorted(
-            (n for n in nodes if n.gateway is not None and network in n.gateway.networks),
+            (
+                n
+                for n in nodes
+                if n.gateway is not None and n.gateway.public is not None and network in n.gateway.networks
+            ),
             key=lambda n: n.node,
         )
 

@@ -6,12 +6,15 @@ node identity outside, its workload's identity only inside). It is admitted when
 - the node is known (from its network's catalog) and in another network than the ones this gateway
   fronts, in `gateway.allow_networks` if that is set, and in `gateway.allow_nodes` if that is set;
 - the authority `ip:port` is a node's HBONE endpoint, or a workload's address and port, in a network
-  this gateway fronts (then the workload's node's HBONE endpoint is dialled): never anywhere else.
+  this gateway fronts (then the workload's node's HBONE endpoint is dialled): never anywhere else;
+- or, on a public gateway holding a reverse connection from another network's gateway, the authority
+  is in that network and the node is not: the tunnel goes on through the reverse connection.
 Each refusal is a `Refused` with the status the outer CONNECT is answered with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from meshd.config.model import GatewayConfig
@@ -31,10 +34,16 @@ class Forward:
     source_network: str
     target_node: str
     target: Address
+    via_reverse: str | None = None  # the network whose reverse connection carries it on
 
 
 def admit(
-    catalog: Catalog, gateway: GatewayConfig, fronted: tuple[str, ...], peer: SpiffeId, authority: str
+    catalog: Catalog,
+    gateway: GatewayConfig,
+    fronted: tuple[str, ...],
+    peer: SpiffeId,
+    authority: str,
+    reverse: Collection[str] = (),
 ) -> Forward:
     if not peer.is_node:
         raise Refused(
@@ -47,22 +56,26 @@ def admit(
     if found is None:
         raise Refused(401, FLAG_UNAUTHORIZED, f"node {node!r} is in no network this gateway knows")
     network = found[0].network
-    if network in fronted:
+    dest = parse_authority(authority)
+    if dest is None:
+        raise Refused(400, None, f"CONNECT authority {authority!r} is not ip:port")
+    inner = catalog.inner_endpoint(dest[0], dest[1], fronted)
+    via = None
+    if inner is None and reverse:
+        inner = catalog.inner_endpoint(dest[0], dest[1], reverse)
+        via = inner[0].network if inner is not None else None
+    if inner is None:
+        raise Refused(
+            503, FLAG_NO_ROUTE, f"{authority} is no node or workload in network {', '.join(fronted)}"
+        )
+    if (network in fronted and via is None) or network == via:
         raise Refused(
             401,
             FLAG_UNAUTHORIZED,
-            f"node {node!r} is in network {network!r}, which this gateway fronts: dial directly",
+            f"node {node!r} is in network {network!r}, as is {authority}: dial directly",
         )
     if gateway.allow_networks and network not in gateway.allow_networks:
         raise Refused(401, FLAG_UNAUTHORIZED, f"network {network!r} is not in gateway.allow_networks")
     if gateway.allow_nodes and node not in gateway.allow_nodes:
         raise Refused(401, FLAG_UNAUTHORIZED, f"node {node!r} is not in gateway.allow_nodes")
-    dest = parse_authority(authority)
-    if dest is None:
-        raise Refused(400, None, f"CONNECT authority {authority!r} is not ip:port")
-    inner = catalog.inner_endpoint(dest[0], dest[1], fronted)
-    if inner is None:
-        raise Refused(
-            503, FLAG_NO_ROUTE, f"{authority} is no node or workload in network {', '.join(fronted)}"
-        )
-    return Forward(node, network, inner[0].node, inner[1])
+    return Forward(node, network, inner[0].node, inner[1], via)

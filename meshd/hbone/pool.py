@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from meshd.hbone._link import HboneLink
+from meshd.hbone.bridge import socket_over
 from meshd.hbone.connection import REFUSED_STREAM, HboneConnection, HboneSettings, Role
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.stream import TunnelStream
@@ -200,17 +200,8 @@ class HbonePool:
         at the cost of one local copy each way (docs/hbone.md, "Double HBONE")."""
         if self._nursery is None:
             raise RuntimeError("HbonePool.run() is not running")
-        near, far = socket.socketpair()
-        inner_tcp = trio.SocketStream(trio.socket.from_stdlib_socket(near))
-        bridge = trio.SocketStream(trio.socket.from_stdlib_socket(far))
-        self._nursery.start_soon(_splice, bridge, outer)
-        try:
-            tls, identity = await self._handshake(
-                source, peer_address, None, expected=destination, tcp=inner_tcp
-            )
-        except BaseException:
-            await trio.aclose_forcefully(bridge)
-            raise
+        inner_tcp = trio.SocketStream(trio.socket.from_stdlib_socket(socket_over(outer, self._nursery)))
+        tls, identity = await self._handshake(source, peer_address, None, expected=destination, tcp=inner_tcp)
         link = self._new_link(tls, identity, peer_address, idle_timeout=NESTED_IDLE)
         await self._nursery.start(link.run)
         try:
@@ -230,6 +221,53 @@ class HbonePool:
             link.release(sid)
             link.close()
             raise
+
+    def client_link_over(
+        self, stream: trio.abc.HalfCloseableStream, peer_identity: SpiffeId, peer_address: tuple[str, int]
+    ) -> HboneLink:
+        """A client HBONE connection without TLS of its own, inside `stream` (already mutually
+        authenticated as `peer_identity`): the gateway's reverse connection, on the side that opens
+        tunnels on it. The caller runs it (`link.run`) and uses `open_tunnel_on` / `get_on`."""
+        if self._nursery is None:
+            raise RuntimeError("HbonePool.run() is not running")
+        return self._new_link(
+            Wire(socket_over(stream, self._nursery)),
+            peer_identity,
+            peer_address,
+            idle_timeout=None,
+        )
+
+    async def open_tunnel_on(
+        self, link: HboneLink, authority: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> TunnelStream:
+        """CONNECT on a link the caller holds (not pooled). Raises TunnelRefused, HboneConnectError."""
+        if not link.usable:
+            raise HboneConnectError(_explain_failure(link))
+        sid = link.conn.open_tunnel(authority, headers=headers)
+        link.add_slot(sid)
+        link.send_pending()
+        try:
+            status = await self._wait_response(link, sid, retryable=False)
+            if 200 <= status < 300:
+                return TunnelStream(link, sid)
+            reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
+            raise TunnelRefused(status, reason)
+        except BaseException:
+            link.release(sid)
+            raise
+
+    async def get_on(self, link: HboneLink, path: str) -> tuple[int, bytes]:
+        """A GET on a link the caller holds: (status, body)."""
+        if not link.usable:
+            raise HboneConnectError(_explain_failure(link))
+        sid = link.conn.send_request("GET", str(Address(*link.peer_address)), path)
+        link.add_slot(sid)
+        link.send_pending()
+        try:
+            status = await self._wait_response(link, sid, retryable=False)
+            return status, await self._read_body(link, sid, MAX_GET_BODY, strict=True)
+        finally:
+            link.release(sid)
 
     # ---- internals -----------------------------------------------------------------------------------
 
@@ -421,30 +459,6 @@ class HbonePool:
 
 
 NESTED_IDLE = 1.0  # seconds an inner (double HBONE) connection outlives its one stream
-_SPLICE_CHUNK = 256 * 1024
-
-
-async def _splice(near: trio.SocketStream, outer: TunnelStream) -> None:
-    """Copy both ways between one end of a socketpair and a tunnel, with half-close, until both
-    directions ended (or either broke); then close both."""
-
-    async def one_way(
-        src: trio.abc.ReceiveStream, dst: trio.abc.HalfCloseableStream, scope: trio.CancelScope
-    ) -> None:
-        try:
-            while data := await src.receive_some(_SPLICE_CHUNK):
-                await dst.send_all(data)
-            await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            scope.cancel()  # either side went away: the inner connection sees its socket close
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one_way, near, outer, nursery.cancel_scope)
-            nursery.start_soon(one_way, outer, near, nursery.cancel_scope)
-    finally:
-        await trio.aclose_forcefully(near)
-        await trio.aclose_forcefully(outer)
 
 
 def _peer(link: HboneLink) -> str:

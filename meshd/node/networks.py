@@ -11,13 +11,15 @@ goes through their network's gateway (double HBONE).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 import trio
 
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import CatalogError, NodeCatalog, PeerRecord
 from meshd.discovery.networks import NETWORK_CATALOG_PATH, decode_network_catalog
+from meshd.hbone._link import HboneLink
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.tls import CONTROL_SNI
@@ -27,12 +29,20 @@ log = logging.getLogger("meshd.networks")
 
 
 class NetworkCatalogs:
-    def __init__(self, state: NodeState, pool: HbonePool, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        state: NodeState,
+        pool: HbonePool,
+        on_change: Callable[[], None],
+        reverse: Callable[[], Mapping[str, HboneLink]] = dict,
+    ) -> None:
         self.state = state
         self.pool = pool
         self.on_change = on_change
-        self._fetched: dict[Address, tuple[float, tuple[NodeCatalog, ...]]] = {}  # source -> (when, what)
+        self.reverse = reverse  # a public gateway's reverse connections, by network: asked over them
+        self._fetched: dict[str, tuple[float, tuple[NodeCatalog, ...]]] = {}  # source -> (when, what)
         self.errors: dict[str, str] = {}
+        self._wake = trio.Event()
 
     def sources(self) -> list[Address]:
         """Our network's gateways (as we reached them) and the configured remote gateways."""
@@ -47,7 +57,7 @@ class NetworkCatalogs:
     def catalogs(self) -> list[NodeCatalog]:
         """Every other network's node catalog we hold (one per node name; the first source wins)."""
         out: dict[str, NodeCatalog] = {}
-        for _, cats in (self._fetched[a] for a in sorted(self._fetched, key=str)):
+        for _, cats in (self._fetched[a] for a in sorted(self._fetched)):
             for c in cats:
                 out.setdefault(c.node, c)
         return [out[n] for n in sorted(out)]
@@ -61,24 +71,34 @@ class NetworkCatalogs:
         disc = self.state.config.discovery
         while True:
             await self.poll_once()
-            await trio.sleep(disc.refresh.total_seconds())
+            with trio.move_on_after(disc.refresh.total_seconds()):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def poll_soon(self) -> None:
+        """Poll now (a reverse connection came up) instead of at the next refresh."""
+        self._wake.set()
 
     async def poll_once(self) -> None:
         changed = False
         now = trio.current_time()
         timeout = self.state.config.discovery.peer_timeout.total_seconds()
-        for source in self.sources():
+        sources: list[tuple[str, Callable[[], Awaitable[tuple[NodeCatalog, ...]]]]] = [
+            (str(a), partial(self.fetch, a)) for a in self.sources()
+        ]
+        sources += [(f"reverse:{n}", partial(self.fetch_reverse, link)) for n, link in self.reverse().items()]
+        for source, fetch in sources:
             try:
-                cats = await self.fetch(source)
+                cats = await fetch()
             except (HboneConnectError, PeerIdentityError, CatalogError, trio.TooSlowError) as exc:
-                self.errors[str(source)] = str(exc)
-                log.info("network catalog fetch failed", extra={"gateway": str(source), "error": str(exc)})
+                self.errors[source] = str(exc)
+                log.info("network catalog fetch failed", extra={"gateway": source, "error": str(exc)})
                 held = self._fetched.get(source)
                 if held is not None and now - held[0] > timeout:
                     del self._fetched[source]
                     changed = True
                 continue
-            self.errors.pop(str(source), None)
+            self.errors.pop(source, None)
             held = self._fetched.get(source)
             if held is None or [c.revision for c in held[1]] != [c.revision for c in cats]:
                 changed = True
@@ -97,5 +117,14 @@ class NetworkCatalogs:
             raise CatalogError(f"{source} presented {peer}, not a meshd node identity")
         if status != 200:
             raise CatalogError(f"{source} answered {status}: {body[:200].decode(errors='replace')}")
+        return self._decode(body)
+
+    async def fetch_reverse(self, link: HboneLink) -> tuple[NodeCatalog, ...]:
+        status, body = await self.pool.get_on(link, NETWORK_CATALOG_PATH)
+        if status != 200:
+            raise CatalogError(f"reverse connection answered {status}: {body[:200].decode(errors='replace')}")
+        return self._decode(body)
+
+    def _decode(self, body: bytes) -> tuple[NodeCatalog, ...]:
         cfg = self.state.config
         return tuple(decode_network_catalog(body, trust_domain=cfg.trust_domain, own_network=cfg.network))

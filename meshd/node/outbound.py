@@ -222,7 +222,7 @@ class Outbound:
         if not gateways:
             raise HboneConnectError(f"no gateway fronts network {network!r} (is its gateway in the catalog?)")
         gateway = gateways[0]
-        assert gateway.gateway is not None  # gateways_for returns gateways only
+        assert gateway.gateway is not None and gateway.gateway.public is not None  # see gateways_for
         public = gateway.gateway.public
         rec.peer = str(public)
         ip = ep.authority.rsplit(":", 1)[0].strip("[]")

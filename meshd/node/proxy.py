@@ -24,6 +24,7 @@ from meshd.discovery.catalog import (
 from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.gateway.forward import Gateway
+from meshd.gateway.reverse import ReverseDialer
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, HboneServer
 from meshd.hbone.tls import CONTROL_SNI
@@ -60,10 +61,18 @@ class NodeProxy:
         self.gateway: Gateway | None = None
         if state.config.role == "gateway":
             # A gateway's HBONE port carries other networks' outer tunnels; catalog fetches go to inbound.
-            self.gateway = Gateway(state, self.inbound.handle)
+            self.gateway = Gateway(state, self.pool, self.inbound.handle)
             handler = self.gateway.handle
-        self.networks = NetworkCatalogs(state, self.pool, self.rebuild_catalog)
+        gateway = self.gateway
+        self.networks = NetworkCatalogs(
+            state, self.pool, self.rebuild_catalog, (lambda: gateway.reverse) if gateway is not None else dict
+        )
+        if gateway is not None:
+            gateway.on_reverse_change = self._reverse_changed
         self.server = HboneServer(self.contexts.server_for_ip, state.config.trust_domain, handler)
+        self.reverse_dialer: ReverseDialer | None = None
+        if gateway is not None and state.config.gateway.reverse:
+            self.reverse_dialer = ReverseDialer(state, self.pool, self.server)
         disc = state.config.discovery
         self.peers = PeerTable(disc.peer_timeout.total_seconds())
         self.poller = PeerPoller(
@@ -109,6 +118,8 @@ class NodeProxy:
                 await nursery.start(self._accept_until_drained, self.capture.dns.serve)
             await nursery.start(self.poller.run, cfg.discovery.peers)
             await nursery.start(self.networks.run)
+            if self.reverse_dialer is not None:
+                await nursery.start(self.reverse_dialer.run)
             if self.mdns is not None:
                 await nursery.start(self.mdns.run)
             task_status.started()
@@ -177,8 +188,15 @@ class NodeProxy:
             expected_node=peer.service_account.removeprefix("node-"),
         )
 
+    def _reverse_changed(self) -> None:
+        self.rebuild_catalog()  # we front (or stop fronting) the network behind it
+        self.networks.poll_soon()  # its catalogs come over it
+
     def rebuild_catalog(self) -> None:
         local = local_catalog(self.state.config)
+        if self.gateway is not None and self.gateway.reverse and local.gateway is not None:
+            fronted = tuple(sorted({*local.gateway.networks, *self.gateway.reverse}))
+            local = dataclasses.replace(local, gateway=dataclasses.replace(local.gateway, networks=fronted))
         remote = self.networks.records()
         if self.gateway is not None:
             self.gateway.remote = [r.catalog for r in remote]

@@ -76,10 +76,13 @@ def _config(tmp: Path, label: str, network: str, peers: list[str], body: str, to
     return path
 
 
-def _gateway_body(public: str, remote: str, listen: str = "0.0.0.0:15008") -> str:
-    return (
-        f'[listen]\nhbone = "{listen}"\n[gateway]\npublic = "{public}:15008"\nremote = ["{remote}:15008"]\n'
-    )
+def _gateway_body(public: str | None, remote: str | None, *, reverse: bool = False) -> str:
+    body = '[listen]\nhbone = "0.0.0.0:15008"\n[gateway]\n'
+    if public is not None:
+        body += f'public = "{public}:15008"\n'
+    if remote is not None:
+        body += f'remote = ["{remote}:15008"]\n'
+    return body + ("reverse = true\n" if reverse else "")
 
 
 def build(tmp: Path, sites: Sites, *, reverse: bool = False) -> TwoSites:
@@ -90,14 +93,20 @@ def build(tmp: Path, sites: Sites, *, reverse: bool = False) -> TwoSites:
     gwa, gwb = sites.hosts["gwa"], sites.hosts["gwb"]
     configs = {
         "gwa": _config(
-            tmp, "gwa", "site-a", ["10.236.1.11:15008"], _gateway_body(gwa.ip, gwb.ip), 'role = "gateway"\n'
+            tmp,
+            "gwa",
+            "site-a",
+            ["10.236.1.11:15008"],
+            # In reverse mode gwa cannot reach gwb: gwb dials out and gwa learns site B through that.
+            _gateway_body(gwa.ip, None if reverse else gwb.ip),
+            'role = "gateway"\n',
         ),
         "gwb": _config(
             tmp,
             "gwb",
             "site-b",
             ["10.236.2.11:15008", "10.236.2.12:15008"],
-            _gateway_body(gwb.ip, gwa.ip) + ("reverse = true\n" if reverse else ""),
+            _gateway_body(None if reverse else gwb.ip, gwa.ip, reverse=reverse),
             'role = "gateway"\n',
         ),
         "a1": _config(
@@ -134,6 +143,8 @@ def build(tmp: Path, sites: Sites, *, reverse: bool = False) -> TwoSites:
     for name, text in (("b1-policy", ECHO_POLICY), ("wb-policy", WEB_POLICY)):
         (tmp / name).mkdir()
         (tmp / name / "policy.toml").write_text(text)
+    if reverse:
+        sites.block_inbound_hbone("gwb")
     hosts = {"gwa": gwa, "gwb": gwb, "a1": a1, "b1": b1, "wb": wb}
     daemons = {label: NsMeshd(hosts[label], path).start() for label, path in configs.items()}
     for d in daemons.values():
@@ -239,5 +250,35 @@ def test_l7_through_a_waypoint_in_the_other_site(tmp_path: Path, sites: Sites) -
     )
     assert (
         wp.metric("istio_requests_total", reporter="waypoint", source_principal=CLIENT, response_code="403")
+        >= 1
+    )
+
+
+def test_reverse_connection_when_site_b_accepts_no_inbound(tmp_path: Path, sites: Sites) -> None:
+    """gwb's public side drops every inbound connection to 15008 (nft): gwb dials gwa and keeps a
+    reverse connection, gwa fronts site B through it, and a1's tunnels to b1 go a1 -> gwa -> gwb -> b1
+    with the inner TLS still end to end."""
+    two = build(tmp_path, sites, reverse=True)
+    a1, b1 = two.host("a1"), two.host("b1")
+    with pytest.raises(OSError):
+        a1.call(exchange, (two.host("gwb").ip, 15008), b"x")  # really blocked
+    wait_for(
+        lambda: _knows_remote(two, "a1", {"echo.default"}),
+        *two.daemons.values(),
+        timeout=30,
+        what="a1 learns site B's services over the reverse connection",
+    )
+    gateway = two.dump("gwa")["gateway"]
+    assert isinstance(gateway, dict) and gateway["reverse"].keys() == {"site-b"}
+    marker = b"reverse-" + str(time.time_ns()).encode()
+    with tagged_echo(b1, ECHO_PORT):
+        answer = a1.call(exchange, (a1.ip, ECHO_LISTEN), marker)
+    assert answer == b"b1:" + marker, two.daemons["a1"].log()[-3000:]
+    assert marker.decode() not in two.daemons["gwa"].log() + two.daemons["gwb"].log()
+    node_a1 = "spiffe://home.arpa/ns/meshd-system/sa/node-a1"
+    assert two.daemons["gwa"].metric("istio_tcp_connections_opened_total", source_principal=node_a1) >= 1
+    dest = two.daemons["b1"]
+    assert (
+        dest.metric("istio_tcp_connections_opened_total", reporter="destination", source_principal=CLIENT)
         >= 1
     )
