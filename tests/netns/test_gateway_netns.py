@@ -167,9 +167,17 @@ def sites() -> Iterator[Sites]:
 
 
 def _knows_remote(two: TwoSites, label: str, services: set[str]) -> bool:
+    """`label` knows site B's services, and site B's gateway knows a1 (each side learns the other's
+    network on its own schedule: a tunnel before that is refused, 401)."""
     catalog = two.dump(label)["catalog"]
-    assert isinstance(catalog, dict)
-    return services <= set(catalog["services"])
+    gateway_b = two.dump("gwb")["catalog"]
+    assert isinstance(catalog, dict) and isinstance(gateway_b, dict)
+    site_b = {"b1", "wb", "gwb"}  # the waypoint too: a service bound to it needs its node entry
+    return (
+        services <= set(catalog["services"])
+        and site_b <= set(catalog["nodes"])
+        and "a1" in gateway_b["nodes"]
+    )
 
 
 def _tcpdump(host: Host, path: Path) -> subprocess.Popen[bytes]:
