@@ -216,7 +216,7 @@ class Outbound:
         as this node's identity, whose CONNECT names the workload's address there (or, for a
         waypoint, its HBONE endpoint); inside it the inner HBONE connection to the endpoint's node, as
         `source`, verified end to end, with the CONNECT it would get in its own network plus
-        `x-istio-origin-network` (docs/hbone.md, "Double HBONE"). Raises what `open_tunnel` raises."""
+        `x-forwarded-network` (docs/hbone.md, "Double HBONE"). Raises what `open_tunnel` raises."""
         network = ep.workload.network
         gateways = self.state.catalog.gateways_for(network)
         if not gateways:
@@ -235,12 +235,12 @@ class Outbound:
             source,
             ep.identity,
             ep.authority,
-            [*headers, (ORIGIN_NETWORK_HEADER, self.state.catalog.network)],
+            [*headers, (FORWARDED_NETWORK_HEADER, self.state.catalog.network)],
             peer_address=(ep.dial.host, ep.dial.port),
         )
 
 
-ORIGIN_NETWORK_HEADER = "x-istio-origin-network"  # ztunnel's, on the inner CONNECT of double HBONE
+FORWARDED_NETWORK_HEADER = "x-forwarded-network"  # ztunnel's, on the inner CONNECT of double HBONE
 
 
 def _baggage(source: SpiffeId) -> str:
