@@ -7,6 +7,8 @@ reach the other site's hosts; each can reach the other site's gateway (tests/net
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -290,3 +292,79 @@ def test_reverse_connection_when_site_b_accepts_no_inbound(tmp_path: Path, sites
         dest.metric("istio_tcp_connections_opened_total", reporter="destination", source_principal=CLIENT)
         >= 1
     )
+
+
+def _hold(host: Host, address: tuple[str, int], first: bytes) -> socket.socket:
+    """A connection opened inside `host`'s namespace, with `first` sent and the write side kept open."""
+
+    def connect() -> socket.socket:
+        s = socket.create_connection(address, timeout=10)
+        s.sendall(first)
+        return s
+
+    return host.call(connect)
+
+
+def _finish(s: socket.socket, last: bytes) -> bytes:
+    with s:
+        s.sendall(last)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_gateway_reload_applies_to_new_tunnels_and_drain_lets_open_ones_finish(
+    tmp_path: Path, sites: Sites
+) -> None:
+    two = build(tmp_path, sites)
+    a1, b1 = two.host("a1"), two.host("b1")
+    gw = two.daemons["gwb"]
+    assert gw.proc is not None
+    wait_for(
+        lambda: _knows_remote(two, "a1", {"echo.default"}),
+        *two.daemons.values(),
+        timeout=30,
+        what="the sites know each other",
+    )
+    upstream = (a1.ip, ECHO_LISTEN)
+    with tagged_echo(b1, ECHO_PORT):
+        held = _hold(a1, upstream, b"before-")
+        wait_for(lambda: gw.metric("istio_tcp_connections_opened_total") >= 1, gw, what="gwb forwards it")
+        # Reload: only a network that does not exist may use gwb now.
+        config = tmp_path / "gwb.toml"
+        config.write_text(
+            config.read_text().replace("[gateway]\n", '[gateway]\nallow_networks = ["site-c"]\n')
+        )
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: (two.dump("gwb")["reload"] or {}).get("last") is not None,  # type: ignore[union-attr]
+            gw,
+            what="gwb applies the reload",
+        )
+        assert two.dump("gwb")["reload"]["last"]["result"] == "applied"  # type: ignore[index]
+        assert a1.call(exchange, upstream, b"after-reload") == b""  # a new tunnel: refused (401)
+        assert "is not in gateway.allow_networks" in two.daemons["a1"].log()
+        assert _finish(held, b"reload") == b"b1:before-reload"  # the open one was not cut
+
+        # Drain: SIGTERM with a tunnel open; it finishes, then gwb exits cleanly.
+        config.write_text(config.read_text().replace('allow_networks = ["site-c"]\n', ""))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: a1.call(exchange, upstream, b"x") == b"b1:x",
+            gw,
+            timeout=20,
+            what="gwb admits site A again",
+        )
+        held = _hold(a1, upstream, b"drain-")
+        opened = gw.metric("istio_tcp_connections_opened_total")
+        wait_for(
+            lambda: gw.metric("istio_tcp_connections_closed_total") == opened - 1,
+            gw,
+            what="only one tunnel open",
+        )
+        gw.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "drain" in gw.log().lower(), gw, what="gwb draining")
+        assert _finish(held, b"ok") == b"b1:drain-ok"
+        assert gw.proc.wait(20) == 0
