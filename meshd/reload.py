@@ -15,7 +15,17 @@ from datetime import UTC, datetime
 from meshd.config.model import Config, UpstreamConfig
 from meshd.identity.spiffe import SpiffeId
 
-RESTART_KEYS = ("role", "trust_domain", "node_name", "listen", "identity", "discovery", "capture", "dns", "network")
+RESTART_KEYS = (
+    "role",
+    "trust_domain",
+    "node_name",
+    "listen",
+    "identity",
+    "discovery",
+    "capture",
+    "dns",
+    "network",
+)
 
 
 @dataclass(frozen=True)

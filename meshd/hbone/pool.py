@@ -459,8 +459,6 @@ class HbonePool:
                     del self._links[key]
 
 
-
-
 def _peer(link: HboneLink) -> str:
     return f"{link.peer_identity} at {Address(*link.peer_address)}"
 
