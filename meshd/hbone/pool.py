@@ -192,7 +192,7 @@ class HbonePool:
         """Double HBONE: an inner HBONE connection (TLS as `source`, the peer must be `destination`)
         run inside the already open `outer` tunnel, and one CONNECT to `authority` on it. The inner
         connection is not pooled (one per tunnel, as ztunnel does: the hop in the middle may reach a
-        different node each time) and closes when its stream is released; the outer tunnel is
+        different node each time) and closes `NESTED_GRACE` seconds after its stream is released; the outer tunnel is
         closed with it. `peer_address` is where the inner endpoint is (for logs and errors).
 
         The TLS code runs on sockets, so the outer tunnel is spliced to one end of a socketpair and
@@ -202,7 +202,7 @@ class HbonePool:
             raise RuntimeError("HbonePool.run() is not running")
         inner_tcp = trio.SocketStream(trio.socket.from_stdlib_socket(socket_over(outer, self._nursery)))
         tls, identity = await self._handshake(source, peer_address, None, expected=destination, tcp=inner_tcp)
-        link = self._new_link(tls, identity, peer_address, idle_timeout=None)
+        link = self._new_link(tls, identity, peer_address, idle_timeout=NESTED_GRACE)
         await self._nursery.start(link.run)
         try:
             sid = link.conn.open_tunnel(authority, headers=headers)
@@ -214,7 +214,6 @@ class HbonePool:
         try:
             status = await self._wait_response(link, sid, retryable=False)
             if 200 <= status < 300:
-                link.drain()  # one tunnel only: GOAWAY now, and the link closes when it is released
                 return TunnelStream(link, sid)
             reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
             raise TunnelRefused(status, reason)
@@ -457,6 +456,11 @@ class HbonePool:
                 group.remove(link)
                 if not group:
                     del self._links[key]
+
+
+# An inner (double HBONE) connection outlives its one tunnel by this much: closing it at once would
+# end the destination's handler (and whatever it still had to deliver) with the connection.
+NESTED_GRACE = 1.0
 
 
 def _peer(link: HboneLink) -> str:
