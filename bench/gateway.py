@@ -164,14 +164,15 @@ PROXIES = {"direct": ("alpha", "beta"), "gateway": ("alpha", "gwb", "gamma")}
 
 def measure(path: str, pids: dict[str, int], args: argparse.Namespace) -> dict[str, float]:
     host, base = LISTEN[path]
-    procs = [pids[n] for n in PROXIES[path]]
-    before = sum(c.cpu_seconds(p) for p in procs)
+    before = {n: c.cpu_seconds(pids[n]) for n in PROXIES[path]}
     moved, elapsed = c.bulk((host, base + 1), 1, args.seconds, 0)
-    cpu = sum(c.cpu_seconds(p) for p in procs) - before
+    cpu = {n: c.cpu_seconds(pids[n]) - t for n, t in before.items()}
     rtt = c.percentiles(c.latency((host, base), args.rounds))
+    gb = moved / 1e9 if moved else float("nan")
     return {
         "gbit_s": moved * 8 / elapsed / 1e9,
-        "cpu_s_per_gb": cpu / (moved / 1e9) if moved else float("nan"),
+        "cpu_s_per_gb": sum(cpu.values()) / gb,
+        **{f"cpu_s_per_gb_{n}": t / gb for n, t in cpu.items()},
         "rtt_p50_us": rtt.p50,
         "rtt_p99_us": rtt.p99,
     }
@@ -210,6 +211,13 @@ def run(args: argparse.Namespace) -> int:
             ]
         )
     c.print_aligned(rows)
+    for path, m in med.items():
+        shares = ", ".join(
+            f"{k.removeprefix('cpu_s_per_gb_')} {v:.2f}"
+            for k, v in m.items()
+            if k.startswith("cpu_s_per_gb_")
+        )
+        print(f"{path}: CPU s/GB by daemon: {shares}")
     print(
         f"gateway/direct throughput {ratios['throughput_gateway_over_direct']:.2f}x, "
         f"CPU per GB {ratios['cpu_per_gb_gateway_over_direct']:.2f}x, "
