@@ -1,6 +1,6 @@
 """Two sites behind NAT, joined only through their gateways (meshd role=gateway, double HBONE).
 
-Site A runs a1 (the `client` workload, with upstream listeners); site B runs b1 (the `echo` TCP
+Site A runs a1 (the `client` workload, with upstream listeners, nftables capture and the DNS proxy); site B runs b1 (the `echo` TCP
 workload and the `web` HTTP workload) and wb (a waypoint `web` is bound to). Hosts of one site cannot
 reach the other site's hosts; each can reach the other site's gateway (tests/netns/sites.py).
 """
@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import dns.message
+import dns.query
 import pytest
 
 from meshd.identity.ca import LocalCA
@@ -117,6 +119,8 @@ def build(tmp: Path, sites: Sites, *, reverse: bool = False) -> TwoSites:
             "site-a",
             ["10.236.1.1:15008"],
             f'[listen]\nhbone = "{a1.ip}:15008"\n'
+            # Transparent mode too: an app that resolves echo.default.mesh and dials the VIP.
+            '[capture]\nmode = "nftables"\n[dns]\nenabled = true\nlisten = "127.0.0.1:15053"\n'
             f'[[workload]]\nname = "client"\naddress = "{a1.ip}"\nports = [8000]\n'
             f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{a1.ip}:{ECHO_LISTEN}"\n'
             f'[[upstream]]\nservice = "web.default"\nport = 80\nlisten = "{a1.ip}:{WEB_LISTEN}"\n',
@@ -232,6 +236,13 @@ def test_a_client_in_site_a_reaches_site_b_through_both_gateways(tmp_path: Path,
         >= 1
     )
     assert "10.236.2.1" in dest.log(), "b1 saw the connection come from its gateway"
+
+    # By name, as an unmodified app: the mesh DNS answers the service's VIP, capture takes it from there.
+    query = dns.message.make_query("echo.default.mesh", "A")
+    answer = a1.call(lambda: dns.query.udp(query, "127.0.0.1", timeout=5, port=15053))
+    vip = answer.answer[0][0].to_text()
+    with tagged_echo(b1, ECHO_PORT):
+        assert a1.call(exchange, (vip, ECHO_PORT), b"by name") == b"b1:by name"
 
 
 def test_l7_through_a_waypoint_in_the_other_site(tmp_path: Path, sites: Sites) -> None:
