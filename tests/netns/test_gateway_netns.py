@@ -369,11 +369,11 @@ def test_gateway_reload_applies_to_new_tunnels_and_drain_lets_open_ones_finish(
             what="gwb admits site A again",
         )
         held = _hold(a1, upstream, b"drain-")
-        opened = gw.metric("istio_tcp_connections_opened_total")
         wait_for(
-            lambda: gw.metric("istio_tcp_connections_closed_total") == opened - 1,
+            lambda: two.dump("gwb")["gateway"]["open_per_network"] == {"site-a": 1},  # type: ignore[index]
             gw,
-            what="only one tunnel open",
+            two.daemons["a1"],
+            what="one tunnel open through gwb",
         )
         gw.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "drain" in gw.log().lower(), gw, what="gwb draining")
