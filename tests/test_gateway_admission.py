@@ -24,7 +24,7 @@ from meshd.discovery.catalog import (
 )
 from meshd.discovery.networks import decode_network_catalog, encode_network_catalog, served_catalogs
 from meshd.errors import ConfigError
-from meshd.gateway.admission import admit
+from meshd.gateway.admission import admit, admit_catalog_read
 from meshd.identity.spiffe import SpiffeId
 from meshd.units import Address
 
@@ -219,3 +219,18 @@ def test_a_gateway_config_loads(tmp_path: Path) -> None:
     )
     cfg = load_config(path)
     assert cfg.fronted_networks == ("home",) and cfg.gateway.remote == (Address("198.51.100.2", 15008),)
+
+
+def test_who_may_read_the_network_catalog() -> None:
+    cat = gateway_b_view()
+    fronted = ("site-b",)
+    admit_catalog_read(cat, GatewayConfig(), fronted, NODE_A1)  # another network: yes
+    admit_catalog_read(cat, GatewayConfig(), fronted, NODE_B1)  # our own: yes
+    admit_catalog_read(
+        cat, GatewayConfig(allow_networks=("site-c",)), fronted, SpiffeId.node(TD, "new")
+    )  # unknown
+    with pytest.raises(Refused, match="allow_networks") as info:
+        admit_catalog_read(cat, GatewayConfig(allow_networks=("site-c",)), fronted, NODE_A1)
+    assert info.value.status == 403
+    with pytest.raises(Refused, match="node identities only"):
+        admit_catalog_read(cat, GatewayConfig(), fronted, SpiffeId(TD, "default", "client"))

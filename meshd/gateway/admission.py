@@ -79,3 +79,19 @@ def admit(
     if gateway.allow_nodes and node not in gateway.allow_nodes:
         raise Refused(401, FLAG_UNAUTHORIZED, f"node {node!r} is not in gateway.allow_nodes")
     return Forward(node, network, inner[0].node, inner[1], via)
+
+
+def admit_catalog_read(
+    catalog: Catalog, gateway: GatewayConfig, fronted: tuple[str, ...], peer: SpiffeId
+) -> None:
+    """May `peer` read this gateway's network catalog? Node identities only; a node known to be in
+    another network must be in `gateway.allow_networks` (if set). A node not known yet is served: two
+    gateways learn each other's networks from each other's catalogs, so neither could start otherwise
+    (its mTLS identity is of our trust domain, from our CA). Raises Refused(403)."""
+    if not peer.is_node:
+        raise Refused(403, None, "the network catalog is served to meshd node identities only")
+    found = catalog.node(peer.service_account.removeprefix("node-"))
+    if found is None or found[0].network in fronted:
+        return
+    if gateway.allow_networks and found[0].network not in gateway.allow_networks:
+        raise Refused(403, None, f"network {found[0].network!r} is not in gateway.allow_networks")

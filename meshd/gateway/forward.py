@@ -28,7 +28,7 @@ from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import NodeCatalog
 from meshd.discovery.networks import NETWORK_CATALOG_PATH, encode_network_catalog, served_catalogs
-from meshd.gateway.admission import Forward, admit
+from meshd.gateway.admission import Forward, admit, admit_catalog_read
 from meshd.hbone._link import HboneLink
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
@@ -180,11 +180,12 @@ class Gateway:
             log.info("reverse connection down", extra={"network": network, "failure": link.failure})
 
     async def _serve_network_catalog(self, req: InboundRequest, reply: ServerReply) -> None:
-        # HboneServer checked the trust domain; only meshd nodes get catalogs (as on the node's own).
-        if not req.peer_identity.is_node:
-            await reply.refuse(403, "the network catalog is served to meshd node identities only")
-            return
         cfg = self.state.config
+        try:
+            admit_catalog_read(self.state.catalog, cfg.gateway, cfg.fronted_networks, req.peer_identity)
+        except Refused as refused:
+            await reply.refuse(refused.status, refused.reason)
+            return
         body = encode_network_catalog(
             cfg.network, served_catalogs(self.state.catalog, cfg.fronted_networks, self.remote)
         )
