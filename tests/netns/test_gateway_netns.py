@@ -359,14 +359,22 @@ def test_gateway_reload_applies_to_new_tunnels_and_drain_lets_open_ones_finish(
         assert "is not in gateway.allow_networks" in two.daemons["a1"].log()
         assert _finish(held, b"reload") == b"b1:before-reload"  # the open one was not cut
 
-        # Drain: SIGTERM with a tunnel open; it finishes, then gwb exits cleanly.
-        config.write_text(config.read_text().replace('allow_networks = ["site-c"]\n', ""))
+        # Site A admitted again, one connection at a time (the per-network limit); then drain: SIGTERM
+        # with a tunnel open, it finishes, and gwb exits cleanly.
+        config.write_text(
+            config.read_text().replace('allow_networks = ["site-c"]\n', "max_connections_per_network = 1\n")
+        )
         gw.proc.send_signal(signal.SIGHUP)
         wait_for(
             lambda: a1.call(exchange, upstream, b"x") == b"b1:x",
             gw,
             timeout=20,
             what="gwb admits site A again",
+        )
+        wait_for(  # the probes' tunnels are gone (an inner connection lingers 1 s after its tunnel)
+            lambda: not any(two.dump("gwb")["gateway"]["open_per_network"].values()),  # type: ignore[index]
+            gw,
+            what="no tunnel open through gwb",
         )
         held = _hold(a1, upstream, b"drain-")
         wait_for(
@@ -375,6 +383,8 @@ def test_gateway_reload_applies_to_new_tunnels_and_drain_lets_open_ones_finish(
             two.daemons["a1"],
             what="one tunnel open through gwb",
         )
+        assert a1.call(exchange, upstream, b"one too many") == b""  # 503: over the limit
+        assert "gateway.max_connections_per_network" in two.daemons["a1"].log()
         gw.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "drain" in gw.log().lower(), gw, what="gwb draining")
         assert _finish(held, b"ok") == b"b1:drain-ok"
