@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from meshd.dashboard import FILES, STATIC  # noqa: E402
-
 from meshd.observe.graph import BUCKETS, mesh_graph  # noqa: E402
 from tests.support.chromium import dump_dom  # noqa: E402
 

@@ -38,8 +38,9 @@ from hypothesis import strategies as st
 
 from meshd.capture.dns import decide, formerr, parse, to_wire
 from meshd.config.load import parse_overrides
-from meshd.config.model import Config
+from meshd.config.model import Config, GatewayConfig
 from meshd.config.schema import leaf_keys, load_document
+from meshd.dataplane.proxied import Refused
 from meshd.discovery import etcd_wire
 from meshd.discovery.catalog import (
     CatalogError,
@@ -50,8 +51,10 @@ from meshd.discovery.catalog import (
     merge,
 )
 from meshd.discovery.mdns import TxtError, parse_txt
+from meshd.discovery.networks import decode_network_catalog
 from meshd.discovery.vip import allocate
 from meshd.errors import ConfigError
+from meshd.gateway.admission import admit
 from meshd.hbone import events as ev
 from meshd.hbone.capsule import (
     MAX_UDP_PAYLOAD,
@@ -63,6 +66,7 @@ from meshd.hbone.capsule import (
 )
 from meshd.hbone.connection import HboneConnection, Role
 from meshd.hbone.errors import RemoteProtocolError
+from meshd.identity.spiffe import SpiffeId
 from meshd.plugins import wasm_abi
 from meshd.plugins.filters import Headers
 from meshd.policy.load import load_policy_dir
@@ -638,6 +642,81 @@ def check_catalog(data: bytes) -> None:
 CATALOG = Target("catalog", "catalog JSON from peers (decode + merge)", CATALOG_INPUT, check_catalog)
 
 
+# ---- network catalog JSON (from gateways) and the gateway's admission ---------------------------
+
+_GOOD_NETWORK: dict[str, Any] = {
+    "version": 1,
+    "network": "site-b",
+    "catalogs": [
+        {**_GOOD_CATALOG, "network": "site-b"},
+        {
+            **_GOOD_CATALOG,
+            "node": "gwb",
+            "role": "gateway",
+            "hbone": "0.0.0.0:15008",
+            "workloads": [],
+            "services": [],
+            "network": "site-b",
+            "gateway": {"public": "198.51.100.2:15008", "networks": ["site-b"]},
+        },
+        {**_GOOD_CATALOG, "node": "a1", "hbone": "10.0.1.1:15008", "workloads": [], "network": "site-a"},
+    ],
+}
+
+
+@st.composite
+def _network_input(draw: st.DrawFn) -> tuple[bytes, str]:
+    doc = json.loads(json.dumps(_GOOD_NETWORK))
+    for _ in range(draw(st.integers(0, 3))):
+        path = draw(st.sampled_from(_paths(doc)))
+        if not path:
+            continue
+        parent = doc
+        for p in path[:-1]:
+            parent = parent[p]
+        if draw(st.booleans()):
+            parent[path[-1]] = draw(_JSON)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+    body = draw(st.one_of(st.just(json.dumps(doc).encode()), st.binary(max_size=100)))
+    authority = draw(
+        st.one_of(
+            st.sampled_from(["10.0.0.2:7000", "10.0.0.2:15008", "10.0.0.2:1", "[::1]:7000"]),
+            st.text(max_size=24),
+        )
+    )
+    return body, authority
+
+
+def check_network_catalog(value: tuple[bytes, str]) -> None:
+    body, authority = value
+    try:
+        cats = decode_network_catalog(body, trust_domain="home.arpa", own_network="site-b")
+    except CatalogError as exc:
+        assert str(exc)
+        return
+    assert all(c.network != "site-b" for c in cats)
+    # What gwb would hold: its own network's node (as fetched first-hand) and what came from site A.
+    local = NodeCatalog.decode(json.dumps(_GOOD_NETWORK["catalogs"][1]).encode(), trust_domain="home.arpa")
+    beta = NodeCatalog.decode(json.dumps(_GOOD_NETWORK["catalogs"][0]).encode(), trust_domain="home.arpa")
+    merged = merge(local, [PeerRecord(beta, "10.0.0.2"), *(PeerRecord(c, "") for c in cats)])
+    for peer in [SpiffeId.node("home.arpa", c.node) for c in cats] + [SpiffeId("home.arpa", "default", "x")]:
+        try:
+            forward = admit(merged, GatewayConfig(), ("site-b",), peer, authority)
+        except Refused as refused:
+            assert refused.status in (400, 401, 503) and refused.reason
+            continue
+        assert forward.target_node == "beta" and forward.source_network != "site-b"
+
+
+NETWORK_CATALOG = Target(
+    "network-catalog",
+    "network catalog JSON from gateways (decode + merge) and outer CONNECT admission",
+    _network_input(),
+    check_network_catalog,
+)
+
+
 # ---- mDNS TXT -----------------------------------------------------------------------------------
 
 _GOOD_TXT: dict[Any, Any] = {
@@ -908,5 +987,6 @@ WASM_ABI = Target(
 
 
 TARGETS: dict[str, Target] = {
-    t.name: t for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS, ETCD, CAPSULES, WASM_ABI)
+    t.name: t
+    for t in (HBONE, HTTP1, CONFIG, POLICY, CATALOG, MDNS, DNS, ETCD, CAPSULES, WASM_ABI, NETWORK_CATALOG)
 }

@@ -25,6 +25,7 @@ RESTART_KEYS = (
     "capture",
     "dns",
     "tracing",
+    "network",
 )
 
 

@@ -18,7 +18,7 @@ from meshd.config.schema import Issue
 from meshd.units import Address
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
-Role = Literal["node", "waypoint"]
+Role = Literal["node", "waypoint", "gateway"]
 MtlsMode = Literal["STRICT", "PERMISSIVE"]
 
 
@@ -460,6 +460,52 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """`role = "gateway"`: the network's east-west gateway (docs/multi-network.md)."""
+
+    public: Address | None = field(
+        default=None,
+        metadata=doc(
+            "the address nodes of other networks dial (this host's public ip:15008, or the port forwarded to it)"
+        ),
+    )
+    networks: tuple[str, ...] = field(
+        default=(), metadata=doc("networks this gateway fronts; default: its own `network`")
+    )
+    remote: tuple[Address, ...] = field(
+        default=(), metadata=doc("other networks' gateways (their public address), to exchange catalogs with")
+    )
+    allow_networks: tuple[str, ...] = field(
+        default=(), metadata=doc("networks whose nodes may tunnel through; empty = every other network")
+    )
+    allow_nodes: tuple[str, ...] = field(
+        default=(), metadata=doc("node names that may tunnel through; empty = any node of an allowed network")
+    )
+    max_connections_per_network: int = field(
+        default=1024, metadata=doc("forwarded connections open at once from one source network")
+    )
+    reverse: bool = field(
+        default=False,
+        metadata=doc(
+            "no inbound port can be opened here: dial the `remote` gateways and keep a reverse "
+            "connection they send this network's traffic through (meshd's own extension)"
+        ),
+    )
+
+    def check(self) -> list[Issue]:
+        issues: list[Issue] = []
+        for n in (*self.networks, *self.allow_networks):
+            issues += _check_name(n, "network")
+        if self.max_connections_per_network < 1:
+            issues.append(
+                Issue(
+                    ("max_connections_per_network",), "gateway.max_connections_per_network must be >= 1", None
+                )
+            )
+        return issues
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     enabled: bool = field(default=False, metadata=doc("run the DNS proxy for mesh names"))
     listen: Address = field(default=Address("127.0.0.1", 15053), metadata=doc("DNS proxy, UDP and TCP"))
@@ -516,7 +562,10 @@ class UdpConfig:
 
 @dataclass(frozen=True)
 class Config:
-    role: Role = field(default="node", metadata=doc("node (ztunnel role) or waypoint"))
+    role: Role = field(default="node", metadata=doc("node (ztunnel role), waypoint or gateway"))
+    network: str = field(
+        default="default", metadata=doc("the network this host is in: hosts of one network reach each other")
+    )
     trust_domain: str = field(default="home.arpa", metadata=doc("SPIFFE trust domain"))
     node_name: str = field(
         default_factory=_default_node_name, metadata=doc("this host's name; default: hostname")
@@ -534,6 +583,9 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig, metadata=doc("transparent capture"))
     dns: DnsConfig = field(default_factory=DnsConfig, metadata=doc("DNS proxy for mesh names"))
     udp: UdpConfig = field(default_factory=UdpConfig, metadata=doc("UDP flows (connect-udp)"))
+    gateway: GatewayConfig = field(
+        default_factory=GatewayConfig, metadata=doc("east-west gateway (role gateway)")
+    )
     workloads: tuple[WorkloadConfig, ...] = field(
         default=(), metadata=doc("workloads on this host", toml="workload")
     )
@@ -555,6 +607,23 @@ class Config:
                 Issue(("trust_domain",), f"trust_domain {self.trust_domain!r} is not valid", "e.g. home.arpa")
             )
         issues += _check_name(self.node_name, "node_name")
+        issues += _check_name(self.network, "network")
+        if self.role == "gateway" and self.gateway.reverse and not self.gateway.remote:
+            issues.append(
+                Issue(
+                    ("gateway", "reverse"),
+                    "gateway.reverse needs gateway.remote: the public gateways to dial out to",
+                    'e.g. remote = ["203.0.113.7:15008"]',
+                )
+            )
+        if self.role == "gateway" and self.gateway.public is None and not self.gateway.reverse:
+            issues.append(
+                Issue(
+                    ("gateway", "public"),
+                    "a gateway needs gateway.public: the address other networks dial",
+                    'e.g. public = "203.0.113.7:15008"',
+                )
+            )
         issues += _duplicates([(w.namespace, w.name) for w in self.workloads], "workload", "name", "workload")
         issues += _duplicates([s.key for s in self.services], "service", "name", "service")
         issues += _duplicates([n.name for n in self.namespaces], "namespace", "name", "namespace")
@@ -589,6 +658,11 @@ class Config:
                     )
                 )
         return issues
+
+    @property
+    def fronted_networks(self) -> tuple[str, ...]:
+        """The networks a gateway fronts (its own by default)."""
+        return self.gateway.networks or (self.network,)
 
     @property
     def node_identity_name(self) -> str:

@@ -26,6 +26,7 @@ from meshd.units import Address
 
 CATALOG_PATH = "/meshd/v1/catalog"
 CATALOG_VERSION = 1
+DEFAULT_NETWORK = "default"
 MAX_CATALOG_BYTES = 4 << 20
 WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -44,6 +45,7 @@ class WorkloadEntry:
     ports: tuple[int, ...]
     services: tuple[str, ...]  # service keys name.namespace
     labels: tuple[tuple[str, str], ...] = ()
+    network: str = DEFAULT_NETWORK  # its node's network
 
     def identity(self, trust_domain: str) -> SpiffeId:
         return SpiffeId(trust_domain, self.namespace, self.service_account)
@@ -80,6 +82,15 @@ class ServiceEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayEntry:
+    """What a gateway publishes: the address other networks dial (None: it accepts no inbound
+    connection, it dials out instead: `gateway.reverse`), and the networks behind it."""
+
+    public: Address | None
+    networks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class NodeCatalog:
     """What one node publishes about itself."""
 
@@ -92,6 +103,8 @@ class NodeCatalog:
     namespaces: tuple[tuple[str, str], ...] = ()  # (namespace, default waypoint), sorted
     service_accounts: tuple[tuple[str, str, str], ...] = ()  # (namespace, account, waypoint), sorted
     metrics: Address | None = None  # Prometheus endpoint as configured (a wildcard host: as hbone's)
+    network: str = DEFAULT_NETWORK
+    gateway: GatewayEntry | None = None  # role gateway only
 
     @property
     def identity(self) -> SpiffeId:
@@ -144,6 +157,18 @@ class NodeCatalog:
                 else {}
             ),
             **({"metrics": str(self.metrics)} if self.metrics is not None else {}),
+            # Only when not the default: single-network catalogs keep their encoding and revision.
+            **({"network": self.network} if self.network != DEFAULT_NETWORK else {}),
+            **(
+                {
+                    "gateway": {
+                        "public": None if self.gateway.public is None else str(self.gateway.public),
+                        "networks": list(self.gateway.networks),
+                    }
+                }
+                if self.gateway is not None
+                else {}
+            ),
         }
 
     def encode(self) -> bytes:
@@ -197,6 +222,11 @@ def _from_json(raw: Any) -> NodeCatalog:
         )
     td = validate_trust_domain(_str(raw["trust_domain"]))
     node = _str(raw["node"])
+    network = _str(raw.get("network", DEFAULT_NETWORK))
+    gateway = None
+    if (g := raw.get("gateway")) is not None:
+        public = None if g.get("public") is None else Address.parse(_str(g["public"]))
+        gateway = GatewayEntry(public, tuple(_str(n) for n in g["networks"]))
     workloads = []
     for w in raw["workloads"]:
         ipaddress.ip_address(_str(w["address"]))
@@ -214,6 +244,7 @@ def _from_json(raw: Any) -> NodeCatalog:
                 ports=tuple(_port(p) for p in w["ports"]),
                 services=tuple(_str(s) for s in w["services"]),
                 labels=tuple(sorted((_str(k), _str(v)) for k, v in labels.items())),
+                network=network,
             )
         )
     services = []
@@ -245,6 +276,8 @@ def _from_json(raw: Any) -> NodeCatalog:
         namespaces=namespaces,
         service_accounts=accounts,
         metrics=Address.parse(_str(raw["metrics"])) if "metrics" in raw else None,
+        network=network,
+        gateway=gateway,
     )
 
 
@@ -269,11 +302,15 @@ def local_catalog(config: Config) -> NodeCatalog:
             ports=w.ports,
             services=tuple(s if "." in s else f"{s}.{w.namespace}" for s in w.services),
             labels=tuple(sorted(w.labels.items())),
+            network=config.network,
         )
         for w in config.workloads
     )
     namespaces = tuple(sorted((n.name, n.waypoint) for n in config.namespaces))
     accounts = tuple(sorted((a.namespace, a.name, a.waypoint) for a in config.service_accounts))
+    gateway = None
+    if config.role == "gateway":
+        gateway = GatewayEntry(config.gateway.public, config.fronted_networks)
     return NodeCatalog(
         config.node_name,
         config.trust_domain,
@@ -284,6 +321,8 @@ def local_catalog(config: Config) -> NodeCatalog:
         namespaces,
         accounts,
         config.listen.metrics,
+        network=config.network,
+        gateway=gateway,
     )
 
 
@@ -402,6 +441,7 @@ class Catalog:
             address=host,
             ports=(),
             services=(),
+            network=node.network,
         )
         return Endpoint(
             workload=pseudo,
@@ -410,6 +450,45 @@ class Catalog:
             identity=node.identity,
             authority=str(Address(vip, port)),
         )
+
+    # ---- networks (see docs/multi-network.md) -----------------------------------------------------
+
+    @property
+    def network(self) -> str:
+        return self.local.network
+
+    def gateways_for(self, network: str) -> list[NodeCatalog]:
+        """The gateways that front `network` and can be dialled (a public address), by node name."""
+        nodes = [self.local, *(p.catalog for p in self.peers.values())]
+        return sorted(
+            (
+                n
+                for n in nodes
+                if n.gateway is not None and n.gateway.public is not None and network in n.gateway.networks
+            ),
+            key=lambda n: n.node,
+        )
+
+    def inner_endpoint(
+        self, ip: str, port: int, networks: Iterable[str]
+    ) -> tuple[NodeCatalog, Address] | None:
+        """Where a gateway sends an outer CONNECT to `ip:port`: the node of one of `networks` whose
+        HBONE endpoint that is (a node or waypoint), or that hosts a workload listening there (then
+        that node's HBONE endpoint, dialled at the workload's address as a peer would). None if no
+        node of those networks has it: a gateway is no open proxy."""
+        wanted = set(networks)
+        candidates = [(self.local, _self_host(self.local.hbone.host))]
+        candidates += [(p.catalog, p.reached_at) for p in self.peers.values()]
+        for cat, reached in candidates:
+            if cat.network not in wanted or cat.gateway is not None:
+                continue
+            host = cat.hbone.host if cat.hbone.host not in WILDCARDS else reached
+            if cat.hbone.port == port and ip == host:
+                return cat, Address(host, port)
+            for w in cat.workloads:
+                if w.address == ip and port in w.ports:
+                    return cat, Address(_dial_host(cat.hbone.host, reached, w.address), cat.hbone.port)
+        return None
 
     def waypoints_bound(self, workload: WorkloadEntry, target_port: int) -> list[str]:
         """Names of the waypoints of the services this workload serves on `target_port`."""
@@ -454,6 +533,8 @@ class Catalog:
                 if s.waypoint is not None
             },
             "conflicts": list(self.conflicts),
+            "network": self.local.network,
+            "networks": sorted({self.local.network, *(p.catalog.network for p in self.peers.values())}),
         }
 
 

@@ -41,7 +41,7 @@ log = logging.getLogger("meshd.discovery.mdns")
 
 SERVICE_TYPE = "_meshd._tcp.local."
 PROTOCOL_VERSION = 1
-ROLES = ("node", "waypoint")
+ROLES = ("node", "waypoint", "gateway")
 RESOLVE_TIMEOUT_MS = 3000  # one resolution (SRV + TXT + A) of a peer's announcement
 REGISTER_TIMEOUT = 15.0  # probing + announcing takes ~2 s; a name conflict raises at once
 CLOSE_TIMEOUT = 5.0  # goodbye + close on shutdown, shielded

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from meshd.hbone._link import HboneLink
+from meshd.hbone.bridge import socket_over
 from meshd.hbone.connection import REFUSED_STREAM, HboneConnection, HboneSettings, Role
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.stream import TunnelStream
@@ -208,6 +209,96 @@ class HbonePool:
                 link.release(sid)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def open_nested_tunnel(
+        self,
+        outer: TunnelStream,
+        source: SpiffeId,
+        destination: SpiffeId,
+        authority: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        peer_address: tuple[str, int],
+    ) -> TunnelStream:
+        """Double HBONE: an inner HBONE connection (TLS as `source`, the peer must be `destination`)
+        run inside the already open `outer` tunnel, and one CONNECT to `authority` on it. The inner
+        connection is not pooled (one per tunnel, as ztunnel does: the hop in the middle may reach a
+        different node each time) and closes `NESTED_GRACE` seconds after its stream is released; the outer tunnel is
+        closed with it. `peer_address` is where the inner endpoint is (for logs and errors).
+
+        The TLS code runs on sockets, so the outer tunnel is spliced to one end of a socketpair and
+        the inner connection runs on the other: the same `Wire` and `HboneLink` as every connection,
+        at the cost of one local copy each way (docs/hbone.md, "Double HBONE")."""
+        if self._nursery is None:
+            raise RuntimeError("HbonePool.run() is not running")
+        inner_tcp = trio.SocketStream(trio.socket.from_stdlib_socket(socket_over(outer, self._nursery)))
+        tls, identity = await self._handshake(source, peer_address, None, expected=destination, tcp=inner_tcp)
+        link = self._new_link(tls, identity, peer_address, idle_timeout=NESTED_GRACE)
+        await self._nursery.start(link.run)
+        try:
+            sid = link.conn.open_tunnel(authority, headers=headers)
+            link.add_slot(sid)
+            link.send_pending()
+        except BaseException:
+            link.close()
+            raise
+        try:
+            status = await self._wait_response(link, sid, retryable=False)
+            if 200 <= status < 300:
+                return TunnelStream(link, sid)
+            reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
+            raise TunnelRefused(status, reason)
+        except BaseException:
+            link.release(sid)
+            link.close()
+            raise
+
+    def client_link_over(
+        self, stream: trio.abc.HalfCloseableStream, peer_identity: SpiffeId, peer_address: tuple[str, int]
+    ) -> HboneLink:
+        """A client HBONE connection without TLS of its own, inside `stream` (already mutually
+        authenticated as `peer_identity`): the gateway's reverse connection, on the side that opens
+        tunnels on it. The caller runs it (`link.run`) and uses `open_tunnel_on` / `get_on`."""
+        if self._nursery is None:
+            raise RuntimeError("HbonePool.run() is not running")
+        return self._new_link(
+            Wire(socket_over(stream, self._nursery)),
+            peer_identity,
+            peer_address,
+            idle_timeout=None,
+        )
+
+    async def open_tunnel_on(
+        self, link: HboneLink, authority: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> TunnelStream:
+        """CONNECT on a link the caller holds (not pooled). Raises TunnelRefused, HboneConnectError."""
+        if not link.usable:
+            raise HboneConnectError(_explain_failure(link))
+        sid = link.conn.open_tunnel(authority, headers=headers)
+        link.add_slot(sid)
+        link.send_pending()
+        try:
+            status = await self._wait_response(link, sid, retryable=False)
+            if 200 <= status < 300:
+                return TunnelStream(link, sid)
+            reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
+            raise TunnelRefused(status, reason)
+        except BaseException:
+            link.release(sid)
+            raise
+
+    async def get_on(self, link: HboneLink, path: str) -> tuple[int, bytes]:
+        """A GET on a link the caller holds: (status, body)."""
+        if not link.usable:
+            raise HboneConnectError(_explain_failure(link))
+        sid = link.conn.send_request("GET", str(Address(*link.peer_address)), path)
+        link.add_slot(sid)
+        link.send_pending()
+        try:
+            status = await self._wait_response(link, sid, retryable=False)
+            return status, await self._read_body(link, sid, MAX_GET_BODY, strict=True)
+        finally:
+            link.release(sid)
+
     # ---- internals -----------------------------------------------------------------------------------
 
     async def _open_stream(
@@ -358,16 +449,18 @@ class HbonePool:
         server_hostname: str | None,
         *,
         expected: SpiffeId | None,
+        tcp: trio.SocketStream | None = None,
     ) -> tuple[Wire, SpiffeId]:
-        """TCP + TLS under connect_timeout; checks ALPN, cipher and the server's identity (exactly
-        `expected`, or else any identity in `source`'s trust domain)."""
+        """TCP (unless `tcp` is given: an already connected stream) + TLS under connect_timeout;
+        checks ALPN, cipher and the server's identity (exactly `expected`, or else any identity in
+        `source`'s trust domain)."""
         host, port = address
         where = str(Address(host, port))
-        tcp: trio.SocketStream | None = None
         tls: Wire | None = None
         try:
             with trio.fail_after(self._connect_timeout):
-                tcp = await trio.open_tcp_stream(host, port)
+                if tcp is None:
+                    tcp = await trio.open_tcp_stream(host, port)
                 context = self._context_provider(source)
                 tls = await Wire.handshake(tcp, context, server_side=False, server_hostname=server_hostname)
             if tls.selected_alpn_protocol() != ALPN:
@@ -408,6 +501,11 @@ class HbonePool:
                 group.remove(link)
                 if not group:
                     del self._links[key]
+
+
+# An inner (double HBONE) connection outlives its one tunnel by this much: closing it at once would
+# end the destination's handler (and whatever it still had to deliver) with the connection.
+NESTED_GRACE = 1.0
 
 
 def _peer(link: HboneLink) -> str:

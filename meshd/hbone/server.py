@@ -21,6 +21,7 @@ import trio
 
 from meshd.hbone import events as ev
 from meshd.hbone._link import HboneLink
+from meshd.hbone.bridge import socket_over
 from meshd.hbone.connection import (
     INTERNAL_ERROR,
     HboneConnection,
@@ -233,6 +234,31 @@ class HboneServer:
             self._accept_scope.cancel()
         for link in list(self._links):
             link.drain()
+
+    async def serve_stream(
+        self, stream: trio.abc.HalfCloseableStream, peer_identity: SpiffeId, peer_address: tuple[str, int]
+    ) -> None:
+        """Serve HBONE requests arriving inside `stream`, a tunnel already mutually authenticated as
+        `peer_identity` (no TLS of its own): the gateway's reverse connection, on the side that
+        dialled out. Returns when the connection ends; drained with the others."""
+        async with trio.open_nursery() as nursery:
+            link = HboneLink(
+                Wire(socket_over(stream, nursery)),
+                HboneConnection(Role.SERVER, self._settings),
+                peer_identity=peer_identity,
+                peer_address=peer_address,
+                on_request=self._on_request,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_timeout,
+            )
+            self._links.add(link)
+            if self._draining:
+                link.drain()
+            try:
+                await link.run()
+            finally:
+                self._links.discard(link)
+                nursery.cancel_scope.cancel()
 
     async def _serve_tcp(self, tcp: trio.SocketStream) -> None:
         try:

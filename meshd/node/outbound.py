@@ -171,12 +171,20 @@ class Outbound:
                 ("baggage", _baggage(source)),
                 *trace_header(rec.trace),
             ]
+            remote = ep.workload.network != self.state.catalog.network
             try:
+                if udp and remote:
+                    raise HboneConnectError(
+                        f"{ep.workload.key} is in network {ep.workload.network!r}: UDP flows do not cross "
+                        "networks (a gateway carries TCP HBONE only)"
+                    )
                 if udp:
                     target = Address.parse(ep.authority)
                     tunnel = await self.pool.open_udp_tunnel(
                         source, ep.identity, (ep.dial.host, ep.dial.port), (target.host, target.port), headers
                     )
+                elif remote:
+                    tunnel = await self.through_gateway(rec, source, ep, headers)
                 else:
                     tunnel = await self.pool.open_tunnel(
                         source, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
@@ -198,6 +206,39 @@ class Outbound:
             self.health.succeeded(ep)
             return tunnel
         raise Refused(503, FLAG_UPSTREAM_CONNECT if udp else FLAG_NO_HEALTHY, last_error)
+
+    async def through_gateway(
+        self, rec: ConnectionRecord, source: SpiffeId, ep: Endpoint, headers: list[tuple[str, str]]
+    ) -> TunnelStream:
+        """Double HBONE to an endpoint in another network: an outer tunnel to that network's gateway,
+        as this node's identity, whose CONNECT names the workload's address there (or, for a
+        waypoint, its HBONE endpoint); inside it the inner HBONE connection to the endpoint's node, as
+        `source`, verified end to end, with the CONNECT it would get in its own network plus
+        `x-forwarded-network` (docs/hbone.md, "Double HBONE"). Raises what `open_tunnel` raises."""
+        network = ep.workload.network
+        gateways = self.state.catalog.gateways_for(network)
+        if not gateways:
+            raise HboneConnectError(f"no gateway fronts network {network!r} (is its gateway in the catalog?)")
+        gateway = gateways[0]
+        assert gateway.gateway is not None and gateway.gateway.public is not None  # see gateways_for
+        public = gateway.gateway.public
+        rec.peer = str(public)
+        ip = ep.authority.rsplit(":", 1)[0].strip("[]")
+        outer_authority = ep.authority if ip == ep.workload.address else str(ep.dial)
+        outer = await self.pool.open_tunnel(
+            self.state.node_identity, gateway.identity, (public.host, public.port), outer_authority, headers
+        )
+        return await self.pool.open_nested_tunnel(
+            outer,
+            source,
+            ep.identity,
+            ep.authority,
+            [*headers, (FORWARDED_NETWORK_HEADER, self.state.catalog.network)],
+            peer_address=(ep.dial.host, ep.dial.port),
+        )
+
+
+FORWARDED_NETWORK_HEADER = "x-forwarded-network"  # ztunnel's, on the inner CONNECT of double HBONE
 
 
 def _baggage(source: SpiffeId) -> str:

@@ -25,11 +25,14 @@ from meshd.discovery.catalog import (
 from meshd.discovery.etcd import EtcdDiscovery
 from meshd.discovery.mdns import MdnsDiscovery
 from meshd.discovery.peers import PeerPoller, PeerTable
+from meshd.gateway.forward import Gateway
+from meshd.gateway.reverse import ReverseDialer
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, HboneServer
 from meshd.hbone.tls import CONTROL_SNI, load_cert_chain_pem
 from meshd.node.contexts import TlsContexts
 from meshd.node.inbound import Inbound
+from meshd.node.networks import NetworkCatalogs
 from meshd.node.outbound import Outbound
 from meshd.node.udp_inbound import UdpInbound
 from meshd.node.udp_outbound import UdpUpstream
@@ -66,7 +69,21 @@ class NodeProxy:
             self.waypoint = Waypoint(state, self.pool, plugins)
             self.waypoint.fallback = self.inbound.handle
             handler = self.waypoint.handle
+        self.gateway: Gateway | None = None
+        if state.config.role == "gateway":
+            # A gateway's HBONE port carries other networks' outer tunnels; catalog fetches go to inbound.
+            self.gateway = Gateway(state, self.pool, self.inbound.handle)
+            handler = self.gateway.handle
+        gateway = self.gateway
+        self.networks = NetworkCatalogs(
+            state, self.pool, self.rebuild_catalog, (lambda: gateway.reverse) if gateway is not None else dict
+        )
+        if gateway is not None:
+            gateway.on_reverse_change = self._reverse_changed
         self.server = HboneServer(self.contexts.server_for_ip, state.config.trust_domain, handler)
+        self.reverse_dialer: ReverseDialer | None = None
+        if gateway is not None and state.config.gateway.reverse:
+            self.reverse_dialer = ReverseDialer(state, self.pool, self.server)
         disc = state.config.discovery
         self.peers = PeerTable(disc.peer_timeout.total_seconds())
         self.poller = PeerPoller(
@@ -126,6 +143,9 @@ class NodeProxy:
             if self.capture.dns is not None:
                 await nursery.start(self._accept_until_drained, self.capture.dns.serve)
             await nursery.start(self.poller.run, cfg.discovery.peers)
+            await nursery.start(self.networks.run)
+            if self.reverse_dialer is not None:
+                await nursery.start(self.reverse_dialer.run)
             if self.mdns is not None:
                 await nursery.start(self.mdns.run)
             if self.etcd is not None:
@@ -247,9 +267,19 @@ class NodeProxy:
             raise CatalogError(f"{address} answered {status}: {body[:200].decode(errors='replace')}")
         return peer.service_account.removeprefix("node-"), status, body
 
+    def _reverse_changed(self) -> None:
+        self.rebuild_catalog()  # we front (or stop fronting) the network behind it
+        self.networks.poll_soon()  # its catalogs come over it
+
     def rebuild_catalog(self) -> None:
         local = local_catalog(self.state.config)
-        new = merge(local, self.peers.records())
+        if self.gateway is not None and self.gateway.reverse and local.gateway is not None:
+            fronted = tuple(sorted({*local.gateway.networks, *self.gateway.reverse}))
+            local = dataclasses.replace(local, gateway=dataclasses.replace(local.gateway, networks=fronted))
+        remote = self.networks.records()
+        if self.gateway is not None:
+            self.gateway.remote = [r.catalog for r in remote]
+        new = merge(local, [*remote, *self.peers.records()])  # a peer of our own network wins a name
         for conflict in set(new.conflicts) - set(self.state.catalog.conflicts):
             log.warning("catalog conflict: %s", conflict)
         self.state.catalog = new
@@ -284,5 +314,11 @@ class NodeProxy:
                     f"{up.listen}/udp": dataclasses.asdict(u.statistics())
                     for up, u in self.udp_upstreams.items()
                 },
+            },
+            "gateway": self.gateway.statistics() if self.gateway is not None else None,
+            "networks": {
+                "sources": [str(a) for a in self.networks.sources()],
+                "errors": self.networks.errors,
+                "nodes": [c.node for c in self.networks.catalogs()],
             },
         }

@@ -29,7 +29,7 @@ from meshd.policy.model import (
 )
 from meshd.policy.routes import RouteFile, load_routes, split_filter_settings
 
-Role = Literal["node", "waypoint"]
+Role = Literal["node", "waypoint", "gateway"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""The gateway role (`meshd role=gateway`): a network's east-west gateway for double HBONE."""

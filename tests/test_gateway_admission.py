@@ -1,0 +1,236 @@
+"""Networks in the catalog, the network catalog a gateway serves, and the gateway's admission of outer
+CONNECTs: all pure, table-tested. The data path itself is tested in tests/netns/test_gateway_netns.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meshd.config.load import load_config
+from meshd.config.model import GatewayConfig
+from meshd.dataplane.proxied import Refused
+from meshd.discovery.catalog import (
+    Catalog,
+    CatalogError,
+    GatewayEntry,
+    NodeCatalog,
+    PeerRecord,
+    ServiceEntry,
+    ServicePortEntry,
+    WorkloadEntry,
+    merge,
+)
+from meshd.discovery.networks import decode_network_catalog, encode_network_catalog, served_catalogs
+from meshd.errors import ConfigError
+from meshd.gateway.admission import admit, admit_catalog_read
+from meshd.identity.spiffe import SpiffeId
+from meshd.units import Address
+
+TD = "home.arpa"
+ECHO = ServiceEntry("echo", "default", (ServicePortEntry(7000, 7000, "tcp"),))
+
+
+def node(name: str, hbone: str, network: str, *workloads: WorkloadEntry, role: str = "node") -> NodeCatalog:
+    ws = tuple(
+        WorkloadEntry(
+            name, w.name, w.namespace, w.service_account, w.address, w.ports, w.services, network=network
+        )
+        for w in workloads
+    )
+    return NodeCatalog(name, TD, role, Address.parse(hbone), ws, (ECHO,), network=network)
+
+
+def echo(address: str) -> WorkloadEntry:
+    return WorkloadEntry("", "echo", "default", "echo", address, (7000,), ("echo.default",))
+
+
+A1 = node("a1", "10.0.1.11:15008", "site-a")
+B1 = node("b1", "10.0.2.11:15008", "site-b", echo("10.0.2.11"))
+GWB = NodeCatalog(
+    "gwb",
+    TD,
+    "gateway",
+    Address.parse("0.0.0.0:15008"),
+    (),
+    (),
+    network="site-b",
+    gateway=GatewayEntry(Address.parse("198.51.100.2:15008"), ("site-b",)),
+)
+GWA = NodeCatalog(
+    "gwa",
+    TD,
+    "gateway",
+    Address.parse("0.0.0.0:15008"),
+    (),
+    (),
+    network="site-a",
+    gateway=GatewayEntry(Address.parse("198.51.100.1:15008"), ("site-a",)),
+)
+
+
+def gateway_b_view() -> Catalog:
+    """gwb's merged catalog: itself, b1 (its own network, reached at 10.0.2.11), a1 and gwa (fetched)."""
+    return merge(GWB, [PeerRecord(B1, "10.0.2.11"), PeerRecord(A1, ""), PeerRecord(GWA, "")])
+
+
+def test_a_single_network_catalog_keeps_its_encoding() -> None:
+    plain = NodeCatalog("n", TD, "node", Address.parse("10.0.0.1:15008"), (), ())
+    assert "network" not in plain.to_json() and "gateway" not in plain.to_json()
+    back = NodeCatalog.decode(plain.encode(), trust_domain=TD)
+    assert back == plain and back.network == "default"
+
+
+def test_network_and_gateway_round_trip_and_reach_the_workloads() -> None:
+    for cat in (B1, GWB):
+        back = NodeCatalog.decode(cat.encode(), trust_domain=TD)
+        assert back == cat
+    assert NodeCatalog.decode(B1.encode(), trust_domain=TD).workloads[0].network == "site-b"
+    reverse = NodeCatalog(
+        "gw",
+        TD,
+        "gateway",
+        Address.parse("0.0.0.0:15008"),
+        (),
+        (),
+        network="x",
+        gateway=GatewayEntry(None, ("x",)),
+    )
+    assert NodeCatalog.decode(reverse.encode(), trust_domain=TD).gateway == GatewayEntry(None, ("x",))
+
+
+def test_gateways_for_lists_only_dialable_gateways_of_that_network() -> None:
+    cat = merge(A1, [PeerRecord(GWA, "10.0.1.1"), PeerRecord(GWB, ""), PeerRecord(B1, "")])
+    assert [g.node for g in cat.gateways_for("site-b")] == ["gwb"]
+    assert [g.node for g in cat.gateways_for("site-a")] == ["gwa"]
+    assert cat.gateways_for("elsewhere") == []
+    nat = NodeCatalog(
+        "gwb", TD, "gateway", GWB.hbone, (), (), network="site-b", gateway=GatewayEntry(None, ("site-b",))
+    )
+    assert merge(A1, [PeerRecord(nat, "")]).gateways_for("site-b") == []
+
+
+def test_the_network_catalog_serves_fronted_and_fetched_networks_and_drops_the_receivers() -> None:
+    cat = merge(GWB, [PeerRecord(B1, "10.0.2.11"), PeerRecord(A1, "")])
+    served = served_catalogs(cat, ("site-b",), [GWA])
+    assert [c.node for c in served] == ["b1", "gwa", "gwb"]  # a1 is not site B's; gwa came fetched
+    body = encode_network_catalog("site-b", served)
+    assert [c.node for c in decode_network_catalog(body, trust_domain=TD, own_network="site-a")] == [
+        "b1",
+        "gwb",
+    ]
+    assert [c.node for c in decode_network_catalog(body, trust_domain=TD, own_network="site-b")] == ["gwa"]
+    with pytest.raises(CatalogError, match="trust domain"):
+        decode_network_catalog(body, trust_domain="other.example", own_network="site-a")
+    for bad in (
+        b"[]",
+        b"{",
+        json.dumps({"version": 1}).encode(),
+        json.dumps({"version": 2, "catalogs": []}).encode(),
+    ):
+        with pytest.raises(CatalogError):
+            decode_network_catalog(bad, trust_domain=TD, own_network="site-a")
+
+
+NODE_A1 = SpiffeId.node(TD, "a1")
+NODE_B1 = SpiffeId.node(TD, "b1")
+
+
+@pytest.mark.parametrize(
+    ("peer", "authority", "config", "status", "why"),
+    [
+        (SpiffeId(TD, "default", "client"), "10.0.2.11:7000", GatewayConfig(), 401, "not a node identity"),
+        (
+            SpiffeId.node(TD, "stranger"),
+            "10.0.2.11:7000",
+            GatewayConfig(),
+            401,
+            "no network this gateway knows",
+        ),
+        (NODE_B1, "10.0.2.11:7000", GatewayConfig(), 401, "dial directly"),
+        (NODE_A1, "10.0.2.99:7000", GatewayConfig(), 503, "no node or workload"),
+        (NODE_A1, "10.0.2.11:22", GatewayConfig(), 503, "no node or workload"),
+        (NODE_A1, "echo.default:7000", GatewayConfig(), 400, "not ip:port"),
+        (NODE_A1, "10.0.2.11:7000", GatewayConfig(allow_networks=("site-c",)), 401, "allow_networks"),
+        (NODE_A1, "10.0.2.11:7000", GatewayConfig(allow_nodes=("a2",)), 401, "allow_nodes"),
+    ],
+)
+def test_admission_refuses(
+    peer: SpiffeId, authority: str, config: GatewayConfig, status: int, why: str
+) -> None:
+    with pytest.raises(Refused, match=why) as info:
+        admit(gateway_b_view(), config, ("site-b",), peer, authority)
+    assert info.value.status == status
+
+
+def test_admission_maps_a_workload_or_a_node_to_its_nodes_hbone_endpoint() -> None:
+    cat = gateway_b_view()
+    to_workload = admit(cat, GatewayConfig(), ("site-b",), NODE_A1, "10.0.2.11:7000")
+    to_node = admit(
+        cat,
+        GatewayConfig(allow_networks=("site-a",), allow_nodes=("a1",)),
+        ("site-b",),
+        NODE_A1,
+        "10.0.2.11:15008",
+    )
+    for forward in (to_workload, to_node):
+        assert (forward.source_node, forward.source_network, forward.target_node) == ("a1", "site-a", "b1")
+        assert forward.target == Address("10.0.2.11", 15008) and forward.via_reverse is None
+
+
+def test_admission_through_a_reverse_connection() -> None:
+    """gwa holds site B's reverse connection: a1 (site A, which gwa fronts) may go to site B through it,
+    b1 may not use it to come back into its own network."""
+    cat = merge(GWA, [PeerRecord(A1, "10.0.1.11"), PeerRecord(B1, ""), PeerRecord(GWB, "")])
+    forward = admit(cat, GatewayConfig(), ("site-a",), NODE_A1, "10.0.2.11:7000", reverse={"site-b"})
+    assert forward.via_reverse == "site-b" and forward.target_node == "b1"
+    with pytest.raises(Refused, match="dial directly"):
+        admit(cat, GatewayConfig(), ("site-a",), NODE_B1, "10.0.2.11:7000", reverse={"site-b"})
+    with pytest.raises(Refused, match="no node or workload"):
+        admit(cat, GatewayConfig(), ("site-a",), NODE_A1, "10.0.2.11:7000")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('role = "gateway"\n', "gateway.public"),
+        ('role = "gateway"\n[gateway]\nreverse = true\n', "gateway.remote"),
+        ('network = "Site A"\n', "network"),
+        (
+            'role = "gateway"\n[gateway]\npublic = "10.0.0.1:15008"\nmax_connections_per_network = 0\n',
+            "max_connections",
+        ),
+    ],
+)
+def test_gateway_config_errors_say_what_to_set(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "meshd.toml"
+    path.write_text('node_name = "gw"\n' + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert problem in "\n".join(p.format() for p in info.value.problems)
+
+
+def test_a_gateway_config_loads(tmp_path: Path) -> None:
+    path = tmp_path / "meshd.toml"
+    path.write_text(
+        'node_name = "gw"\nrole = "gateway"\nnetwork = "home"\n'
+        '[gateway]\npublic = "203.0.113.7:15008"\nremote = ["198.51.100.2:15008"]\nallow_networks = ["vps"]\n'
+    )
+    cfg = load_config(path)
+    assert cfg.fronted_networks == ("home",) and cfg.gateway.remote == (Address("198.51.100.2", 15008),)
+
+
+def test_who_may_read_the_network_catalog() -> None:
+    cat = gateway_b_view()
+    fronted = ("site-b",)
+    admit_catalog_read(cat, GatewayConfig(), fronted, NODE_A1)  # another network: yes
+    admit_catalog_read(cat, GatewayConfig(), fronted, NODE_B1)  # our own: yes
+    admit_catalog_read(
+        cat, GatewayConfig(allow_networks=("site-c",)), fronted, SpiffeId.node(TD, "new")
+    )  # unknown
+    with pytest.raises(Refused, match="allow_networks") as info:
+        admit_catalog_read(cat, GatewayConfig(allow_networks=("site-c",)), fronted, NODE_A1)
+    assert info.value.status == 403
+    with pytest.raises(Refused, match="node identities only"):
+        admit_catalog_read(cat, GatewayConfig(), fronted, SpiffeId(TD, "default", "client"))
