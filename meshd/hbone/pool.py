@@ -143,20 +143,7 @@ class HbonePool:
         """CONNECT to `authority` through the HBONE endpoint at `address`, which must present
         `destination`'s certificate. Raises TunnelRefused (non-200), HboneConnectError, PeerIdentityError."""
         key = PoolKey(source, destination, (address[0], int(address[1])))
-        for attempt in range(2):
-            link, sid = await self._open_stream(key, lambda c: c.open_tunnel(authority, headers=headers))
-            try:
-                status = await self._wait_response(link, sid, retryable=attempt == 0)
-                if 200 <= status < 300:
-                    return TunnelStream(link, sid)
-                reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
-                raise TunnelRefused(status, reason)
-            except _Retry:
-                continue
-            except BaseException:
-                link.release(sid)
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._tunnel(key, lambda c: c.open_tunnel(authority, headers=headers), extended=False)
 
     async def open_udp_tunnel(
         self,
@@ -171,10 +158,18 @@ class HbonePool:
         (meshd.hbone.capsule). Raises as `open_tunnel`; HboneConnectError if the peer does not enable
         extended CONNECT."""
         key = PoolKey(source, destination, (address[0], int(address[1])))
+        return await self._tunnel(
+            key, lambda c: c.open_udp_tunnel(target[0], target[1], headers=headers), extended=True
+        )
+
+    async def _tunnel(
+        self, key: PoolKey, open_stream: Callable[[HboneConnection], int], *, extended: bool
+    ) -> TunnelStream:
+        """Open a CONNECT stream with `open_stream` and wait for its answer: the tunnel on 2xx, else
+        TunnelRefused with the peer's reason. A connection that went away before answering (GOAWAY
+        past our stream) is retried once on a fresh one."""
         for attempt in range(2):
-            link, sid = await self._open_stream(
-                key, lambda c: c.open_udp_tunnel(target[0], target[1], headers=headers), extended=True
-            )
+            link, sid = await self._open_stream(key, open_stream, extended=extended)
             try:
                 status = await self._wait_response(link, sid, retryable=attempt == 0)
                 if 200 <= status < 300:
