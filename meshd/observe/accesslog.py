@@ -132,6 +132,23 @@ class ConnectionRecord:
     def source_labels(self) -> WorkloadLabels:
         return self.source if self.source is not None else WorkloadLabels.of_identity(self.source_identity)
 
+    def log_fields(self) -> dict[str, object]:
+        """Who talked to whom, as every access-log line of a connection or flow says it."""
+        src = self.source_labels
+        return {
+            "reporter": self.reporter,
+            "src.addr": self.src,
+            "dst.addr": self.dst,
+            "peer.addr": self.peer,
+            "src.workload": src.workload,
+            "src.namespace": src.namespace,
+            "src.identity": self.source_identity.uri if self.source_identity else None,
+            "dst.identity": self.destination_identity.uri if self.destination_identity else None,
+            "dst.service": self.destination_service,
+            "dst.workload": self.destination.workload,
+            "dst.namespace": self.destination.namespace,
+        }
+
     def labels(self, flags: str = "-") -> tuple[str, ...]:
         return (
             *_istio_labels(
@@ -232,21 +249,10 @@ class ConnectionTelemetry:
     def _log(self, rec: ConnectionRecord, *, sent: int, received: int, error: str | None, flags: str) -> None:
         if not self.access_log:
             return
-        src = rec.source_labels
         log.info(
             "connection complete" if error is None else "connection failed",
             extra={
-                "reporter": rec.reporter,
-                "src.addr": rec.src,
-                "dst.addr": rec.dst,
-                "peer.addr": rec.peer,
-                "src.workload": src.workload,
-                "src.namespace": src.namespace,
-                "src.identity": rec.source_identity.uri if rec.source_identity else None,
-                "dst.identity": rec.destination_identity.uri if rec.destination_identity else None,
-                "dst.service": rec.destination_service,
-                "dst.workload": rec.destination.workload,
-                "dst.namespace": rec.destination.namespace,
+                **rec.log_fields(),
                 "bytes_sent": sent,
                 "bytes_recv": received,
                 "duration_ms": round((time.monotonic() - rec.started) * 1000, 1),

@@ -146,22 +146,11 @@ class UdpTelemetry:
     def _log(self, rec: ConnectionRecord, c: FlowCounters, flags: str, ended: str, error: str | None) -> None:
         if not self.access_log:
             return
-        src = rec.source_labels
         log.info(
             "udp flow complete" if error is None else "udp flow failed",
             extra={
-                "reporter": rec.reporter,
+                **rec.log_fields(),
                 "protocol": "udp",
-                "src.addr": rec.src,
-                "dst.addr": rec.dst,
-                "peer.addr": rec.peer,
-                "src.workload": src.workload,
-                "src.namespace": src.namespace,
-                "src.identity": rec.source_identity.uri if rec.source_identity else None,
-                "dst.identity": rec.destination_identity.uri if rec.destination_identity else None,
-                "dst.service": rec.destination_service,
-                "dst.workload": rec.destination.workload,
-                "dst.namespace": rec.destination.namespace,
                 "bytes_sent": c.sent_bytes,
                 "bytes_recv": c.received_bytes,
                 "packets_sent": c.sent_packets,
