@@ -110,9 +110,13 @@ class Namespaces:
         self._namespaces.append(name)
         ip("-n", name, "link", "set", "lo", "up")
 
+    def started_on(self) -> list[Host]:
+        """The hosts whose processes close() kills and reaps first."""
+        return list(self.hosts)
+
     def close(self) -> None:
         """Kill what runs in the namespaces (ours by construction), then delete them."""
-        for host in self.hosts:
+        for host in self.started_on():
             for proc in host.procs:
                 if proc.poll() is None:
                     proc.kill()

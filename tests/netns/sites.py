@@ -15,13 +15,11 @@ starts with `mgwy`, every address is in 10.236.0.0/16, and everything is deleted
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import subprocess
 
-from tests.netns.lab import Host, NetnsUnavailable, ip
+from tests.netns.lab import Host, Namespaces, NetnsUnavailable, ip
 
 PUBLIC = "10.236.0"
 SITE_SUBNETS = {"a": "10.236.1", "b": "10.236.2"}
@@ -39,12 +37,14 @@ def nft(ns: str, script: str) -> None:
         raise RuntimeError(f"nft in {ns}: {proc.stderr.strip()}")
 
 
-class Sites:
+class Sites(Namespaces):
     def __init__(self) -> None:
-        self.id = "mgwy" + secrets.token_hex(3)
-        self.hosts: dict[str, Host] = {}
-        self._namespaces: list[str] = []
+        super().__init__("mgwy" + secrets.token_hex(3))
+        self.hosts: dict[str, Host] = {}  # type: ignore[assignment]  # by label: the tests name them
         self._veths = 0
+
+    def started_on(self) -> list[Host]:
+        return list(self.hosts.values())
 
     @classmethod
     def create(cls) -> Sites:
@@ -63,11 +63,6 @@ class Sites:
             sites.close()
             raise NetnsUnavailable(str(exc)) from exc
         return sites
-
-    def _add_ns(self, name: str) -> None:
-        ip("netns", "add", name)
-        self._namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
 
     def _plug(self, host_ns: str, bridge: str, ifname: str, address: str) -> None:
         self._veths += 1
@@ -119,19 +114,3 @@ class Sites:
             f'    iifname "eth1" tcp dport {port} ct state new drop\n  }}\n'
             "}\n",
         )
-
-    def close(self) -> None:
-        for host in self.hosts.values():
-            for proc in host.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(5)
-        for ns in reversed(self._namespaces):
-            with contextlib.suppress(RuntimeError, OSError):
-                for pid in ip("netns", "pids", ns).split():
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
-            with contextlib.suppress(RuntimeError, OSError):
-                ip("netns", "del", ns)
-        self._namespaces.clear()
