@@ -20,23 +20,19 @@ Writes bench/results/gateway-<timestamp>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
+from l4 import Procs, http_get, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -45,51 +41,6 @@ IPS = {"alpha": f"{NET}.2", "beta": f"{NET}.3", "gamma": f"{NET}.4", "gwa": f"{N
 SINK_PORT, ECHO_PORT = 7001, 7000
 TD = "bench.arpa"
 LISTEN = {"direct": (IPS["alpha"], 17100), "gateway": (IPS["alpha"], 17200)}  # + 0 echo, + 1 sink
-
-
-class Procs:
-    """Every child process this run starts; all are stopped in `close()`."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, cmd: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, stdout=kw.pop("stdout", out), stderr=out, **kw)
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                with contextlib.suppress(OSError):
-                    p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_until(what: str, cond: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited {proc.returncode}\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if cond():
-                return
-        time.sleep(0.05)  # polling the condition itself
-    raise RuntimeError(f"{what}: not met within {timeout}s\n{log.read_text()[-3000:]}")
 
 
 def target(name: str, ip: str) -> str:
@@ -109,7 +60,9 @@ def start(procs: Procs, work: Path) -> dict[str, int]:
     )
     for ip in (IPS["beta"], IPS["gamma"]):
         cmd = [sys.executable, str(Path(__file__).resolve()), "_serve", ip]
-        p = procs.start(cmd, work / f"targets-{ip}.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        p = procs.start(
+            f"targets-{ip}", cmd, work / f"targets-{ip}.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         assert p.stdout is not None
         if p.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"target servers on {ip} failed")
@@ -144,10 +97,10 @@ def start(procs: Procs, work: Path) -> dict[str, int]:
             top=top + f'network = "{network}"\n',
         )
         log = work / f"meshd-{name}.log"
-        started[name] = (procs.start([sys.executable, "-m", "meshd", "run", "-c", str(cfg)], log), log)
+        started[name] = (procs.start(name, [sys.executable, "-m", "meshd", "run", "-c", str(cfg)], log), log)
     for name, (p, log) in started.items():
         url = f"http://{IPS[name]}:15021/healthz/ready"
-        wait_until(f"meshd {name} ready", lambda u=url: http_get(u)[0] == 200, p, log)
+        wait_until(f"meshd {name} ready", lambda u=url: http_get(u)[0] == 200, p, log, timeout=60)
     p, log = started["alpha"]
 
     def knows_both() -> bool:
@@ -155,7 +108,7 @@ def start(procs: Procs, work: Path) -> dict[str, int]:
         gwb = json.loads(http_get(f"http://{IPS['gwb']}:15000/config_dump")[1])["catalog"]
         return {"near.default", "far.default"} <= set(alpha["services"]) and "alpha" in gwb["nodes"]
 
-    wait_until("alpha knows far.default and gwb knows alpha", knows_both, p, log)
+    wait_until("alpha knows far.default and gwb knows alpha", knows_both, p, log, timeout=60)
     return {name: proc.pid for name, (proc, _) in started.items()}
 
 
