@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from prometheus_client import Counter, Histogram
 
 from meshd.discovery.catalog import Catalog, WorkloadEntry
 from meshd.identity.spiffe import SpiffeId
@@ -386,6 +389,16 @@ class RequestRecord:
         return attrs
 
 
+_MAX_CACHED_SERIES = 10_000
+
+
+class _RequestSeries(NamedTuple):
+    requests: Counter
+    duration: Histogram
+    request_bytes: Histogram
+    response_bytes: Histogram
+
+
 class RequestTelemetry:
     """Istio's HTTP metrics and one access-log line per request (and its span, when traced)."""
 
@@ -393,16 +406,33 @@ class RequestTelemetry:
         self.metrics = metrics
         self.access_log = access_log
         self.tracer = tracer
+        # The four series of each label set, looked up once: prometheus_client's labels() costs ~2 us a
+        # call (it converts and checks every one of the 25 values), four times a request.
+        self._series: dict[tuple[str, ...], _RequestSeries] = {}
+
+    def _series_of(self, labels: tuple[str, ...]) -> _RequestSeries:
+        series = self._series.get(labels)
+        if series is None:
+            if len(self._series) >= _MAX_CACHED_SERIES:
+                self._series.clear()  # the series stay in the registry; only the shortcut is dropped
+            m = self.metrics
+            series = self._series[labels] = _RequestSeries(
+                m.requests.labels(*labels),
+                m.request_duration.labels(*labels),
+                m.request_bytes.labels(*labels),
+                m.response_bytes.labels(*labels),
+            )
+        return series
 
     def finished(self, rec: RequestRecord) -> dict[str, object]:
         """Count the request and log it; returns the access-log record."""
         duration_ms = (time.monotonic() - rec.started) * 1000
-        labels = rec.labels()
+        series = self._series_of(rec.labels())
+        series.requests.inc()
+        series.duration.observe(duration_ms)
+        series.request_bytes.observe(rec.request_bytes)
+        series.response_bytes.observe(rec.response_bytes)
         m = self.metrics
-        m.requests.labels(*labels).inc()
-        m.request_duration.labels(*labels).observe(duration_ms)
-        m.request_bytes.labels(*labels).observe(rec.request_bytes)
-        m.response_bytes.labels(*labels).observe(rec.response_bytes)
         for filter_name, reason in rec.wasm_failures:
             m.wasm_failures.labels(filter_name, reason).inc()
         record = rec.to_json(round(duration_ms, 1))
