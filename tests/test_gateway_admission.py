@@ -100,6 +100,15 @@ def test_network_and_gateway_round_trip_and_reach_the_workloads() -> None:
     assert NodeCatalog.decode(reverse.encode(), trust_domain=TD).gateway == GatewayEntry(None, ("x",))
 
 
+@pytest.mark.parametrize("gateway", [[], "site-b", {"public": None}, {"networks": "site-b"}])
+def test_a_malformed_gateway_entry_is_a_catalog_error(gateway: object) -> None:
+    # Found by the network-catalog fuzz target: `"gateway": []` raised AttributeError, not CatalogError.
+    raw = json.loads(GWB.encode())
+    raw["gateway"] = gateway
+    with pytest.raises(CatalogError, match="gateway must be a table"):
+        NodeCatalog.decode(json.dumps(raw).encode(), trust_domain=TD)
+
+
 def test_gateways_for_lists_only_dialable_gateways_of_that_network() -> None:
     cat = merge(A1, [PeerRecord(GWA, "10.0.1.1"), PeerRecord(GWB, ""), PeerRecord(B1, "")])
     assert [g.node for g in cat.gateways_for("site-b")] == ["gwb"]

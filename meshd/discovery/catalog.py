@@ -225,6 +225,8 @@ def _from_json(raw: Any) -> NodeCatalog:
     network = _str(raw.get("network", DEFAULT_NETWORK))
     gateway = None
     if (g := raw.get("gateway")) is not None:
+        if not isinstance(g, dict) or not isinstance(g.get("networks"), list):
+            raise TypeError("gateway must be a table with a list of networks")
         public = None if g.get("public") is None else Address.parse(_str(g["public"]))
         gateway = GatewayEntry(public, tuple(_str(n) for n in g["networks"]))
     workloads = []
