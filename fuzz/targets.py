@@ -599,9 +599,9 @@ def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-@st.composite
-def _catalog_bytes(draw: st.DrawFn) -> bytes:
-    doc = json.loads(json.dumps(_GOOD_CATALOG))
+def _mutated(draw: st.DrawFn, good: Any) -> Any:
+    """A copy of a valid document with up to three values replaced by arbitrary JSON or removed."""
+    doc = json.loads(json.dumps(good))
     for _ in range(draw(st.integers(0, 3))):
         path = draw(st.sampled_from(_paths(doc)))
         if not path:
@@ -613,6 +613,12 @@ def _catalog_bytes(draw: st.DrawFn) -> bytes:
             parent[path[-1]] = draw(_JSON)
         elif isinstance(parent, dict):
             del parent[path[-1]]
+    return doc
+
+
+@st.composite
+def _catalog_bytes(draw: st.DrawFn) -> bytes:
+    doc = _mutated(draw, _GOOD_CATALOG)
     return json.dumps(doc).encode()
 
 
@@ -666,18 +672,7 @@ _GOOD_NETWORK: dict[str, Any] = {
 
 @st.composite
 def _network_input(draw: st.DrawFn) -> tuple[bytes, str]:
-    doc = json.loads(json.dumps(_GOOD_NETWORK))
-    for _ in range(draw(st.integers(0, 3))):
-        path = draw(st.sampled_from(_paths(doc)))
-        if not path:
-            continue
-        parent = doc
-        for p in path[:-1]:
-            parent = parent[p]
-        if draw(st.booleans()):
-            parent[path[-1]] = draw(_JSON)
-        elif isinstance(parent, dict):
-            del parent[path[-1]]
+    doc = _mutated(draw, _GOOD_NETWORK)
     body = draw(st.one_of(st.just(json.dumps(doc).encode()), st.binary(max_size=100)))
     authority = draw(
         st.one_of(

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from meshd.build import COMPILED_MODULES
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 
 
 def test_version_names_the_build_that_runs() -> None:

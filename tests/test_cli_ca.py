@@ -17,10 +17,10 @@ from meshd.cli import main
 from meshd.cli_ca import humanize
 from meshd.identity.ca import LocalCA, load_pem_certificates, read_issued, verify_chain, write_issued
 from meshd.identity.spiffe import SpiffeId
+from tests.support.paths import REPO
 
 TD = "mesh.local"
 WEB_ID = f"spiffe://{TD}/ns/default/sa/web"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> Result:

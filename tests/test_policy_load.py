@@ -11,8 +11,7 @@ from meshd.errors import ConfigError, Problem
 from meshd.identity.spiffe import SpiffeId
 from meshd.policy import ConnectionAttrs, authorize_connection, load_policy_dir, mtls_mode
 from meshd.policy.load import Role
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 
 GOOD = """\
 [[authorization]]

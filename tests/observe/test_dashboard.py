@@ -23,21 +23,9 @@ from meshd.identity.spiffe import SpiffeId
 from meshd.observe.graph import REPORT_PATH
 from tests.support.chromium import dump_dom, screenshot
 from tests.support.configs import node_config
+from tests.support.paths import REPO
 from tests.support.procs import Meshd, http_get, running, unique_loopback, wait_for
-from tests.support.telemetry_mesh import TelemetryMesh, three_daemons
-
-REPO = Path(__file__).resolve().parents[2]
-ROUTES = """
-[[route]]
-name = "fail"
-service = "reviews.default"
-match = [{ path = { prefix = "/fail" } }]
-filters = [{ name = "fault", settings = { abort = { http_status = 503, percentage = 100 } } }]
-
-[[route]]
-name = "default"
-service = "reviews.default"
-"""
+from tests.support.telemetry_mesh import ROUTES, TelemetryMesh, three_daemons
 
 
 def raw(address: tuple[str, int], data: bytes, read: int | None = None) -> bytes:

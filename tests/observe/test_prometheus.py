@@ -13,25 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import REPO
 from tests.support.procs import unique_loopback, wait_for
 from tests.support.prometheus import Prometheus, prometheus
-from tests.support.telemetry_mesh import TelemetryMesh, three_daemons
+from tests.support.telemetry_mesh import ROUTES, TelemetryMesh, three_daemons
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-
-ROUTES = """
-[[route]]
-name = "fail"
-service = "reviews.default"
-match = [{ path = { prefix = "/fail" } }]
-filters = [{ name = "fault", settings = { abort = { http_status = 503, percentage = 100 } } }]
-
-[[route]]
-name = "default"
-service = "reviews.default"
-"""
 
 # Istio's Mesh dashboard (istio/istio manifests/addons, as Grafana and Perses ship it), with
 # $__rate_interval written as the window [W].

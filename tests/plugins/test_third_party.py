@@ -17,8 +17,8 @@ from meshd.plugins.manager import filter_types, make_plugin_manager
 from meshd.policy import load_policy_dir
 from meshd.waypoint.router import compile_router
 from tests.plugins.helpers import FakeUpstream, request
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "plugins" / "meshd-hello"
 
 

@@ -24,6 +24,18 @@ REVIEWS_PORT = 9080
 ECHO_PORT = 7000
 HTTP_UPSTREAM = 17080
 TCP_UPSTREAM = 17070
+# The waypoint routes the telemetry tests use: /fail answers 503 (a fault filter), the rest passes.
+ROUTES = """
+[[route]]
+name = "fail"
+service = "reviews.default"
+match = [{ path = { prefix = "/fail" } }]
+filters = [{ name = "fault", settings = { abort = { http_status = 503, percentage = 100 } } }]
+
+[[route]]
+name = "default"
+service = "reviews.default"
+"""
 
 
 @dataclass
