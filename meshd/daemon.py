@@ -27,6 +27,7 @@ from meshd.dashboard import Dashboard
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
+from meshd.heap import settle_after_start
 from meshd.identity.manager import IdentityError, IdentityManager
 from meshd.identity.spiffe import SpiffeId
 from meshd.listeners import ListenError
@@ -150,6 +151,7 @@ class Daemon:
                 await self._start_component(nursery, "ca", self.ca.serve_enrollment)
             nursery.start_soon(self.ca.watch_bundle, self.identities)
             self.readiness.seal()
+            settle_after_start()  # before the first request: start-up objects leave the collector's walk
             self.metrics.ready.set(1)
             self.systemd.ready(f"{self.config.role} {self.config.node_name} ready")
             log.info(
