@@ -428,14 +428,15 @@ class HboneConnection:
                     self._h2.end_stream(stream_id)
             elif type(data) is bytes and size <= frame:
                 # Exact bytes pass through hyperframe's serializer without a copy (b"" + x is x).
-                self._h2.send_data(stream_id, data, end_stream=end_stream)
+                if end_stream or not self._h2.send_plain_data(stream_id, data):
+                    self._h2.send_data(stream_id, data, end_stream=end_stream)
             else:
                 view = memoryview(data).cast("B")
                 for pos in range(0, size, frame):
                     last = pos + frame >= size
-                    self._h2.send_data(
-                        stream_id, bytes(view[pos : pos + frame]), end_stream=end_stream and last
-                    )
+                    piece = bytes(view[pos : pos + frame])
+                    if (end_stream and last) or not self._h2.send_plain_data(stream_id, piece):
+                        self._h2.send_data(stream_id, piece, end_stream=end_stream and last)
         except h2.exceptions.ProtocolError as e:
             raise LocalProtocolError(f"cannot send on stream {stream_id}: {e}") from e
         if end_stream:
@@ -565,11 +566,16 @@ class HboneConnection:
         caller may reuse its buffer once this returns."""
         if self._closed:
             return []
+        with_preface = self._preface_left > 0
         complete = self._complete_frames(data)
         if not complete:
             return []
+        out: list[ev.Event] = []
         try:
-            raw = self._h2.receive_data(complete)
+            if with_preface:
+                self._receive_by_h2(complete, out)  # once per connection: h2 checks the preface
+            else:
+                self._receive_frames(memoryview(complete), out)
         except h2.exceptions.ProtocolError as e:
             self._closed = True
             self._collect_output()
@@ -577,15 +583,40 @@ class HboneConnection:
         finally:
             self._frames.release()
             self._drop_parsed(complete)
-        out: list[ev.Event] = []
-        for event in raw:
-            self._translate(event, out)
-        if self._frames.goaways:
-            frames, self._frames.goaways = self._frames.goaways, []
-            for frame in frames:
-                self._on_goaway(frame, out)
         self._collect_output()
         return out
+
+    def _receive_frames(self, frames: memoryview, out: list[ev.Event]) -> None:
+        """Whole frames -> events. A tunnel's plain DATA frame (no flags, on a stream the app holds)
+        becomes its event here, with h2's flow-control accounting (H2Connection.receive_plain_data);
+        the frames between such ones go to h2 in runs, in order."""
+        size = len(frames)
+        pos = start = 0
+        while pos < size and not self._closed:
+            length = (frames[pos] << 16) | (frames[pos + 1] << 8) | frames[pos + 2]
+            end = pos + 9 + length
+            if length and frames[pos + 3] == 0 and frames[pos + 4] == 0:  # DATA, no flags
+                sid = int.from_bytes(frames[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                rec = self._streams.get(sid)
+                if rec is not None and not rec.reset:
+                    if start < pos:
+                        self._receive_by_h2(frames[start:pos], out)
+                        start = pos
+                    if not rec.reset and not self._closed and self._h2.receive_plain_data(sid, length):
+                        rec.unacked += length
+                        out.append(ev.DataReceived(sid, bytes(frames[pos + 9 : end])))
+                        start = end
+            pos = end
+        if start < size and not self._closed:
+            self._receive_by_h2(frames[start:], out)
+
+    def _receive_by_h2(self, frames: bytes | memoryview, out: list[ev.Event]) -> None:
+        for event in self._h2.receive_data(frames):
+            self._translate(event, out)
+        if self._frames.goaways:
+            goaways, self._frames.goaways = self._frames.goaways, []
+            for frame in goaways:
+                self._on_goaway(frame, out)
 
     def _complete_frames(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
         """The longest prefix of (held bytes + `data`) that ends on a frame boundary (b"" if none);

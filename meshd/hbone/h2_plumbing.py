@@ -20,8 +20,9 @@ import h2.connection
 import h2.errors
 import h2.exceptions
 import h2.settings
+from h2.connection import ConnectionState
 from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamClosedBy
+from h2.stream import StreamClosedBy, StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
@@ -90,6 +91,12 @@ DATA_BY_REFERENCE = 4096  # DATA payloads this large are not copied into the out
 END_STREAM_FLAG = 0x1
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length (16 + 8), type, flags, stream id
 
+# Where h2's state machines let DATA through without a state change (RFC 9113 5.1): the plain-DATA
+# paths below only take these cases and leave every other one to h2.
+_OPEN_CONNECTION = frozenset((ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN))
+_MAY_SEND_DATA = frozenset((StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE))
+_MAY_RECEIVE_DATA = frozenset((StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL))
+
 
 class H2Connection(h2.connection.H2Connection):
     """h2, plus: a HEADERS frame that would exceed our MAX_CONCURRENT_STREAMS refuses that one stream
@@ -118,6 +125,56 @@ class H2Connection(h2.connection.H2Connection):
                 self._data_to_send = bytearray()
             else:
                 self._data_to_send += frame.serialize()
+
+    # Plain DATA (no END_STREAM, no padding, on an open stream) is nearly all a tunnel carries. h2
+    # handles each such frame with a frame object, a flags set, two state-machine steps, an event
+    # object and debug-log calls; these two do the same flow-control accounting on h2's own counters
+    # and nothing else, and say False for any other case, which then goes through h2 as before.
+
+    def send_plain_data(self, stream_id: int, data: bytes) -> bool:
+        """Queue one DATA frame without END_STREAM, as h2's send_data would; False (nothing done): not
+        that simple case (closed stream or connection, no window, larger than a frame)."""
+        size = len(data)
+        stream = self.streams.get(stream_id)
+        if (
+            stream is None
+            or not 0 < size <= self.max_outbound_frame_size
+            or size > self.outbound_flow_control_window
+            or size > stream.outbound_flow_control_window
+            or self.state_machine.state not in _OPEN_CONNECTION
+            or stream.state_machine.state not in _MAY_SEND_DATA
+        ):
+            return False
+        self.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
+        self._data_to_send += _FRAME_HEADER.pack(size >> 8, size & 0xFF, 0x0, 0, stream_id)
+        if size >= DATA_BY_REFERENCE:
+            self._pieces.append(bytes(self._data_to_send))
+            self._pieces.append(data)
+            self._data_to_send = bytearray()
+        else:
+            self._data_to_send += data
+        return True
+
+    def receive_plain_data(self, stream_id: int, length: int) -> bool:
+        """Account for a received DATA frame without flags (no END_STREAM, no padding) of `length`
+        bytes, as h2 would; False (nothing done): not that simple case, hand the frame to h2, which
+        raises the error or answers the closed stream."""
+        stream = self.streams.get(stream_id)
+        if (
+            stream is None
+            or self.state_machine.state not in _OPEN_CONNECTION
+            or stream.state_machine.state not in _MAY_RECEIVE_DATA
+            or not stream.state_machine.headers_received  # h2: "cannot receive data before headers"
+            or stream._expected_content_length is not None  # h2 counts such a body against it
+            or length > self._inbound_flow_control_window_manager.current_window_size
+            or length > stream._inbound_window_manager.current_window_size
+            or self.incoming_buffer._headers_buffer  # inside a header block DATA is an error
+        ):
+            return False
+        self._inbound_flow_control_window_manager.window_consumed(length)
+        stream._inbound_window_manager.window_consumed(length)
+        return True
 
     def pieces_to_send(self) -> list[bytes]:
         pieces = self._pieces
