@@ -424,8 +424,9 @@ class RequestTelemetry:
             )
         return series
 
-    def finished(self, rec: RequestRecord) -> dict[str, object]:
-        """Count the request and log it; returns the access-log record."""
+    def finished(self, rec: RequestRecord, *, want_record: bool = True) -> dict[str, object] | None:
+        """Count the request and log it; returns the access-log record (None if it was not wanted
+        and the access log is off: nobody reads it then, and building it is per-request work)."""
         duration_ms = (time.monotonic() - rec.started) * 1000
         series = self._series_of(rec.labels())
         series.requests.inc()
@@ -435,8 +436,8 @@ class RequestTelemetry:
         m = self.metrics
         for filter_name, reason in rec.wasm_failures:
             m.wasm_failures.labels(filter_name, reason).inc()
-        record = rec.to_json(round(duration_ms, 1))
-        if self.access_log:
+        record = rec.to_json(round(duration_ms, 1)) if want_record or self.access_log else None
+        if record is not None and self.access_log:
             log.info("request complete" if rec.error is None else "request failed", extra=record)
         if rec.trace is not None and self.tracer is not None and rec.trace.context.sampled:
             failed = rec.error is not None or rec.response_code >= 500

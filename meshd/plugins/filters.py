@@ -90,7 +90,10 @@ class Headers:
         return len(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and any(k == name.lower() for k, _ in self._items)
+        if not isinstance(name, str):
+            return False
+        name = name.lower()  # once, not per field
+        return any(k == name for k, _ in self._items)
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._items)

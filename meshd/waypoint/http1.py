@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -280,8 +279,14 @@ def _random_hex(bits: int) -> str:
     return f"{value:0{bits // 4}x}"
 
 
+# RFC 9562 version 4: bits 76-79 hold the version (4), bits 62-63 the variant (0b10). Set by hand, as
+# uuid.UUID(int=..., version=4) does, without building a UUID object per request.
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+
+
 def _request_id() -> str:
-    return uuid.UUID(int=_getrandbits(128), version=4).hex
+    return f"{(_getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
 
 
 def _reseed_after_fork() -> None:

@@ -203,10 +203,15 @@ class Pipeline:
                 response.trailers.get("grpc-status") or response.headers.get("grpc-status") or ""
             )
         self.telemetry.access_log = access_log
-        record = self.telemetry.finished(rec)
-        if done.route is not None and done.ctxs is not None:
-            await done.route.chain.log(done.ctxs, record)
-        await self._access_log_hook(record)
+        chain = done.route.chain if done.route is not None and done.ctxs is not None else None
+        hooked = self.plugins is not None and bool(self.plugins.hook.meshd_access_log.get_hookimpls())
+        record = self.telemetry.finished(rec, want_record=hooked or bool(chain))
+        if record is None:
+            return
+        if chain is not None and done.ctxs is not None:
+            await chain.log(done.ctxs, record)
+        if hooked:
+            await self._access_log_hook(record)
 
     # ---- authorization and routing (pure over the current policy and catalog) --------------------
 

@@ -3,11 +3,14 @@ anywhere, framing of what it writes, and refusals."""
 
 from __future__ import annotations
 
+import uuid
+
 import h11
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshd.plugins.filters import Headers
 from meshd.waypoint.http1 import (
     END,
     LAST_CHUNK,
@@ -19,6 +22,7 @@ from meshd.waypoint.http1 import (
     chunk,
     request_head,
     response_head,
+    trace_headers,
 )
 
 PIPELINED = (
@@ -130,3 +134,19 @@ def test_chunked_trailer_fields_are_not_headers() -> None:
     head = events[0]
     assert isinstance(head, Head) and head.headers == [("host", "a"), ("transfer-encoding", "chunked")]
     assert events[1:] == [b"abc", END]
+
+
+def test_trace_headers_add_a_version_4_request_id_and_keep_a_callers() -> None:
+    seen = set()
+    for _ in range(200):
+        headers = Headers()
+        trace_headers(headers)
+        request_id = headers.get("x-request-id")
+        assert request_id is not None
+        parsed = uuid.UUID(request_id)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, request_id)
+        seen.add(request_id)
+    assert len(seen) == 200
+    mine = Headers([("x-request-id", "abc")])
+    trace_headers(mine)
+    assert mine.get_all("x-request-id") == ["abc"]
