@@ -15,8 +15,8 @@ from __future__ import annotations
 import gc
 
 # Surviving container objects between young collections (CPython's default is 700). Higher means
-# rarer collections, but the unreachable cycles a connection leaves (an exception's traceback holding
-# its frames and their read buffers) live longer: in a 3-minute soak the client node's RSS grew 70->79
+# rarer collections, but the unreachable cycles that closed connections leave (what they hold was not
+# traced) live longer, and memory with them: in a 3-minute soak the client node's RSS grew 70->79
 # MiB at 700, 72->84 MiB at 5,000 and 75->115 MiB at 20,000 (bench/README.md, "Garbage collector").
 YOUNG_THRESHOLD = 5_000
 
