@@ -492,6 +492,33 @@ class Catalog:
                     return cat, Address(_dial_host(cat.hbone.host, reached, w.address), cat.hbone.port)
         return None
 
+    def workloads_of(self, identity: SpiffeId) -> list[WorkloadEntry]:
+        """Every workload whose identity (namespace, service account) is `identity`."""
+        return list(self._by_identity.get(identity, []))
+
+    def service_endpoints(
+        self, service_key: str, port: int, networks: Iterable[str]
+    ) -> list[tuple[NodeCatalog, Address, WorkloadEntry]]:
+        """Where a gateway may send an outer CONNECT naming a service hostname (ztunnel's double
+        HBONE): for each workload of one of `networks` serving the service port, its node and that
+        node's HBONE endpoint (dialled at the workload's address, as `inner_endpoint` does), in a
+        stable order. Empty if the service or port is unknown."""
+        svc = self.services.get(service_key)
+        sp = svc.port(port) if svc is not None else None
+        if sp is None:
+            return []
+        wanted = set(networks)
+        out = []
+        for w in self.workloads:
+            if w.network not in wanted or service_key not in w.services or sp.target_port not in w.ports:
+                continue
+            found = self.node(w.node)
+            if found is None or found[0].gateway is not None:
+                continue
+            cat, reached = found
+            out.append((cat, Address(_dial_host(cat.hbone.host, reached, w.address), cat.hbone.port), w))
+        return out
+
     def waypoints_bound(self, workload: WorkloadEntry, target_port: int) -> list[str]:
         """Names of the waypoints of the services this workload serves on `target_port`."""
         out = []
