@@ -226,9 +226,10 @@ class Outbound:
         To a service (key, service port) both CONNECTs name it as ztunnel does: `:authority`
         `<name>.<namespace>.svc.cluster.local:<service port>`, `forwarded: for="...";host=<that name>`;
         the gateway picks the endpoint, so the inner TLS accepts any identity serving the service in
-        that network (ztunnel checks the service's SANs). Without one (a waypoint) both name the
-        address: the workload's `ip:port` outside (or the waypoint's HBONE endpoint), the CONNECT it
-        would get in its own network inside. Raises what `open_tunnel` raises."""
+        the networks that gateway fronts (ztunnel checks the service's SANs). Without one (a
+        waypoint) both name the address: the workload's `ip:port` outside (or the waypoint's HBONE
+        endpoint), the CONNECT it would get in its own network inside. Raises what `open_tunnel`
+        raises."""
         network = ep.workload.network
         gateways = self.state.catalog.gateways_for(network)
         if not gateways:
@@ -242,8 +243,9 @@ class Outbound:
             hostname = service_hostname(service[0])
             outer_authority = inner_authority = f"{hostname}:{service[1]}"
             headers = ztunnel_headers(headers, hostname)
+            fronted = {network, *gateway.gateway.networks}  # the gateway picks among all of these
             expected = frozenset(
-                e.identity for e in self.state.catalog.endpoints(*service) if e.workload.network == network
+                e.identity for e in self.state.catalog.endpoints(*service) if e.workload.network in fronted
             )
         else:
             ip = ep.authority.rsplit(":", 1)[0].strip("[]")
