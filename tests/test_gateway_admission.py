@@ -341,19 +341,37 @@ def test_a_workload_identity_in_two_networks_is_refused() -> None:
     assert info.value.status == 401
 
 
-def test_a_service_behind_a_waypoint_or_with_no_endpoint_here_is_503() -> None:
+def test_a_service_behind_a_waypoint_goes_to_its_waypoint_and_without_endpoints_here_is_503() -> None:
     web = ServiceEntry("web", "default", (ServicePortEntry(80, 8080, "http"),), waypoint="wb")
     b3 = NodeCatalog("b3", TD, "node", Address.parse("10.0.2.13:15008"), (), (web,), network="site-b")
+    web_host = parse_connect_target("web.default.svc.cluster.local:80")
     cat = ztunnel_view(PeerRecord(b3, "10.0.2.13"))
-    with pytest.raises(Refused, match="uses waypoint 'wb'") as info:
+    with pytest.raises(Refused, match="uses waypoint 'wb', which is not in the catalog") as info:
+        admit(cat, GatewayConfig(), ("site-b",), CLIENT, web_host)
+    assert info.value.status == 503
+    # ztunnel names the service whether or not it has a waypoint: the gateway sends it to the waypoint.
+    wb = NodeCatalog("wb", TD, "waypoint", Address.parse("0.0.0.0:15008"), (), (), network="site-b")
+    forward = admit(
+        ztunnel_view(PeerRecord(b3, "10.0.2.13"), PeerRecord(wb, "10.0.2.14")),
+        GatewayConfig(),
+        ("site-b",),
+        CLIENT,
+        web_host,
+    )
+    assert (forward.target_node, forward.target, forward.service) == (
+        "wb",
+        Address("10.0.2.14", 15008),
+        "web.default",
+    )
+    wc = NodeCatalog("wb", TD, "waypoint", Address.parse("10.0.3.12:15008"), (), (), network="site-c")
+    with pytest.raises(Refused, match="in no network this gateway fronts"):
         admit(
-            cat,
+            ztunnel_view(PeerRecord(b3, "10.0.2.13"), PeerRecord(wc, "")),
             GatewayConfig(),
             ("site-b",),
             CLIENT,
-            parse_connect_target("web.default.svc.cluster.local:80"),
+            web_host,
         )
-    assert info.value.status == 503
     # echo's endpoints are all in site B: a gateway fronting only site C has none to pick.
     with pytest.raises(Refused, match="no endpoint in network site-c"):
         admit(cat, GatewayConfig(), ("site-c",), CLIENT, parse_connect_target(ECHO_HOST))

@@ -419,14 +419,9 @@ class Catalog:
         found = self.node(name)
         return found if found is not None and found[0].role == "waypoint" else None
 
-    def waypoint_endpoint(self, service_key: str, port: int, vip: str) -> Endpoint | None:
-        """Where a node sends a tunnel for a service bound to a waypoint: the waypoint's HBONE port,
-        its node identity, `:authority` = the service VIP:port. None if the service has no waypoint
-        or the waypoint is not in the catalog (yet)."""
-        svc = self.services.get(service_key)
-        if svc is None or svc.waypoint is None or svc.port(port) is None:
-            return None
-        found = self.waypoint_node(svc.waypoint)
+    def waypoint_hbone(self, name: str) -> tuple[NodeCatalog, Address] | None:
+        """The waypoint called `name` and the HBONE address it is dialled at; None if unknown."""
+        found = self.waypoint_node(name)
         if found is None:
             return None
         node, reached = found
@@ -435,6 +430,20 @@ class Catalog:
             if node is self.local
             else _dial_host(node.hbone.host, reached, reached)
         )
+        return node, Address(host, node.hbone.port)
+
+    def waypoint_endpoint(self, service_key: str, port: int, vip: str) -> Endpoint | None:
+        """Where a node sends a tunnel for a service bound to a waypoint: the waypoint's HBONE port,
+        its node identity, `:authority` = the service VIP:port. None if the service has no waypoint
+        or the waypoint is not in the catalog (yet)."""
+        svc = self.services.get(service_key)
+        if svc is None or svc.waypoint is None or svc.port(port) is None:
+            return None
+        found = self.waypoint_hbone(svc.waypoint)
+        if found is None:
+            return None
+        node, address = found
+        host = address.host
         pseudo = WorkloadEntry(
             node=node.node,
             name=f"waypoint-{node.node}",

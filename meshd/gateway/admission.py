@@ -10,7 +10,8 @@ An outer CONNECT arrives over mTLS from another network (double HBONE). It is ad
   this gateway fronts (then the workload's node's HBONE endpoint is dialled): never anywhere else;
 - or the authority is a service hostname `<name>.<namespace>.svc.cluster.local:<service port>`
   (ztunnel's form, meshd/discovery/hostnames.py) of a service with an endpoint in a network this
-  gateway fronts: one is picked, round robin, and its node's HBONE endpoint is dialled;
+  gateway fronts: one is picked, round robin, and its node's HBONE endpoint is dialled (for a service
+  bound to a waypoint: the waypoint's HBONE endpoint, if the waypoint is in such a network);
 - or, on a public gateway holding a reverse connection from another network's gateway, the authority
   is in that network and the node is not: the tunnel goes on through the reverse connection.
 Each refusal is a `Refused` with the status the outer CONNECT is answered with.
@@ -96,6 +97,24 @@ def _to_address(
     return inner[0], inner[1], via
 
 
+def _to_waypoint(
+    catalog: Catalog, fronted: tuple[str, ...], key: str, name: str, reverse: Collection[str]
+) -> tuple[NodeCatalog, Address, str | None]:
+    found = catalog.waypoint_hbone(name)
+    if found is None:
+        raise Refused(
+            503, FLAG_NO_ROUTE, f"service {key} uses waypoint {name!r}, which is not in the catalog"
+        )
+    waypoint, address = found
+    if waypoint.network in fronted:
+        return waypoint, address, None
+    if waypoint.network in reverse:
+        return waypoint, address, waypoint.network
+    raise Refused(
+        503, FLAG_NO_ROUTE, f"service {key}'s waypoint {name!r} is in no network this gateway fronts"
+    )
+
+
 def _to_service(
     catalog: Catalog,
     fronted: tuple[str, ...],
@@ -114,13 +133,8 @@ def _to_service(
         raise Refused(503, FLAG_NO_ROUTE, f"no service {key} in the networks this gateway knows")
     if svc.port(target.port) is None:
         raise Refused(503, FLAG_NO_ROUTE, f"service {key} has no port {target.port}")
-    if svc.waypoint is not None:
-        raise Refused(
-            503,
-            FLAG_NO_ROUTE,
-            f"service {key} uses waypoint {svc.waypoint!r}: a gateway does not route service hostnames "
-            "to waypoints (name the waypoint's address)",
-        )
+    if svc.waypoint is not None:  # ztunnel names the service waypoint or not; its waypoint serves it
+        return (*_to_waypoint(catalog, fronted, key, svc.waypoint, reverse), key)
     candidates = catalog.service_endpoints(key, target.port, fronted)
     via = None
     if not candidates and reverse:

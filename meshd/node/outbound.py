@@ -185,9 +185,9 @@ class Outbound:
                         source, ep.identity, (ep.dial.host, ep.dial.port), (target.host, target.port), headers
                     )
                 elif remote:
-                    svc = self.state.catalog.services.get(up.service_key)
-                    by_name = (up.service_key, up.port) if svc is not None and svc.waypoint is None else None
-                    tunnel = await self.through_gateway(rec, source, ep, headers, service=by_name)
+                    tunnel = await self.through_gateway(
+                        rec, source, ep, headers, service=(up.service_key, up.port)
+                    )
                 else:
                     tunnel = await self.pool.open_tunnel(
                         source, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
@@ -223,11 +223,12 @@ class Outbound:
         as this node's identity, and inside it the inner HBONE connection to the endpoint's node, as
         `source`, verified end to end, plus `x-forwarded-network` (docs/hbone.md, "Double HBONE").
 
-        To a service (key, service port) both CONNECTs name it as ztunnel does: `:authority`
-        `<name>.<namespace>.svc.cluster.local:<service port>`, `forwarded: for="...";host=<that name>`;
-        the gateway picks the endpoint, so the inner TLS accepts any identity serving the service in
-        the networks that gateway fronts (ztunnel checks the service's SANs). Without one (a
-        waypoint) both name the address: the workload's `ip:port` outside (or the waypoint's HBONE
+        To a service (key, service port) both CONNECTs name it as ztunnel does, waypoint or not:
+        `:authority` `<name>.<namespace>.svc.cluster.local:<service port>`, `forwarded:
+        for="...";host=<that name>`; the gateway picks the endpoint, so the inner TLS accepts any
+        identity serving the service in the networks that gateway fronts (ztunnel checks the
+        service's SANs); for a service bound to a waypoint, the waypoint's identity (`ep`). Without a
+        service both name the address: the workload's `ip:port` outside (or its node's HBONE
         endpoint), the CONNECT it would get in its own network inside. Raises what `open_tunnel`
         raises."""
         network = ep.workload.network
@@ -243,10 +244,14 @@ class Outbound:
             hostname = service_hostname(service[0])
             outer_authority = inner_authority = f"{hostname}:{service[1]}"
             headers = ztunnel_headers(headers, hostname)
-            fronted = {network, *gateway.gateway.networks}  # the gateway picks among all of these
-            expected = frozenset(
-                e.identity for e in self.state.catalog.endpoints(*service) if e.workload.network in fronted
-            )
+            svc = self.state.catalog.services.get(service[0])
+            if svc is None or svc.waypoint is None:
+                fronted = {network, *gateway.gateway.networks}  # the gateway picks among all of these
+                expected = frozenset(
+                    e.identity
+                    for e in self.state.catalog.endpoints(*service)
+                    if e.workload.network in fronted
+                )
         else:
             ip = ep.authority.rsplit(":", 1)[0].strip("[]")
             outer_authority = ep.authority if ip == ep.workload.address else str(ep.dial)

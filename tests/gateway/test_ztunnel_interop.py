@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 
@@ -409,3 +413,40 @@ def test_the_destination_node_serves_a_service_hostname_from_a_local_workload(ne
     assert results[no_service]["status"] == 400 and "no service nosuch.default" in results[no_service]["body"]
     assert results[no_port]["status"] == 400 and "has no port" in results[no_port]["body"]
     assert results[short]["status"] == 400 and "svc.cluster.local" in results[short]["body"]
+
+
+def test_a_tunnel_cut_with_its_connection_is_still_logged(networks: TwoNetworks) -> None:
+    """The client's HBONE connection dies with a tunnel open (no close_notify, GOAWAY or END_STREAM):
+    the tunnel still gets its access-log line, with what it carried and why it failed."""
+    certs = networks.tmp / "certs-client-cut"
+    _write_certs(networks.ca, CLIENT, certs)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(str(certs / "ca.crt"))
+    ctx.load_cert_chain(str(certs / "cert.pem"), str(certs / "key.pem"))
+    ctx.set_alpn_protocols(["h2"])
+    b1 = networks.daemons["b1"]
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    with socket.create_connection((networks.ips["b1"], 15008), timeout=10) as raw:
+        tls = ctx.wrap_socket(raw)
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "CONNECT"), (":authority", f"{HOSTNAME}:{ECHO_PORT}")])
+        conn.send_data(sid, b"cut-me")
+        tls.sendall(conn.data_to_send())
+        echoed = b""
+        while echoed != b"cut-me":
+            for event in conn.receive_data(tls.recv(65536)):
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == sid:
+                    echoed += event.data
+            tls.sendall(conn.data_to_send())
+        tls.close()  # no close_notify, no GOAWAY, no END_STREAM: the connection is just gone
+
+    # b1 logs the tunnel once its connection is gone.
+    def cut_line() -> str:
+        return next(
+            (x for x in b1.log().splitlines() if "connection failed" in x and "bytes_sent=6 " in x), ""
+        )
+
+    wait_for(cut_line, b1, what="b1's log line of the cut tunnel")
+    assert f"dst.addr={HOSTNAME}:{ECHO_PORT}" in cut_line() and "bytes_recv=6 " in cut_line(), cut_line()
