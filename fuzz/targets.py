@@ -66,6 +66,7 @@ from meshd.hbone.capsule import (
 )
 from meshd.hbone.connection import HboneConnection, Role
 from meshd.hbone.errors import RemoteProtocolError
+from meshd.hbone.target import HostnameTarget, is_hostname, parse_connect_target
 from meshd.identity.spiffe import SpiffeId
 from meshd.plugins import wasm_abi
 from meshd.plugins.filters import Headers
@@ -108,7 +109,25 @@ def _cuts(data: bytes, cuts: list[int]) -> list[bytes]:
 # ---- HBONE / HTTP/2 frames ----------------------------------------------------------------------
 
 _STREAM_IDS = st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1])
-_AUTHORITIES = st.sampled_from(["10.0.0.1:80", "[fd00::1]:8080", "10.0.0.1", "echo:80", "", "1.2.3.4:0"])
+_AUTHORITIES = st.one_of(
+    st.sampled_from(["10.0.0.1:80", "[fd00::1]:8080", "10.0.0.1", "echo:80", "", "1.2.3.4:0"]),
+    # service hostnames as ztunnel's double HBONE names them, and near misses (meshd/hbone/target.py)
+    st.sampled_from(
+        [
+            "echo.default.svc.cluster.local:7000",
+            "ECHO.Default.svc.cluster.local:80",
+            "echo.default.svc.cluster.local:0",
+            "echo.default.svc.cluster.local:+80",
+            "-echo.default:80",
+            "echo..default:80",
+            "10.0.0.300:80",
+            "a" * 64 + ".x:80",
+            "echo.default.svc.cluster.local.:80",
+            "[echo]:80",
+        ]
+    ),
+    st.tuples(st.text(max_size=30), st.text("0123456789+-", max_size=6)).map(lambda t: f"{t[0]}:{t[1]}"),
+)
 _UDP_PATHS = st.one_of(
     st.sampled_from(
         [
@@ -283,6 +302,17 @@ def _react(conn: HboneConnection, events: list[ev.Event]) -> None:
             conn.release_stream(e.stream_id)
 
 
+def _check_targets(events: list[ev.Event]) -> None:
+    """A CONNECT's typed target is what its :authority says, and prints back to an equal one."""
+    for e in events:
+        if isinstance(e, ev.TunnelRequested):
+            assert parse_connect_target(e.authority) == e.target
+            assert parse_connect_target(str(e.target)) == e.target
+            if isinstance(e.target, HostnameTarget):
+                assert is_hostname(e.target.hostname) and e.target.hostname == e.target.hostname.lower()
+                assert 1 <= e.target.port <= 65535
+
+
 def check_hbone(value: tuple[Role, list[Any], bytes, list[int]]) -> None:
     role, specs, garbage, cuts = value
     conn = HboneConnection(role)
@@ -293,6 +323,7 @@ def check_hbone(value: tuple[Role, list[Any], bytes, list[int]]) -> None:
         settings = _serialize([("settings", 0, {8: 1}, set())])  # SETTINGS_ENABLE_CONNECT_PROTOCOL
         conn.receive_data(settings)
         conn.open_udp_tunnel("10.0.0.3", 53)  # stream 7
+        conn.open_tunnel("echo.default.svc.cluster.local:7000")  # stream 9: a service hostname
         wire = _serialize(specs) + garbage
     else:
         wire = PREFACE + _serialize([("settings", 0, {}, set())]) + _serialize(specs) + garbage
@@ -306,9 +337,10 @@ def check_hbone(value: tuple[Role, list[Any], bytes, list[int]]) -> None:
             assert conn.receive_data(b"\x00" * 9) == []
             conn.data_to_send()
             return
+        _check_targets(events)
         if not conn.closed:
             _react(conn, events)
-        assert conn.active_stream_count <= limit + 3
+        assert conn.active_stream_count <= limit + 4
         conn.data_to_send()
 
 

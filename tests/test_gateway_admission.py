@@ -25,6 +25,7 @@ from meshd.discovery.catalog import (
 from meshd.discovery.networks import decode_network_catalog, encode_network_catalog, served_catalogs
 from meshd.errors import ConfigError
 from meshd.gateway.admission import admit, admit_catalog_read
+from meshd.hbone.target import parse_connect_target
 from meshd.identity.spiffe import SpiffeId
 from meshd.units import Address
 
@@ -149,7 +150,7 @@ NODE_B1 = SpiffeId.node(TD, "b1")
 @pytest.mark.parametrize(
     ("peer", "authority", "config", "status", "why"),
     [
-        (SpiffeId(TD, "default", "client"), "10.0.2.11:7000", GatewayConfig(), 401, "not a node identity"),
+        (SpiffeId(TD, "default", "client"), "10.0.2.11:7000", GatewayConfig(), 401, "nor a workload"),
         (
             SpiffeId.node(TD, "stranger"),
             "10.0.2.11:7000",
@@ -169,19 +170,19 @@ def test_admission_refuses(
     peer: SpiffeId, authority: str, config: GatewayConfig, status: int, why: str
 ) -> None:
     with pytest.raises(Refused, match=why) as info:
-        admit(gateway_b_view(), config, ("site-b",), peer, authority)
+        admit(gateway_b_view(), config, ("site-b",), peer, parse_connect_target(authority))
     assert info.value.status == status
 
 
 def test_admission_maps_a_workload_or_a_node_to_its_nodes_hbone_endpoint() -> None:
     cat = gateway_b_view()
-    to_workload = admit(cat, GatewayConfig(), ("site-b",), NODE_A1, "10.0.2.11:7000")
+    to_workload = admit(cat, GatewayConfig(), ("site-b",), NODE_A1, parse_connect_target("10.0.2.11:7000"))
     to_node = admit(
         cat,
         GatewayConfig(allow_networks=("site-a",), allow_nodes=("a1",)),
         ("site-b",),
         NODE_A1,
-        "10.0.2.11:15008",
+        parse_connect_target("10.0.2.11:15008"),
     )
     for forward in (to_workload, to_node):
         assert (forward.source_node, forward.source_network, forward.target_node) == ("a1", "site-a", "b1")
@@ -192,12 +193,21 @@ def test_admission_through_a_reverse_connection() -> None:
     """gwa holds site B's reverse connection: a1 (site A, which gwa fronts) may go to site B through it,
     b1 may not use it to come back into its own network."""
     cat = merge(GWA, [PeerRecord(A1, "10.0.1.11"), PeerRecord(B1, ""), PeerRecord(GWB, "")])
-    forward = admit(cat, GatewayConfig(), ("site-a",), NODE_A1, "10.0.2.11:7000", reverse={"site-b"})
+    forward = admit(
+        cat, GatewayConfig(), ("site-a",), NODE_A1, parse_connect_target("10.0.2.11:7000"), reverse={"site-b"}
+    )
     assert forward.via_reverse == "site-b" and forward.target_node == "b1"
     with pytest.raises(Refused, match="dial directly"):
-        admit(cat, GatewayConfig(), ("site-a",), NODE_B1, "10.0.2.11:7000", reverse={"site-b"})
+        admit(
+            cat,
+            GatewayConfig(),
+            ("site-a",),
+            NODE_B1,
+            parse_connect_target("10.0.2.11:7000"),
+            reverse={"site-b"},
+        )
     with pytest.raises(Refused, match="no node or workload"):
-        admit(cat, GatewayConfig(), ("site-a",), NODE_A1, "10.0.2.11:7000")
+        admit(cat, GatewayConfig(), ("site-a",), NODE_A1, parse_connect_target("10.0.2.11:7000"))
 
 
 @pytest.mark.parametrize(
@@ -243,3 +253,125 @@ def test_who_may_read_the_network_catalog() -> None:
     assert info.value.status == 403
     with pytest.raises(Refused, match="node identities only"):
         admit_catalog_read(cat, GatewayConfig(), fronted, SpiffeId(TD, "default", "client"))
+
+
+# ---- ztunnel's double HBONE: a service hostname outside, a workload identity on the outer TLS --------
+
+CLIENT = SpiffeId(TD, "default", "client")
+ECHO_HOST = "echo.default.svc.cluster.local:7000"
+
+
+def client(address: str) -> WorkloadEntry:
+    return WorkloadEntry("", "client", "default", "client", address, (8000,), ())
+
+
+def ztunnel_view(*extra: PeerRecord) -> Catalog:
+    """gwb's view with a1 running the `client` workload and a second echo endpoint on b2."""
+    a1 = node("a1", "10.0.1.11:15008", "site-a", client("10.0.1.11"))
+    echo2 = WorkloadEntry("", "echo-2", "default", "echo", "10.0.2.12", (7000,), ("echo.default",))
+    b2 = node("b2", "10.0.2.12:15008", "site-b", echo2)
+    return merge(
+        GWB,
+        [
+            PeerRecord(B1, "10.0.2.11"),
+            PeerRecord(b2, "10.0.2.12"),
+            PeerRecord(a1, ""),
+            PeerRecord(GWA, ""),
+            *extra,
+        ],
+    )
+
+
+def test_a_service_hostname_is_routed_round_robin_to_the_services_endpoints() -> None:
+    cat, rotations = ztunnel_view(), {}  # type: ignore[var-annotated]
+    picks = [
+        admit(cat, GatewayConfig(), ("site-b",), CLIENT, parse_connect_target(ECHO_HOST), rotations=rotations)
+        for _ in range(4)
+    ]
+    assert [(f.target_node, f.target) for f in picks] == [
+        ("b1", Address("10.0.2.11", 15008)),
+        ("b2", Address("10.0.2.12", 15008)),
+    ] * 2
+    assert {(f.source_node, f.source_network, f.service) for f in picks} == {("a1", "site-a", "echo.default")}
+    # A meshd node identity may name the service too (meshd's own nodes do).
+    by_node = admit(cat, GatewayConfig(), ("site-b",), NODE_A1, parse_connect_target(ECHO_HOST.upper()))
+    assert by_node.service == "echo.default" and by_node.source_node == "a1"
+
+
+@pytest.mark.parametrize(
+    ("peer", "authority", "config", "status", "why"),
+    [
+        (CLIENT, "nosuch.default.svc.cluster.local:7000", GatewayConfig(), 503, "no service nosuch.default"),
+        (CLIENT, "echo.default.svc.cluster.local:7001", GatewayConfig(), 503, "has no port 7001"),
+        (CLIENT, "echo.default:7000", GatewayConfig(), 400, "not ip:port nor a service"),
+        (CLIENT, "echo.default.mesh:7000", GatewayConfig(), 400, "svc.cluster.local"),
+        (CLIENT, ECHO_HOST, GatewayConfig(allow_networks=("site-c",)), 401, "allow_networks"),
+        (
+            CLIENT,
+            ECHO_HOST,
+            GatewayConfig(allow_nodes=("a2",)),
+            401,
+            "node 'a1' is not in gateway.allow_nodes",
+        ),
+        (SpiffeId(TD, "default", "echo"), ECHO_HOST, GatewayConfig(), 401, "dial directly"),
+        (SpiffeId(TD, "default", "stranger"), ECHO_HOST, GatewayConfig(), 401, "nor a workload"),
+        (SpiffeId(TD, "default", "client"), None, GatewayConfig(), 400, "not ip:port"),
+    ],
+)
+def test_service_hostname_and_workload_identity_refusals(
+    peer: SpiffeId, authority: str | None, config: GatewayConfig, status: int, why: str
+) -> None:
+    target = parse_connect_target(authority) if authority is not None else None
+    with pytest.raises(Refused, match=why) as info:
+        admit(ztunnel_view(), config, ("site-b",), peer, target)
+    assert info.value.status == status
+
+
+def test_a_workload_identity_in_two_networks_is_refused() -> None:
+    other = WorkloadEntry("", "client-c", "default", "client", "10.0.3.11", (8000,), ())
+    c1 = node("c1", "10.0.3.11:15008", "site-c", other)
+    with pytest.raises(Refused, match="several networks") as info:
+        admit(
+            ztunnel_view(PeerRecord(c1, "")),
+            GatewayConfig(),
+            ("site-b",),
+            CLIENT,
+            parse_connect_target(ECHO_HOST),
+        )
+    assert info.value.status == 401
+
+
+def test_a_service_behind_a_waypoint_goes_to_its_waypoint_and_without_endpoints_here_is_503() -> None:
+    web = ServiceEntry("web", "default", (ServicePortEntry(80, 8080, "http"),), waypoint="wb")
+    b3 = NodeCatalog("b3", TD, "node", Address.parse("10.0.2.13:15008"), (), (web,), network="site-b")
+    web_host = parse_connect_target("web.default.svc.cluster.local:80")
+    cat = ztunnel_view(PeerRecord(b3, "10.0.2.13"))
+    with pytest.raises(Refused, match="uses waypoint 'wb', which is not in the catalog") as info:
+        admit(cat, GatewayConfig(), ("site-b",), CLIENT, web_host)
+    assert info.value.status == 503
+    # ztunnel names the service whether or not it has a waypoint: the gateway sends it to the waypoint.
+    wb = NodeCatalog("wb", TD, "waypoint", Address.parse("0.0.0.0:15008"), (), (), network="site-b")
+    forward = admit(
+        ztunnel_view(PeerRecord(b3, "10.0.2.13"), PeerRecord(wb, "10.0.2.14")),
+        GatewayConfig(),
+        ("site-b",),
+        CLIENT,
+        web_host,
+    )
+    assert (forward.target_node, forward.target, forward.service) == (
+        "wb",
+        Address("10.0.2.14", 15008),
+        "web.default",
+    )
+    wc = NodeCatalog("wb", TD, "waypoint", Address.parse("10.0.3.12:15008"), (), (), network="site-c")
+    with pytest.raises(Refused, match="in no network this gateway fronts"):
+        admit(
+            ztunnel_view(PeerRecord(b3, "10.0.2.13"), PeerRecord(wc, "")),
+            GatewayConfig(),
+            ("site-b",),
+            CLIENT,
+            web_host,
+        )
+    # echo's endpoints are all in site B: a gateway fronting only site C has none to pick.
+    with pytest.raises(Refused, match="no endpoint in network site-c"):
+        admit(cat, GatewayConfig(), ("site-c",), CLIENT, parse_connect_target(ECHO_HOST))

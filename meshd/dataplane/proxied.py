@@ -32,9 +32,23 @@ async def proxied(
     """Carry one admitted connection until both sides are done (telemetry from open to close)."""
     state.telemetry.opened(rec)
     state.track_inflight(1)
+    result = PumpResult()
     try:
-        result = await pump(client, upstream)
+        await pump(client, upstream, result)
+    except BaseException as exc:
+        # Cancelled: the HBONE connection carrying the tunnel ended (its handlers are cancelled with
+        # it) or meshd is stopping. The connection is still counted closed and logged, with why.
+        why = "cancelled (its HBONE connection ended, or meshd is stopping)"
+        result.error = result.error or (why if _cancelled(exc) else repr(exc))
+        raise
     finally:
         state.track_inflight(-1)
-    state.telemetry.closed(rec, sent=result.b_to_a, received=result.a_to_b, error=result.error)
+        state.telemetry.closed(rec, sent=result.b_to_a, received=result.a_to_b, error=result.error)
     return result
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """trio.Cancelled, alone or as every leaf of the group a nursery raised it in."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)

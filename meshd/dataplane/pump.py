@@ -28,8 +28,12 @@ class PumpResult:
     error: str | None = None
 
 
-async def pump(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> PumpResult:
-    result = PumpResult()
+async def pump(
+    a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, result: PumpResult | None = None
+) -> PumpResult:
+    """Copy until both directions ended (or one broke). The counts go into `result` as they grow, so
+    a caller that is cancelled midway still knows what was carried."""
+    result = PumpResult() if result is None else result
 
     async def copy(
         src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream, forward: bool

@@ -419,14 +419,9 @@ class Catalog:
         found = self.node(name)
         return found if found is not None and found[0].role == "waypoint" else None
 
-    def waypoint_endpoint(self, service_key: str, port: int, vip: str) -> Endpoint | None:
-        """Where a node sends a tunnel for a service bound to a waypoint: the waypoint's HBONE port,
-        its node identity, `:authority` = the service VIP:port. None if the service has no waypoint
-        or the waypoint is not in the catalog (yet)."""
-        svc = self.services.get(service_key)
-        if svc is None or svc.waypoint is None or svc.port(port) is None:
-            return None
-        found = self.waypoint_node(svc.waypoint)
+    def waypoint_hbone(self, name: str) -> tuple[NodeCatalog, Address] | None:
+        """The waypoint called `name` and the HBONE address it is dialled at; None if unknown."""
+        found = self.waypoint_node(name)
         if found is None:
             return None
         node, reached = found
@@ -435,6 +430,20 @@ class Catalog:
             if node is self.local
             else _dial_host(node.hbone.host, reached, reached)
         )
+        return node, Address(host, node.hbone.port)
+
+    def waypoint_endpoint(self, service_key: str, port: int, vip: str) -> Endpoint | None:
+        """Where a node sends a tunnel for a service bound to a waypoint: the waypoint's HBONE port,
+        its node identity, `:authority` = the service VIP:port. None if the service has no waypoint
+        or the waypoint is not in the catalog (yet)."""
+        svc = self.services.get(service_key)
+        if svc is None or svc.waypoint is None or svc.port(port) is None:
+            return None
+        found = self.waypoint_hbone(svc.waypoint)
+        if found is None:
+            return None
+        node, address = found
+        host = address.host
         pseudo = WorkloadEntry(
             node=node.node,
             name=f"waypoint-{node.node}",
@@ -491,6 +500,33 @@ class Catalog:
                 if w.address == ip and port in w.ports:
                     return cat, Address(_dial_host(cat.hbone.host, reached, w.address), cat.hbone.port)
         return None
+
+    def workloads_of(self, identity: SpiffeId) -> list[WorkloadEntry]:
+        """Every workload whose identity (namespace, service account) is `identity`."""
+        return list(self._by_identity.get(identity, []))
+
+    def service_endpoints(
+        self, service_key: str, port: int, networks: Iterable[str]
+    ) -> list[tuple[NodeCatalog, Address, WorkloadEntry]]:
+        """Where a gateway may send an outer CONNECT naming a service hostname (ztunnel's double
+        HBONE): for each workload of one of `networks` serving the service port, its node and that
+        node's HBONE endpoint (dialled at the workload's address, as `inner_endpoint` does), in a
+        stable order. Empty if the service or port is unknown."""
+        svc = self.services.get(service_key)
+        sp = svc.port(port) if svc is not None else None
+        if sp is None:
+            return []
+        wanted = set(networks)
+        out = []
+        for w in self.workloads:
+            if w.network not in wanted or service_key not in w.services or sp.target_port not in w.ports:
+                continue
+            found = self.node(w.node)
+            if found is None or found[0].gateway is not None:
+                continue
+            cat, reached = found
+            out.append((cat, Address(_dial_host(cat.hbone.host, reached, w.address), cat.hbone.port), w))
+        return out
 
     def waypoints_bound(self, workload: WorkloadEntry, target_port: int) -> list[str]:
         """Names of the waypoints of the services this workload serves on `target_port`."""

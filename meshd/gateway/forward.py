@@ -3,7 +3,8 @@ it fronts, untouched.
 
 The bytes inside an outer tunnel are the inner HBONE connection's TLS records (double HBONE): the
 gateway never holds the keys for them, cannot read or alter what they carry, and does not try to. It
-authorizes the outer CONNECT (`admission.py`), opens TCP to the inner endpoint's HBONE port, and pumps.
+authorizes the outer CONNECT (`admission.py`: an address, or a service hostname as ztunnel names it, for
+which it picks the endpoint), opens TCP to the inner endpoint's HBONE port, and pumps.
 Telemetry: Istio's TCP metrics with reporter="source" (as Istio's gateways report), the outer
 tunnel's peer (a node identity) as source, the inner endpoint's node as destination; one access-log
 line per forwarded connection. It also serves `GET /meshd/v1/network-catalog` (docs/multi-network.md)
@@ -24,11 +25,12 @@ from collections.abc import Callable
 
 import trio
 
+from meshd.balance import RoundRobin
 from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import NodeCatalog
 from meshd.discovery.networks import NETWORK_CATALOG_PATH, encode_network_catalog, served_catalogs
-from meshd.gateway.admission import Forward, admit, admit_catalog_read
+from meshd.gateway.admission import Forward, ServicePick, admit, admit_catalog_read
 from meshd.hbone._link import HboneLink
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
@@ -60,6 +62,7 @@ class Gateway:
         self.reverse: dict[str, HboneLink] = {}  # network -> the reverse connection its gateway keeps
         self.on_reverse_change: Callable[[], None] = lambda: None
         self._open_per_network: Counter[str] = Counter()
+        self._rotations: dict[str, RoundRobin[ServicePick]] = {}  # service hostname -> endpoint choice
         self.forwarded = 0
 
     def statistics(self) -> dict[str, object]:
@@ -94,8 +97,9 @@ class Gateway:
                 cfg.gateway,
                 cfg.fronted_networks,
                 req.peer_identity,
-                req.authority,
+                req.target,
                 reverse=self.reverse.keys(),
+                rotations=self._rotations,
             )
             upstream = await self._connect(rec, forward, req)
         except Refused as refused:
@@ -124,7 +128,7 @@ class Gateway:
         rec.destination = WorkloadLabels(
             workload=forward.target_node, namespace="meshd-system", cluster=self.state.config.trust_domain
         )
-        rec.destination_service = f"{forward.target}"
+        rec.destination_service = forward.service or f"{forward.target}"
         if forward.via_reverse is not None:
             return await self._through_reverse(forward.via_reverse, req)
         try:

@@ -52,6 +52,7 @@ from hyperframe.frame import GoAwayFrame
 from meshd.hbone import events as ev
 from meshd.hbone.errors import LocalProtocolError, RemoteProtocolError
 from meshd.hbone.h2_plumbing import QuietFrameBuffer, graceful_goaway, start_connection
+from meshd.hbone.target import parse_connect_target, parse_socket_target
 from meshd.units import Address
 
 MiB = 1024 * 1024
@@ -98,13 +99,8 @@ class HboneSettings:
 
 def parse_authority(text: str) -> tuple[str, int] | None:
     """`ip:port` or `[ipv6]:port` as HBONE's :authority carries it; None if it is anything else."""
-    try:
-        addr = Address.parse(text)
-    except ValueError:
-        return None
-    if text != text.strip() or not addr.is_ip or not 1 <= addr.port <= 65535:
-        return None
-    return addr.host, addr.port
+    target = parse_socket_target(text)
+    return None if target is None else (target.host, target.port)
 
 
 CONNECT_UDP = "connect-udp"
@@ -294,9 +290,10 @@ class HboneConnection:
         baggage: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
     ) -> int:
-        """Client: send a CONNECT for `authority` (`ip:port`); returns the new stream id."""
-        if parse_authority(authority) is None:
-            raise LocalProtocolError(f"CONNECT authority {authority!r} is not ip:port")
+        """Client: send a CONNECT for `authority` (`ip:port`, or `hostname:port` for a service as
+        ztunnel's double HBONE names it: meshd/hbone/target.py); returns the new stream id."""
+        if parse_connect_target(authority) is None:
+            raise LocalProtocolError(f"CONNECT authority {authority!r} is not ip:port or hostname:port")
         hdrs = [(":method", "CONNECT"), (":authority", authority)]
         if forwarded_for is not None:
             hdrs.append(("forwarded", format_forwarded(*forwarded_for)))
@@ -769,16 +766,16 @@ class HboneConnection:
         if method == "CONNECT" and protocol is not None:
             self._on_extended_connect(sid, protocol, authority, pseudo.get(":path"), rest, end, out)
         elif method == "CONNECT":
-            target = parse_authority(authority)
+            target = parse_connect_target(authority)
             if target is None:
-                reason = f"CONNECT authority {authority!r} is not ip:port"
+                reason = f"CONNECT authority {authority!r} is not ip:port or hostname:port"
                 stream = self._h2.streams.get(sid)
                 if stream is not None and not stream.closed:  # a RST later in the same read closed it
                     self.refuse(sid, 400, reason)
                 self.release_stream(sid)
                 out.append(ev.RequestRejected(sid, 400, reason))
                 return
-            out.append(ev.TunnelRequested(sid, authority, target[0], target[1], rest, end))
+            out.append(ev.TunnelRequested(sid, authority, target, rest, end))
         else:
             out.append(ev.RequestReceived(sid, method, authority, pseudo.get(":path"), rest, end))
 

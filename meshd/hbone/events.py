@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshd.hbone.target import ConnectTarget
+
 Headers = tuple[tuple[str, str], ...]
 
 
@@ -31,12 +33,13 @@ class RequestReceived(Event):
 
 @dataclass(frozen=True, slots=True)
 class TunnelRequested(Event):
-    """Server side: a CONNECT whose :authority is an IP literal and port (`10.0.0.1:80`, `[::1]:80`)."""
+    """Server side: a CONNECT whose :authority is an IP literal and port (`10.0.0.1:80`, `[::1]:80`:
+    a `SocketTarget`) or a service hostname and port (`echo.default.svc.cluster.local:7000`: a
+    `HostnameTarget`, as ztunnel's double HBONE sends). Which targets it serves is the role's choice."""
 
     stream_id: int
     authority: str
-    host: str
-    port: int
+    target: ConnectTarget
     headers: Headers
     end_stream: bool
 

@@ -29,7 +29,7 @@ from meshd.hbone.bridge import socket_over
 from meshd.hbone.connection import REFUSED_STREAM, HboneConnection, HboneSettings, Role
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.stream import TunnelStream
-from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_identity
+from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_identity, require_one_of
 from meshd.hbone.wire import Wire
 from meshd.identity.spiffe import SpiffeId
 from meshd.units import Address
@@ -208,13 +208,14 @@ class HbonePool:
         self,
         outer: TunnelStream,
         source: SpiffeId,
-        destination: SpiffeId,
+        destination: SpiffeId | frozenset[SpiffeId],
         authority: str,
         headers: Sequence[tuple[str, str]] = (),
         *,
         peer_address: tuple[str, int],
     ) -> TunnelStream:
-        """Double HBONE: an inner HBONE connection (TLS as `source`, the peer must be `destination`)
+        """Double HBONE: an inner HBONE connection (TLS as `source`, the peer must be `destination`, or
+        one of them when the gateway picks the endpoint of a service hostname)
         run inside the already open `outer` tunnel, and one CONNECT to `authority` on it. The inner
         connection is not pooled (one per tunnel, as ztunnel does: the hop in the middle may reach a
         different node each time) and closes `NESTED_GRACE` seconds after its stream is released; the outer tunnel is
@@ -443,7 +444,7 @@ class HbonePool:
         address: tuple[str, int],
         server_hostname: str | None,
         *,
-        expected: SpiffeId | None,
+        expected: SpiffeId | frozenset[SpiffeId] | None,
         tcp: trio.SocketStream | None = None,
     ) -> tuple[Wire, SpiffeId]:
         """TCP (unless `tcp` is given: an already connected stream) + TLS under connect_timeout;
@@ -462,7 +463,9 @@ class HbonePool:
                 raise HboneConnectError(f"{where} did not negotiate HTTP/2 (ALPN h2): is that an HBONE port?")
             check_cipher(tls.cipher())
             identity = peer_identity(tls)
-            if expected is not None:
+            if isinstance(expected, frozenset):
+                require_one_of(identity, expected)
+            elif expected is not None:
                 require_identity(identity, expected)
             elif identity.trust_domain != source.trust_domain:
                 raise PeerIdentityError(

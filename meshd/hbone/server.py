@@ -33,6 +33,7 @@ from meshd.hbone.connection import (
 )
 from meshd.hbone.errors import LocalProtocolError, PeerIdentityError
 from meshd.hbone.stream import TunnelStream
+from meshd.hbone.target import ConnectTarget, SocketTarget
 from meshd.hbone.tls import ALPN, check_cipher, peer_identity, require_trust_domain
 from meshd.hbone.wire import Wire
 from meshd.identity.spiffe import SpiffeId
@@ -54,6 +55,7 @@ class InboundRequest:
     peer_address: tuple[str, int]
     stream_id: int = 0
     protocol: str | None = None  # extended CONNECT's :protocol ("connect-udp"); None for a TCP tunnel
+    target: ConnectTarget | None = None  # a TCP CONNECT's parsed :authority (meshd/hbone/target.py)
 
     @property
     def is_connect(self) -> bool:
@@ -67,10 +69,12 @@ class InboundRequest:
     @property
     def destination(self) -> tuple[str, int] | None:
         """The CONNECT target (ip, port): the authority of a TCP tunnel, the `:path` template of a
-        connect-udp one; None if it is not an IP and port."""
+        connect-udp one; None if it is not an IP and port (a service hostname: see `target`)."""
         if self.is_udp:
             return parse_udp_path(self.path)
-        return parse_authority(self.authority)
+        if isinstance(self.target, SocketTarget):
+            return self.target.host, self.target.port
+        return parse_authority(self.authority) if self.target is None else None
 
     @property
     def client_address(self) -> str:
@@ -319,9 +323,10 @@ class HboneServer:
     def _on_request(
         self, link: HboneLink, event: ev.TunnelRequested | ev.UdpTunnelRequested | ev.RequestReceived
     ) -> None:
-        protocol = None
+        protocol: str | None = None
+        target: ConnectTarget | None = None
         if isinstance(event, ev.TunnelRequested):
-            method, path = "CONNECT", None
+            method, path, target = "CONNECT", None, event.target
         elif isinstance(event, ev.UdpTunnelRequested):
             method, path, protocol = "CONNECT", event.path, "connect-udp"
         else:
@@ -335,6 +340,7 @@ class HboneServer:
             peer_address=link.peer_address,
             stream_id=event.stream_id,
             protocol=protocol,
+            target=target,
         )
         link.spawn(self._run_handler, link, req)
 

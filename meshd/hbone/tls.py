@@ -138,6 +138,17 @@ def require_identity(actual: SpiffeId, expected: SpiffeId) -> None:
         )
 
 
+def require_one_of(actual: SpiffeId, expected: frozenset[SpiffeId]) -> None:
+    """Client side, when the hop before the server picks it (double HBONE to a service hostname: the
+    gateway chooses the endpoint): the server must be one of the identities serving that service, as
+    ztunnel checks the service's SANs (`final_sans: upstream.service_sans()`)."""
+    if actual not in expected:
+        names = ", ".join(sorted(i.uri for i in expected))
+        raise PeerIdentityError(
+            f"server presented {actual.uri}, expected one of the service's identities ({names})"
+        )
+
+
 def require_trust_domain(actual: SpiffeId, trust_domain: str) -> None:
     """Server side: clients must come from our trust domain; authorization policy decides the rest."""
     if actual.trust_domain != trust_domain:

@@ -1,7 +1,8 @@
 """Node inbound (15008 and 15006): authorize, connect to the local workload, pump.
 
 HBONE: the peer is already authenticated (mTLS, our trust domain) by HboneServer; this module
-decides what its CONNECT may reach: the authority must be a local workload's ip:port (else 503),
+decides what its CONNECT may reach: the authority must be a local workload's ip:port (else 503), or a
+service hostname:port (ztunnel's double HBONE: a local workload of that service is picked; else 400),
 L4 authorization must allow it (else 401), and the workload must accept the connection (else 503).
 A workload bound to a waypoint is reached only from that waypoint; any other HBONE client is
 hairpinned: tunnelled on to the waypoint as our node identity (docs/waypoint.md, "Hairpin").
@@ -17,13 +18,16 @@ from typing import Any
 
 import trio
 
+from meshd.balance import RoundRobin
 from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import CATALOG_PATH, WorkloadEntry
+from meshd.discovery.hostnames import hostname_hint, service_key_of
 from meshd.discovery.vip import VipIndex
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
 from meshd.hbone.server import Handler, InboundRequest, ServerReply
+from meshd.hbone.target import HostnameTarget
 from meshd.identity.spiffe import SpiffeId
 from meshd.listeners import open_listeners, original_destination, peer_of, per_connection
 from meshd.node.tcp import TcpStream
@@ -57,6 +61,35 @@ class Inbound:
         self.udp_handler: Handler | None = None  # connect-udp streams (meshd.node.udp_inbound)
         # The dashboard's node-only GETs (graph.CONTROL_PATHS): (path, query) -> (status, JSON body).
         self.control: Callable[[str, str], tuple[int, bytes]] | None = None
+        self._by_service: dict[str, RoundRobin[WorkloadEntry]] = {}  # service hostname CONNECTs
+
+    def _local_service_workload(self, target: HostnameTarget) -> tuple[str, int] | None:
+        """ztunnel's double HBONE names a service, not an address (meshd/discovery/hostnames.py): the
+        (address, target port) of a local workload serving that service port, round robin among
+        several; None if this node has none."""
+        key = service_key_of(target.hostname)
+        svc = self.state.catalog.services.get(key) if key is not None else None
+        port = svc.port(target.port) if svc is not None else None
+        if svc is None or port is None:
+            return None
+        local = [
+            w
+            for w in self.state.catalog.local.workloads
+            if svc.key in w.services and port.target_port in w.ports
+        ]
+        picked = self._by_service.setdefault(svc.key, RoundRobin()).pick(local)
+        return None if picked is None else (picked.address, port.target_port)
+
+    def _why_not_served(self, target: HostnameTarget) -> str:
+        key = service_key_of(target.hostname)
+        if key is None:
+            return f"CONNECT authority {str(target)!r} is not ip:port nor a service {hostname_hint()}"
+        svc = self.state.catalog.services.get(key)
+        if svc is None:
+            return f"no service {key} in this node's catalog (CONNECT {target})"
+        if svc.port(target.port) is None:
+            return f"service {key} has no port {target.port}"
+        return f"no workload of service {key} port {target.port} on this node"
 
     def _local_workload(self, ip: str, port: int) -> WorkloadEntry | None:
         for w in self.state.catalog.local.workloads:
@@ -75,8 +108,15 @@ class Inbound:
             await self.udp_handler(req, reply)
             return
         dest = req.destination
+        if dest is None and isinstance(req.target, HostnameTarget):
+            dest = self._local_service_workload(req.target)
+            if dest is None:
+                await reply.refuse(400, self._why_not_served(req.target))
+                return
         if dest is None:
-            await reply.refuse(400, f"CONNECT authority {req.authority!r} is not ip:port")
+            await reply.refuse(
+                400, f"CONNECT authority {req.authority!r} is not ip:port nor a service {hostname_hint()}"
+            )
             return
         ip, port = dest
         rec = ConnectionRecord(

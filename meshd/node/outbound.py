@@ -19,6 +19,7 @@ from meshd.config.model import UpstreamConfig
 from meshd.dataplane.proxied import Refused, proxied
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import Endpoint
+from meshd.discovery.hostnames import service_hostname
 from meshd.discovery.vip import VipIndex
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
 from meshd.hbone.pool import HbonePool
@@ -184,7 +185,9 @@ class Outbound:
                         source, ep.identity, (ep.dial.host, ep.dial.port), (target.host, target.port), headers
                     )
                 elif remote:
-                    tunnel = await self.through_gateway(rec, source, ep, headers)
+                    tunnel = await self.through_gateway(
+                        rec, source, ep, headers, service=(up.service_key, up.port)
+                    )
                 else:
                     tunnel = await self.pool.open_tunnel(
                         source, ep.identity, (ep.dial.host, ep.dial.port), ep.authority, headers=headers
@@ -208,13 +211,26 @@ class Outbound:
         raise Refused(503, FLAG_UPSTREAM_CONNECT if udp else FLAG_NO_HEALTHY, last_error)
 
     async def through_gateway(
-        self, rec: ConnectionRecord, source: SpiffeId, ep: Endpoint, headers: list[tuple[str, str]]
+        self,
+        rec: ConnectionRecord,
+        source: SpiffeId,
+        ep: Endpoint,
+        headers: list[tuple[str, str]],
+        *,
+        service: tuple[str, int] | None = None,
     ) -> TunnelStream:
         """Double HBONE to an endpoint in another network: an outer tunnel to that network's gateway,
-        as this node's identity, whose CONNECT names the workload's address there (or, for a
-        waypoint, its HBONE endpoint); inside it the inner HBONE connection to the endpoint's node, as
-        `source`, verified end to end, with the CONNECT it would get in its own network plus
-        `x-forwarded-network` (docs/hbone.md, "Double HBONE"). Raises what `open_tunnel` raises."""
+        as this node's identity, and inside it the inner HBONE connection to the endpoint's node, as
+        `source`, verified end to end, plus `x-forwarded-network` (docs/hbone.md, "Double HBONE").
+
+        To a service (key, service port) both CONNECTs name it as ztunnel does, waypoint or not:
+        `:authority` `<name>.<namespace>.svc.cluster.local:<service port>`, `forwarded:
+        for="...";host=<that name>`; the gateway picks the endpoint, so the inner TLS accepts any
+        identity serving the service in the networks that gateway fronts (ztunnel checks the
+        service's SANs); for a service bound to a waypoint, the waypoint's identity (`ep`). Without a
+        service both name the address: the workload's `ip:port` outside (or its node's HBONE
+        endpoint), the CONNECT it would get in its own network inside. Raises what `open_tunnel`
+        raises."""
         network = ep.workload.network
         gateways = self.state.catalog.gateways_for(network)
         if not gateways:
@@ -223,19 +239,43 @@ class Outbound:
         assert gateway.gateway is not None and gateway.gateway.public is not None  # see gateways_for
         public = gateway.gateway.public
         rec.peer = str(public)
-        ip = ep.authority.rsplit(":", 1)[0].strip("[]")
-        outer_authority = ep.authority if ip == ep.workload.address else str(ep.dial)
+        expected: SpiffeId | frozenset[SpiffeId] = ep.identity
+        if service is not None:
+            hostname = service_hostname(service[0])
+            outer_authority = inner_authority = f"{hostname}:{service[1]}"
+            headers = ztunnel_headers(headers, hostname)
+            svc = self.state.catalog.services.get(service[0])
+            if svc is None or svc.waypoint is None:
+                fronted = {network, *gateway.gateway.networks}  # the gateway picks among all of these
+                expected = frozenset(
+                    e.identity
+                    for e in self.state.catalog.endpoints(*service)
+                    if e.workload.network in fronted
+                )
+        else:
+            ip = ep.authority.rsplit(":", 1)[0].strip("[]")
+            outer_authority = ep.authority if ip == ep.workload.address else str(ep.dial)
+            inner_authority = ep.authority
         outer = await self.pool.open_tunnel(
             self.state.node_identity, gateway.identity, (public.host, public.port), outer_authority, headers
         )
         return await self.pool.open_nested_tunnel(
             outer,
             source,
-            ep.identity,
-            ep.authority,
+            expected,
+            inner_authority,
             [*headers, (FORWARDED_NETWORK_HEADER, self.state.catalog.network)],
             peer_address=(ep.dial.host, ep.dial.port),
         )
+
+
+def ztunnel_headers(headers: list[tuple[str, str]], hostname: str) -> list[tuple[str, str]]:
+    """The CONNECT headers in ztunnel's order (`create_hbone_request`: baggage, forwarded,
+    traceparent), `forwarded` with the `;host=<service hostname>` ztunnel adds when it knows the
+    service (`build_forwarded`)."""
+    baggage = [(k, v) for k, v in headers if k == "baggage"]
+    forwarded = [(k, f"{v};host={hostname}") for k, v in headers if k == "forwarded"]
+    return [*baggage, *forwarded, *((k, v) for k, v in headers if k not in ("baggage", "forwarded"))]
 
 
 FORWARDED_NETWORK_HEADER = "x-forwarded-network"  # ztunnel's, on the inner CONNECT of double HBONE

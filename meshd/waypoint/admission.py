@@ -3,7 +3,9 @@
 Must never know: HTTP inside the tunnel, routes, endpoints. Pure over the catalog (ztunnel's
 `build_inbound_request`): the caller answers a `Refused` once, where the tunnel's reply is written.
 
-A tunnel is admitted when its `:authority` is the VIP:port of a service bound to this waypoint.
+A tunnel is admitted when its `:authority` is the VIP:port of a service bound to this waypoint, or
+that service's hostname and port (`<name>.<namespace>.svc.cluster.local:<port>`, as ztunnel's double
+HBONE names it through a gateway: meshd/discovery/hostnames.py).
 A hairpin claim (hairpin.py) makes the tunnel the claimed client's, pinned to the workload it dialled.
 """
 
@@ -13,8 +15,10 @@ from dataclasses import dataclass, field
 
 from meshd.dataplane.proxied import Refused
 from meshd.discovery.catalog import Catalog, ServiceEntry, ServicePortEntry, WorkloadEntry
+from meshd.discovery.hostnames import hostname_hint, service_key_of
 from meshd.discovery.vip import VipIndex
 from meshd.hbone.server import InboundRequest
+from meshd.hbone.target import HostnameTarget
 from meshd.identity.spiffe import SpiffeId
 from meshd.observe.accesslog import (
     FLAG_NO_ROUTE,
@@ -78,11 +82,27 @@ class Tunnel:
 
 def admit(req: InboundRequest, catalog: Catalog, vips: VipIndex, me: str) -> Tunnel:
     """The tunnel a CONNECT asks for; raises Refused (400 bad request, 503 not ours, 401 bad hairpin)."""
+    table = vips.table(catalog.services)[0]
     dest = req.destination
+    if isinstance(req.target, HostnameTarget):
+        # ztunnel's double HBONE names the service through a gateway, waypoint or not.
+        key = service_key_of(req.target.hostname)
+        if key is None:
+            raise Refused(
+                400,
+                None,
+                f"CONNECT authority {req.authority!r} is not ip:port nor a service {hostname_hint()}",
+            )
+        vip = table.vip(key)
+        if key not in catalog.services or vip is None:
+            raise Refused(
+                503, FLAG_NO_ROUTE, f"no service {key} this waypoint knows (CONNECT {req.authority})"
+            )
+        dest = (vip, req.target.port)
     if dest is None:
         raise Refused(400, None, f"CONNECT authority {req.authority!r} is not ip:port")
     ip, port = dest
-    key = vips.table(catalog.services)[0].service(ip)
+    key = table.service(ip)
     svc = catalog.services.get(key) if key is not None else None
     if svc is None:
         raise Refused(503, FLAG_NO_ROUTE, f"{req.authority} is not a service VIP this waypoint knows")

@@ -37,6 +37,7 @@ from meshd.hbone.connection import (
 )
 from meshd.hbone.errors import LocalProtocolError, RemoteProtocolError
 from meshd.hbone.h2_plumbing import MAX_CLOSED_STREAMS
+from meshd.hbone.target import SocketTarget
 
 MiB = 1024 * 1024
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -136,8 +137,7 @@ def test_connect_carries_hbone_headers() -> None:
         ev.TunnelRequested(
             sid,
             "10.0.0.1:80",
-            "10.0.0.1",
-            80,
+            SocketTarget("10.0.0.1", 80),
             (
                 ("forwarded", 'for="192.168.1.5:40000"'),
                 ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
@@ -155,7 +155,7 @@ def test_forwarded_ipv6_in_brackets() -> None:
     _, at_server = pair.pump()
     assert isinstance(at_server[0], ev.TunnelRequested)
     assert at_server[0].headers == (("forwarded", 'for="[fd00::1]:5"'),)
-    assert at_server[0].host == "fd00::2"
+    assert at_server[0].target == SocketTarget("fd00::2", 80)
 
 
 @pytest.mark.parametrize(
@@ -198,9 +198,11 @@ def test_bad_authority_is_answered_400_by_the_core() -> None:
     server = HboneConnection(Role.SERVER)
     raw = h2.connection.H2Connection()  # our client refuses to send it, so use a raw h2 client
     raw.initiate_connection()
-    raw.send_headers(1, [(":method", "CONNECT"), (":authority", "example.com:80")])
+    raw.send_headers(1, [(":method", "CONNECT"), (":authority", "exa_mple.com:80")])
     at_server = server.receive_data(raw.data_to_send())
-    assert at_server[-1] == ev.RequestRejected(1, 400, "CONNECT authority 'example.com:80' is not ip:port")
+    assert at_server[-1] == ev.RequestRejected(
+        1, 400, "CONNECT authority 'exa_mple.com:80' is not ip:port or hostname:port"
+    )
     assert not any(isinstance(e, ev.TunnelRequested) for e in at_server)
     got = raw.receive_data(server.data_to_send())
     responses = [e for e in got if isinstance(e, h2.events.ResponseReceived)]

@@ -51,7 +51,7 @@ async def test_node_http2_client_tunnels_through_hbone_server(
                     *(NODE, str(SCRIPT), "127.0.0.1", str(port)),
                     *(str(d / "cert.pem"), str(d / "key.pem"), str(d / "ca.crt")),
                     *("10.0.0.1:80", str(8 * 1024 * 1024 + 123), "10.0.0.2:81", "1000"),
-                    *("not-an-ip:80", "0", "10.0.0.9:9", "6"),
+                    *("not_an_ip:80", "0", "10.0.0.9:9", "6"),
                 ],
                 capture_stdout=True,
                 capture_stderr=True,
@@ -68,7 +68,7 @@ async def test_node_http2_client_tunnels_through_hbone_server(
     assert big["status"] == 200 and big["received"] == big["sent"] and big["echo_ok"], big
     small = results["10.0.0.2:81"]
     assert small["status"] == 200 and small["echo_ok"], small
-    assert results["not-an-ip:80"]["status"] == 400  # answered by the core, never reaches the handler
+    assert results["not_an_ip:80"]["status"] == 400  # answered by the core, never reaches the handler
     assert results["10.0.0.9:9"]["status"] == 401
     assert {r.authority for r in seen} == {"10.0.0.1:80", "10.0.0.2:81", "10.0.0.9:9"}
     assert all(r.peer_identity == CLIENT_ID for r in seen)
