@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 
-# The node data path: the pure modules where the CPU per request goes.
+# The pure modules where the CPU per request goes: the node data path, and the waypoint's request
+# path (its HTTP/1.1 front-end and upstream stay interpreted: they use async generators, which mypyc
+# does not compile).
 COMPILED_MODULES = (
     "meshd.hbone.connection",
     "meshd.hbone.events",
@@ -18,6 +20,11 @@ COMPILED_MODULES = (
     "meshd.hbone.stream",
     "meshd.dataplane.pump",
     "meshd.node.tcp",
+    "meshd.waypoint.http1",
+    "meshd.waypoint.pipeline",
+    "meshd.waypoint.backends",
+    "meshd.waypoint.router",
+    "meshd.waypoint.admission",
 )
 
 
