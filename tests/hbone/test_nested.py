@@ -15,7 +15,7 @@ from meshd.hbone.server import HboneServer, InboundRequest, ServerReply
 from meshd.hbone.stream import TunnelStream
 from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
-from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, certs_of, echo
+from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, certs_of, echo, echo_through
 
 NODE_A = SpiffeId(TD, "meshd-system", "node-a")
 GATEWAY = SpiffeId(TD, "meshd-system", "node-gw")
@@ -89,12 +89,7 @@ async def test_double_hbone_keeps_the_inner_tls_end_to_end(ca: LocalCA) -> None:
                 outer, CLIENT_ID, SERVER_ID, "10.0.0.1:80", peer_address=inner_address
             )
             payload = b"inner plaintext " * (MiB // 16)
-            async with tunnel:
-                await tunnel.send_all(payload)
-                await tunnel.send_eof()
-                got = bytearray()
-                while chunk := await tunnel.receive_some():
-                    got += chunk
+            got = await echo_through(tunnel, payload)
             assert got == payload
             assert hop.peers == [NODE_A]  # the hop saw the node, outside
             assert seen == [CLIENT_ID]  # the destination saw the workload, inside
@@ -166,12 +161,7 @@ async def test_a_reverse_connection_carries_tunnels_and_requests_the_other_way(c
             nursery.start_soon(server_b.serve_stream, reverse, GATEWAY, address_a)
             link = await got_link.receive()
             tunnel = await pool_a.open_tunnel_on(link, "10.0.0.1:80")  # type: ignore[arg-type]
-            async with tunnel:
-                await tunnel.send_all(b"through the reverse connection")
-                await tunnel.send_eof()
-                got = bytearray()
-                while chunk := await tunnel.receive_some():
-                    got += chunk
+            got = await echo_through(tunnel, b"through the reverse connection")
             assert got == b"through the reverse connection"
             assert await pool_a.get_on(link, "/meshd/v1/network-catalog") == (  # type: ignore[arg-type]
                 200,

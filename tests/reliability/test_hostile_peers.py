@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
@@ -21,44 +20,25 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from meshd.hbone.pool import HbonePool
-from meshd.hbone.tls import StaticCertificates
 from meshd.identity.ca import LocalCA
-from meshd.identity.spiffe import SpiffeId
-from meshd.tools.echo import echo_server
 from tests.reliability.hostile import RawPeer
-from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, running, unique_loopback
+from tests.support.configs import ECHO_PORT
+from tests.support.echo_node import CLIENT, ECHO, TD, EchoNode, echo_node, echo_once
+from tests.support.hbone_mesh import certs_of, running_pool
+from tests.support.procs import unique_loopback
 from tests.support.reliability import Record
 
-TD = "home.arpa"
-CLIENT = SpiffeId(TD, "default", "client")
-ECHO = SpiffeId(TD, "default", "echo")
 SINK_PORT = 7001  # a workload that accepts and never reads
 REFUSED_STREAM = 7
 TIMEOUT = 20
 
 
 @dataclass
-class Beta:
-    daemon: Meshd
-    ip: str
-    ca: LocalCA
-    sink_ip: str
-
-    @property
-    def hbone(self) -> tuple[str, int]:
-        return (self.ip, 15008)
+class Beta(EchoNode):
+    sink_ip: str = ""
 
     def raw(self) -> RawPeer:
         return RawPeer(self.hbone, self.ca.issue(CLIENT), self.ca.cert_pem)
-
-    def rss_kib(self) -> int:
-        assert self.daemon.proc is not None
-        for line in Path(f"/proc/{self.daemon.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
 
 
 def _sink_server(ip: str, port: int) -> tuple[socket.socket, list[socket.socket]]:
@@ -83,16 +63,15 @@ def _sink_server(ip: str, port: int) -> tuple[socket.socket, list[socket.socket]
 def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
     tmp = tmp_path_factory.mktemp("hostile")
     ca = LocalCA.init(tmp / "ca", TD)
-    ip, sink_ip = unique_loopback(), unique_loopback()
+    sink_ip = unique_loopback()
     sink = (
         f'[[workload]]\nname = "sink"\naddress = "{sink_ip}"\nports = [{SINK_PORT}]\nservices = ["sink"]\n'
         f'[[service]]\nname = "sink"\nports = [{{ port = {SINK_PORT} }}]\n'
     )
-    cfg = node_config(tmp / "beta.toml", "beta", tmp / "ca", body=echo_workload(ip) + sink, trust_domain=TD)
     listener, held = _sink_server(sink_ip, SINK_PORT)
     try:
-        with echo_server(ip, ECHO_PORT), running(Meshd(cfg, ip)) as daemon:
-            yield Beta(daemon, ip, ca, sink_ip)
+        with echo_node(tmp, ca, sink) as node:
+            yield Beta(node.daemon, node.ip, node.ca, node.tmp, sink_ip)
     finally:
         listener.close()
         for s in held:
@@ -100,20 +79,8 @@ def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
 
 
 async def _echo_once(beta: Beta, payload: bytes) -> bytes:
-    issued = beta.ca.issue(CLIENT)
-    certs = StaticCertificates(issued.cert_pem, issued.key_pem, issued.ca_pem)
-    pool = HbonePool(certs.client_provider(), connect_timeout=10, ping_interval=None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.run)
-        tunnel = await pool.open_tunnel(CLIENT, ECHO, beta.hbone, f"{beta.ip}:{ECHO_PORT}")
-        async with tunnel:
-            await tunnel.send_all(payload)
-            await tunnel.send_eof()
-            out = bytearray()
-            while chunk := await tunnel.receive_some():
-                out += chunk
-        nursery.cancel_scope.cancel()
-    return bytes(out)
+    async with running_pool(certs_of(beta.ca.issue(CLIENT)).client_provider()) as pool:
+        return await echo_once(pool, beta, payload)
 
 
 def assert_still_serves(beta: Beta) -> None:
@@ -293,11 +260,7 @@ def test_peer_that_never_reads_keeps_memory_bounded(beta: Beta, record: Record) 
 
     async def push() -> None:
         nonlocal sent
-        issued = beta.ca.issue(CLIENT)
-        certs = StaticCertificates(issued.cert_pem, issued.key_pem, issued.ca_pem)
-        pool = HbonePool(certs.client_provider(), connect_timeout=10, ping_interval=None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(pool.run)
+        async with running_pool(certs_of(beta.ca.issue(CLIENT)).client_provider()) as pool:
             # Dialled at beta's address, the daemon presents the identity of the workload there (echo).
             tunnel = await pool.open_tunnel(CLIENT, ECHO, beta.hbone, f"{beta.sink_ip}:{SINK_PORT}")
             chunk = b"x" * (1 << 20)
@@ -306,7 +269,6 @@ def test_peer_that_never_reads_keeps_memory_bounded(beta: Beta, record: Record) 
                     await tunnel.send_all(chunk)
                     sent += len(chunk)
             await tunnel.aclose()
-            nursery.cancel_scope.cancel()
 
     trio.run(push)
     grown = (beta.rss_kib() - before) / 1024
