@@ -22,7 +22,9 @@ import pytest
 from meshd.identity.ca import LocalCA
 from tests.netns.lab import Host, NsMeshd, exchange, host_config, namespaces_or_fail, tagged_echo
 from tests.netns.sites import Sites
+from tests.support import policy
 from tests.support.http_backend import http_backend
+from tests.support.policy import allow, deny, frm, to
 from tests.support.procs import wait_for
 from tests.support.sockets import recv_all
 
@@ -35,26 +37,9 @@ WEB_LISTEN = 17001
 CLIENT = "spiffe://home.arpa/ns/default/sa/client"
 
 # At b1: only the client workload of site A may reach echo (the real client identity is needed).
-ECHO_POLICY = """
-[[authorization]]
-name = "echo-from-client"
-namespace = "default"
-workloads = ["echo"]
-action = "ALLOW"
-
-[[authorization.rules]]
-from = [{ principals = ["home.arpa/ns/default/sa/client"] }]
-"""
+ECHO_POLICY = allow(frm(principals=[policy.CLIENT]), name="echo-from-client", workloads=["echo"])
 # At wb: L7 policy on web.
-WEB_POLICY = """
-[[authorization]]
-name = "no-admin"
-namespace = "default"
-action = "DENY"
-
-[[authorization.rules]]
-to = [{ paths = ["/admin*"] }]
-"""
+WEB_POLICY = deny(to(paths=["/admin*"]), name="no-admin")
 
 
 @dataclass

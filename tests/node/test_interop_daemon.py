@@ -21,6 +21,7 @@ import pytest
 
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
+from tests.support.policy import deny, frm
 from tests.support.procs import Meshd, running, unique_loopback
 
 NODE = shutil.which("node")
@@ -28,15 +29,9 @@ SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
 TD = "home.arpa"
 TIMEOUT = 45
 
-DENY_POLICY = """
-[[authorization]]
-name = "deny-intruder"
-namespace = "default"
-workloads = ["echo"]
-action = "DENY"
-[[authorization.rules]]
-from = [{ principals = ["home.arpa/ns/default/sa/intruder"] }]
-"""
+DENY_POLICY = deny(
+    frm(principals=["home.arpa/ns/default/sa/intruder"]), name="deny-intruder", workloads=["echo"]
+)
 
 
 def meshd_cli(*args: str) -> None:

@@ -7,7 +7,7 @@ Each table row builds its policy from TOML text, so the tables exercise the same
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ def inline(value: Any) -> str:
         return "{ " + ", ".join(f"{k} = {inline(v)}" for k, v in value.items()) + " }" if value else "{}"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, int):
         return str(value)
     return json.dumps(value)
@@ -64,19 +66,43 @@ def both(*rules: Rule) -> Rule:
     return {"when": [c for r in rules for c in r["when"]]}
 
 
-def policy(action: str, *rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
+def policy(
+    action: str,
+    *rules: Rule,
+    name: str = "p",
+    scope: str = 'namespace = "default"',
+    workloads: Sequence[str] = (),
+    dry_run: bool = False,
+) -> str:
+    """One [[authorization]] table as TOML text: `scope` lines, then `workloads` and `dry_run` if given."""
     lines = ["[[authorization]]", f'name = "{name}"', f'action = "{action}"', scope]
+    if workloads:
+        lines.append(f"workloads = {inline(list(workloads))}")
+    if dry_run:
+        lines.append("dry_run = true")
     if rules:
         lines.append(f"rules = {inline(list(rules))}")
     return "\n".join(lines) + "\n"
 
 
-def allow(*rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
-    return policy("ALLOW", *rules, name=name, scope=scope)
+def allow(
+    *rules: Rule,
+    name: str = "p",
+    scope: str = 'namespace = "default"',
+    workloads: Sequence[str] = (),
+    dry_run: bool = False,
+) -> str:
+    return policy("ALLOW", *rules, name=name, scope=scope, workloads=workloads, dry_run=dry_run)
 
 
-def deny(*rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
-    return policy("DENY", *rules, name=name, scope=scope)
+def deny(
+    *rules: Rule,
+    name: str = "p",
+    scope: str = 'namespace = "default"',
+    workloads: Sequence[str] = (),
+    dry_run: bool = False,
+) -> str:
+    return policy("DENY", *rules, name=name, scope=scope, workloads=workloads, dry_run=dry_run)
 
 
 def conn(

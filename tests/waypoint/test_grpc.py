@@ -22,20 +22,16 @@ import grpc  # a test dependency (pyproject's test extra): missing, the module f
 import pytest
 
 from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.policy import deny, to
 from tests.support.procs import Meshd, unique_loopback, wait_for
 
 GRPC_PORT = 50051
 GRPC_UPSTREAM = 17093
 N = 1000
 
-POLICY = """
-[[authorization]]
-name = "no-admin-rpc"
-namespace = "default"
-action = "DENY"
-[[authorization.rules]]
-to = [{ paths = ["/test.Admin/*"] }]
-
+POLICY = (
+    deny(to(paths=["/test.Admin/*"]), name="no-admin-rpc")
+    + """
 [[route]]
 name = "grpc-flaky"
 service = "grpc.default"
@@ -47,6 +43,7 @@ name = "grpc"
 service = "grpc.default"
 timeout = "30s"
 """
+)
 
 
 class _Servicer:

@@ -30,6 +30,7 @@ from meshd.waypoint.hairpin import claim_headers
 from tests.support.h2_client import H2Request, h2_exchange
 from tests.support.http_backend import Backend, http_backend
 from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump
+from tests.support.policy import deny, to
 from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
 from tests.support.sockets import recv_until_closed
 
@@ -41,35 +42,22 @@ BYPASS_UPSTREAM = 17090
 RATINGS_UPSTREAM = 17091  # ratings.apps: no waypoint of its own, the namespace default (wp)
 DETAILS_UPSTREAM = 17092  # details.apps: waypoint = "none", opted out of the namespace default
 
-ROUTES = """
-[[authorization]]
-name = "no-admin"
-namespace = "default"
-workloads = ["reviews-v1"]  # the waypoint applies it to the whole reviews service
-action = "DENY"
-[[authorization.rules]]
-to = [{ paths = ["/admin*"] }]
-
-# Dry run: evaluated and reported for every request, never enforced.
-[[authorization]]
-name = "trial-no-dry"
-namespace = "default"
-workloads = ["reviews-v1"]
-action = "DENY"
-dry_run = true
-[[authorization.rules]]
-to = [{ paths = ["/v1/dry*"] }]
-
-# `hosts` match the Host the app sent (docs/waypoint.md, "The authority"): through an [[upstream]]
-# listener that is the listener's address unless the app dials a name.
-[[authorization]]
-name = "by-name-only"
-namespace = "default"
-workloads = ["reviews-v1"]
-action = "DENY"
-[[authorization.rules]]
-to = [{ paths = ["/named*"], not_hosts = ["reviews.default.mesh*"] }]
-
+# The waypoint applies a policy for workload reviews-v1 to the whole reviews service.
+AUTHORIZATIONS = (
+    deny(to(paths=["/admin*"]), name="no-admin", workloads=["reviews-v1"])
+    # Dry run: evaluated and reported for every request, never enforced.
+    + deny(to(paths=["/v1/dry*"]), name="trial-no-dry", workloads=["reviews-v1"], dry_run=True)
+    # `hosts` match the Host the app sent (docs/waypoint.md, "The authority"): through an [[upstream]]
+    # listener that is the listener's address unless the app dials a name.
+    + deny(
+        to(paths=["/named*"], not_hosts=["reviews.default.mesh*"]),
+        name="by-name-only",
+        workloads=["reviews-v1"],
+    )
+)
+ROUTES = (
+    AUTHORIZATIONS
+    + """
 [[route]]
 name = "by-header"
 service = "reviews.default"
@@ -118,6 +106,7 @@ name = "split"
 service = "reviews.default"
 backends = [{ subset = { version = "v1" }, weight = 90 }, { subset = { version = "v2" }, weight = 10 }]
 """
+)
 
 BOOM_PLUGIN = """
 from meshd.plugins import hookimpl
