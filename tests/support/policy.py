@@ -1,4 +1,4 @@
-"""Policy test kit: build a PolicySet from TOML text, and connections / requests to decide.
+"""Policy test kit: build a PolicySet from TOML text (or from drawn tables), and connections / requests to decide.
 
 Each table row builds its policy from TOML text, so the tables exercise the same path as a policy file.
 `frm`, `to` and `when` build one rule; `allow(...)`/`deny(...)` wrap rules in a policy for default/*.
@@ -6,6 +6,7 @@ Each table row builds its policy from TOML text, so the tables exercise the same
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from meshd.config.schema import load_document
+from meshd.config.schema import build, load_document
+from meshd.errors import ConfigError
 from meshd.identity.spiffe import SpiffeId
 from meshd.policy.evaluate import ConnectionAttrs, PolicySet, RequestAttrs
 from meshd.policy.model import Located, Origin, PolicyFile
@@ -137,6 +139,23 @@ def request(
     return RequestAttrs(conn(**conn_kw), method, path, host, headers or {})
 
 
+def policy_set(docs: list[dict[str, Any]], *, dry_run: bool | None = None) -> PolicySet:
+    """The valid ones of `docs` (drawn [[authorization]] tables; names made unique) as a PolicySet,
+    optionally with every dry_run flag forced."""
+    located = []
+    for i, raw in enumerate(docs):
+        raw = {**raw, "name": f"{raw['name']}{i}"}
+        try:
+            doc = build(PolicyFile, {"authorization": [raw]}, "h.toml", Path("."))
+        except ConfigError:
+            continue
+        for a in doc.authorizations:
+            if dry_run is not None:
+                a = dataclasses.replace(a, dry_run=dry_run and a.action != "AUDIT")
+            located.append(Located(a, Origin("h.toml", i)))
+    return PolicySet(located)
+
+
 def cases(rows: list[tuple[Any, ...]]) -> list[Any]:
     return [pytest.param(*row[1:], id=row[0]) for row in rows]
 
@@ -239,3 +258,14 @@ conns = st.builds(
     name=st.sampled_from(["echo", "web"]),
     labels=st.dictionaries(st.sampled_from(["version"]), st.sampled_from(["v1", "v2"])),
 )
+
+
+def requests(
+    connections: st.SearchStrategy[ConnectionAttrs],
+    *,
+    paths: st.SearchStrategy[str],
+    hosts: st.SearchStrategy[str],
+    headers: st.SearchStrategy[dict[str, str]],
+) -> st.SearchStrategy[RequestAttrs]:
+    """Requests (any method of `strs`) on connections drawn from `connections`."""
+    return st.builds(RequestAttrs, connections, strs, paths, hosts, headers)
