@@ -125,6 +125,37 @@ def client_host(name: str, ip: str, *upstreams: Upstream, **more: Any) -> Host:
     return Host(name, ip, workloads=[Workload("client", ip, [8000])], upstreams=upstreams, **more)
 
 
+def reviews(
+    version: str, ip: str, port: int, *, services: Sequence[str] = ("reviews",), labelled: bool = False
+) -> Workload:
+    """Workload reviews-<version> (service account reviews) of `services`, labelled version=<version>
+    if `labelled` (for subsets)."""
+    labels = {"version": version} if labelled else {}
+    return Workload(
+        f"reviews-{version}", ip, [port], services=services, service_account="reviews", labels=labels
+    )
+
+
+def waypoint_path(
+    tmp: Path,
+    client_ip: str,
+    upstream: Upstream,
+    workload: Workload,
+    service: Service,
+    routes: str | None = None,
+) -> Mesh:
+    """Client alpha (dialling `upstream`), beta (hosting `workload` of `service`, which names waypoint
+    wp) and waypoint wp, its policy dir holding `routes` as routes.toml if given."""
+    return Mesh(
+        tmp,
+        [
+            client_host("alpha", client_ip, upstream),
+            Host("beta", workloads=[workload], services=[service]),
+            Host("wp", role="waypoint", policy=None if routes is None else {"routes.toml": routes}),
+        ],
+    )
+
+
 def echo_host(name: str, ip: str, port: int, **more: Any) -> Host:
     """A host running the `echo` workload on its own address, serving the `echo` service on `port`."""
     return Host(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from meshd.tools.echo import echo_server
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump, reviews
 from tests.support.procs import Meshd, unique_loopback
 from tests.support.sockets import send_and_read
 
@@ -97,14 +97,7 @@ def three_daemons(
                 "beta",
                 b_ip,
                 workloads=[
-                    Workload(
-                        "reviews-v1",
-                        r_ip,
-                        [REVIEWS_PORT],
-                        services=["reviews"],
-                        service_account="reviews",
-                        labels={"version": "v1"},
-                    ),
+                    reviews("v1", r_ip, REVIEWS_PORT, labelled=True),
                     Workload("echo", b_ip, [ECHO_PORT], services=["echo"]),
                 ],
                 services=[

@@ -21,7 +21,7 @@ from typing import Any
 import grpc  # a test dependency (pyproject's test extra): missing, the module fails, never skips
 import pytest
 
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.mesh import Port, Service, Upstream, Workload, waypoint_path
 from tests.support.policy import deny, to
 from tests.support.procs import Meshd, unique_loopback, wait_for
 
@@ -98,21 +98,13 @@ class GrpcMesh:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcMesh]:
     tmp = tmp_path_factory.mktemp("grpc")
     a_ip, g_ip = unique_loopback(), unique_loopback()
-    mesh = Mesh(
+    mesh = waypoint_path(
         tmp,
-        [
-            client_host(
-                "alpha",
-                a_ip,
-                Upstream("grpc.default", GRPC_PORT, f"{a_ip}:{GRPC_UPSTREAM}"),
-            ),
-            Host(
-                "beta",
-                workloads=[Workload("grpc-server", g_ip, [GRPC_PORT], services=["grpc"])],
-                services=[Service("grpc", [Port(GRPC_PORT, "grpc")], waypoint="wp")],
-            ),
-            Host("wp", role="waypoint", policy={"routes.toml": POLICY}),
-        ],
+        a_ip,
+        Upstream("grpc.default", GRPC_PORT, f"{a_ip}:{GRPC_UPSTREAM}"),
+        Workload("grpc-server", g_ip, [GRPC_PORT], services=["grpc"]),
+        Service("grpc", [Port(GRPC_PORT, "grpc")], waypoint="wp"),
+        POLICY,
     )
 
     servicer = _Servicer()

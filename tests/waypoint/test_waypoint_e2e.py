@@ -29,7 +29,7 @@ from meshd.tools.echo import echo_server
 from meshd.waypoint.hairpin import claim_headers
 from tests.support.h2_client import H2Request, h2_exchange
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump, reviews
 from tests.support.policy import deny, to
 from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
 from tests.support.sockets import recv_until_closed
@@ -173,7 +173,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
     tmp = tmp_path_factory.mktemp("waypoint")
     a_ip, b_ip, r1_ip, r2_ip, rt_ip, dt_ip = (unique_loopback() for _ in range(6))
     install_boom_plugin(tmp / "site")
-    reviews = Port(REVIEWS_PORT, "http")
+    reviews_port = Port(REVIEWS_PORT, "http")
     apps_http = Port(80, "http", target_port=REVIEWS_PORT)
     nodes = Mesh(
         tmp,
@@ -191,28 +191,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
                 "beta",
                 b_ip,
                 workloads=[
-                    Workload(
-                        "reviews-v1",
-                        r1_ip,
-                        [REVIEWS_PORT],
-                        services=["reviews", "bypass"],
-                        service_account="reviews",
-                        labels={"version": "v1"},
-                    ),
-                    Workload(
-                        "reviews-v2",
-                        r2_ip,
-                        [REVIEWS_PORT],
-                        services=["reviews"],
-                        service_account="reviews",
-                        labels={"version": "v2"},
-                    ),
+                    reviews("v1", r1_ip, REVIEWS_PORT, services=["reviews", "bypass"], labelled=True),
+                    reviews("v2", r2_ip, REVIEWS_PORT, labelled=True),
                     Workload("echo", b_ip, [ECHO_PORT], services=["echo"]),
                     Workload("ratings", rt_ip, [REVIEWS_PORT], services=["ratings"], namespace="apps"),
                     Workload("details", dt_ip, [REVIEWS_PORT], services=["details"], namespace="apps"),
                 ],
                 services=[
-                    Service("reviews", [reviews], waypoint="wp"),
+                    Service("reviews", [reviews_port], waypoint="wp"),
                     Service("echo", [ECHO_PORT], waypoint="wp"),
                     Service("bypass", [Port(9081, target_port=REVIEWS_PORT)]),
                     Service("ratings", [apps_http], namespace="apps"),
