@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from meshd.identity.ca import LocalCA
 from tests.netns.lab import Host, Lab, NsMeshd, capture_config, exchange, ip, namespaces_or_fail, tagged_echo
 from tests.support.configs import echo_workload
 from tests.support.procs import wait_for
+from tests.support.udp import udp_server
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -80,33 +80,18 @@ def log_line(d: NsMeshd, pattern: str) -> str:
 def fake_resolver(host: Host) -> Iterator[list[str]]:
     """A UDP resolver on h1's loopback answering every A query with FORWARDED_ANSWER; yields the
     names it was asked."""
-    sock = host.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
-    host.call(sock.bind, FAKE_UPSTREAM)
-    sock.settimeout(0.2)
     asked: list[str] = []
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, addr = sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            q = dns.message.from_wire(data)
-            asked.append(q.question[0].name.to_text())
-            r = dns.message.make_response(q)
-            if q.question[0].rdtype == dns.rdatatype.A:
-                r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", FORWARDED_ANSWER))
-            sock.sendto(r.to_wire(), addr)
+    def answer(data: bytes) -> bytes:
+        q = dns.message.from_wire(data)
+        asked.append(q.question[0].name.to_text())
+        r = dns.message.make_response(q)
+        if q.question[0].rdtype == dns.rdatatype.A:
+            r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", FORWARDED_ANSWER))
+        return r.to_wire()
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with udp_server(*FAKE_UPSTREAM, answer, host.call):
         yield asked
-    finally:
-        stop.set()
-        t.join(2)
-        sock.close()
 
 
 @dataclass
