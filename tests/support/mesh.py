@@ -137,20 +137,19 @@ def reviews(
 
 
 def waypoint_path(
-    tmp: Path,
-    client_ip: str,
-    upstream: Upstream,
-    workload: Workload,
-    service: Service,
-    routes: str | None = None,
+    tmp: Path, client_ip: str, workload: Workload, port: Port, listen_port: int, routes: str | None = None
 ) -> Mesh:
-    """Client alpha (dialling `upstream`), beta (hosting `workload` of `service`, which names waypoint
-    wp) and waypoint wp, its policy dir holding `routes` as routes.toml if given."""
+    """Client alpha, dialling the service of `workload` (its first, in namespace default) on `port`
+    through a listener at client_ip:listen_port; beta, hosting `workload`; waypoint wp, which that
+    service names, with `routes` as routes.toml in its policy dir if given."""
+    name = workload.services[0]
     return Mesh(
         tmp,
         [
-            client_host("alpha", client_ip, upstream),
-            Host("beta", workloads=[workload], services=[service]),
+            client_host(
+                "alpha", client_ip, Upstream(f"{name}.default", port.port, f"{client_ip}:{listen_port}")
+            ),
+            Host("beta", workloads=[workload], services=[Service(name, [port], waypoint="wp")]),
             Host("wp", role="waypoint", policy=None if routes is None else {"routes.toml": routes}),
         ],
     )

@@ -21,7 +21,7 @@ from typing import Any
 import grpc  # a test dependency (pyproject's test extra): missing, the module fails, never skips
 import pytest
 
-from tests.support.mesh import Port, Service, Upstream, Workload, waypoint_path
+from tests.support.mesh import Port, Workload, waypoint_path
 from tests.support.policy import deny, to
 from tests.support.procs import Meshd, unique_loopback, wait_for
 
@@ -98,14 +98,8 @@ class GrpcMesh:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcMesh]:
     tmp = tmp_path_factory.mktemp("grpc")
     a_ip, g_ip = unique_loopback(), unique_loopback()
-    mesh = waypoint_path(
-        tmp,
-        a_ip,
-        Upstream("grpc.default", GRPC_PORT, f"{a_ip}:{GRPC_UPSTREAM}"),
-        Workload("grpc-server", g_ip, [GRPC_PORT], services=["grpc"]),
-        Service("grpc", [Port(GRPC_PORT, "grpc")], waypoint="wp"),
-        POLICY,
-    )
+    workload = Workload("grpc-server", g_ip, [GRPC_PORT], services=["grpc"])
+    mesh = waypoint_path(tmp, a_ip, workload, Port(GRPC_PORT, "grpc"), GRPC_UPSTREAM, POLICY)
 
     servicer = _Servicer()
     handlers = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Port, Service, Upstream, reviews, waypoint_path
+from tests.support.mesh import Port, reviews, waypoint_path
 from tests.support.procs import Meshd, unique_loopback, wait_for
 
 pytestmark = pytest.mark.slow
@@ -86,12 +86,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WasmMesh]:
     shutil.copy(wasm_dir / "headers.wasm", wasm_dir / "swap.wasm")
     a_ip, r_ip = unique_loopback(), unique_loopback()
     nodes = waypoint_path(
-        tmp,
-        a_ip,
-        Upstream("reviews.default", PORT, f"{a_ip}:{UPSTREAM}"),
-        reviews("v1", r_ip, PORT),
-        Service("reviews", [Port(PORT, "http")], waypoint="wp"),
-        routes(wasm_dir),
+        tmp, a_ip, reviews("v1", r_ip, PORT), Port(PORT, "http"), UPSTREAM, routes(wasm_dir)
     )
     with http_backend("reviews-v1", r_ip, PORT) as backend, nodes.running():
         m = WasmMesh(nodes["wp"], backend, (a_ip, UPSTREAM), nodes.policy_dir("wp"), wasm_dir)
