@@ -3,7 +3,8 @@
 beta hosts `reviews` (HTTP, bound to waypoint wp) and `echo` (TCP, straight node to node); alpha has an
 `[[upstream]]` listener for each. HTTP goes client -> alpha -> HBONE -> wp -> HBONE -> beta -> backend;
 TCP goes client -> alpha -> HBONE -> beta -> echo. Each daemon's config can be extended (`extra`), and
-the waypoint gets `routes` as its policy. Built on tests/support/mesh.py.
+the waypoint gets `routes` as its policy. Built on tests/support/mesh.py. The ports and the client
+host (`client_alpha`) are also those of tests/waypoint/test_waypoint_e2e.py's larger mesh.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ filters = [{ name = "fault", settings = { abort = { http_status = 503, percentag
 name = "default"
 service = "reviews.default"
 """
+
+
+def client_alpha(a_ip: str, *more: Upstream, body: str = "") -> Host:
+    """alpha, the client: reviews.default:9080 at a_ip:17080, echo.default:7000 at a_ip:17070, then `more`;
+    `body` is added to its config."""
+    return client_host(
+        "alpha",
+        a_ip,
+        Upstream("reviews.default", REVIEWS_PORT, f"{a_ip}:{HTTP_UPSTREAM}"),
+        Upstream("echo.default", ECHO_PORT, f"{a_ip}:{TCP_UPSTREAM}"),
+        *more,
+        body=body,
+    )
 
 
 @dataclass
@@ -86,13 +100,7 @@ def three_daemons(
     nodes = Mesh(
         tmp,
         [
-            client_host(
-                "alpha",
-                a_ip,
-                Upstream("reviews.default", REVIEWS_PORT, f"{a_ip}:{HTTP_UPSTREAM}"),
-                Upstream("echo.default", ECHO_PORT, f"{a_ip}:{TCP_UPSTREAM}"),
-                body=extra.get("alpha", ""),
-            ),
+            client_alpha(a_ip, body=extra.get("alpha", "")),
             Host(
                 "beta",
                 b_ip,

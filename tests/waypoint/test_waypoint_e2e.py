@@ -29,15 +29,12 @@ from meshd.tools.echo import echo_server
 from meshd.waypoint.hairpin import claim_headers
 from tests.support.h2_client import H2Request, h2_exchange
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump, reviews
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, dump, reviews
 from tests.support.policy import deny, to
 from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
 from tests.support.sockets import recv_until_closed
+from tests.support.telemetry_mesh import ECHO_PORT, HTTP_UPSTREAM, REVIEWS_PORT, TCP_UPSTREAM, client_alpha
 
-REVIEWS_PORT = 9080
-ECHO_PORT = 7000
-HTTP_UPSTREAM = 17080
-TCP_UPSTREAM = 17070
 BYPASS_UPSTREAM = 17090
 RATINGS_UPSTREAM = 17091  # ratings.apps: no waypoint of its own, the namespace default (wp)
 DETAILS_UPSTREAM = 17092  # details.apps: waypoint = "none", opted out of the namespace default
@@ -178,11 +175,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
     nodes = Mesh(
         tmp,
         [
-            client_host(
-                "alpha",
+            client_alpha(
                 a_ip,
-                Upstream("reviews.default", REVIEWS_PORT, f"{a_ip}:{HTTP_UPSTREAM}"),
-                Upstream("echo.default", ECHO_PORT, f"{a_ip}:{TCP_UPSTREAM}"),
                 Upstream("bypass.default", 9081, f"{a_ip}:{BYPASS_UPSTREAM}"),
                 Upstream("ratings.apps", 80, f"{a_ip}:{RATINGS_UPSTREAM}"),
                 Upstream("details.apps", 80, f"{a_ip}:{DETAILS_UPSTREAM}"),
