@@ -7,6 +7,7 @@ Each table row builds its policy from TOML text, so the tables exercise the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,24 +88,8 @@ def policy(
     return "\n".join(lines) + "\n"
 
 
-def allow(
-    *rules: Rule,
-    name: str = "p",
-    scope: str = 'namespace = "default"',
-    workloads: Sequence[str] = (),
-    dry_run: bool = False,
-) -> str:
-    return policy("ALLOW", *rules, name=name, scope=scope, workloads=workloads, dry_run=dry_run)
-
-
-def deny(
-    *rules: Rule,
-    name: str = "p",
-    scope: str = 'namespace = "default"',
-    workloads: Sequence[str] = (),
-    dry_run: bool = False,
-) -> str:
-    return policy("DENY", *rules, name=name, scope=scope, workloads=workloads, dry_run=dry_run)
+allow = functools.partial(policy, "ALLOW")  # allow(*rules, name=..., ...): an ALLOW policy
+deny = functools.partial(policy, "DENY")
 
 
 def conn(
