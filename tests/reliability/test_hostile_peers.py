@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -94,12 +95,23 @@ def assert_still_serves(beta: Beta) -> None:
     trio.run(check)
 
 
+@contextmanager
+def abusive_peer(beta: Beta) -> Iterator[RawPeer]:
+    """A raw HTTP/2 peer on beta's HBONE port for the block, closed after it; then beta must still
+    serve a good client."""
+    peer = beta.raw()
+    try:
+        yield peer
+    finally:
+        peer.close()
+    assert_still_serves(beta)
+
+
 # ---- HTTP/2 abuse on 15008 ------------------------------------------------------------------------
 
 
 def test_connect_flood_beyond_the_stream_limit(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         peer.send(b"".join(peer.connect(1 + 2 * i, f"{beta.ip}:{ECHO_PORT}") for i in range(150)))
         accepted: set[int] = set()
         refused: set[int] = set()
@@ -121,15 +133,11 @@ def test_connect_flood_beyond_the_stream_limit(beta: Beta, record: Record) -> No
                 f.data for f in peer.frames(until) if isinstance(f, DataFrame) and f.stream_id == 1
             )
         assert got == b"still tunnelling"
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "150 concurrent CONNECTs on one connection (limit 100)")
 
 
 def test_rst_storm(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         burst = bytearray()
         for i in range(3000):
             sid = 1 + 2 * i
@@ -137,28 +145,20 @@ def test_rst_storm(beta: Beta, record: Record) -> None:
             burst += RstStreamFrame(sid, error_code=8).serialize()
         peer.send(bytes(burst))
         peer.frames(time.monotonic() + 1)
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "3000 CONNECT + RST_STREAM pairs")
 
 
 def test_window_update_overflow_drops_that_connection_only(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         peer.send(peer.connect(1, f"{beta.ip}:{ECHO_PORT}"))
         peer.send(WindowUpdateFrame(0, window_increment=2**31 - 1).serialize())
         peer.send(WindowUpdateFrame(1, window_increment=2**31 - 1).serialize())
         assert peer.wait_closed(TIMEOUT), "a flow-control overflow must end the connection"
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "WINDOW_UPDATE past 2^31-1 (connection and stream)")
 
 
 def test_oversized_header_list(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         huge = [(":method", "CONNECT"), (":authority", f"{beta.ip}:{ECHO_PORT}")]
         huge += [(f"x-pad-{i}", "v" * 1000) for i in range(300)]  # ~300 KiB, limit 64 KiB
         block = peer.encoder.encode(huge)
@@ -175,9 +175,6 @@ def test_oversized_header_list(beta: Beta, record: Record) -> None:
         # Refused: a stream reset, a GOAWAY, or a hang-up. Never a tunnel.
         assert peer.closed or any(isinstance(f, RstStreamFrame | GoAwayFrame) for f in frames), frames
         assert not any(isinstance(f, HeadersFrame) for f in frames)
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "300 KiB header list (limit 64 KiB)")
 
 
