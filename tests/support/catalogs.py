@@ -75,6 +75,13 @@ def node(
     )
 
 
+def one_workload_node(name: str, workload_name: str = "w") -> NodeCatalog:
+    """Node `name` (HBONE on 0.0.0.0:15008) publishing one workload at 10.0.0.1:80, of no service."""
+    return node(
+        name, "0.0.0.0:15008", workload(name, workload_name, "10.0.0.1", 80, services=()), services=()
+    )
+
+
 def merged(local: NodeCatalog, *peers: tuple[NodeCatalog, str]) -> Catalog:
     """`local`'s merged catalog with each (peer's catalog, the host it was reached at)."""
     return merge(local, [PeerRecord(catalog, reached_at) for catalog, reached_at in peers])
