@@ -28,7 +28,7 @@ from meshd.hbone.tls import ALPN, StaticCertificates, client_context
 from meshd.identity.ca import IssuedCert, LocalCA
 from meshd.identity.spiffe import SpiffeId
 from tests.support.configs import ECHO_PORT
-from tests.support.echo_node import CLIENT, ECHO, TD, EchoNode, echo_node, echo_once
+from tests.support.echo_node import CLIENT, ECHO, TD, EchoNode, assert_echoes, echo_node, echo_once
 from tests.support.hbone_mesh import running_pool
 
 TIMEOUT = 20
@@ -47,12 +47,6 @@ def certs(issued: IssuedCert, ca_pem: bytes | None = None) -> StaticCertificates
     return StaticCertificates(issued.cert_pem, issued.key_pem, ca_pem or issued.ca_pem)
 
 
-async def assert_still_serves(beta: EchoNode) -> None:
-    good = certs(beta.ca.issue(CLIENT))
-    async with running_pool(good.client_provider()) as pool:
-        assert await echo_once(pool, beta, b"still here") == b"still here"
-
-
 async def assert_refused(beta: EchoNode, ctx: ssl.SSLContext, why: str) -> None:
     """The daemon hangs up after the handshake (seen at the first read), logs why, and keeps serving."""
     mark = len(beta.daemon.log())
@@ -62,7 +56,7 @@ async def assert_refused(beta: EchoNode, ctx: ssl.SSLContext, why: str) -> None:
                 await pool.open_tunnel(CLIENT, ECHO, beta.hbone, f"{beta.ip}:{ECHO_PORT}")
         await wait_log(beta, mark, "refused HBONE connection")
         assert why in beta.log_since(mark), beta.log_since(mark)
-        await assert_still_serves(beta)
+        await assert_echoes(beta, b"still here")  # and it keeps serving
 
 
 async def wait_log(beta: EchoNode, mark: int, text: str) -> None:
@@ -152,7 +146,7 @@ def test_non_tls_bytes_on_15008_are_refused(beta: EchoNode, payload: bytes) -> N
     while "refused HBONE connection" not in beta.log_since(mark):
         assert time.monotonic() < deadline, beta.log_since(mark)
         time.sleep(0.02)
-    trio.run(assert_still_serves, beta)
+    trio.run(assert_echoes, beta, b"still here")
 
 
 # ---- the client side checks the server ------------------------------------------------------------

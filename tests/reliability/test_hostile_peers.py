@@ -24,7 +24,7 @@ from hyperframe.frame import (
 from meshd.identity.ca import LocalCA
 from tests.reliability.hostile import RawPeer
 from tests.support.configs import ECHO_PORT
-from tests.support.echo_node import CLIENT, ECHO, TD, EchoNode, echo_node, echo_once
+from tests.support.echo_node import CLIENT, ECHO, TD, EchoNode, assert_echoes, echo_node
 from tests.support.hbone_mesh import certs_of, running_pool
 from tests.support.procs import unique_loopback
 from tests.support.reliability import Record
@@ -79,18 +79,13 @@ def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
             s.close()
 
 
-async def _echo_once(beta: Beta, payload: bytes) -> bytes:
-    async with running_pool(certs_of(beta.ca.issue(CLIENT)).client_provider()) as pool:
-        return await echo_once(pool, beta, payload)
-
-
 def assert_still_serves(beta: Beta) -> None:
+    """beta's daemon is alive, and a good client gets 64 KiB echoed within TIMEOUT."""
     assert beta.daemon.proc is not None and beta.daemon.proc.poll() is None, beta.daemon.log()[-3000:]
-    payload = bytes(range(256)) * 256
 
     async def check() -> None:
         with trio.fail_after(TIMEOUT):
-            assert await _echo_once(beta, payload) == payload
+            await assert_echoes(beta, bytes(range(256)) * 256)
 
     trio.run(check)
 

@@ -13,7 +13,7 @@ from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.hbone_mesh import echo_through
+from tests.support.hbone_mesh import certs_of, echo_through, running_pool
 from tests.support.procs import Meshd, running, unique_loopback
 
 TD = "home.arpa"
@@ -52,6 +52,12 @@ def echo_node(tmp: Path, ca: LocalCA, body: str = "") -> Iterator[EchoNode]:
     cfg = node_config(tmp / "beta.toml", "beta", tmp / "ca", body=echo_workload(ip) + body, trust_domain=TD)
     with echo_server(ip, ECHO_PORT), running(Meshd(cfg, ip)) as daemon:
         yield EchoNode(daemon, ip, ca, tmp)
+
+
+async def assert_echoes(beta: EchoNode, payload: bytes) -> None:
+    """A good client (CLIENT, certificate from beta's CA) gets `payload` echoed back through beta."""
+    async with running_pool(certs_of(beta.ca.issue(CLIENT)).client_provider()) as pool:
+        assert await echo_once(pool, beta, payload) == payload
 
 
 async def echo_once(pool: HbonePool, beta: EchoNode, payload: bytes, source: SpiffeId = CLIENT) -> bytes:
