@@ -10,33 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.discovery.catalog import (
-    MAX_CATALOG_BYTES,
-    CatalogError,
-    NodeCatalog,
-    PeerRecord,
-    ServiceEntry,
-    ServicePortEntry,
-    WorkloadEntry,
-    merge,
-)
+from meshd.discovery.catalog import MAX_CATALOG_BYTES, CatalogError, NodeCatalog
 from meshd.identity.spiffe import SpiffeId
-from meshd.units import Address
-
-TD = "home.arpa"
-
-
-def workload(node: str, name: str, address: str, port: int = 7000, sa: str | None = None) -> WorkloadEntry:
-    return WorkloadEntry(node, name, "default", sa or name, address, (port,), ("echo.default",))
-
-
-ECHO = ServiceEntry("echo", "default", (ServicePortEntry(7000, 7000, "tcp"),))
-
-
-def node(
-    name: str, hbone: str, *workloads: WorkloadEntry, services: tuple[ServiceEntry, ...] = (ECHO,)
-) -> NodeCatalog:
-    return NodeCatalog(name, TD, "node", Address.parse(hbone), workloads, services)
+from tests.support.catalogs import ECHO, TD, merged, node, service, workload
 
 
 def test_encode_decode_round_trip() -> None:
@@ -126,7 +102,7 @@ def test_endpoints_dial_the_node_and_expect_the_tunnel_identity() -> None:
     local = node("alpha", "127.0.0.2:15008", services=())
     beta = node("beta", "0.0.0.0:15008", workload("beta", "echo", "127.0.0.1"))
     gamma = node("gamma", "0.0.0.0:15008", workload("gamma", "echo2", "10.1.2.3"))
-    cat = merge(local, [PeerRecord(beta, "192.0.2.10"), PeerRecord(gamma, "192.0.2.11")])
+    cat = merged(local, (beta, "192.0.2.10"), (gamma, "192.0.2.11"))
     eps = cat.endpoints("echo.default", 7000)
     assert [(e.workload.name, str(e.dial), e.identity.service_account, e.authority) for e in eps] == [
         # loopback workload on a wildcard listener: dial where we reached the node; node identity
@@ -140,11 +116,11 @@ def test_endpoints_dial_the_node_and_expect_the_tunnel_identity() -> None:
 
 def test_merge_is_deterministic_and_reports_conflicts() -> None:
     local = node("alpha", "127.0.0.2:15008", workload("alpha", "echo", "127.0.0.2"))
-    other_echo = ServiceEntry("echo", "default", (ServicePortEntry(7000, 7001, "tcp"),))
+    other_echo = service("echo", 7000, 7001)
     b = node("beta", "127.0.0.3:15008", workload("beta", "echo", "127.0.0.3"), services=(other_echo,))
     c = node("cat", "127.0.0.4:15008", workload("cat", "echo", "127.0.0.4"))
-    one = merge(local, [PeerRecord(c, "x"), PeerRecord(b, "x")])
-    two = merge(local, [PeerRecord(b, "x"), PeerRecord(c, "x")])
+    one = merged(local, (c, "x"), (b, "x"))
+    two = merged(local, (b, "x"), (c, "x"))
     assert one == two
     assert [w.node for w in one.workloads] == ["alpha"]  # our own claim wins
     assert one.services["echo.default"] == ECHO
@@ -155,7 +131,7 @@ def test_merge_is_deterministic_and_reports_conflicts() -> None:
 def test_merge_ignores_a_peer_claiming_to_be_us() -> None:
     local = node("alpha", "127.0.0.2:15008")
     impostor = node("alpha", "127.0.0.9:15008", workload("alpha", "evil", "127.0.0.9"))
-    assert merge(local, [PeerRecord(impostor, "x")]).workloads == ()
+    assert merged(local, (impostor, "x")).workloads == ()
 
 
 def test_revision_changes_with_content() -> None:

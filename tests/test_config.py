@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from meshd.config.load import load_config
-from meshd.config.model import Config
 from meshd.config.schema import to_plain
 from meshd.config.toml_lines import KeyLines
 from meshd.errors import ConfigError
 from meshd.units import Address
+from tests.support.configs import load_text, problems_in
 from tests.support.paths import REPO
 
 BASE = """\
@@ -23,20 +23,8 @@ ca_dir = "./ca"
 """
 
 
-def load(tmp_path: Path, text: str, *overrides: str) -> Config:
-    path = tmp_path / "meshd.toml"
-    path.write_text(text)
-    return load_config(path, overrides)
-
-
-def problems(tmp_path: Path, text: str, *overrides: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text, *overrides)
-    return [p.format().replace(str(tmp_path / "meshd.toml"), "F") for p in info.value.problems]
-
-
 def test_defaults_fill_everything_a_homelab_user_need_not_set(tmp_path: Path) -> None:
-    cfg = load(tmp_path, BASE)
+    cfg = load_text(tmp_path, BASE)
     assert cfg.role == "node"
     assert cfg.listen.hbone == Address("0.0.0.0", 15008)
     assert cfg.listen.admin == Address("127.0.0.1", 15000)
@@ -49,7 +37,7 @@ def test_defaults_fill_everything_a_homelab_user_need_not_set(tmp_path: Path) ->
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:
-    cfg = load(tmp_path, BASE)
+    cfg = load_text(tmp_path, BASE)
     with pytest.raises(AttributeError):
         cfg.role = "waypoint"  # type: ignore[misc]
 
@@ -118,12 +106,12 @@ MISTAKES = [
 def test_mistake_is_reported_at_its_line(
     tmp_path: Path, kind: str, text: str, line: int, fragment: str
 ) -> None:
-    found = problems(tmp_path, text)
+    found = problems_in(tmp_path, text)
     assert any(p.startswith(f"F:{line}: ") and fragment in p for p in found), found
 
 
 def test_identity_source_must_be_chosen(tmp_path: Path) -> None:
-    found = problems(tmp_path, 'trust_domain = "home.arpa"\n[identity]\ncert_ttl="1h"\n')
+    found = problems_in(tmp_path, 'trust_domain = "home.arpa"\n[identity]\ncert_ttl="1h"\n')
     assert found == [
         "F:2: set exactly one of identity.ca_dir, identity.cert_dir and identity.state_dir (for one host: `meshd ca init --dir ./ca "
         '--trust-domain home.arpa`, then ca_dir = "./ca")'
@@ -131,7 +119,7 @@ def test_identity_source_must_be_chosen(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_not_just_the_first(tmp_path: Path) -> None:
-    found = problems(tmp_path, "rol = 1\n" + BASE + "[listen]\nadmn = 1\nhbone = 'x'\n")
+    found = problems_in(tmp_path, "rol = 1\n" + BASE + "[listen]\nadmn = 1\nhbone = 'x'\n")
     assert [p.split(":")[1] for p in found] == ["1", "7", "8"]
 
 
@@ -154,7 +142,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     ],
 )
 def test_key_value_overrides_are_typed_as_the_key(tmp_path: Path, override: str, check: object) -> None:
-    assert check(load(tmp_path, BASE, override))  # type: ignore[operator]
+    assert check(load_text(tmp_path, BASE, override))  # type: ignore[operator]
 
 
 @pytest.mark.parametrize(
@@ -168,12 +156,12 @@ def test_key_value_overrides_are_typed_as_the_key(tmp_path: Path, override: str,
     ],
 )
 def test_bad_override_names_the_problem(tmp_path: Path, override: str, fragment: str) -> None:
-    found = problems(tmp_path, BASE, override)
+    found = problems_in(tmp_path, BASE, override)
     assert len(found) == 1 and found[0].startswith("command line: ") and fragment in found[0], found
 
 
 def test_to_plain_round_trips_the_shape(tmp_path: Path) -> None:
-    plain = to_plain(load(tmp_path, BASE))
+    plain = to_plain(load_text(tmp_path, BASE))
     assert plain["listen"]["hbone"] == "0.0.0.0:15008"
     assert plain["drain_timeout"] == "10s"
     assert plain["workload"] == []
@@ -191,15 +179,15 @@ def test_key_lines_follow_arrays_of_tables_and_inline_arrays() -> None:
 
 
 def test_an_address_mistake_gets_one_hint_not_two(tmp_path: Path) -> None:
-    (found,) = problems(tmp_path, BASE + "[listen]\nhbone = 'nonsense'\n")
+    (found,) = problems_in(tmp_path, BASE + "[listen]\nhbone = 'nonsense'\n")
     assert found == "F:6: listen.hbone: 'nonsense' is not an address (write HOST:PORT, e.g. 127.0.0.1:15008)"
-    (found,) = problems(tmp_path, BASE + "[listen]\nhbone = '1.2.3.4:x'\n")
+    (found,) = problems_in(tmp_path, BASE + "[listen]\nhbone = '1.2.3.4:x'\n")
     assert found.count("write") == 1, found
 
 
 def test_a_tcp_and_a_udp_upstream_may_share_an_address(tmp_path: Path) -> None:
     """DNS listens on 53 for both."""
-    cfg = load(
+    cfg = load_text(
         tmp_path,
         BASE + "[[upstream]]\nservice='dns'\nport=53\nlisten='127.0.0.1:5353'\n"
         "[[upstream]]\nservice='dns'\nport=53\nlisten='127.0.0.1:5353'\nprotocol='udp'\n"
@@ -210,14 +198,18 @@ def test_a_tcp_and_a_udp_upstream_may_share_an_address(tmp_path: Path) -> None:
 
 
 def test_a_client_workload_needs_no_ports(tmp_path: Path) -> None:
-    cfg = load(tmp_path, BASE + '[[workload]]\nname = "client"\n')
+    cfg = load_text(tmp_path, BASE + '[[workload]]\nname = "client"\n')
     assert cfg.workloads[0].ports == ()
 
 
 def test_plaintext_listens_beside_hbone_unless_set(tmp_path: Path) -> None:
-    assert load(tmp_path, BASE).listen.plaintext == Address("0.0.0.0", 15006)
-    moved = load(tmp_path, BASE + "[listen]\nhbone = '127.0.0.2:15108'\n")
+    assert load_text(tmp_path, BASE).listen.plaintext == Address("0.0.0.0", 15006)
+    moved = load_text(tmp_path, BASE + "[listen]\nhbone = '127.0.0.2:15108'\n")
     assert moved.listen.plaintext == Address("127.0.0.2", 15106)
-    assert load(tmp_path, BASE, "listen.hbone=10.0.0.1:25008").listen.plaintext == Address("10.0.0.1", 25006)
-    explicit = load(tmp_path, BASE + "[listen]\nhbone = '127.0.0.2:15108'\nplaintext = '127.0.0.2:16000'\n")
+    assert load_text(tmp_path, BASE, "listen.hbone=10.0.0.1:25008").listen.plaintext == Address(
+        "10.0.0.1", 25006
+    )
+    explicit = load_text(
+        tmp_path, BASE + "[listen]\nhbone = '127.0.0.2:15108'\nplaintext = '127.0.0.2:16000'\n"
+    )
     assert explicit.listen.plaintext == Address("127.0.0.2", 16000)

@@ -153,6 +153,13 @@ def test_status_lines_carry_reason_phrases(loopback: str, example_daemon: Meshd)
     )
 
 
+def start_failing(node: Meshd, *extra: str) -> str:
+    """Start `node` (with `extra` settings), which must exit 1 within 30 s; its last log line, the error."""
+    node.start(*extra)
+    assert node.proc is not None and node.proc.wait(30) == 1
+    return node.log().strip().splitlines()[-1]
+
+
 def test_a_taken_address_names_the_address_and_key_and_suggests_another_program(
     tmp_path: Path, ca: LocalCA, loopback: str, daemons: list[Meshd]
 ) -> None:
@@ -162,9 +169,7 @@ def test_a_taken_address_names_the_address_and_key_and_suggests_another_program(
         holder.listen()
         node = plain_node(tmp_path, loopback)
         daemons.append(node)
-        node.start()
-        assert node.proc is not None and node.proc.wait(30) == 1
-    err = node.log().strip().splitlines()[-1]
+        err = start_failing(node)
     assert err.startswith(f"error: cannot listen on {loopback}:15020 (listen.metrics): "), err
     assert "is another meshd or program using that address?" in err
     assert "Traceback" not in node.log()
@@ -176,9 +181,7 @@ def test_a_bind_error_that_is_not_a_taken_address_gets_no_other_program_hint(
     # 192.0.2.1 (TEST-NET-1) is on no interface of this host: EADDRNOTAVAIL
     node = plain_node(tmp_path, loopback)
     daemons.append(node)
-    node.start("listen.plaintext=192.0.2.1:15006")
-    assert node.proc is not None and node.proc.wait(30) == 1
-    err = node.log().strip().splitlines()[-1]
+    err = start_failing(node, "listen.plaintext=192.0.2.1:15006")
     assert err.startswith("error: cannot listen on 192.0.2.1:15006 (listen.plaintext): "), err
     assert "not on any interface of this host" in err
     assert "another meshd" not in node.log()

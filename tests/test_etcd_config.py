@@ -7,35 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from meshd.config.load import load_config
-from meshd.errors import ConfigError
+from tests.support.configs import load_text, problems_in
 
 BASE = 'trust_domain = "home.arpa"\nnode_name = "alpha"\n[identity]\nca_dir = "./ca"\n[discovery]\n'
 
 
-def problems(tmp_path: Path, etcd: str) -> list[str]:
-    path = tmp_path / "meshd.toml"
-    path.write_text(BASE + etcd)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, ())
-    return [p.format().replace(str(path), "F") for p in info.value.problems]
-
-
 def test_an_inline_etcd_table_with_defaults(tmp_path: Path) -> None:
-    path = tmp_path / "meshd.toml"
-    path.write_text(
+    text = (
         BASE + 'etcd = { endpoints = ["https://10.0.0.5:2379", "http://[::1]:2379"], ca = "etcd-ca.crt" }\n'
     )
-    etcd = load_config(path, ()).discovery.etcd
+    etcd = load_text(tmp_path, text).discovery.etcd
     assert etcd is not None and etcd.endpoints[1] == "http://[::1]:2379"
     assert etcd.ca == tmp_path / "etcd-ca.crt" and etcd.cert is None and etcd.prefix == ""
     assert etcd.lease_ttl == timedelta(seconds=30) and etcd.user == ""
 
 
 def test_no_etcd_by_default(tmp_path: Path) -> None:
-    path = tmp_path / "meshd.toml"
-    path.write_text(BASE)
-    assert load_config(path, ()).discovery.etcd is None
+    assert load_text(tmp_path, BASE).discovery.etcd is None
 
 
 @pytest.mark.parametrize(
@@ -58,5 +46,5 @@ def test_no_etcd_by_default(tmp_path: Path) -> None:
     ],
 )
 def test_mistakes_are_reported_at_their_line(tmp_path: Path, etcd: str, expected: str) -> None:
-    found = problems(tmp_path, etcd + "\n")
+    found = problems_in(tmp_path, BASE + etcd + "\n")
     assert any(expected in p for p in found), found

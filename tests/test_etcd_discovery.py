@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -23,28 +22,16 @@ from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
 from tests.support.configs import echo_workload, node_config
 from tests.support.etcd import Etcdctl, EtcdMember, EtcdPki, enable_rbac, etcd_cluster
-from tests.support.procs import Meshd, http_get, meshd_cli, unique_loopback, wait_for
+from tests.support.mesh import dump
+from tests.support.procs import Meshd, meshd_cli, unique_loopback, wait_for
+from tests.support.sockets import send_and_read
 
 pytestmark = pytest.mark.slow
 TTL = 3
 
 
-def _dump(node: Meshd) -> dict[str, object]:
-    return json.loads(http_get(node.admin_url + "/config_dump")[1])  # type: ignore[no-any-return]
-
-
 def _nodes(node: Meshd) -> list[str]:
-    return _dump(node)["catalog"]["nodes"]  # type: ignore[index,no-any-return]
-
-
-def _exchange(address: tuple[str, int], payload: bytes) -> bytes:
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
+    return dump(node)["catalog"]["nodes"]  # type: ignore[no-any-return]
 
 
 def _etcd_body(endpoint: str, pki: EtcdPki) -> str:
@@ -82,7 +69,7 @@ def test_nodes_meet_through_etcd_forged_entries_add_nothing_and_a_killed_node_le
             beta.start().wait_ready()
             alpha.start().wait_ready()
             wait_for(lambda: "beta" in _nodes(alpha), alpha)
-            assert _exchange((a_ip, 17000), b"hello through etcd") == b"hello through etcd"
+            assert send_and_read((a_ip, 17000), b"hello through etcd") == b"hello through etcd"
 
             peers = meshd_cli("peers", "--admin", f"{a_ip}:15000")
             assert peers.returncode == 0, peers.stderr
@@ -102,16 +89,16 @@ def test_nodes_meet_through_etcd_forged_entries_add_nothing_and_a_killed_node_le
             ctl.run("put", base + "junk", "not json")
             wait_for(lambda: "etcd entry ignored: forged or stale" in alpha.log(), alpha)
             wait_for(lambda: "etcd entry not confirmed" in alpha.log(), alpha)
-            dump = _dump(alpha)
-            assert dump["catalog"]["nodes"] == ["alpha", "beta"]  # type: ignore[index]
-            assert dump["etcd"]["ignored"] == {base + "junk": "entry is not JSON"}  # type: ignore[index]
-            rogue = next(p for p in dump["peers"] if p["address"] == f"{rogue_ip}:15008")  # type: ignore[attr-defined]
+            seen = dump(alpha)
+            assert seen["catalog"]["nodes"] == ["alpha", "beta"]
+            assert seen["etcd"]["ignored"] == {base + "junk": "entry is not JSON"}
+            rogue = next(p for p in seen["peers"] if p["address"] == f"{rogue_ip}:15008")
             assert rogue["how"] == "etcd" and rogue["name"] is None and rogue["last_error"], rogue
             assert "proved node 'beta', not 'mallory'" in alpha.log()
             ctl.run("del", base + "evil")
             ctl.run("del", base + "mallory")
-            assert _exchange((a_ip, 17000), b"still") == b"still"
-            wait_for(lambda: all(p["address"] != f"{rogue_ip}:15008" for p in _dump(alpha)["peers"]), alpha)  # type: ignore[attr-defined]
+            assert send_and_read((a_ip, 17000), b"still") == b"still"
+            wait_for(lambda: all(p["address"] != f"{rogue_ip}:15008" for p in dump(alpha)["peers"]), alpha)
             assert "beta" in _nodes(alpha)  # mallory's entry leaving does not take beta with it
 
             # SIGKILL: no goodbye; the entry leaves when its lease expires.

@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd.discovery import etcd_wire as wire
-from meshd.discovery.catalog import NodeCatalog, WorkloadEntry
+from meshd.discovery.catalog import NodeCatalog
 from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.units import Address
+from tests.support.catalogs import one_workload_node
 
 PREFIX = "/meshd/home.arpa/"
 HEADER = {"cluster_id": "1", "member_id": "2", "revision": "7", "raft_term": "2"}
@@ -217,17 +218,12 @@ def test_view_matches_a_model_and_a_relisting_agrees(ops: list[tuple[str, str, s
 # ---- the poller, fed by etcd hints --------------------------------------------------------------
 
 
-def catalog(node: str) -> NodeCatalog:
-    w = WorkloadEntry(node, "w", "default", "w", "10.0.0.1", (80,), ())
-    return NodeCatalog(node, "home.arpa", "node", Address("0.0.0.0", 15008), (w,), ())
-
-
 A = Address("10.234.0.2", 15008)
 B = Address("10.234.0.3", 15008)
 
 
 async def test_etcd_hints_are_only_hints(autojump_clock: object) -> None:
-    served = {A: catalog("beta")}
+    served = {A: one_workload_node("beta")}
 
     async def fetch(address: Address) -> NodeCatalog:
         await trio.sleep(0.01)
@@ -250,7 +246,7 @@ async def test_etcd_hints_are_only_hints(autojump_clock: object) -> None:
         poller.etcd_gone("mallory")
         assert names() == ["beta"]
         # forged: a name at an address that proves another node, known only through etcd
-        served[B] = catalog("gamma")
+        served[B] = one_workload_node("gamma")
         poller.etcd_seen("evil", B, "0")
         await trio.sleep(1)
         assert names() == ["beta"] and "proved node 'gamma'" in (table.peers[B].last_error or "")

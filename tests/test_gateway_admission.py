@@ -11,73 +11,41 @@ import pytest
 from meshd.config.load import load_config
 from meshd.config.model import GatewayConfig
 from meshd.dataplane.proxied import Refused
-from meshd.discovery.catalog import (
-    Catalog,
-    CatalogError,
-    GatewayEntry,
-    NodeCatalog,
-    PeerRecord,
-    ServiceEntry,
-    ServicePortEntry,
-    WorkloadEntry,
-    merge,
-)
+from meshd.discovery.catalog import Catalog, CatalogError, GatewayEntry, NodeCatalog, WorkloadEntry
 from meshd.discovery.networks import decode_network_catalog, encode_network_catalog, served_catalogs
 from meshd.errors import ConfigError
 from meshd.gateway.admission import admit, admit_catalog_read
 from meshd.hbone.target import parse_connect_target
 from meshd.identity.spiffe import SpiffeId
 from meshd.units import Address
-
-TD = "home.arpa"
-ECHO = ServiceEntry("echo", "default", (ServicePortEntry(7000, 7000, "tcp"),))
+from tests.support.catalogs import TD, merged, node, service, workload
 
 
-def node(name: str, hbone: str, network: str, *workloads: WorkloadEntry, role: str = "node") -> NodeCatalog:
-    ws = tuple(
-        WorkloadEntry(
-            name, w.name, w.namespace, w.service_account, w.address, w.ports, w.services, network=network
-        )
-        for w in workloads
-    )
-    return NodeCatalog(name, TD, role, Address.parse(hbone), ws, (ECHO,), network=network)
+def site_node(name: str, hbone: str, network: str, *echo_addresses: str) -> NodeCatalog:
+    """Node `name` of `network` with an echo workload at each of `echo_addresses`."""
+    echoes = (workload(name, "echo", address, network=network) for address in echo_addresses)
+    return node(name, hbone, *echoes, network=network)
 
 
-def echo(address: str) -> WorkloadEntry:
-    return WorkloadEntry("", "echo", "default", "echo", address, (7000,), ("echo.default",))
+def gateway_node(name: str, network: str, public: str | None) -> NodeCatalog:
+    """Gateway `name` (listening on 0.0.0.0:15008) fronting `network`, dialable at `public` if given."""
+    entry = GatewayEntry(None if public is None else Address.parse(public), (network,))
+    return node(name, "0.0.0.0:15008", services=(), role="gateway", network=network, gateway=entry)
 
 
-A1 = node("a1", "10.0.1.11:15008", "site-a")
-B1 = node("b1", "10.0.2.11:15008", "site-b", echo("10.0.2.11"))
-GWB = NodeCatalog(
-    "gwb",
-    TD,
-    "gateway",
-    Address.parse("0.0.0.0:15008"),
-    (),
-    (),
-    network="site-b",
-    gateway=GatewayEntry(Address.parse("198.51.100.2:15008"), ("site-b",)),
-)
-GWA = NodeCatalog(
-    "gwa",
-    TD,
-    "gateway",
-    Address.parse("0.0.0.0:15008"),
-    (),
-    (),
-    network="site-a",
-    gateway=GatewayEntry(Address.parse("198.51.100.1:15008"), ("site-a",)),
-)
+A1 = site_node("a1", "10.0.1.11:15008", "site-a")
+B1 = site_node("b1", "10.0.2.11:15008", "site-b", "10.0.2.11")
+GWB = gateway_node("gwb", "site-b", "198.51.100.2:15008")
+GWA = gateway_node("gwa", "site-a", "198.51.100.1:15008")
 
 
 def gateway_b_view() -> Catalog:
     """gwb's merged catalog: itself, b1 (its own network, reached at 10.0.2.11), a1 and gwa (fetched)."""
-    return merge(GWB, [PeerRecord(B1, "10.0.2.11"), PeerRecord(A1, ""), PeerRecord(GWA, "")])
+    return merged(GWB, (B1, "10.0.2.11"), (A1, ""), (GWA, ""))
 
 
 def test_a_single_network_catalog_keeps_its_encoding() -> None:
-    plain = NodeCatalog("n", TD, "node", Address.parse("10.0.0.1:15008"), (), ())
+    plain = node("n", "10.0.0.1:15008", services=())
     assert "network" not in plain.to_json() and "gateway" not in plain.to_json()
     back = NodeCatalog.decode(plain.encode(), trust_domain=TD)
     assert back == plain and back.network == "default"
@@ -88,16 +56,7 @@ def test_network_and_gateway_round_trip_and_reach_the_workloads() -> None:
         back = NodeCatalog.decode(cat.encode(), trust_domain=TD)
         assert back == cat
     assert NodeCatalog.decode(B1.encode(), trust_domain=TD).workloads[0].network == "site-b"
-    reverse = NodeCatalog(
-        "gw",
-        TD,
-        "gateway",
-        Address.parse("0.0.0.0:15008"),
-        (),
-        (),
-        network="x",
-        gateway=GatewayEntry(None, ("x",)),
-    )
+    reverse = gateway_node("gw", "x", None)
     assert NodeCatalog.decode(reverse.encode(), trust_domain=TD).gateway == GatewayEntry(None, ("x",))
 
 
@@ -111,18 +70,16 @@ def test_a_malformed_gateway_entry_is_a_catalog_error(gateway: object) -> None:
 
 
 def test_gateways_for_lists_only_dialable_gateways_of_that_network() -> None:
-    cat = merge(A1, [PeerRecord(GWA, "10.0.1.1"), PeerRecord(GWB, ""), PeerRecord(B1, "")])
+    cat = merged(A1, (GWA, "10.0.1.1"), (GWB, ""), (B1, ""))
     assert [g.node for g in cat.gateways_for("site-b")] == ["gwb"]
     assert [g.node for g in cat.gateways_for("site-a")] == ["gwa"]
     assert cat.gateways_for("elsewhere") == []
-    nat = NodeCatalog(
-        "gwb", TD, "gateway", GWB.hbone, (), (), network="site-b", gateway=GatewayEntry(None, ("site-b",))
-    )
-    assert merge(A1, [PeerRecord(nat, "")]).gateways_for("site-b") == []
+    nat = gateway_node("gwb", "site-b", None)
+    assert merged(A1, (nat, "")).gateways_for("site-b") == []
 
 
 def test_the_network_catalog_serves_fronted_and_fetched_networks_and_drops_the_receivers() -> None:
-    cat = merge(GWB, [PeerRecord(B1, "10.0.2.11"), PeerRecord(A1, "")])
+    cat = merged(GWB, (B1, "10.0.2.11"), (A1, ""))
     served = served_catalogs(cat, ("site-b",), [GWA])
     assert [c.node for c in served] == ["b1", "gwa", "gwb"]  # a1 is not site B's; gwa came fetched
     body = encode_network_catalog("site-b", served)
@@ -192,7 +149,7 @@ def test_admission_maps_a_workload_or_a_node_to_its_nodes_hbone_endpoint() -> No
 def test_admission_through_a_reverse_connection() -> None:
     """gwa holds site B's reverse connection: a1 (site A, which gwa fronts) may go to site B through it,
     b1 may not use it to come back into its own network."""
-    cat = merge(GWA, [PeerRecord(A1, "10.0.1.11"), PeerRecord(B1, ""), PeerRecord(GWB, "")])
+    cat = merged(GWA, (A1, "10.0.1.11"), (B1, ""), (GWB, ""))
     forward = admit(
         cat, GatewayConfig(), ("site-a",), NODE_A1, parse_connect_target("10.0.2.11:7000"), reverse={"site-b"}
     )
@@ -261,25 +218,16 @@ CLIENT = SpiffeId(TD, "default", "client")
 ECHO_HOST = "echo.default.svc.cluster.local:7000"
 
 
-def client(address: str) -> WorkloadEntry:
-    return WorkloadEntry("", "client", "default", "client", address, (8000,), ())
-
-
-def ztunnel_view(*extra: PeerRecord) -> Catalog:
+def ztunnel_view(*extra: tuple[NodeCatalog, str]) -> Catalog:
     """gwb's view with a1 running the `client` workload and a second echo endpoint on b2."""
-    a1 = node("a1", "10.0.1.11:15008", "site-a", client("10.0.1.11"))
-    echo2 = WorkloadEntry("", "echo-2", "default", "echo", "10.0.2.12", (7000,), ("echo.default",))
-    b2 = node("b2", "10.0.2.12:15008", "site-b", echo2)
-    return merge(
-        GWB,
-        [
-            PeerRecord(B1, "10.0.2.11"),
-            PeerRecord(b2, "10.0.2.12"),
-            PeerRecord(a1, ""),
-            PeerRecord(GWA, ""),
-            *extra,
-        ],
-    )
+    a1 = node("a1", "10.0.1.11:15008", client_on("a1", "10.0.1.11", "site-a"), network="site-a")
+    echo2 = workload("b2", "echo-2", "10.0.2.12", sa="echo", network="site-b")
+    b2 = node("b2", "10.0.2.12:15008", echo2, network="site-b")
+    return merged(GWB, (B1, "10.0.2.11"), (b2, "10.0.2.12"), (a1, ""), (GWA, ""), *extra)
+
+
+def client_on(node_name: str, address: str, network: str, name: str = "client") -> WorkloadEntry:
+    return workload(node_name, name, address, 8000, sa="client", services=(), network=network)
 
 
 def test_a_service_hostname_is_routed_round_robin_to_the_services_endpoints() -> None:
@@ -328,11 +276,11 @@ def test_service_hostname_and_workload_identity_refusals(
 
 
 def test_a_workload_identity_in_two_networks_is_refused() -> None:
-    other = WorkloadEntry("", "client-c", "default", "client", "10.0.3.11", (8000,), ())
-    c1 = node("c1", "10.0.3.11:15008", "site-c", other)
+    other = client_on("c1", "10.0.3.11", "site-c", "client-c")
+    c1 = node("c1", "10.0.3.11:15008", other, network="site-c")
     with pytest.raises(Refused, match="several networks") as info:
         admit(
-            ztunnel_view(PeerRecord(c1, "")),
+            ztunnel_view((c1, "")),
             GatewayConfig(),
             ("site-b",),
             CLIENT,
@@ -342,17 +290,17 @@ def test_a_workload_identity_in_two_networks_is_refused() -> None:
 
 
 def test_a_service_behind_a_waypoint_goes_to_its_waypoint_and_without_endpoints_here_is_503() -> None:
-    web = ServiceEntry("web", "default", (ServicePortEntry(80, 8080, "http"),), waypoint="wb")
-    b3 = NodeCatalog("b3", TD, "node", Address.parse("10.0.2.13:15008"), (), (web,), network="site-b")
+    web = service("web", 80, 8080, "http", waypoint="wb")
+    b3 = node("b3", "10.0.2.13:15008", services=(web,), network="site-b")
     web_host = parse_connect_target("web.default.svc.cluster.local:80")
-    cat = ztunnel_view(PeerRecord(b3, "10.0.2.13"))
+    cat = ztunnel_view((b3, "10.0.2.13"))
     with pytest.raises(Refused, match="uses waypoint 'wb', which is not in the catalog") as info:
         admit(cat, GatewayConfig(), ("site-b",), CLIENT, web_host)
     assert info.value.status == 503
     # ztunnel names the service whether or not it has a waypoint: the gateway sends it to the waypoint.
-    wb = NodeCatalog("wb", TD, "waypoint", Address.parse("0.0.0.0:15008"), (), (), network="site-b")
+    wb = node("wb", "0.0.0.0:15008", services=(), role="waypoint", network="site-b")
     forward = admit(
-        ztunnel_view(PeerRecord(b3, "10.0.2.13"), PeerRecord(wb, "10.0.2.14")),
+        ztunnel_view((b3, "10.0.2.13"), (wb, "10.0.2.14")),
         GatewayConfig(),
         ("site-b",),
         CLIENT,
@@ -363,10 +311,10 @@ def test_a_service_behind_a_waypoint_goes_to_its_waypoint_and_without_endpoints_
         Address("10.0.2.14", 15008),
         "web.default",
     )
-    wc = NodeCatalog("wb", TD, "waypoint", Address.parse("10.0.3.12:15008"), (), (), network="site-c")
+    wc = node("wb", "10.0.3.12:15008", services=(), role="waypoint", network="site-c")
     with pytest.raises(Refused, match="in no network this gateway fronts"):
         admit(
-            ztunnel_view(PeerRecord(b3, "10.0.2.13"), PeerRecord(wc, "")),
+            ztunnel_view((b3, "10.0.2.13"), (wc, "")),
             GatewayConfig(),
             ("site-b",),
             CLIENT,

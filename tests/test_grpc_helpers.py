@@ -14,7 +14,7 @@ from meshd.plugins.filters import Headers, HttpRequest, HttpResponse
 from meshd.plugins.retries import RetryFilter
 from meshd.plugins.settings import RetrySettings, TimeoutSettings
 from meshd.plugins.timeout import TimeoutFilter
-from tests.plugins.helpers import FakeUpstream, chain, request, run
+from tests.plugins.helpers import FakeUpstream, chain, request, run, slow_200
 
 
 @pytest.mark.parametrize(
@@ -41,16 +41,12 @@ def test_local_replies_as_grpc_statuses(http: int, code: int) -> None:
 
 
 async def test_timeout_filter_honours_a_shorter_grpc_timeout(autojump_clock: trio.testing.MockClock) -> None:
-    async def slow(req: HttpRequest) -> HttpResponse:
-        await trio.sleep(5)
-        return HttpResponse(200)
-
     c = chain(TimeoutFilter(TimeoutSettings(timedelta(seconds=2))))
     t0 = trio.current_time()
-    resp, _, info = await run(c, request(headers={"grpc-timeout": "300m"}), FakeUpstream(slow))
+    resp, _, info = await run(c, request(headers={"grpc-timeout": "300m"}), FakeUpstream(slow_200))
     assert (resp.status, info.response_flags, trio.current_time() - t0) == (504, ["UT"], pytest.approx(0.3))
     t0 = trio.current_time()
-    await run(c, request(headers={"grpc-timeout": "1H"}), FakeUpstream(slow))  # never lengthens it
+    await run(c, request(headers={"grpc-timeout": "1H"}), FakeUpstream(slow_200))  # never lengthens it
     assert trio.current_time() - t0 == pytest.approx(2)
 
 

@@ -28,6 +28,7 @@ from meshd.discovery.mdns import (
 )
 from meshd.discovery.peers import PeerPoller, PeerTable
 from meshd.units import Address
+from tests.support.catalogs import one_workload_node
 
 GOOD = {
     b"v": b"1",
@@ -160,13 +161,6 @@ async def test_a_thread_posting_after_shutdown_does_not_hang_or_raise() -> None:
 # ---- the poller, fed by mDNS reports ------------------------------------------------------------
 
 
-def catalog(node: str, workload: str = "w") -> NodeCatalog:
-    from meshd.discovery.catalog import WorkloadEntry
-
-    w = WorkloadEntry(node, workload, "default", workload, "10.0.0.1", (80,), ())
-    return NodeCatalog(node, "home.arpa", "node", Address("0.0.0.0", 15008), (w,), ())
-
-
 class FakePeers:
     """Peers by address; each fetch returns the current catalog or raises."""
 
@@ -188,7 +182,7 @@ B = Address("10.77.0.3", 15008)
 
 async def test_mdns_peer_is_fetched_refreshed_and_withdrawn_on_goodbye(autojump_clock: object) -> None:
     peers = FakePeers()
-    peers.catalogs[A] = catalog("beta")
+    peers.catalogs[A] = one_workload_node("beta")
     table = PeerTable(timeout=30)
     changes: list[list[str]] = []
 
@@ -208,7 +202,7 @@ async def test_mdns_peer_is_fetched_refreshed_and_withdrawn_on_goodbye(autojump_
         await trio.sleep(10)  # polled every refresh, like static peers
         assert len(peers.fetches) == 2
         # a new revision is fetched at once
-        peers.catalogs[A] = catalog("beta", "w2")
+        peers.catalogs[A] = one_workload_node("beta", "w2")
         poller.mdns_seen("beta._meshd._tcp.local.", A, peers.catalogs[A].revision)
         await trio.sleep(0.5)
         assert len(peers.fetches) == 3 and len(changes) == 2
@@ -224,7 +218,7 @@ async def test_silent_mdns_peer_is_withdrawn_after_peer_timeout_and_comes_back(
     autojump_clock: object,
 ) -> None:
     peers = FakePeers()
-    peers.catalogs[A] = catalog("beta")
+    peers.catalogs[A] = one_workload_node("beta")
     table = PeerTable(timeout=30)
     changes: list[int] = []
     failures: list[int] = []
@@ -244,7 +238,7 @@ async def test_silent_mdns_peer_is_withdrawn_after_peer_timeout_and_comes_back(
         assert changes == [1]  # still there: last catalog kept within peer_timeout
         await trio.sleep(20)
         assert changes == [1, 0] and failures
-        peers.catalogs[A] = catalog("beta")
+        peers.catalogs[A] = one_workload_node("beta")
         await trio.sleep(11)
         assert changes == [1, 0, 1]
         nursery.cancel_scope.cancel()
@@ -268,8 +262,8 @@ async def test_goodbye_does_not_remove_a_static_peer_and_moves_follow_the_addres
     autojump_clock: object,
 ) -> None:
     peers = FakePeers()
-    peers.catalogs[A] = catalog("beta")
-    peers.catalogs[B] = catalog("beta")
+    peers.catalogs[A] = one_workload_node("beta")
+    peers.catalogs[B] = one_workload_node("beta")
     table = PeerTable(timeout=30)
     poller = PeerPoller(table, peers.fetch, interval=10, on_change=lambda: None)
     async with trio.open_nursery() as nursery:
@@ -281,7 +275,7 @@ async def test_goodbye_does_not_remove_a_static_peer_and_moves_follow_the_addres
         poller.mdns_seen("gamma._meshd._tcp.local.", B, "0")
         await trio.sleep(1)
         C = Address("10.77.0.9", 15008)
-        peers.catalogs[C] = catalog("gamma")
+        peers.catalogs[C] = one_workload_node("gamma")
         poller.mdns_seen("gamma._meshd._tcp.local.", C, "0")
         await trio.sleep(1)
         assert B not in table.peers and table.peers[C].catalog is not None

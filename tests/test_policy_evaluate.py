@@ -6,15 +6,12 @@ Each row builds its policy from TOML text, so the tables exercise the same path 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshd.config.schema import build
-from meshd.errors import ConfigError
 from meshd.policy.evaluate import (
     ConnectionAttrs,
     Decision,
@@ -24,7 +21,6 @@ from meshd.policy.evaluate import (
     authorize_request,
     mtls_mode,
 )
-from meshd.policy.model import Located, Origin, PolicyFile
 from tests.support.policy import (
     CLIENT,
     allow,
@@ -37,8 +33,9 @@ from tests.support.policy import (
     frm,
     policies,
     policy,
+    policy_set,
     request,
-    strs,
+    requests,
     to,
     when,
 )
@@ -350,31 +347,15 @@ def test_config_dump_has_sources() -> None:
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(
     docs=st.lists(authz, max_size=4),
-    attrs=conns,
-    method=strs,
-    path=st.text(max_size=10),
-    host=st.text(max_size=10),
-    headers=st.dictionaries(st.sampled_from(["x-user", "host"]), st.text(max_size=5)),
+    req=requests(
+        conns,
+        paths=st.text(max_size=10),
+        hosts=st.text(max_size=10),
+        headers=st.dictionaries(st.sampled_from(["x-user", "host"]), st.text(max_size=5)),
+    ),
 )
-def test_random_policies_never_crash(
-    docs: list[dict[str, Any]],
-    attrs: ConnectionAttrs,
-    method: str,
-    path: str,
-    host: str,
-    headers: dict[str, str],
-) -> None:
-    located = []
-    for i, raw in enumerate(docs):
-        try:
-            doc = build(PolicyFile, {"authorization": [raw]}, "h.toml", Path("."))
-        except ConfigError:
-            continue
-        located += [Located(a, Origin("h.toml", i)) for a in doc.authorizations]
-    ps = PolicySet(located)
-    for d in (
-        authorize_connection(ps, attrs),
-        authorize_request(ps, RequestAttrs(attrs, method, path, host, headers)),
-    ):
+def test_random_policies_never_crash(docs: list[dict[str, Any]], req: RequestAttrs) -> None:
+    ps = policy_set(docs)
+    for d in (authorize_connection(ps, req.connection), authorize_request(ps, req)):
         assert isinstance(d, Decision)
         assert d.allowed or d.reason.startswith(("denied by", "no ALLOW policy matched"))

@@ -6,16 +6,8 @@ import json
 import signal
 from pathlib import Path
 
-from meshd.discovery.catalog import (
-    NodeCatalog,
-    PeerRecord,
-    ServiceEntry,
-    ServicePortEntry,
-    WorkloadEntry,
-    merge,
-)
 from meshd.policy.query import where_to_ask
-from meshd.units import Address
+from tests.support.catalogs import merged, node, service, workload
 from tests.support.paths import REPO
 from tests.support.procs import Meshd, http_get, meshd_cli, wait_for
 
@@ -156,24 +148,16 @@ def test_without_source_ip_the_answer_says_when_the_address_matters() -> None:
 
 
 def test_not_served_here_names_the_node_and_waypoint_to_ask() -> None:
-    def entry(node: str, name: str, ip: str, port: int, services: tuple[str, ...]) -> WorkloadEntry:
-        return WorkloadEntry(node, name, "default", name, ip, (port,), services)
-
-    web = ServiceEntry("web", "default", (ServicePortEntry(80, 8080, "http"),), waypoint="wp")
-    echo = ServiceEntry("echo", "default", (ServicePortEntry(7000, 7000, "tcp"),))
-    alpha = NodeCatalog("alpha", "home.arpa", "node", Address.parse("10.0.0.2:15008"), (), ())
-    beta = NodeCatalog(
+    web = service("web", 80, 8080, "http", waypoint="wp")
+    alpha = node("alpha", "10.0.0.2:15008", services=())
+    beta = node(
         "beta",
-        "home.arpa",
-        "node",
-        Address.parse("10.0.0.3:15008"),
-        (
-            entry("beta", "web", "10.0.0.3", 8080, ("web.default",)),
-            entry("beta", "echo", "10.0.0.3", 7000, ()),
-        ),
-        (web, echo),
+        "10.0.0.3:15008",
+        workload("beta", "web", "10.0.0.3", 8080, services=("web.default",)),
+        workload("beta", "echo", "10.0.0.3", 7000, services=()),
+        services=(web, service("echo", 7000)),
     )
-    catalog = merge(alpha, [PeerRecord(beta, "10.0.0.3")])
+    catalog = merged(alpha, (beta, "10.0.0.3"))
     assert where_to_ask(catalog, "web.default", 80) == (
         "ask node beta (HBONE 10.0.0.3:15008): run `meshd policy explain` there; "
         "L7 policy (methods, paths, hosts, headers) is enforced by waypoint 'wp'"

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshd.config.schema import build
-from meshd.errors import ConfigError
 from meshd.policy.evaluate import (
     ConnectionAttrs,
     Decision,
@@ -22,8 +19,7 @@ from meshd.policy.evaluate import (
     authorize_request,
 )
 from meshd.policy.explain import Explanation, explain, render
-from meshd.policy.model import Located, Origin, PolicyFile
-from tests.support.policy import CLIENT, authz, conn, conns, strs
+from tests.support.policy import CLIENT, authz, conn, conns, policy_set, requests
 
 # Besides the broad strategies of the kit (most of whose random policies do not apply, or do not
 # match), small pools that make policies apply and rules match often, L7 rules at a node included.
@@ -82,22 +78,6 @@ any_authz = authz | small_authz
 any_conns = conns | small_conns
 
 
-def policy_set(docs: list[dict[str, Any]], *, dry_run: bool | None = None) -> PolicySet:
-    """The valid ones of `docs` (names made unique), optionally with every dry_run flag forced."""
-    located = []
-    for i, raw in enumerate(docs):
-        raw = {**raw, "name": f"{raw['name']}{i}"}
-        try:
-            doc = build(PolicyFile, {"authorization": [raw]}, "h.toml", Path("."))
-        except ConfigError:
-            continue
-        for a in doc.authorizations:
-            if dry_run is not None:
-                a = dataclasses.replace(a, dry_run=dry_run and a.action != "AUDIT")
-            located.append(Located(a, Origin("h.toml", i)))
-    return PolicySet(located)
-
-
 def check_consistent(ex: Explanation, enforced: Decision) -> None:
     d = ex.decision
     assert d == enforced  # the same decision, audits and dry-run verdicts included
@@ -139,22 +119,15 @@ def test_explain_decides_as_the_node_enforces(docs: list[dict[str, Any]], attrs:
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     docs=st.lists(any_authz, max_size=5),
-    attrs=any_conns,
-    method=strs,
-    path=st.sampled_from(["/", "/api/x", "/a.png", "/api?x=1"]),
-    host=st.sampled_from(["echo.default", "ECHO.default", "x"]),
-    headers=st.dictionaries(st.sampled_from(["x-user"]), st.sampled_from(["alice", "x", ""])),
+    req=requests(
+        any_conns,
+        paths=st.sampled_from(["/", "/api/x", "/a.png", "/api?x=1"]),
+        hosts=st.sampled_from(["echo.default", "ECHO.default", "x"]),
+        headers=st.dictionaries(st.sampled_from(["x-user"]), st.sampled_from(["alice", "x", ""])),
+    ),
 )
-def test_explain_decides_as_the_waypoint_enforces(
-    docs: list[dict[str, Any]],
-    attrs: ConnectionAttrs,
-    method: str,
-    path: str,
-    host: str,
-    headers: dict[str, str],
-) -> None:
+def test_explain_decides_as_the_waypoint_enforces(docs: list[dict[str, Any]], req: RequestAttrs) -> None:
     ps = policy_set(docs)
-    req = RequestAttrs(attrs, method, path, host, headers)
     check_consistent(explain(ps, req), authorize_request(ps, req))
 
 

@@ -9,38 +9,25 @@ from pathlib import Path
 import pytest
 
 from meshd.config.load import load_config
-from meshd.discovery.catalog import (
-    NodeCatalog,
-    PeerRecord,
-    ServiceEntry,
-    ServicePortEntry,
-    WorkloadEntry,
-    local_catalog,
-    merge,
-)
+from meshd.discovery.catalog import NodeCatalog, local_catalog, merge
 from meshd.errors import ConfigError
-from meshd.units import Address
-
-TD = "home.arpa"
-PORTS = (ServicePortEntry(80, 8080, "http"),)
-
-
-def _w(name: str, sa: str, service: str = "web.default") -> WorkloadEntry:
-    return WorkloadEntry("beta", name, "default", sa, "127.0.0.9", (8080,), (service,))
+from tests.support.catalogs import TD, merged, node, service, workload
 
 
 def _beta(
     *, waypoint: str | None, accounts: tuple[tuple[str, str, str], ...] = (), ns: bool = True
 ) -> NodeCatalog:
-    return NodeCatalog(
+    web = [
+        workload("beta", name, "127.0.0.9", 8080, sa="web", services=("web.default",))
+        for name in ("web-1", "web-2")
+    ]
+    return node(
         "beta",
-        TD,
-        "node",
-        Address.parse("127.0.0.3:15008"),
-        (_w("web-1", "web"), _w("web-2", "web")),
-        (ServiceEntry("web", "default", PORTS, waypoint),),
-        (("default", "wp-ns"),) if ns else (),
-        accounts,
+        "127.0.0.3:15008",
+        *web,
+        services=(service("web", 80, 8080, "http", waypoint=waypoint),),
+        namespaces=(("default", "wp-ns"),) if ns else (),
+        accounts=accounts,
     )
 
 
@@ -63,8 +50,8 @@ def test_precedence(
     ns: bool,
     expected: tuple[str | None, ...],
 ) -> None:
-    local = NodeCatalog("alpha", TD, "node", Address.parse("127.0.0.2:15008"), (), ())
-    cat = merge(local, [PeerRecord(_beta(waypoint=waypoint, accounts=accounts, ns=ns), "127.0.0.3")])
+    local = node("alpha", "127.0.0.2:15008", services=())
+    cat = merged(local, (_beta(waypoint=waypoint, accounts=accounts, ns=ns), "127.0.0.3"))
     got = (cat.services["web.default"].waypoint, cat.bindings.get("web.default"))
     assert got == expected
     dumped = cat.to_json()["waypoints"].get("web.default")
@@ -76,11 +63,9 @@ def test_binding_is_carried_in_the_catalog_and_conflicts_are_reported() -> None:
     assert NodeCatalog.decode(beta.encode(), trust_domain=TD) == beta  # round trip
     plain = replace(beta, service_accounts=())
     assert b"service_accounts" not in plain.encode()  # catalogs without bindings keep their encoding
-    gamma = NodeCatalog(
-        "gamma", TD, "node", Address.parse("127.0.0.4:15008"), (), (), (), (("default", "web", "wp-other"),)
-    )
-    local = NodeCatalog("alpha", TD, "node", Address.parse("127.0.0.2:15008"), (), ())
-    cat = merge(local, [PeerRecord(gamma, "x"), PeerRecord(beta, "x")])
+    gamma = node("gamma", "127.0.0.4:15008", services=(), accounts=(("default", "web", "wp-other"),))
+    local = node("alpha", "127.0.0.2:15008", services=())
+    cat = merged(local, (gamma, "x"), (beta, "x"))
     assert cat.services["web.default"].waypoint == "wp-sa"  # beta's (node names in order), reported
     assert any("service account default/web: node gamma sets waypoint 'wp-other'" in c for c in cat.conflicts)
 
@@ -96,8 +81,8 @@ def test_service_account_binding_from_config(tmp_path: Path) -> None:
     )
     local = local_catalog(load_config(cfg))
     assert local.service_accounts == (("default", "web", "wp-sa"),)
-    merged = merge(local)
-    assert (merged.services["web.default"].waypoint, merged.bindings["web.default"]) == (
+    resolved = merge(local)
+    assert (resolved.services["web.default"].waypoint, resolved.bindings["web.default"]) == (
         "wp-sa",
         "service-account",
     )

@@ -6,31 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from meshd.config.load import load_config
-from meshd.config.model import Config
 from meshd.errors import ConfigError
 from meshd.units import Address
+from tests.support.configs import load_text
 
 BASE = '[identity]\nca_dir = "./ca"\n'
 
 
-def load(tmp_path: Path, text: str) -> Config:
-    path = tmp_path / "meshd.toml"
-    path.write_text(BASE + text)
-    return load_config(path)
-
-
 def test_defaults_off(tmp_path: Path) -> None:
-    cfg = load(tmp_path, "")
+    cfg = load_text(tmp_path, BASE)
     assert cfg.capture.mode == "off" and cfg.capture.listen == Address("127.0.0.1", 15001)
     assert cfg.capture.vip_range == "240.240.0.0/16" and not cfg.capture.inbound
     assert not cfg.dns.enabled and cfg.dns.listen == Address("127.0.0.1", 15053) and cfg.dns.domain == "mesh"
 
 
 def test_set(tmp_path: Path) -> None:
-    cfg = load(
+    cfg = load_text(
         tmp_path,
-        '[capture]\nmode = "nftables"\ninbound = true\n[dns]\nenabled = true\nupstreams = ["127.0.0.1:5300"]\n',
+        BASE
+        + '[capture]\nmode = "nftables"\ninbound = true\n[dns]\nenabled = true\nupstreams = ["127.0.0.1:5300"]\n',
     )
     assert cfg.capture.mode == "nftables" and cfg.capture.inbound
     assert cfg.dns.upstreams == (Address("127.0.0.1", 5300),)
@@ -53,5 +47,5 @@ def test_set(tmp_path: Path) -> None:
 )
 def test_errors_name_the_line(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, text)
+        load_text(tmp_path, BASE + text)
     assert expected in str(info.value), str(info.value)

@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,10 @@ import dns.rrset
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, exchange, ip, tagged_echo
+from tests.netns.lab import Host, Lab, NsMeshd, capture_config, exchange, ip, namespaces_or_fail, tagged_echo
+from tests.support.configs import echo_workload
 from tests.support.procs import wait_for
+from tests.support.udp import udp_server
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -79,33 +80,18 @@ def log_line(d: NsMeshd, pattern: str) -> str:
 def fake_resolver(host: Host) -> Iterator[list[str]]:
     """A UDP resolver on h1's loopback answering every A query with FORWARDED_ANSWER; yields the
     names it was asked."""
-    sock = host.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
-    host.call(sock.bind, FAKE_UPSTREAM)
-    sock.settimeout(0.2)
     asked: list[str] = []
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, addr = sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            q = dns.message.from_wire(data)
-            asked.append(q.question[0].name.to_text())
-            r = dns.message.make_response(q)
-            if q.question[0].rdtype == dns.rdatatype.A:
-                r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", FORWARDED_ANSWER))
-            sock.sendto(r.to_wire(), addr)
+    def answer(data: bytes) -> bytes:
+        q = dns.message.from_wire(data)
+        asked.append(q.question[0].name.to_text())
+        r = dns.message.make_response(q)
+        if q.question[0].rdtype == dns.rdatatype.A:
+            r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", FORWARDED_ANSWER))
+        return r.to_wire()
 
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with udp_server(*FAKE_UPSTREAM, answer, host.call):
         yield asked
-    finally:
-        stop.set()
-        t.join(2)
-        sock.close()
 
 
 @dataclass
@@ -115,16 +101,6 @@ class Mesh:
     d1: NsMeshd
     d2: NsMeshd
     asked: list[str]
-
-
-def write_config(tmp: Path, host: Host, peer: Host, body: str) -> Path:
-    path = tmp / f"{host.label}.toml"
-    path.write_text(
-        f'trust_domain = "home.arpa"\nnode_name = "{host.label}"\ndrain_timeout = "2s"\n'
-        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
-        f'[discovery]\nmdns = false\npeers = ["{peer.ip}:15008"]\nrefresh = "1s"\n' + body
-    )
-    return path
 
 
 def h1_body(h1: Host, nft_binary: str = "nft", *, dns: bool = True) -> str:
@@ -138,33 +114,26 @@ def h1_body(h1: Host, nft_binary: str = "nft", *, dns: bool = True) -> str:
 
 
 def h2_body(h2: Host) -> str:
-    return (
-        f'[[workload]]\nname = "echo"\naddress = "{h2.ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
-        f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n'
-    )
+    return echo_workload(h2.ip, ECHO_PORT)
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    try:
-        lab = Lab.create()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"this machine cannot build network namespaces ({exc}); capture tests need root")
-    if shutil.which("nft") is None:
-        pytest.fail("`nft` not found: install nftables (Debian: apt-get install nftables)")
     etc: list[Path] = []
     try:
-        for _ in range(2):
-            host = lab.add_host()
-            ip("-n", host.ns, "route", "add", "default", "dev", "eth0")
-            # `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
-            folder = Path("/etc/netns") / host.ns
-            folder.mkdir(parents=True)
-            etc.append(folder)
-            (folder / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        yield lab
+        with namespaces_or_fail(Lab.create, "capture tests need root") as lab:
+            if shutil.which("nft") is None:
+                pytest.fail("`nft` not found: install nftables (Debian: apt-get install nftables)")
+            for _ in range(2):
+                host = lab.add_host()
+                ip("-n", host.ns, "route", "add", "default", "dev", "eth0")
+                # `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
+                folder = Path("/etc/netns") / host.ns
+                folder.mkdir(parents=True)
+                etc.append(folder)
+                (folder / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+            yield lab
     finally:
-        lab.close()
         for folder in etc:
             shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -182,8 +151,8 @@ def mesh(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         tagged_echo(h1, VAULT_PORT),
         fake_resolver(h1) as asked,
     ):
-        d2 = NsMeshd(h2, write_config(tmp, h2, h1, h2_body(h2))).start()
-        d1 = NsMeshd(h1, write_config(tmp, h1, h2, h1_body(h1))).start()
+        d2 = NsMeshd(h2, capture_config(tmp, h2.label, h1.ip, h2_body(h2))).start()
+        d1 = NsMeshd(h1, capture_config(tmp, h1.label, h2.ip, h1_body(h1))).start()
         try:
             d2.wait_ready()
             d1.wait_ready()
@@ -316,10 +285,10 @@ def test_without_nft_meshd_says_so_and_runs_explicit(lab: Lab, tmp_path: Path) -
     LocalCA.init(tmp_path / "ca", "home.arpa")
     d = NsMeshd(
         h3,
-        write_config(
+        capture_config(
             tmp_path,
-            h3,
-            h3,
+            h3.label,
+            h3.ip,
             h1_body(h3, "/nonexistent/nft", dns=False),
         ),
     ).start()

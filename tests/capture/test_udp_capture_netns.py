@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.netns.lab import Lab, NetnsUnavailable, NsMeshd, ip
+from tests.netns.lab import Lab, NsMeshd, capture_config, ip, namespaces_or_fail
 from tests.support.procs import wait_for
 from tests.support.udp import udp_echo_server
 
@@ -21,29 +21,15 @@ ECHO_PORT = 7007
 TIMEOUT = 20.0
 
 
-def config(tmp: Path, label: str, peer_ip: str, body: str) -> Path:
-    path = tmp / f"{label}.toml"
-    path.write_text(
-        f'trust_domain = "home.arpa"\nnode_name = "{label}"\ndrain_timeout = "2s"\n'
-        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
-        f'[discovery]\nmdns = false\npeers = ["{peer_ip}:15008"]\nrefresh = "1s"\n' + body
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    try:
-        lab = Lab.create(prefix="mudp", subnet="10.235.0")
-    except NetnsUnavailable as exc:
-        pytest.fail(f"this machine cannot build network namespaces ({exc}); capture tests need root")
-    try:
+    with namespaces_or_fail(
+        lambda: Lab.create(prefix="mudp", subnet="10.235.0"), "capture tests need root"
+    ) as lab:
         for _ in range(2):
             host = lab.add_host()
             ip("-n", host.ns, "route", "add", "default", "dev", "eth0")  # a VIP needs some route
         yield lab
-    finally:
-        lab.close()
 
 
 def test_udp_to_a_vip_is_captured_and_answered_from_the_vip(lab: Lab, tmp_path: Path) -> None:
@@ -55,8 +41,8 @@ def test_udp_to_a_vip_is_captured_and_answered_from_the_vip(lab: Lab, tmp_path: 
         f'[[service]]\nname = "uecho"\nports = [{{ port = {ECHO_PORT}, protocol = "udp" }}]\n'
     )
     with udp_echo_server(h2.ip, ECHO_PORT, h2.call):
-        d2 = NsMeshd(h2, config(tmp_path, "h2", h1.ip, h2_body)).start()
-        d1 = NsMeshd(h1, config(tmp_path, "h1", h2.ip, h1_body)).start()
+        d2 = NsMeshd(h2, capture_config(tmp_path, "h2", h1.ip, h2_body)).start()
+        d1 = NsMeshd(h1, capture_config(tmp_path, "h1", h2.ip, h1_body)).start()
         try:
             d2.wait_ready()
             d1.wait_ready()

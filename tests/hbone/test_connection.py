@@ -282,22 +282,24 @@ def test_unacknowledged_data_stops_the_sender_at_the_stream_window() -> None:
     assert pair.server.send_window(sid) == 2 * MiB + 1024
 
 
-def test_connection_window_is_larger_than_one_stream_and_shared() -> None:
+def four_full_streams() -> tuple[Pair, list[int]]:
+    """Five tunnels; the server has sent a full 4 MiB stream window on each of the first four, unread."""
     pair = Pair()
     sids = [pair.tunnel() for _ in range(5)]
     for sid in sids[:4]:
         pair.server.send_data(sid, b"y" * (4 * MiB))
     pair.pump()
+    return pair, sids
+
+
+def test_connection_window_is_larger_than_one_stream_and_shared() -> None:
+    pair, sids = four_full_streams()
     # Four full streams use the 16 MiB connection window: the fifth cannot send.
     assert pair.server.send_window(sids[4]) == 0
 
 
 def test_releasing_a_stream_returns_its_unread_bytes_to_the_connection() -> None:
-    pair = Pair()
-    sids = [pair.tunnel() for _ in range(5)]
-    for sid in sids[:4]:
-        pair.server.send_data(sid, b"y" * (4 * MiB))
-    pair.pump()
+    pair, sids = four_full_streams()
     assert pair.server.send_window(sids[4]) == 0
     pair.client.release_stream(sids[0])  # never read: 4 MiB must still be acknowledged
     _at_client, at_server = pair.pump()
@@ -306,11 +308,7 @@ def test_releasing_a_stream_returns_its_unread_bytes_to_the_connection() -> None
 
 
 def test_remote_reset_returns_unread_bytes_too() -> None:
-    pair = Pair()
-    sids = [pair.tunnel() for _ in range(5)]
-    for sid in sids[:4]:
-        pair.server.send_data(sid, b"y" * (4 * MiB))
-    pair.pump()
+    pair, sids = four_full_streams()
     pair.server.reset_stream(sids[1], CANCEL)
     at_client, _ = pair.pump()
     assert ev.StreamReset(sids[1], CANCEL, remote=True) in at_client

@@ -5,6 +5,9 @@ end to end through a hop that only pumps bytes) and the reverse connection (`cli
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import trio
 import trio.testing
@@ -15,7 +18,7 @@ from meshd.hbone.server import HboneServer, InboundRequest, ServerReply
 from meshd.hbone.stream import TunnelStream
 from meshd.identity.ca import LocalCA
 from meshd.identity.spiffe import SpiffeId
-from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, certs_of, echo
+from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, Handler, certs_of, echo, echo_through
 
 NODE_A = SpiffeId(TD, "meshd-system", "node-a")
 GATEWAY = SpiffeId(TD, "meshd-system", "node-gw")
@@ -67,6 +70,37 @@ class Hop:
         self.finished.set()
 
 
+@dataclass
+class HopPath:
+    pool: HbonePool  # holds NODE_A's and CLIENT_ID's certificates
+    hop: Hop
+    inner: tuple[str, int]  # the destination's HBONE server (SERVER_ID)
+    hop_address: tuple[str, int]  # the hop's HBONE server (GATEWAY)
+
+    async def nested_tunnel(self) -> TunnelStream:
+        """NODE_A's tunnel to the hop and, inside it, CLIENT_ID's tunnel to the destination."""
+        outer = await self.pool.open_tunnel(NODE_A, GATEWAY, self.hop_address, f"127.0.0.1:{self.inner[1]}")
+        return await self.pool.open_nested_tunnel(
+            outer, CLIENT_ID, SERVER_ID, "10.0.0.1:80", peer_address=self.inner
+        )
+
+
+@asynccontextmanager
+async def through_a_hop(ca: LocalCA, handler: Handler) -> AsyncIterator[HopPath]:
+    """The destination's server (answering with `handler`), a Hop in front of it and a pool, running in
+    one nursery, cancelled when the block ends."""
+    inner = HboneServer(certs_of(ca.issue(SERVER_ID)).server_provider(), TD, handler)
+    pool = HbonePool(provider(ca, NODE_A, CLIENT_ID))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        inner_address = await nursery.start(inner.serve, "127.0.0.1", 0)
+        hop = Hop(inner_address)
+        hop_server = HboneServer(certs_of(ca.issue(GATEWAY)).server_provider(), TD, hop.handle)
+        hop_address = await nursery.start(hop_server.serve, "127.0.0.1", 0)
+        await nursery.start(pool.run)
+        yield HopPath(pool, hop, inner_address, hop_address)
+        nursery.cancel_scope.cancel()
+
+
 async def test_double_hbone_keeps_the_inner_tls_end_to_end(ca: LocalCA) -> None:
     seen: list[SpiffeId] = []
 
@@ -74,33 +108,17 @@ async def test_double_hbone_keeps_the_inner_tls_end_to_end(ca: LocalCA) -> None:
         seen.append(req.peer_identity)
         await echo(req, reply)
 
-    inner = HboneServer(certs_of(ca.issue(SERVER_ID)).server_provider(), TD, inner_echo)
-    pool = HbonePool(provider(ca, NODE_A, CLIENT_ID))  # type: ignore[arg-type]
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            inner_address = await nursery.start(inner.serve, "127.0.0.1", 0)
-            hop = Hop(inner_address)
-            outer_server = HboneServer(certs_of(ca.issue(GATEWAY)).server_provider(), TD, hop.handle)
-            hop_address = await nursery.start(outer_server.serve, "127.0.0.1", 0)
-            await nursery.start(pool.run)
-
-            outer = await pool.open_tunnel(NODE_A, GATEWAY, hop_address, f"127.0.0.1:{inner_address[1]}")
-            tunnel = await pool.open_nested_tunnel(
-                outer, CLIENT_ID, SERVER_ID, "10.0.0.1:80", peer_address=inner_address
-            )
+        async with through_a_hop(ca, inner_echo) as path:
+            tunnel = await path.nested_tunnel()
             payload = b"inner plaintext " * (MiB // 16)
-            async with tunnel:
-                await tunnel.send_all(payload)
-                await tunnel.send_eof()
-                got = bytearray()
-                while chunk := await tunnel.receive_some():
-                    got += chunk
+            got = await echo_through(tunnel, payload)
             assert got == payload
+            hop = path.hop
             assert hop.peers == [NODE_A]  # the hop saw the node, outside
             assert seen == [CLIENT_ID]  # the destination saw the workload, inside
             assert len(hop.carried) > len(payload) and b"inner plaintext" not in hop.carried
             await hop.finished.wait()  # the inner connection ended with its tunnel, and the outer one too
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_nested_tunnel_is_a_half_closeable_stream(ca: LocalCA) -> None:
@@ -110,28 +128,13 @@ async def test_a_nested_tunnel_is_a_half_closeable_stream(ca: LocalCA) -> None:
         await accepted_send.send(await reply.accept())
         await trio.sleep_forever()
 
-    inner = HboneServer(certs_of(ca.issue(SERVER_ID)).server_provider(), TD, hand_over)
-    pool = HbonePool(provider(ca, NODE_A, CLIENT_ID))  # type: ignore[arg-type]
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            inner_address = await nursery.start(inner.serve, "127.0.0.1", 0)
-            hop = Hop(inner_address)
-            hop_address = await nursery.start(
-                HboneServer(certs_of(ca.issue(GATEWAY)).server_provider(), TD, hop.handle).serve,
-                "127.0.0.1",
-                0,
-            )
-            await nursery.start(pool.run)
+        async with through_a_hop(ca, hand_over) as path:
 
             async def stream_maker() -> tuple[TunnelStream, TunnelStream]:
-                outer = await pool.open_tunnel(NODE_A, GATEWAY, hop_address, f"127.0.0.1:{inner_address[1]}")
-                client_side = await pool.open_nested_tunnel(
-                    outer, CLIENT_ID, SERVER_ID, "10.0.0.1:80", peer_address=inner_address
-                )
-                return client_side, await accepted_receive.receive()
+                return await path.nested_tunnel(), await accepted_receive.receive()
 
             await trio.testing.check_half_closeable_stream(stream_maker, None)
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_reverse_connection_carries_tunnels_and_requests_the_other_way(ca: LocalCA) -> None:
@@ -166,12 +169,7 @@ async def test_a_reverse_connection_carries_tunnels_and_requests_the_other_way(c
             nursery.start_soon(server_b.serve_stream, reverse, GATEWAY, address_a)
             link = await got_link.receive()
             tunnel = await pool_a.open_tunnel_on(link, "10.0.0.1:80")  # type: ignore[arg-type]
-            async with tunnel:
-                await tunnel.send_all(b"through the reverse connection")
-                await tunnel.send_eof()
-                got = bytearray()
-                while chunk := await tunnel.receive_some():
-                    got += chunk
+            got = await echo_through(tunnel, b"through the reverse connection")
             assert got == b"through the reverse connection"
             assert await pool_a.get_on(link, "/meshd/v1/network-catalog") == (  # type: ignore[arg-type]
                 200,

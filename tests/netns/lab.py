@@ -26,7 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
+
+import pytest
 
 from tests.support.procs import http_get, metric_sum
 
@@ -110,6 +112,22 @@ class Namespaces:
         self._namespaces.append(name)
         ip("-n", name, "link", "set", "lo", "up")
 
+    def _build(self) -> None:
+        """Make what every host of this kind of lab plugs into (bridges, routers): each subclass's own."""
+        raise NotImplementedError
+
+    def built(self) -> Self:
+        """This lab once `_build()` has run; NetnsUnavailable (not root, no iproute2, no netns support)
+        with everything made so far deleted."""
+        if os.geteuid() != 0:
+            raise NetnsUnavailable("not running as root (network namespaces need CAP_SYS_ADMIN)")
+        try:
+            self._build()
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+            self.close()
+            raise NetnsUnavailable(str(exc)) from exc
+        return self
+
     def started_on(self) -> list[Host]:
         """The hosts whose processes close() kills and reaps first."""
         return list(self.hosts)
@@ -132,6 +150,41 @@ class Namespaces:
         self._namespaces.clear()
 
 
+N = TypeVar("N", bound=Namespaces)
+
+
+@contextlib.contextmanager
+def namespaces_or_fail(create: Callable[[], N], needs: str) -> Iterator[N]:
+    """The lab `create()` builds, closed however the block ends; a machine that cannot build one fails
+    the test (it is never skipped), saying what the test `needs`."""
+    try:
+        lab = create()
+    except NetnsUnavailable as exc:
+        pytest.fail(f"this machine cannot build network namespaces ({exc}); {needs}")
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def host_config(tmp: Path, label: str, discovery: str, body: str = "", *, top: str = "") -> Path:
+    """Write tmp/<label>.toml: node `label` of home.arpa (CA in tmp/ca), more top-level keys `top`, the
+    `[discovery]` table's lines `discovery`, then `body`; return its path."""
+    path = tmp / f"{label}.toml"
+    path.write_text(
+        f'trust_domain = "home.arpa"\nnode_name = "{label}"\n{top}'
+        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
+        f"[discovery]\n{discovery}" + body
+    )
+    return path
+
+
+def capture_config(tmp: Path, label: str, peer_ip: str, body: str) -> Path:
+    """A capture test's node: drains in 2 s, its one static peer at peer_ip, mDNS off."""
+    discovery = f'mdns = false\npeers = ["{peer_ip}:15008"]\nrefresh = "1s"\n'
+    return host_config(tmp, label, discovery, body, top='drain_timeout = "2s"\n')
+
+
 class Lab(Namespaces):
     """Hosts on one bridge (one subnet): multicast reaches all of them."""
 
@@ -144,17 +197,12 @@ class Lab(Namespaces):
     def create(cls, prefix: str = "mdt", subnet: str = SUBNET) -> Lab:
         """`prefix` names the namespaces and `subnet` ("10.77.0") numbers the hosts: tests that may
         run beside others' labs give their own."""
-        if os.geteuid() != 0:
-            raise NetnsUnavailable("not running as root (network namespaces need CAP_SYS_ADMIN)")
-        lab = cls(prefix, subnet)
-        try:
-            lab._add_ns(lab.bridge_ns)
-            ip("-n", lab.bridge_ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-            ip("-n", lab.bridge_ns, "link", "set", "br0", "up")
-        except (RuntimeError, OSError) as exc:
-            lab.close()
-            raise NetnsUnavailable(str(exc)) from exc
-        return lab
+        return cls(prefix, subnet).built()
+
+    def _build(self) -> None:
+        self._add_ns(self.bridge_ns)
+        ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+        ip("-n", self.bridge_ns, "link", "set", "br0", "up")
 
     def add_host(self) -> Host:
         n = len(self.hosts) + 1
@@ -225,6 +273,10 @@ class NsMeshd:
         status, body = self.host.get("http://127.0.0.1:15000/config_dump")
         assert status == 200, body
         return json.loads(body)  # type: ignore[no-any-return]
+
+    def nodes(self) -> list[str]:
+        """The nodes in this daemon's catalog."""
+        return list(self.dump()["catalog"]["nodes"])
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_sum(self.host.get("http://127.0.0.1:15020/metrics")[1], name, **labels)

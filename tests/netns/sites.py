@@ -15,11 +15,10 @@ starts with `mgwy`, every address is in 10.236.0.0/16, and everything is deleted
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 
-from tests.netns.lab import Host, Namespaces, NetnsUnavailable, ip
+from tests.netns.lab import Host, Namespaces, ip
 
 PUBLIC = "10.236.0"
 SITE_SUBNETS = {"a": "10.236.1", "b": "10.236.2"}
@@ -48,21 +47,16 @@ class Sites(Namespaces):
 
     @classmethod
     def create(cls) -> Sites:
-        if os.geteuid() != 0:
-            raise NetnsUnavailable("not running as root (network namespaces need CAP_SYS_ADMIN)")
-        sites = cls()
-        try:
-            for bridge in ("a", "b", "p"):
-                ns = f"{sites.id}-{bridge}"
-                sites._add_ns(ns)
-                ip("-n", ns, "link", "add", "br0", "type", "bridge")
-                ip("-n", ns, "link", "set", "br0", "up")
-            for site in ("a", "b"):
-                sites._gateway(site)
-        except (RuntimeError, OSError) as exc:
-            sites.close()
-            raise NetnsUnavailable(str(exc)) from exc
-        return sites
+        return cls().built()
+
+    def _build(self) -> None:
+        for bridge in ("a", "b", "p"):
+            ns = f"{self.id}-{bridge}"
+            self._add_ns(ns)
+            ip("-n", ns, "link", "add", "br0", "type", "bridge")
+            ip("-n", ns, "link", "set", "br0", "up")
+        for site in ("a", "b"):
+            self._gateway(site)
 
     def _plug(self, host_ns: str, bridge: str, ifname: str, address: str) -> None:
         self._veths += 1

@@ -17,7 +17,7 @@ import pytest
 
 from meshd.identity.ca import LocalCA, write_issued
 from meshd.identity.spiffe import SpiffeId
-from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, exchange, tagged_echo
+from tests.netns.lab import Host, Lab, NsMeshd, exchange, host_config, namespaces_or_fail, tagged_echo
 from tests.support.procs import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -29,32 +29,22 @@ ROGUE = Path(__file__).with_name("rogue.py")
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    try:
-        lab = Lab.create()
-    except NetnsUnavailable as exc:
-        pytest.fail(
-            f"this machine cannot build network namespaces ({exc}); the multi-host discovery tests "
-            "need root and iproute2 and are not skipped"
-        )
-    try:
+    with namespaces_or_fail(
+        Lab.create, "the multi-host discovery tests need root and iproute2 and are not skipped"
+    ) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def config(tmp: Path, host: Host, mode: str, peers: list[Host], body: str) -> Path:
     static = [f"{p.ip}:15008" for p in peers] if mode == "static" else []
     # mDNS: a long peer_timeout, so a quick withdrawal can only come from the goodbye.
     timeout = "60s" if mode == "mdns" else "3s"
-    path = tmp / f"{host.label}.toml"
-    path.write_text(
-        f'trust_domain = "home.arpa"\nnode_name = "{host.label}"\n'
-        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
-        f"[discovery]\nmdns = {str(mode == 'mdns').lower()}\n"
+    discovery = (
+        f"mdns = {str(mode == 'mdns').lower()}\n"
         f"peers = [{', '.join(repr(s).replace(chr(39), chr(34)) for s in static)}]\n"
-        f'refresh = "1s"\npeer_timeout = "{timeout}"\n' + body
+        f'refresh = "1s"\npeer_timeout = "{timeout}"\n'
     )
-    return path
+    return host_config(tmp, host.label, discovery, body)
 
 
 def echo_body(host: Host) -> str:
@@ -63,10 +53,6 @@ def echo_body(host: Host) -> str:
         f'services = ["echo"]\n'
         f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n'
     )
-
-
-def nodes(d: NsMeshd) -> list[str]:
-    return list(d.dump()["catalog"]["nodes"])
 
 
 def served_by(h1: Host, n: int) -> list[str]:
@@ -95,7 +81,10 @@ def test_three_hosts_discover_route_and_fail_over(
         # (a) every node finds the two others, by mDNS alone (or from the static list)
         for d in all3:
             took = wait_for(
-                lambda d=d: nodes(d) == ["h1", "h2", "h3"], *all3, timeout=15, what=f"{d.host.label} sees all"
+                lambda d=d: d.nodes() == ["h1", "h2", "h3"],
+                *all3,
+                timeout=15,
+                what=f"{d.host.label} sees all",
             )
             assert took < 15
             peers = d.dump()["peers"]
@@ -115,7 +104,7 @@ def test_three_hosts_discover_route_and_fail_over(
         withdraw_within = 5 if mode == "mdns" else 10
         for d in (d1, d2):
             wait_for(
-                lambda d=d: nodes(d) == ["h1", "h2"],
+                lambda d=d: d.nodes() == ["h1", "h2"],
                 d,
                 d3,
                 timeout=withdraw_within,
@@ -149,7 +138,7 @@ def test_rogue_announcer_adds_nothing(lab: Lab, tmp_path: Path, ca: LocalCA) -> 
         return any(p["address"] == f"{rogue.ip}:15008" and p["last_error"] for p in d.dump()["peers"])
 
     for d in (d1, d2):
-        wait_for(lambda d=d: nodes(d) == ["h1", "h2"] and rogue_tried(d), d, timeout=15, what="rogue tried")
+        wait_for(lambda d=d: d.nodes() == ["h1", "h2"] and rogue_tried(d), d, timeout=15, what="rogue tried")
         dump = d.dump()
         rogue_peer = next(p for p in dump["peers"] if p["address"] == f"{rogue.ip}:15008")
         assert rogue_peer["how"] == "mdns" and rogue_peer["name"] is None

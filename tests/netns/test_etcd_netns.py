@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.netns.lab import Host, NetnsUnavailable, NsMeshd, exchange, tagged_echo
+from tests.netns.lab import Host, NsMeshd, exchange, host_config, namespaces_or_fail, tagged_echo
+from tests.support.configs import echo_workload
 from tests.support.etcd import Etcdctl, EtcdMember, EtcdPki, etcd_cluster
 from tests.support.procs import meshd_cli, wait_for
 from tests.support.routed_lab import RoutedLab
@@ -33,30 +34,14 @@ UPSTREAM = ("127.0.0.1", 17000)
 
 @pytest.fixture
 def lab() -> Iterator[RoutedLab]:
-    try:
-        lab = RoutedLab.create()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"this machine cannot build network namespaces ({exc}); the etcd lab needs root")
-    try:
+    with namespaces_or_fail(RoutedLab.create, "the etcd lab needs root") as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def config(tmp: Path, host: Host, endpoints: list[str], pki: EtcdPki, body: str = "") -> Path:
-    path = tmp / f"{host.label}.toml"
     listed = ", ".join(f'"{e}"' for e in endpoints)
-    path.write_text(
-        f'trust_domain = "home.arpa"\nnode_name = "{host.label}"\n'
-        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
-        f'[discovery]\nrefresh = "1s"\n'
-        f'etcd = {{ endpoints = [{listed}], ca = "{pki.ca_cert}", lease_ttl = "{TTL}s" }}\n' + body
-    )
-    return path
-
-
-def nodes(d: NsMeshd) -> list[str]:
-    return list(d.dump()["catalog"]["nodes"])
+    etcd = f'etcd = {{ endpoints = [{listed}], ca = "{pki.ca_cert}", lease_ttl = "{TTL}s" }}\n'
+    return host_config(tmp, host.label, 'refresh = "1s"\n' + etcd, body)
 
 
 def found_by(d: NsMeshd, name: str) -> str | None:
@@ -89,10 +74,7 @@ def test_two_subnets_meet_through_etcd_and_survive_losing_its_quorum(tmp_path: P
     urls = [m.client_url for m in members]
     ctl = Etcdctl(urls, pki, prefix=["ip", "netns", "exec", h1.ns])
     upstream = f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "127.0.0.1:17000"\n'
-    echo = (
-        f'[[workload]]\nname = "echo"\naddress = "{h2.ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
-        f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n'
-    )
+    echo = echo_workload(h2.ip, ECHO_PORT)
     # Each node lists its own host's member first: three sessions spread over three members.
     d1 = NsMeshd(h1, config(tmp_path, h1, urls, pki, upstream))
     d2 = NsMeshd(h2, config(tmp_path, h2, [urls[1], urls[2], urls[0]], pki, echo))
@@ -107,8 +89,8 @@ def test_two_subnets_meet_through_etcd_and_survive_losing_its_quorum(tmp_path: P
             d.wait_ready()
 
         # 1. Across the router, only etcd can have introduced h1 and h2; traffic flows with mTLS.
-        wait_for(lambda: nodes(d1) == ["h1", "h2", "h3"], *daemons, timeout=20, what="h1 sees h2 and h3")
-        wait_for(lambda: nodes(d2) == ["h1", "h2", "h3"], *daemons, timeout=20, what="h2 sees h1 and h3")
+        wait_for(lambda: d1.nodes() == ["h1", "h2", "h3"], *daemons, timeout=20, what="h1 sees h2 and h3")
+        wait_for(lambda: d2.nodes() == ["h1", "h2", "h3"], *daemons, timeout=20, what="h2 sees h1 and h3")
         assert found_by(d1, "h2") == "etcd" and found_by(d1, "h3") == "etcd"
         # Same subnet: mDNS finds h3 too (announcing takes a couple of seconds after start).
         wait_for(
@@ -124,7 +106,7 @@ def test_two_subnets_meet_through_etcd_and_survive_losing_its_quorum(tmp_path: P
         d3.proc.send_signal(signal.SIGKILL)
         d3.proc.wait(5)
         # Within the lease TTL, plus the margin a loaded machine needs for the watch and the poll.
-        wait_for(lambda: "h3" not in nodes(d1), *daemons, timeout=TTL + 5, what="h1 drops the killed h3")
+        wait_for(lambda: "h3" not in d1.nodes(), *daemons, timeout=TTL + 5, what="h1 drops the killed h3")
 
         # 3. Members stopped one by one. Two of three keep quorum: nothing changes.
         held = h1.call(socket.create_connection, UPSTREAM, 10)
@@ -149,7 +131,7 @@ def test_two_subnets_meet_through_etcd_and_survive_losing_its_quorum(tmp_path: P
         assert "etcd: UNREACHABLE" in status and "serving from the last catalog" in status, status
         assert d1.metric("meshd_etcd_connected") == 0
         # The mesh serves from the last catalog: the open connection and new ones.
-        assert nodes(d1) == ["h1", "h2"]
+        assert d1.nodes() == ["h1", "h2"]
         assert h1.call(exchange, UPSTREAM, b"no quorum") == b"h2:no quorum"
         held.sendall(b"and after")
         held.shutdown(socket.SHUT_WR)
@@ -166,7 +148,7 @@ def test_two_subnets_meet_through_etcd_and_survive_losing_its_quorum(tmp_path: P
         d3.start().wait_ready()
         members[1].start(members)
         wait_for(
-            lambda: "h3" in nodes(d1), *daemons, timeout=30, what="h1 sees the new h3 once quorum is back"
+            lambda: "h3" in d1.nodes(), *daemons, timeout=30, what="h1 sees the new h3 once quorum is back"
         )
         wait_for(lambda: etcd_state(d1)["connected"], *daemons, timeout=20, what="h1 reconnected")
         assert h1.call(exchange, UPSTREAM, b"healed") == b"h2:healed"

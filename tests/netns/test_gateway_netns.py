@@ -20,10 +20,13 @@ import dns.query
 import pytest
 
 from meshd.identity.ca import LocalCA
-from tests.netns.lab import Host, NetnsUnavailable, NsMeshd, exchange, tagged_echo
+from tests.netns.lab import Host, NsMeshd, exchange, host_config, namespaces_or_fail, tagged_echo
 from tests.netns.sites import Sites
+from tests.support import policy
 from tests.support.http_backend import http_backend
+from tests.support.policy import allow, deny, frm, to
 from tests.support.procs import wait_for
+from tests.support.sockets import recv_all
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -34,26 +37,9 @@ WEB_LISTEN = 17001
 CLIENT = "spiffe://home.arpa/ns/default/sa/client"
 
 # At b1: only the client workload of site A may reach echo (the real client identity is needed).
-ECHO_POLICY = """
-[[authorization]]
-name = "echo-from-client"
-namespace = "default"
-workloads = ["echo"]
-action = "ALLOW"
-
-[[authorization.rules]]
-from = [{ principals = ["home.arpa/ns/default/sa/client"] }]
-"""
+ECHO_POLICY = allow(frm(principals=[policy.CLIENT]), name="echo-from-client", workloads=["echo"])
 # At wb: L7 policy on web.
-WEB_POLICY = """
-[[authorization]]
-name = "no-admin"
-namespace = "default"
-action = "DENY"
-
-[[authorization.rules]]
-to = [{ paths = ["/admin*"] }]
-"""
+WEB_POLICY = deny(to(paths=["/admin*"]), name="no-admin")
 
 
 @dataclass
@@ -71,13 +57,8 @@ class TwoSites:
 
 def _config(tmp: Path, label: str, network: str, peers: list[str], body: str, top: str = "") -> Path:
     peer_list = ", ".join(f'"{p}"' for p in peers)
-    path = tmp / f"{label}.toml"
-    path.write_text(
-        f'trust_domain = "home.arpa"\nnode_name = "{label}"\nnetwork = "{network}"\n{top}'
-        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
-        f'[discovery]\nmdns = false\npeers = [{peer_list}]\nrefresh = "1s"\npeer_timeout = "5s"\n' + body
-    )
-    return path
+    discovery = f'mdns = false\npeers = [{peer_list}]\nrefresh = "1s"\npeer_timeout = "5s"\n'
+    return host_config(tmp, label, discovery, body, top=f'network = "{network}"\n{top}')
 
 
 def _gateway_body(public: str | None, remote: str | None, *, reverse: bool = False) -> str:
@@ -160,16 +141,8 @@ def build(tmp: Path, sites: Sites, *, reverse: bool = False) -> TwoSites:
 
 @pytest.fixture
 def sites() -> Iterator[Sites]:
-    try:
-        sites = Sites.create()
-    except NetnsUnavailable as exc:
-        pytest.fail(
-            f"this machine cannot build network namespaces ({exc}); these tests need root, iproute2, nft"
-        )
-    try:
+    with namespaces_or_fail(Sites.create, "these tests need root, iproute2, nft") as sites:
         yield sites
-    finally:
-        sites.close()
 
 
 def _knows_remote(two: TwoSites, label: str, services: set[str]) -> bool:
@@ -320,10 +293,7 @@ def _finish(s: socket.socket, last: bytes) -> bytes:
     with s:
         s.sendall(last)
         s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
+        return recv_all(s)
 
 
 def test_gateway_reload_applies_to_new_tunnels_and_drain_lets_open_ones_finish(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,29 +20,22 @@ import pytest
 
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, running, unique_loopback
+from tests.support.policy import deny, frm
+from tests.support.procs import Meshd, meshd_cli, running, unique_loopback
 
 NODE = shutil.which("node")
 SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
 TD = "home.arpa"
 TIMEOUT = 45
 
-DENY_POLICY = """
-[[authorization]]
-name = "deny-intruder"
-namespace = "default"
-workloads = ["echo"]
-action = "DENY"
-[[authorization.rules]]
-from = [{ principals = ["home.arpa/ns/default/sa/intruder"] }]
-"""
+DENY_POLICY = deny(
+    frm(principals=["home.arpa/ns/default/sa/intruder"]), name="deny-intruder", workloads=["echo"]
+)
 
 
-def meshd_cli(*args: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "meshd", *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
-    assert proc.returncode == 0, f"meshd {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}"
+def meshd_ok(*args: str) -> None:
+    out = meshd_cli(*args)
+    assert out.returncode == 0, f"meshd {' '.join(args)} failed:\n{out.stdout}{out.stderr}"
 
 
 @dataclass
@@ -55,7 +47,7 @@ class Beta:
 
     def issue(self, sa: str) -> Path:
         out = self.tmp / f"certs-{sa}"
-        meshd_cli(
+        meshd_ok(
             "ca",
             "issue",
             "--dir",
@@ -94,7 +86,7 @@ def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
         )
     tmp = tmp_path_factory.mktemp("interop")
     ca_dir = tmp / "ca"
-    meshd_cli("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD)
+    meshd_ok("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD)
     (tmp / "policy.d").mkdir()
     (tmp / "policy.d" / "10-deny.toml").write_text(DENY_POLICY)
     ip = unique_loopback()

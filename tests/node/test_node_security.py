@@ -13,11 +13,8 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -27,77 +24,30 @@ import trio
 
 from meshd.discovery.catalog import CATALOG_PATH
 from meshd.hbone.errors import HboneConnectError, PeerIdentityError, TunnelRefused
-from meshd.hbone.pool import HbonePool
 from meshd.hbone.tls import ALPN, StaticCertificates, client_context
 from meshd.identity.ca import IssuedCert, LocalCA
 from meshd.identity.spiffe import SpiffeId
-from meshd.tools.echo import echo_server
-from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, running, unique_loopback
+from tests.support.configs import ECHO_PORT
+from tests.support.echo_node import CLIENT, ECHO, TD, EchoNode, assert_echoes, echo_node, echo_once
+from tests.support.hbone_mesh import running_pool
 
-TD = "home.arpa"
-CLIENT = SpiffeId(TD, "default", "client")
-ECHO = SpiffeId(TD, "default", "echo")  # what beta presents when dialled at the echo's address
 TIMEOUT = 20
 
 
-@dataclass
-class Beta:
-    daemon: Meshd
-    ip: str
-    ca: LocalCA
-    tmp: Path
-
-    @property
-    def hbone(self) -> tuple[str, int]:
-        return (self.ip, 15008)
-
-    def log_since(self, mark: int) -> str:
-        return self.daemon.log()[mark:]
-
-
 @pytest.fixture(scope="module")
-def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
+def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoNode]:
     tmp = tmp_path_factory.mktemp("security")
     # A root from yesterday, so it can also issue a certificate that has already expired.
     ca = LocalCA.init(tmp / "ca", TD, now=datetime.now(UTC) - timedelta(days=1))
-    ip = unique_loopback()
-    cfg = node_config(tmp / "beta.toml", "beta", tmp / "ca", body=echo_workload(ip), trust_domain=TD)
-    with echo_server(ip, ECHO_PORT), running(Meshd(cfg, ip)) as daemon:
-        yield Beta(daemon, ip, ca, tmp)
+    with echo_node(tmp, ca) as beta:
+        yield beta
 
 
 def certs(issued: IssuedCert, ca_pem: bytes | None = None) -> StaticCertificates:
     return StaticCertificates(issued.cert_pem, issued.key_pem, ca_pem or issued.ca_pem)
 
 
-@asynccontextmanager
-async def running_pool(provider: object) -> AsyncIterator[HbonePool]:
-    pool = HbonePool(provider, connect_timeout=10, ping_interval=None)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.run)
-        yield pool
-        nursery.cancel_scope.cancel()
-
-
-async def echo_once(pool: HbonePool, beta: Beta, payload: bytes, source: SpiffeId = CLIENT) -> bytes:
-    tunnel = await pool.open_tunnel(source, ECHO, beta.hbone, f"{beta.ip}:{ECHO_PORT}")
-    async with tunnel:
-        await tunnel.send_all(payload)
-        await tunnel.send_eof()
-        out = bytearray()
-        while chunk := await tunnel.receive_some():
-            out += chunk
-    return bytes(out)
-
-
-async def assert_still_serves(beta: Beta) -> None:
-    good = certs(beta.ca.issue(CLIENT))
-    async with running_pool(good.client_provider()) as pool:
-        assert await echo_once(pool, beta, b"still here") == b"still here"
-
-
-async def assert_refused(beta: Beta, ctx: ssl.SSLContext, why: str) -> None:
+async def assert_refused(beta: EchoNode, ctx: ssl.SSLContext, why: str) -> None:
     """The daemon hangs up after the handshake (seen at the first read), logs why, and keeps serving."""
     mark = len(beta.daemon.log())
     with trio.fail_after(TIMEOUT):
@@ -106,10 +56,10 @@ async def assert_refused(beta: Beta, ctx: ssl.SSLContext, why: str) -> None:
                 await pool.open_tunnel(CLIENT, ECHO, beta.hbone, f"{beta.ip}:{ECHO_PORT}")
         await wait_log(beta, mark, "refused HBONE connection")
         assert why in beta.log_since(mark), beta.log_since(mark)
-        await assert_still_serves(beta)
+        await assert_echoes(beta, b"still here")  # and it keeps serving
 
 
-async def wait_log(beta: Beta, mark: int, text: str) -> None:
+async def wait_log(beta: EchoNode, mark: int, text: str) -> None:
     """The daemon logs a refusal after the client has given up; poll its log (bounded by the caller)."""
     while text not in beta.log_since(mark):
         await trio.sleep(0.02)
@@ -118,28 +68,28 @@ async def wait_log(beta: Beta, mark: int, text: str) -> None:
 # ---- refused at the TLS layer ----------------------------------------------------------------------
 
 
-async def test_good_client_gets_200_and_the_echo(beta: Beta) -> None:
+async def test_good_client_gets_200_and_the_echo(beta: EchoNode) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
     with trio.fail_after(TIMEOUT):
         async with running_pool(certs(beta.ca.issue(CLIENT)).client_provider()) as pool:
             assert await echo_once(pool, beta, payload) == payload
 
 
-async def test_certificate_from_another_ca_is_refused(beta: Beta) -> None:
+async def test_certificate_from_another_ca_is_refused(beta: EchoNode) -> None:
     other = LocalCA.init(beta.tmp / "other-ca", TD)
     rogue = other.issue(CLIENT)  # the right name, the wrong issuer
     ctx = client_context(rogue.cert_pem, rogue.key_pem, beta.ca.cert_pem)
     await assert_refused(beta, ctx, "CERTIFICATE_VERIFY_FAILED")
 
 
-async def test_client_from_another_trust_domain_is_refused(beta: Beta) -> None:
+async def test_client_from_another_trust_domain_is_refused(beta: EchoNode) -> None:
     evil_ca = LocalCA.init(beta.tmp / "evil-ca", "evil.example")
     evil = evil_ca.issue(SpiffeId("evil.example", "default", "client"))
     ctx = client_context(evil.cert_pem, evil.key_pem, beta.ca.cert_pem)
     await assert_refused(beta, ctx, "CERTIFICATE_VERIFY_FAILED")
 
 
-async def test_foreign_trust_domain_signed_by_our_root_is_refused(beta: Beta) -> None:
+async def test_foreign_trust_domain_signed_by_our_root_is_refused(beta: EchoNode) -> None:
     # A leaf that chains to beta's own root but names another trust domain: the chain verifies,
     # so only the server's trust-domain check stands between it and the workload.
     signer = LocalCA(beta.ca.cert, beta.ca._key, "evil.example")
@@ -148,21 +98,21 @@ async def test_foreign_trust_domain_signed_by_our_root_is_refused(beta: Beta) ->
     await assert_refused(beta, ctx, "outside trust domain 'home.arpa'")
 
 
-async def test_expired_client_certificate_is_refused(beta: Beta) -> None:
+async def test_expired_client_certificate_is_refused(beta: EchoNode) -> None:
     expired = beta.ca.issue(CLIENT, now=datetime.now(UTC) - timedelta(hours=3), ttl=timedelta(hours=1))
     assert expired.not_after < datetime.now(UTC)
     ctx = client_context(expired.cert_pem, expired.key_pem, beta.ca.cert_pem)
     await assert_refused(beta, ctx, "CERTIFICATE_VERIFY_FAILED")
 
 
-async def test_not_yet_valid_client_certificate_is_refused(beta: Beta) -> None:
+async def test_not_yet_valid_client_certificate_is_refused(beta: EchoNode) -> None:
     future = beta.ca.issue(CLIENT, now=datetime.now(UTC) + timedelta(hours=2), ttl=timedelta(hours=1))
     assert future.not_before > datetime.now(UTC)
     ctx = client_context(future.cert_pem, future.key_pem, beta.ca.cert_pem)
     await assert_refused(beta, ctx, "CERTIFICATE_VERIFY_FAILED")
 
 
-async def test_client_without_certificate_is_refused(beta: Beta) -> None:
+async def test_client_without_certificate_is_refused(beta: EchoNode) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -179,7 +129,7 @@ async def test_client_without_certificate_is_refused(beta: Beta) -> None:
         pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="h2c-preface"),
     ],
 )
-def test_non_tls_bytes_on_15008_are_refused(beta: Beta, payload: bytes) -> None:
+def test_non_tls_bytes_on_15008_are_refused(beta: EchoNode, payload: bytes) -> None:
     mark = len(beta.daemon.log())
     with socket.create_connection(beta.hbone, timeout=TIMEOUT) as s:
         s.sendall(payload)
@@ -196,13 +146,13 @@ def test_non_tls_bytes_on_15008_are_refused(beta: Beta, payload: bytes) -> None:
     while "refused HBONE connection" not in beta.log_since(mark):
         assert time.monotonic() < deadline, beta.log_since(mark)
         time.sleep(0.02)
-    trio.run(assert_still_serves, beta)
+    trio.run(assert_echoes, beta, b"still here")
 
 
 # ---- the client side checks the server ------------------------------------------------------------
 
 
-async def test_client_refuses_a_server_with_the_wrong_identity(beta: Beta) -> None:
+async def test_client_refuses_a_server_with_the_wrong_identity(beta: EchoNode) -> None:
     someone_else = SpiffeId(TD, "default", "someone-else")
     with trio.fail_after(TIMEOUT):
         async with running_pool(certs(beta.ca.issue(CLIENT)).client_provider()) as pool:
@@ -214,7 +164,7 @@ async def test_client_refuses_a_server_with_the_wrong_identity(beta: Beta) -> No
 # ---- answers to authenticated clients -------------------------------------------------------------
 
 
-async def test_connect_to_a_port_without_workload_is_503_and_counted(beta: Beta) -> None:
+async def test_connect_to_a_port_without_workload_is_503_and_counted(beta: EchoNode) -> None:
     before = beta.daemon.metric("meshd_tcp_connections_failed_total", reporter="destination", reason="NR")
     with trio.fail_after(TIMEOUT):
         async with running_pool(certs(beta.ca.issue(CLIENT)).client_provider()) as pool:
@@ -232,7 +182,7 @@ async def test_connect_to_a_port_without_workload_is_503_and_counted(beta: Beta)
     assert after == before + 2
 
 
-def raw_h2(beta: Beta, issued: IssuedCert, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+def raw_h2(beta: EchoNode, issued: IssuedCert, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
     """One request over a fresh mTLS connection, spoken with plain h2 (not meshd's client, which
     refuses to send a malformed authority): (status, body)."""
     ctx = client_context(issued.cert_pem, issued.key_pem, beta.ca.cert_pem)
@@ -264,19 +214,19 @@ def raw_h2(beta: Beta, issued: IssuedCert, headers: list[tuple[str, str]]) -> tu
 
 
 @pytest.mark.parametrize("authority", ["echo.default:7000", "not an authority", "10.0.0.1", "10.0.0.1:99999"])
-def test_malformed_authority_is_400(beta: Beta, authority: str) -> None:
+def test_malformed_authority_is_400(beta: EchoNode, authority: str) -> None:
     status, body = raw_h2(beta, beta.ca.issue(CLIENT), [(":method", "CONNECT"), (":authority", authority)])
     assert status == 400, body
     assert b"not ip:port" in body
 
 
-def test_not_connect_nor_catalog_is_400(beta: Beta) -> None:
+def test_not_connect_nor_catalog_is_400(beta: EchoNode) -> None:
     request = [(":method", "GET"), (":scheme", "https"), (":authority", beta.ip), (":path", "/")]
     status, body = raw_h2(beta, beta.ca.issue(CLIENT), request)
     assert status == 400, body
 
 
-async def test_catalog_is_served_to_node_identities_only(beta: Beta) -> None:
+async def test_catalog_is_served_to_node_identities_only(beta: EchoNode) -> None:
     node = SpiffeId.node(TD, "gamma")
     with trio.fail_after(TIMEOUT):
         async with running_pool(certs(beta.ca.issue(CLIENT)).client_provider()) as pool:

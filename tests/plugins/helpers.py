@@ -1,9 +1,11 @@
-"""Small fakes for filter tests: requests, an upstream that answers from a script."""
+"""Small fakes for filter tests: requests, an upstream that answers from a script, a slow answer."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+
+import trio
 
 from meshd.plugins.filters import (
     BoundFilter,
@@ -34,6 +36,12 @@ def request(
     return HttpRequest(
         method, path, authority, Headers((headers or {}).items()), RequestBody(chunks(body), buffer_limit)
     )
+
+
+async def slow_200(req: HttpRequest) -> HttpResponse:
+    """A FakeUpstream step: 200 after 5 s (trio's clock; the timeout tests autojump it)."""
+    await trio.sleep(5)
+    return HttpResponse(200)
 
 
 class FakeUpstream:

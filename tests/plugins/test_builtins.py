@@ -24,7 +24,7 @@ from meshd.plugins.settings import (
     TimeoutSettings,
 )
 from meshd.plugins.timeout import TimeoutFilter
-from tests.plugins.helpers import FakeUpstream, chain, request, run
+from tests.plugins.helpers import FakeUpstream, chain, request, run, slow_200
 
 # ---- ratelimit ----------------------------------------------------------------------------------
 
@@ -150,13 +150,9 @@ async def test_per_try_timeout_retries_then_504(autojump_clock: trio.testing.Moc
 
 
 async def test_timeout_gives_504_with_flag(autojump_clock: trio.testing.MockClock) -> None:
-    async def slow(req: HttpRequest) -> HttpResponse:
-        await trio.sleep(5)
-        return HttpResponse(200)
-
     c = chain(TimeoutFilter(TimeoutSettings(timedelta(seconds=2))))
     t0 = trio.current_time()
-    resp, body, info = await run(c, request(), FakeUpstream(slow))
+    resp, body, info = await run(c, request(), FakeUpstream(slow_200))
     assert (resp.status, info.response_flags, body) == (504, ["UT"], b"upstream request timeout\n")
     assert trio.current_time() - t0 == 2
     resp, _, info = await run(c, request(), FakeUpstream(200))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from hpack import Encoder
-from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import HeadersFrame, RstStreamFrame, SettingsFrame
 
 from fuzz.targets import _GOOD_TXT as GOOD_TXT
 from fuzz.targets import CONFIG, DNS, HBONE, MDNS, PREFACE
@@ -17,6 +17,7 @@ from meshd.discovery.mdns import TxtError, parse_txt
 from meshd.errors import ConfigError
 from meshd.hbone import events as ev
 from meshd.hbone.connection import REFUSED_STREAM, HboneConnection, Role
+from tests.support.frames import frames_in
 
 # A DNS *response* (QR set) for a mesh name sent to the proxy: `decide` built a response to a response
 # and dns.message.make_response raised FormError, which escaped the UDP handler and took the DNS proxy
@@ -67,7 +68,7 @@ def test_connect_beyond_the_stream_limit_refuses_only_the_extra_streams() -> Non
     assert opened == [1 + 2 * i for i in range(100)]
     refused = [
         f.stream_id
-        for f in _frames(server.data_to_send())
+        for f in frames_in(server.data_to_send())
         if isinstance(f, RstStreamFrame) and f.error_code == REFUSED_STREAM
     ]
     assert refused == [1 + 2 * i for i in range(100, 130)]
@@ -80,16 +81,6 @@ def test_connect_beyond_the_stream_limit_refuses_only_the_extra_streams() -> Non
     late = more.receive_data(flood[cut:])
     assert [e.stream_id for e in late if isinstance(e, ev.TunnelRequested)] == [203]
     assert not more.closed
-
-
-def _frames(data: bytes) -> list[Frame]:
-    out = []
-    while data:
-        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
-        frame.parse_body(memoryview(data[9 : 9 + length]))
-        out.append(frame)
-        data = data[9 + length :]
-    return out
 
 
 def test_path_with_unknown_user_home_is_a_config_error() -> None:

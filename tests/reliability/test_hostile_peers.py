@@ -7,8 +7,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
@@ -21,44 +21,25 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from meshd.hbone.pool import HbonePool
-from meshd.hbone.tls import StaticCertificates
 from meshd.identity.ca import LocalCA
-from meshd.identity.spiffe import SpiffeId
-from meshd.tools.echo import echo_server
 from tests.reliability.hostile import RawPeer
-from tests.support.configs import ECHO_PORT, echo_workload, node_config
-from tests.support.procs import Meshd, running, unique_loopback
+from tests.support.configs import ECHO_PORT
+from tests.support.echo_node import CLIENT, ECHO, TD, EchoNode, assert_echoes, echo_node
+from tests.support.hbone_mesh import certs_of, running_pool
+from tests.support.procs import unique_loopback
 from tests.support.reliability import Record
 
-TD = "home.arpa"
-CLIENT = SpiffeId(TD, "default", "client")
-ECHO = SpiffeId(TD, "default", "echo")
 SINK_PORT = 7001  # a workload that accepts and never reads
 REFUSED_STREAM = 7
 TIMEOUT = 20
 
 
 @dataclass
-class Beta:
-    daemon: Meshd
-    ip: str
-    ca: LocalCA
-    sink_ip: str
-
-    @property
-    def hbone(self) -> tuple[str, int]:
-        return (self.ip, 15008)
+class Beta(EchoNode):
+    sink_ip: str = ""
 
     def raw(self) -> RawPeer:
         return RawPeer(self.hbone, self.ca.issue(CLIENT), self.ca.cert_pem)
-
-    def rss_kib(self) -> int:
-        assert self.daemon.proc is not None
-        for line in Path(f"/proc/{self.daemon.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
 
 
 def _sink_server(ip: str, port: int) -> tuple[socket.socket, list[socket.socket]]:
@@ -83,56 +64,49 @@ def _sink_server(ip: str, port: int) -> tuple[socket.socket, list[socket.socket]
 def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
     tmp = tmp_path_factory.mktemp("hostile")
     ca = LocalCA.init(tmp / "ca", TD)
-    ip, sink_ip = unique_loopback(), unique_loopback()
+    sink_ip = unique_loopback()
     sink = (
         f'[[workload]]\nname = "sink"\naddress = "{sink_ip}"\nports = [{SINK_PORT}]\nservices = ["sink"]\n'
         f'[[service]]\nname = "sink"\nports = [{{ port = {SINK_PORT} }}]\n'
     )
-    cfg = node_config(tmp / "beta.toml", "beta", tmp / "ca", body=echo_workload(ip) + sink, trust_domain=TD)
     listener, held = _sink_server(sink_ip, SINK_PORT)
     try:
-        with echo_server(ip, ECHO_PORT), running(Meshd(cfg, ip)) as daemon:
-            yield Beta(daemon, ip, ca, sink_ip)
+        with echo_node(tmp, ca, sink) as node:
+            yield Beta(node.daemon, node.ip, node.ca, node.tmp, sink_ip)
     finally:
         listener.close()
         for s in held:
             s.close()
 
 
-async def _echo_once(beta: Beta, payload: bytes) -> bytes:
-    issued = beta.ca.issue(CLIENT)
-    certs = StaticCertificates(issued.cert_pem, issued.key_pem, issued.ca_pem)
-    pool = HbonePool(certs.client_provider(), connect_timeout=10, ping_interval=None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.run)
-        tunnel = await pool.open_tunnel(CLIENT, ECHO, beta.hbone, f"{beta.ip}:{ECHO_PORT}")
-        async with tunnel:
-            await tunnel.send_all(payload)
-            await tunnel.send_eof()
-            out = bytearray()
-            while chunk := await tunnel.receive_some():
-                out += chunk
-        nursery.cancel_scope.cancel()
-    return bytes(out)
-
-
 def assert_still_serves(beta: Beta) -> None:
+    """beta's daemon is alive, and a good client gets 64 KiB echoed within TIMEOUT."""
     assert beta.daemon.proc is not None and beta.daemon.proc.poll() is None, beta.daemon.log()[-3000:]
-    payload = bytes(range(256)) * 256
 
     async def check() -> None:
         with trio.fail_after(TIMEOUT):
-            assert await _echo_once(beta, payload) == payload
+            await assert_echoes(beta, bytes(range(256)) * 256)
 
     trio.run(check)
+
+
+@contextmanager
+def abusive_peer(beta: Beta) -> Iterator[RawPeer]:
+    """A raw HTTP/2 peer on beta's HBONE port for the block, closed after it; then beta must still
+    serve a good client."""
+    peer = beta.raw()
+    try:
+        yield peer
+    finally:
+        peer.close()
+    assert_still_serves(beta)
 
 
 # ---- HTTP/2 abuse on 15008 ------------------------------------------------------------------------
 
 
 def test_connect_flood_beyond_the_stream_limit(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         peer.send(b"".join(peer.connect(1 + 2 * i, f"{beta.ip}:{ECHO_PORT}") for i in range(150)))
         accepted: set[int] = set()
         refused: set[int] = set()
@@ -154,15 +128,11 @@ def test_connect_flood_beyond_the_stream_limit(beta: Beta, record: Record) -> No
                 f.data for f in peer.frames(until) if isinstance(f, DataFrame) and f.stream_id == 1
             )
         assert got == b"still tunnelling"
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "150 concurrent CONNECTs on one connection (limit 100)")
 
 
 def test_rst_storm(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         burst = bytearray()
         for i in range(3000):
             sid = 1 + 2 * i
@@ -170,28 +140,20 @@ def test_rst_storm(beta: Beta, record: Record) -> None:
             burst += RstStreamFrame(sid, error_code=8).serialize()
         peer.send(bytes(burst))
         peer.frames(time.monotonic() + 1)
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "3000 CONNECT + RST_STREAM pairs")
 
 
 def test_window_update_overflow_drops_that_connection_only(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         peer.send(peer.connect(1, f"{beta.ip}:{ECHO_PORT}"))
         peer.send(WindowUpdateFrame(0, window_increment=2**31 - 1).serialize())
         peer.send(WindowUpdateFrame(1, window_increment=2**31 - 1).serialize())
         assert peer.wait_closed(TIMEOUT), "a flow-control overflow must end the connection"
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "WINDOW_UPDATE past 2^31-1 (connection and stream)")
 
 
 def test_oversized_header_list(beta: Beta, record: Record) -> None:
-    peer = beta.raw()
-    try:
+    with abusive_peer(beta) as peer:
         huge = [(":method", "CONNECT"), (":authority", f"{beta.ip}:{ECHO_PORT}")]
         huge += [(f"x-pad-{i}", "v" * 1000) for i in range(300)]  # ~300 KiB, limit 64 KiB
         block = peer.encoder.encode(huge)
@@ -208,9 +170,6 @@ def test_oversized_header_list(beta: Beta, record: Record) -> None:
         # Refused: a stream reset, a GOAWAY, or a hang-up. Never a tunnel.
         assert peer.closed or any(isinstance(f, RstStreamFrame | GoAwayFrame) for f in frames), frames
         assert not any(isinstance(f, HeadersFrame) for f in frames)
-    finally:
-        peer.close()
-    assert_still_serves(beta)
     record("HBONE 15008", "300 KiB header list (limit 64 KiB)")
 
 
@@ -293,11 +252,7 @@ def test_peer_that_never_reads_keeps_memory_bounded(beta: Beta, record: Record) 
 
     async def push() -> None:
         nonlocal sent
-        issued = beta.ca.issue(CLIENT)
-        certs = StaticCertificates(issued.cert_pem, issued.key_pem, issued.ca_pem)
-        pool = HbonePool(certs.client_provider(), connect_timeout=10, ping_interval=None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(pool.run)
+        async with running_pool(certs_of(beta.ca.issue(CLIENT)).client_provider()) as pool:
             # Dialled at beta's address, the daemon presents the identity of the workload there (echo).
             tunnel = await pool.open_tunnel(CLIENT, ECHO, beta.hbone, f"{beta.sink_ip}:{SINK_PORT}")
             chunk = b"x" * (1 << 20)
@@ -306,7 +261,6 @@ def test_peer_that_never_reads_keeps_memory_bounded(beta: Beta, record: Record) 
                     await tunnel.send_all(chunk)
                     sent += len(chunk)
             await tunnel.aclose()
-            nursery.cancel_scope.cancel()
 
     trio.run(push)
     grown = (beta.rss_kib() - before) / 1024

@@ -17,8 +17,9 @@ import pytest
 
 from meshd.identity.ca import LocalCA
 from meshd.tools.echo import echo_server
-from tests.netns.lab import Host, Lab, NetnsUnavailable, NsMeshd, ip
+from tests.netns.lab import Host, Lab, NsMeshd, host_config, ip, namespaces_or_fail
 from tests.reliability.load import round_trip, start_load
+from tests.support.configs import echo_workload
 from tests.support.procs import wait_for
 from tests.support.reliability import Record
 
@@ -32,29 +33,15 @@ FAIL_WITHIN = 35.0  # a connection on a dead HBONE connection ends by then (ping
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    try:
-        lab = Lab.create()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"this machine cannot build network namespaces ({exc}); the partition test needs root")
-    try:
+    with namespaces_or_fail(Lab.create, "the partition test needs root") as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def config(tmp: Path, host: Host, peer: Host, body: str) -> Path:
-    path = tmp / f"{host.label}.toml"
-    path.write_text(
-        f'trust_domain = "home.arpa"\nnode_name = "{host.label}"\n'
-        f'[identity]\nca_dir = "{tmp / "ca"}"\n'
-        f'[discovery]\nmdns = false\npeers = ["{peer.ip}:15008"]\n'
-        f'refresh = "1s"\npeer_timeout = "{PEER_TIMEOUT:g}s"\n' + body
+    discovery = (
+        f'mdns = false\npeers = ["{peer.ip}:15008"]\nrefresh = "1s"\npeer_timeout = "{PEER_TIMEOUT:g}s"\n'
     )
-    return path
-
-
-def nodes(d: NsMeshd) -> list[str]:
-    return list(d.dump()["catalog"]["nodes"])
+    return host_config(tmp, host.label, discovery, body)
 
 
 class TimedProbe:
@@ -83,10 +70,7 @@ def test_partition_and_healing_under_load(lab: Lab, tmp_path: Path, ca: LocalCA,
         f'[[workload]]\nname = "client"\naddress = "{h1.ip}"\nports = [8000]\n'
         f'[[upstream]]\nservice = "echo.default"\nport = {ECHO_PORT}\nlisten = "{UPSTREAM[0]}:{UPSTREAM[1]}"\n'
     )
-    echo = (
-        f'[[workload]]\nname = "echo"\naddress = "{h2.ip}"\nports = [{ECHO_PORT}]\nservices = ["echo"]\n'
-        f'[[service]]\nname = "echo"\nports = [{{ port = {ECHO_PORT} }}]\n'
-    )
+    echo = echo_workload(h2.ip, ECHO_PORT)
     d1 = NsMeshd(h1, config(tmp_path, h1, h2, client))
     d2 = NsMeshd(h2, config(tmp_path, h2, h1, echo))
 
@@ -100,7 +84,7 @@ def test_partition_and_healing_under_load(lab: Lab, tmp_path: Path, ca: LocalCA,
             d.start()
         for d in (d1, d2):
             d.wait_ready()
-        wait_for(lambda: nodes(d1) == ["h1", "h2"], d1, d2, timeout=15, what="h1 sees h2")
+        wait_for(lambda: d1.nodes() == ["h1", "h2"], d1, d2, timeout=15, what="h1 sees h2")
         wait_for(
             lambda: round_trip(connect, b"hello") == b"hello", d1, d2, timeout=15, what="traffic h1 -> h2"
         )
@@ -113,7 +97,7 @@ def test_partition_and_healing_under_load(lab: Lab, tmp_path: Path, ca: LocalCA,
         cut = time.monotonic()
         during = TimedProbe(connect)
         withdrawn = wait_for(
-            lambda: nodes(d1) == ["h1"], d1, timeout=PEER_TIMEOUT + 10, what="h1 withdraws h2"
+            lambda: d1.nodes() == ["h1"], d1, timeout=PEER_TIMEOUT + 10, what="h1 withdraws h2"
         )
         after_withdrawal = TimedProbe(connect)  # no endpoint left: refused at once
         after_withdrawal.join()
@@ -122,7 +106,7 @@ def test_partition_and_healing_under_load(lab: Lab, tmp_path: Path, ca: LocalCA,
         ip("-n", lab.bridge_ns, "link", "set", "v2", "up")  # healing
         healed = time.monotonic()
         partition_s = healed - cut
-        wait_for(lambda: nodes(d1) == ["h1", "h2"], d1, d2, timeout=15, what="h1 sees h2 again")
+        wait_for(lambda: d1.nodes() == ["h1", "h2"], d1, d2, timeout=15, what="h1 sees h2 again")
         wait_for(
             lambda: round_trip(connect, b"again") == b"again",
             d1,

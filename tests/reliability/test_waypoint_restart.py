@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.mesh import Port, reviews, waypoint_path
 from tests.support.procs import Meshd, unique_loopback, wait_for
 from tests.support.reliability import Record
 
@@ -100,24 +100,7 @@ class HttpLoad:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointPath]:
     tmp = tmp_path_factory.mktemp("wprestart")
     a_ip, r_ip = unique_loopback(), unique_loopback()
-    nodes = Mesh(
-        tmp,
-        [
-            client_host(
-                "alpha",
-                a_ip,
-                Upstream("reviews.default", PORT, f"{a_ip}:{UPSTREAM}"),
-            ),
-            Host(
-                "beta",
-                workloads=[
-                    Workload("reviews-v1", r_ip, [PORT], services=["reviews"], service_account="reviews")
-                ],
-                services=[Service("reviews", [Port(PORT, "http")], waypoint="wp")],
-            ),
-            Host("wp", role="waypoint"),
-        ],
-    )
+    nodes = waypoint_path(tmp, a_ip, reviews("v1", r_ip, PORT), Port(PORT, "http"), UPSTREAM)
     with http_backend("reviews-v1", r_ip, PORT) as backend, nodes.running():
         m = WaypointPath(nodes["alpha"], nodes["beta"], nodes["wp"], (a_ip, UPSTREAM), backend)
         wait_for(lambda: get(m, "/warm").status == 200, m.alpha)

@@ -6,11 +6,30 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
+from meshd.config.load import load_config
+from meshd.config.model import Config
+from meshd.errors import ConfigError
 from meshd.identity.ca import LocalCA
 from tests.support.paths import REPO
 from tests.support.procs import Meshd
 
 ECHO_PORT = 7000
+
+
+def load_text(tmp: Path, text: str, *overrides: str) -> Config:
+    """`text` written as tmp/meshd.toml and loaded, with `overrides` (KEY=VALUE) on top."""
+    path = tmp / "meshd.toml"
+    path.write_text(text)
+    return load_config(path, overrides)
+
+
+def problems_in(tmp: Path, text: str, *overrides: str) -> list[str]:
+    """What loading `text` (see load_text) reports: each problem formatted, the file's path written F."""
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp, text, *overrides)
+    return [p.format().replace(str(tmp / "meshd.toml"), "F") for p in info.value.problems]
 
 
 def node_config(

@@ -1,5 +1,6 @@
 """HBONE over real loopback TLS for tests: identities, a server and a pool in one nursery, an echo
-handler. The fixtures that issue certificates for them are in tests/hbone/conftest.py."""
+handler, a pool on its own, one echo round trip on a tunnel. The fixtures that issue certificates for
+them are in tests/hbone/conftest.py."""
 
 from __future__ import annotations
 
@@ -70,3 +71,24 @@ async def echo(req: InboundRequest, reply: ServerReply) -> None:
             async for data in receive:
                 await stream.send_all(data)
     await stream.send_eof()
+
+
+@asynccontextmanager
+async def running_pool(provider: object) -> AsyncIterator[HbonePool]:
+    """An HbonePool (no pings, 10 s to connect) running in its own nursery, cancelled on exit."""
+    pool = HbonePool(provider, connect_timeout=10, ping_interval=None)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        yield pool
+        nursery.cancel_scope.cancel()
+
+
+async def echo_through(tunnel: trio.abc.HalfCloseableStream, payload: bytes) -> bytes:
+    """Send `payload` on the tunnel, half-close it, read until the peer ends; the tunnel is closed after."""
+    async with tunnel:
+        await tunnel.send_all(payload)
+        await tunnel.send_eof()
+        out = bytearray()
+        while chunk := await tunnel.receive_some():
+            out += chunk
+    return bytes(out)

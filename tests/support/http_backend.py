@@ -79,14 +79,19 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def http_backend(name: str, host: str, port: int) -> Iterator[Backend]:
-    backend = Backend(name)
-    server = ThreadingHTTPServer((host, port), _handler(backend))
+def serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
+    """`server` answering from a thread (one more per request) until the block ends; then shut and closed."""
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield backend
+        yield server
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def http_backend(name: str, host: str, port: int) -> Iterator[Backend]:
+    backend = Backend(name)
+    with serving(ThreadingHTTPServer((host, port), _handler(backend))):
+        yield backend

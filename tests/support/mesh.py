@@ -125,6 +125,36 @@ def client_host(name: str, ip: str, *upstreams: Upstream, **more: Any) -> Host:
     return Host(name, ip, workloads=[Workload("client", ip, [8000])], upstreams=upstreams, **more)
 
 
+def reviews(
+    version: str, ip: str, port: int, *, services: Sequence[str] = ("reviews",), labelled: bool = False
+) -> Workload:
+    """Workload reviews-<version> (service account reviews) of `services`, labelled version=<version>
+    if `labelled` (for subsets)."""
+    labels = {"version": version} if labelled else {}
+    return Workload(
+        f"reviews-{version}", ip, [port], services=services, service_account="reviews", labels=labels
+    )
+
+
+def waypoint_path(
+    tmp: Path, client_ip: str, workload: Workload, port: Port, listen_port: int, routes: str | None = None
+) -> Mesh:
+    """Client alpha, dialling the service of `workload` (its first, in namespace default) on `port`
+    through a listener at client_ip:listen_port; beta, hosting `workload`; waypoint wp, which that
+    service names, with `routes` as routes.toml in its policy dir if given."""
+    name = workload.services[0]
+    return Mesh(
+        tmp,
+        [
+            client_host(
+                "alpha", client_ip, Upstream(f"{name}.default", port.port, f"{client_ip}:{listen_port}")
+            ),
+            Host("beta", workloads=[workload], services=[Service(name, [port], waypoint="wp")]),
+            Host("wp", role="waypoint", policy=None if routes is None else {"routes.toml": routes}),
+        ],
+    )
+
+
 def echo_host(name: str, ip: str, port: int, **more: Any) -> Host:
     """A host running the `echo` workload on its own address, serving the `echo` service on `port`."""
     return Host(

@@ -7,8 +7,7 @@
 // between them (which the server must skip), decodes what comes back and checks every payload.
 // Prints one JSON object: the server's settings and, per stream, :status, capsule-protocol and counts.
 "use strict";
-const http2 = require("http2");
-const fs = require("fs");
+const { openSession } = require("./node_hbone_session");
 const crypto = require("crypto");
 
 const [host, port, certPath, keyPath, caPath, ...rest] = process.argv.slice(2);
@@ -35,19 +34,7 @@ function datagram(payload) { return capsule(0, Buffer.concat([varint(0), payload
 
 function udpPath(ip, p) { return `/.well-known/masque/udp/${encodeURIComponent(ip)}/${p}/`; }
 
-const session = http2.connect(`https://${host}:${port}`, {
-  cert: fs.readFileSync(certPath),
-  key: fs.readFileSync(keyPath),
-  ca: fs.readFileSync(caPath),
-  minVersion: "TLSv1.3",
-  maxVersion: "TLSv1.3",
-  ALPNProtocols: ["h2"],
-  checkServerIdentity: () => undefined,
-});
-session.on("error", (err) => {
-  console.log(JSON.stringify({ error: String(err) }));
-  process.exit(2);
-});
+const session = openSession(host, port, certPath, keyPath, caPath);
 
 function flow(ip, p, count) {
   return new Promise((resolve) => {

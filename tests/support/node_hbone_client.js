@@ -4,27 +4,14 @@
 // AUTHORITY carrying BYTES random bytes, then half-closes it. Prints one JSON object: the server's SAN,
 // TLS parameters, and per stream the :status, the bytes sent/received and whether the echo matched.
 "use strict";
-const http2 = require("http2");
-const fs = require("fs");
+const { openSession } = require("./node_hbone_session");
 const crypto = require("crypto");
 
 const [host, port, certPath, keyPath, caPath, ...rest] = process.argv.slice(2);
 const streams = [];
 for (let i = 0; i + 1 < rest.length; i += 2) streams.push([rest[i], Number(rest[i + 1])]);
 
-const session = http2.connect(`https://${host}:${port}`, {
-  cert: fs.readFileSync(certPath),
-  key: fs.readFileSync(keyPath),
-  ca: fs.readFileSync(caPath),
-  minVersion: "TLSv1.3",
-  maxVersion: "TLSv1.3",
-  ALPNProtocols: ["h2"],
-  checkServerIdentity: () => undefined, // identities are SPIFFE URIs; the test checks the SAN
-});
-session.on("error", (err) => {
-  console.log(JSON.stringify({ error: String(err) }));
-  process.exit(2);
-});
+const session = openSession(host, port, certPath, keyPath, caPath);
 
 function connect(authority, payload) {
   return new Promise((resolve) => {

@@ -22,6 +22,8 @@ from typing import Any
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from tests.support.http_backend import serving
+
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
@@ -139,13 +141,6 @@ def otlp_receiver(host: str, delay: float = 0.0) -> Iterator[Receiver]:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the exporter gave up waiting (its timeout, or its daemon stopping)
 
-    server = ThreadingHTTPServer((host, 0), Handler)
-    server.daemon_threads = True
-    receiver.url = f"http://{host}:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(ThreadingHTTPServer((host, 0), Handler)) as server:
+        receiver.url = f"http://{host}:{server.server_address[1]}"
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -1,4 +1,4 @@
-"""Policy test kit: build a PolicySet from TOML text, and connections / requests to decide.
+"""Policy test kit: build a PolicySet from TOML text (or from drawn tables), and connections / requests to decide.
 
 Each table row builds its policy from TOML text, so the tables exercise the same path as a policy file.
 `frm`, `to` and `when` build one rule; `allow(...)`/`deny(...)` wrap rules in a policy for default/*.
@@ -6,15 +6,18 @@ Each table row builds its policy from TOML text, so the tables exercise the same
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import strategies as st
 
-from meshd.config.schema import load_document
+from meshd.config.schema import build, load_document
+from meshd.errors import ConfigError
 from meshd.identity.spiffe import SpiffeId
 from meshd.policy.evaluate import ConnectionAttrs, PolicySet, RequestAttrs
 from meshd.policy.model import Located, Origin, PolicyFile
@@ -37,6 +40,8 @@ def inline(value: Any) -> str:
         return "{ " + ", ".join(f"{k} = {inline(v)}" for k, v in value.items()) + " }" if value else "{}"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, int):
         return str(value)
     return json.dumps(value)
@@ -64,19 +69,27 @@ def both(*rules: Rule) -> Rule:
     return {"when": [c for r in rules for c in r["when"]]}
 
 
-def policy(action: str, *rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
+def policy(
+    action: str,
+    *rules: Rule,
+    name: str = "p",
+    scope: str = 'namespace = "default"',
+    workloads: Sequence[str] = (),
+    dry_run: bool = False,
+) -> str:
+    """One [[authorization]] table as TOML text: `scope` lines, then `workloads` and `dry_run` if given."""
     lines = ["[[authorization]]", f'name = "{name}"', f'action = "{action}"', scope]
+    if workloads:
+        lines.append(f"workloads = {inline(list(workloads))}")
+    if dry_run:
+        lines.append("dry_run = true")
     if rules:
         lines.append(f"rules = {inline(list(rules))}")
     return "\n".join(lines) + "\n"
 
 
-def allow(*rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
-    return policy("ALLOW", *rules, name=name, scope=scope)
-
-
-def deny(*rules: Rule, name: str = "p", scope: str = 'namespace = "default"') -> str:
-    return policy("DENY", *rules, name=name, scope=scope)
+allow = functools.partial(policy, "ALLOW")  # allow(*rules, name=..., ...): an ALLOW policy
+deny = functools.partial(policy, "DENY")
 
 
 def conn(
@@ -109,6 +122,23 @@ def request(
     **conn_kw: Any,
 ) -> RequestAttrs:
     return RequestAttrs(conn(**conn_kw), method, path, host, headers or {})
+
+
+def policy_set(docs: list[dict[str, Any]], *, dry_run: bool | None = None) -> PolicySet:
+    """The valid ones of `docs` (drawn [[authorization]] tables; names made unique) as a PolicySet,
+    optionally with every dry_run flag forced."""
+    located = []
+    for i, raw in enumerate(docs):
+        raw = {**raw, "name": f"{raw['name']}{i}"}
+        try:
+            doc = build(PolicyFile, {"authorization": [raw]}, "h.toml", Path("."))
+        except ConfigError:
+            continue
+        for a in doc.authorizations:
+            if dry_run is not None:
+                a = dataclasses.replace(a, dry_run=dry_run and a.action != "AUDIT")
+            located.append(Located(a, Origin("h.toml", i)))
+    return PolicySet(located)
 
 
 def cases(rows: list[tuple[Any, ...]]) -> list[Any]:
@@ -213,3 +243,14 @@ conns = st.builds(
     name=st.sampled_from(["echo", "web"]),
     labels=st.dictionaries(st.sampled_from(["version"]), st.sampled_from(["v1", "v2"])),
 )
+
+
+def requests(
+    connections: st.SearchStrategy[ConnectionAttrs],
+    *,
+    paths: st.SearchStrategy[str],
+    hosts: st.SearchStrategy[str],
+    headers: st.SearchStrategy[dict[str, str]],
+) -> st.SearchStrategy[RequestAttrs]:
+    """Requests (any method of `strs`) on connections drawn from `connections`."""
+    return st.builds(RequestAttrs, connections, strs, paths, hosts, headers)

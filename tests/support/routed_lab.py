@@ -10,11 +10,10 @@ The `Host` objects are tests/netns/lab.py's, so `NsMeshd`, `tagged_echo` and `ex
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 
-from tests.netns.lab import Host, Namespaces, NetnsUnavailable, ip
+from tests.netns.lab import Host, Namespaces, ip
 
 SUBNETS = {"A": "10.234.1", "B": "10.234.2"}
 
@@ -26,20 +25,15 @@ class RoutedLab(Namespaces):
 
     @classmethod
     def create(cls) -> RoutedLab:
-        if os.geteuid() != 0:
-            raise NetnsUnavailable("not running as root (network namespaces need CAP_SYS_ADMIN)")
-        lab = cls()
-        try:
-            lab._add_ns(lab.router)
-            for name, net in SUBNETS.items():
-                ip("-n", lab.router, "link", "add", f"metc-br{name}", "type", "bridge", "mcast_snooping", "0")
-                ip("-n", lab.router, "addr", "add", f"{net}.1/24", "dev", f"metc-br{name}")
-                ip("-n", lab.router, "link", "set", f"metc-br{name}", "up")
-            lab.exec_in(lab.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-            lab.close()
-            raise NetnsUnavailable(str(exc)) from exc
-        return lab
+        return cls().built()
+
+    def _build(self) -> None:
+        self._add_ns(self.router)
+        for name, net in SUBNETS.items():
+            ip("-n", self.router, "link", "add", f"metc-br{name}", "type", "bridge", "mcast_snooping", "0")
+            ip("-n", self.router, "addr", "add", f"{net}.1/24", "dev", f"metc-br{name}")
+            ip("-n", self.router, "link", "set", f"metc-br{name}", "up")
+        self.exec_in(self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def exec_in(self, ns: str, *cmd: str) -> None:
         subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True, timeout=10)

@@ -3,7 +3,8 @@
 beta hosts `reviews` (HTTP, bound to waypoint wp) and `echo` (TCP, straight node to node); alpha has an
 `[[upstream]]` listener for each. HTTP goes client -> alpha -> HBONE -> wp -> HBONE -> beta -> backend;
 TCP goes client -> alpha -> HBONE -> beta -> echo. Each daemon's config can be extended (`extra`), and
-the waypoint gets `routes` as its policy. Built on tests/support/mesh.py.
+the waypoint gets `routes` as its policy. Built on tests/support/mesh.py. The ports and the client
+host (`client_alpha`) are also those of tests/waypoint/test_waypoint_e2e.py's larger mesh.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from meshd.tools.echo import echo_server
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump, reviews
 from tests.support.procs import Meshd, unique_loopback
 from tests.support.sockets import send_and_read
 
@@ -36,6 +37,19 @@ filters = [{ name = "fault", settings = { abort = { http_status = 503, percentag
 name = "default"
 service = "reviews.default"
 """
+
+
+def client_alpha(a_ip: str, *more: Upstream, body: str = "") -> Host:
+    """alpha, the client: reviews.default:9080 at a_ip:17080, echo.default:7000 at a_ip:17070, then `more`;
+    `body` is added to its config."""
+    return client_host(
+        "alpha",
+        a_ip,
+        Upstream("reviews.default", REVIEWS_PORT, f"{a_ip}:{HTTP_UPSTREAM}"),
+        Upstream("echo.default", ECHO_PORT, f"{a_ip}:{TCP_UPSTREAM}"),
+        *more,
+        body=body,
+    )
 
 
 @dataclass
@@ -86,25 +100,12 @@ def three_daemons(
     nodes = Mesh(
         tmp,
         [
-            client_host(
-                "alpha",
-                a_ip,
-                Upstream("reviews.default", REVIEWS_PORT, f"{a_ip}:{HTTP_UPSTREAM}"),
-                Upstream("echo.default", ECHO_PORT, f"{a_ip}:{TCP_UPSTREAM}"),
-                body=extra.get("alpha", ""),
-            ),
+            client_alpha(a_ip, body=extra.get("alpha", "")),
             Host(
                 "beta",
                 b_ip,
                 workloads=[
-                    Workload(
-                        "reviews-v1",
-                        r_ip,
-                        [REVIEWS_PORT],
-                        services=["reviews"],
-                        service_account="reviews",
-                        labels={"version": "v1"},
-                    ),
+                    reviews("v1", r_ip, REVIEWS_PORT, labelled=True),
                     Workload("echo", b_ip, [ECHO_PORT], services=["echo"]),
                 ],
                 services=[

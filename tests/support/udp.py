@@ -1,4 +1,5 @@
-"""Real UDP servers for tests: a threaded echo server and Debian's dnsmasq as a DNS server."""
+"""Real UDP servers for tests: a threaded server answering each datagram with a function (an echo
+server is one), and Debian's dnsmasq as a DNS server."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,11 +24,19 @@ def _here(fn: Callable[..., T], *args: Any) -> T:
 
 
 @contextmanager
-def udp_echo_server(host: str, port: int, call: Callable[..., Any] = _here) -> Iterator[tuple[str, int]]:
-    """Echo every datagram to its sender, from a thread, until the block ends. `call` creates the
-    socket (a netns Host's `call` puts it in that namespace)."""
+def udp_server(
+    host: str,
+    port: int,
+    answer: Callable[[bytes], bytes | None],
+    call: Callable[..., Any] = _here,
+    *,
+    receive_buffer: int | None = None,
+) -> Iterator[tuple[str, int]]:
+    """Send `answer(datagram)` back to each datagram's sender (None: no reply), from a thread, until
+    the block ends. `call` creates the socket (a netns Host's `call` puts it in that namespace)."""
     sock = call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.bind((host, port))
     sock.settimeout(0.2)
     stop = threading.Event()
@@ -40,8 +49,10 @@ def udp_echo_server(host: str, port: int, call: Callable[..., Any] = _here) -> I
                 continue
             except OSError:
                 return
-            with suppress(OSError):
-                sock.sendto(data, addr)
+            reply = answer(data)
+            if reply is not None:
+                with suppress(OSError):
+                    sock.sendto(reply, addr)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -51,6 +62,13 @@ def udp_echo_server(host: str, port: int, call: Callable[..., Any] = _here) -> I
         stop.set()
         thread.join(5)
         sock.close()
+
+
+def udp_echo_server(
+    host: str, port: int, call: Callable[..., Any] = _here
+) -> AbstractContextManager[tuple[str, int]]:
+    """Echo every datagram to its sender (see udp_server)."""
+    return udp_server(host, port, lambda data: data, call, receive_buffer=4 * 1024 * 1024)
 
 
 @contextmanager

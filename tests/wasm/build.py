@@ -7,7 +7,8 @@
 Pinned in package.json / package-lock.json: @solo-io/proxy-runtime 0.1.8 and assemblyscript 0.14.13
 (newer compilers reject that SDK). node_modules is kept in a cache folder between runs
 ($MESHD_WASM_CACHE, default ~/.cache/meshd-wasm-build) and reinstalled (`npm ci`) only when the lock
-file changes; each filter is compiled there with
+file changes; each filter is compiled there (beside a copy of tests/wasm/common, the root context they
+share) with
 `npx asc assembly/index.ts -b build/filter.wasm --use abort=abort_proc_exit --optimize`.
 Exit 0: built (or identical); 1: --check found a difference; 2: npm/npx missing or a build failed.
 """
@@ -62,6 +63,8 @@ def install(cache: Path) -> None:
 def build(name: str, cache: Path) -> bytes:
     work = cache / name
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(cache / "common", ignore_errors=True)
+    shutil.copytree(HERE / "common", cache / "common")  # what every filter imports (../../common)
     shutil.copytree(HERE / name / "assembly", work / "assembly")
     (work / "build").mkdir()
     run(ASC, work)

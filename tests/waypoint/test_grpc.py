@@ -21,21 +21,17 @@ from typing import Any
 import grpc  # a test dependency (pyproject's test extra): missing, the module fails, never skips
 import pytest
 
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.mesh import Port, Workload, waypoint_path
+from tests.support.policy import deny, to
 from tests.support.procs import Meshd, unique_loopback, wait_for
 
 GRPC_PORT = 50051
 GRPC_UPSTREAM = 17093
 N = 1000
 
-POLICY = """
-[[authorization]]
-name = "no-admin-rpc"
-namespace = "default"
-action = "DENY"
-[[authorization.rules]]
-to = [{ paths = ["/test.Admin/*"] }]
-
+POLICY = (
+    deny(to(paths=["/test.Admin/*"]), name="no-admin-rpc")
+    + """
 [[route]]
 name = "grpc-flaky"
 service = "grpc.default"
@@ -47,6 +43,7 @@ name = "grpc"
 service = "grpc.default"
 timeout = "30s"
 """
+)
 
 
 class _Servicer:
@@ -101,22 +98,8 @@ class GrpcMesh:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcMesh]:
     tmp = tmp_path_factory.mktemp("grpc")
     a_ip, g_ip = unique_loopback(), unique_loopback()
-    mesh = Mesh(
-        tmp,
-        [
-            client_host(
-                "alpha",
-                a_ip,
-                Upstream("grpc.default", GRPC_PORT, f"{a_ip}:{GRPC_UPSTREAM}"),
-            ),
-            Host(
-                "beta",
-                workloads=[Workload("grpc-server", g_ip, [GRPC_PORT], services=["grpc"])],
-                services=[Service("grpc", [Port(GRPC_PORT, "grpc")], waypoint="wp")],
-            ),
-            Host("wp", role="waypoint", policy={"routes.toml": POLICY}),
-        ],
-    )
+    workload = Workload("grpc-server", g_ip, [GRPC_PORT], services=["grpc"])
+    mesh = waypoint_path(tmp, a_ip, workload, Port(GRPC_PORT, "grpc"), GRPC_UPSTREAM, POLICY)
 
     servicer = _Servicer()
     handlers = {
@@ -151,6 +134,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcMesh]:
         mesh.stop()
 
 
+def requests(mesh: GrpcMesh, **labels: str) -> float:
+    """The waypoint's istio_requests_total for grpc.default with these labels."""
+    return mesh.wp.metric("istio_requests_total", destination_service="grpc.default", **labels)
+
+
 @pytest.fixture
 def channel(mesh: GrpcMesh) -> Iterator[Any]:
     with grpc.insecure_channel(mesh.target) as ch:
@@ -164,7 +152,7 @@ def test_unary_and_server_streaming(mesh: GrpcMesh, channel: Any) -> None:
     stream = channel.unary_stream("/test.Echo/ServerStream")
     got = list(stream(str(N).encode(), timeout=20))
     assert got == [i.to_bytes(4, "big") * 8 for i in range(N)]
-    wait_for(lambda: mesh.wp.metric("istio_requests_total", destination_service="grpc.default") >= 2, mesh.wp)
+    wait_for(lambda: requests(mesh) >= 2, mesh.wp)
     assert "HTTP/2" in mesh.wp.log()
     # Istio's labels for gRPC: request_protocol "grpc", the grpc-status from the trailers.
     ok = {"destination_service": "grpc.default", "request_protocol": "grpc", "grpc_response_status": "0"}
@@ -188,14 +176,7 @@ def test_deadline_expires_and_the_backend_sees_the_cancel(mesh: GrpcMesh, channe
         channel.unary_unary("/test.Echo/Slow")(b"x", timeout=0.5)
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The waypoint counted it: its own timeout (grpc-timeout, flag UT) or the client's reset (DC).
-    wait_for(
-        lambda: (
-            mesh.wp.metric("istio_requests_total", destination_service="grpc.default", response_flags="UT")
-            + mesh.wp.metric("istio_requests_total", destination_service="grpc.default", response_flags="DC")
-            >= 1
-        ),
-        mesh.wp,
-    )
+    wait_for(lambda: requests(mesh, response_flags="UT") + requests(mesh, response_flags="DC") >= 1, mesh.wp)
     assert mesh.servicer.cancelled.wait(10)  # RST_STREAM reached the backend through both tunnels
 
 
@@ -203,16 +184,10 @@ def test_l7_deny_on_a_method_path_is_permission_denied(mesh: GrpcMesh, channel: 
     with pytest.raises(grpc.RpcError) as exc:
         channel.unary_unary("/test.Admin/Secret")(b"x", timeout=10)
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    wait_for(
-        lambda: (
-            mesh.wp.metric("istio_requests_total", destination_service="grpc.default", response_flags="UAEX")
-            >= 1
-        ),
-        mesh.wp,
-    )
+    wait_for(lambda: requests(mesh, response_flags="UAEX") >= 1, mesh.wp)
     # The waypoint's own 403, answered as gRPC PERMISSION_DENIED (7), is labelled so.
     denied = {"response_flags": "UAEX", "request_protocol": "grpc", "grpc_response_status": "7"}
-    assert mesh.wp.metric("istio_requests_total", destination_service="grpc.default", **denied) >= 1
+    assert requests(mesh, **denied) >= 1
 
 
 def test_retry_on_unavailable(mesh: GrpcMesh, channel: Any) -> None:

@@ -6,33 +6,24 @@ from __future__ import annotations
 
 import pytest
 
-from meshd.discovery.catalog import (
-    Catalog,
-    NodeCatalog,
-    PeerRecord,
-    ServiceEntry,
-    ServicePortEntry,
-    WorkloadEntry,
-    merge,
-)
+from meshd.discovery.catalog import Catalog
 from meshd.identity.spiffe import SpiffeId
-from meshd.units import Address
 from meshd.waypoint.hairpin import HairpinClaim, HairpinRefused, accept_claim, bound_service, claim_headers
+from tests.support.catalogs import TD, merged, node, service, workload
 
-TD = "home.arpa"
-WEB = ServiceEntry("web", "default", (ServicePortEntry(80, 8080, "http"),), waypoint="wp")
-PLAIN = ServiceEntry("plain", "default", (ServicePortEntry(81, 8080, "tcp"),))
-WEB1 = WorkloadEntry("beta", "web-1", "default", "web", "10.0.0.3", (8080,), ("plain.default", "web.default"))
-WEB2 = WorkloadEntry("gamma", "web-2", "default", "web", "10.0.0.4", (8080,), ("web.default",))
+WEB = service("web", 80, 8080, "http", waypoint="wp")
+PLAIN = service("plain", 81, 8080)
+WEB1 = workload("beta", "web-1", "10.0.0.3", 8080, sa="web", services=("plain.default", "web.default"))
+WEB2 = workload("gamma", "web-2", "10.0.0.4", 8080, sa="web", services=("web.default",))
 CLIENT = SpiffeId(TD, "default", "client")
 BETA = SpiffeId.node(TD, "beta")
 
 
 def catalog() -> Catalog:
-    wp = NodeCatalog("wp", TD, "waypoint", Address.parse("10.0.0.5:15008"), (), ())
-    beta = NodeCatalog("beta", TD, "node", Address.parse("10.0.0.3:15008"), (WEB1,), (WEB, PLAIN))
-    gamma = NodeCatalog("gamma", TD, "node", Address.parse("10.0.0.4:15008"), (WEB2,), (WEB,))
-    return merge(wp, [PeerRecord(beta, "10.0.0.3"), PeerRecord(gamma, "10.0.0.4")])
+    wp = node("wp", "10.0.0.5:15008", services=(), role="waypoint")
+    beta = node("beta", "10.0.0.3:15008", WEB1, services=(WEB, PLAIN))
+    gamma = node("gamma", "10.0.0.4:15008", WEB2, services=(WEB,))
+    return merged(wp, (beta, "10.0.0.3"), (gamma, "10.0.0.4"))
 
 
 def claim(peer: SpiffeId, source: str | None, target: str | None) -> HairpinClaim | None:

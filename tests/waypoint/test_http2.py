@@ -9,7 +9,7 @@ import h2.events
 import trio
 import trio.testing
 from hpack import Encoder
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 from meshd.waypoint.http2 import (
     CONNECTION_WINDOW,
@@ -25,6 +25,7 @@ from meshd.waypoint.http2 import (
     request_head,
     sniff,
 )
+from tests.support.frames import frames_in
 
 
 def test_request_head_translation() -> None:
@@ -204,17 +205,6 @@ def test_client_reset_mid_body_cancels_the_handler() -> None:
     trio.run(main)
 
 
-def _frames(data: bytes) -> list[Frame]:
-    frames: list[Frame] = []
-    view = memoryview(data)
-    while len(view) >= 9:
-        frame, length = Frame.parse_frame_header(view[:9])
-        frame.parse_body(view[9 : 9 + length])
-        frames.append(frame)
-        view = view[9 + length :]
-    return frames
-
-
 def test_drain_sends_goaway_refuses_new_streams_and_finishes_open_ones() -> None:
     """A drain: GOAWAY(NO_ERROR, last stream = the one in flight), a stream opened after it is refused,
     the one in flight gets its whole response, then the session ends by itself."""
@@ -247,7 +237,7 @@ def test_drain_sends_goaway_refuses_new_streams_and_finishes_open_ones() -> None
                 session.drain()
                 c.send_headers(3, get, end_stream=True)  # the client has not read the GOAWAY yet
                 await a.send_all(c.data_to_send())
-                while not any(type(f) is RstStreamFrame and f.stream_id == 3 for f in _frames(received)):
+                while not any(type(f) is RstStreamFrame and f.stream_id == 3 for f in frames_in(received)):
                     received += await a.receive_some(1 << 16)
                 assert not ended.is_set()  # stream 1 is still in flight
                 release.set()
@@ -255,7 +245,7 @@ def test_drain_sends_goaway_refuses_new_streams_and_finishes_open_ones() -> None
                 await b.aclose()
                 while data := await a.receive_some(1 << 16):
                     received += data
-        frames = _frames(received)
+        frames = frames_in(received)
         goaway = [f for f in frames if type(f) is GoAwayFrame]
         assert [(f.last_stream_id, f.error_code) for f in goaway] == [(1, 0)]
         rst = [f for f in frames if type(f) is RstStreamFrame]
@@ -285,7 +275,7 @@ def test_requests_beyond_the_stream_limit_refuse_only_the_extra_streams() -> Non
     assert opened == [1 + 2 * i for i in range(MAX_CONCURRENT_STREAMS)]
     refused = [
         f.stream_id
-        for f in _frames(server.data_to_send())
+        for f in frames_in(server.data_to_send())
         if isinstance(f, RstStreamFrame) and f.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
     ]
     assert refused == [1 + 2 * i for i in range(MAX_CONCURRENT_STREAMS, count)]

@@ -5,36 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshd.config.load import load_config
-from meshd.discovery.catalog import (
-    NodeCatalog,
-    PeerRecord,
-    ServiceEntry,
-    ServicePortEntry,
-    local_catalog,
-    merge,
-)
-from meshd.units import Address
+from meshd.discovery.catalog import NodeCatalog, ServiceEntry, local_catalog
+from tests.support.catalogs import TD, merged, node, service
 from tests.support.configs import node_config
-
-TD = "home.arpa"
-HTTP = (ServicePortEntry(80, 80, "http"),)
 
 
 def _node(
     name: str, services: tuple[ServiceEntry, ...] = (), namespaces: tuple[tuple[str, str], ...] = ()
 ) -> NodeCatalog:
-    return NodeCatalog(name, TD, "node", Address.parse("127.0.0.9:15008"), (), services, namespaces)
+    return node(name, "127.0.0.9:15008", services=services, namespaces=namespaces)
+
+
+def _http(name: str, namespace: str = "apps", waypoint: str | None = None) -> ServiceEntry:
+    return service(name, 80, protocol="http", namespace=namespace, waypoint=waypoint)
 
 
 def test_namespace_default_applies_unless_the_service_says_otherwise() -> None:
     services = (
-        ServiceEntry("ratings", "apps", HTTP),  # no waypoint: the namespace default
-        ServiceEntry("details", "apps", HTTP, waypoint="none"),  # opted out
-        ServiceEntry("reviews", "apps", HTTP, waypoint="other"),  # its own
-        ServiceEntry("echo", "default", HTTP),  # another namespace
+        _http("ratings"),  # no waypoint: the namespace default
+        _http("details", waypoint="none"),  # opted out
+        _http("reviews", waypoint="other"),  # its own
+        _http("echo", "default"),  # another namespace
     )
     # The default is published by another node (here the waypoint itself) and merged like services.
-    cat = merge(_node("beta", services), [PeerRecord(_node("wp", namespaces=(("apps", "wp"),)), "127.0.0.9")])
+    cat = merged(_node("beta", services), (_node("wp", namespaces=(("apps", "wp"),)), "127.0.0.9"))
     assert {k: s.waypoint for k, s in cat.services.items()} == {
         "ratings.apps": "wp",
         "details.apps": None,
@@ -45,12 +39,12 @@ def test_namespace_default_applies_unless_the_service_says_otherwise() -> None:
 
 
 def test_conflicting_namespace_defaults_are_reported_and_resolved_deterministically() -> None:
-    local = _node("alpha", (ServiceEntry("ratings", "apps", HTTP),))
-    peers = [
-        PeerRecord(_node("wp2", namespaces=(("apps", "wp2"),)), "h"),
-        PeerRecord(_node("wp1", namespaces=(("apps", "wp1"),)), "h"),
-    ]
-    cat = merge(local, peers)
+    local = _node("alpha", (_http("ratings"),))
+    cat = merged(
+        local,
+        (_node("wp2", namespaces=(("apps", "wp2"),)), "h"),
+        (_node("wp1", namespaces=(("apps", "wp1"),)), "h"),
+    )
     assert cat.services["ratings.apps"].waypoint == "wp1"  # the lowest node name's
     assert any("namespace apps" in c for c in cat.conflicts)
 

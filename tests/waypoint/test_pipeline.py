@@ -5,33 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshd.discovery.catalog import (
-    Catalog,
-    NodeCatalog,
-    ServiceEntry,
-    ServicePortEntry,
-    WorkloadEntry,
-)
+from meshd.discovery.catalog import Catalog
 from meshd.identity.spiffe import SpiffeId
 from meshd.observe.accesslog import RequestRecord, RequestTelemetry
 from meshd.observe.metrics import Metrics
 from meshd.plugins.filters import RequestInfo, SendUpstream
 from meshd.policy import load_policy_dir
 from meshd.policy.evaluate import PolicySet
-from meshd.units import Address
 from meshd.waypoint.admission import Tunnel
 from meshd.waypoint.pipeline import Pipeline
 from meshd.waypoint.router import RouteChoice
 from tests.plugins.helpers import FakeUpstream, chunks, request
+from tests.support.catalogs import TD, node, service, workload
 
-TD = "home.arpa"
-SVC = ServiceEntry("reviews", "default", (ServicePortEntry(9080, 9080, "http"),), waypoint="wp")
-WORKLOAD = WorkloadEntry(
-    "beta", "reviews-v1", "default", "reviews", "127.0.0.10", (9080,), ("reviews.default",)
-)
+SVC = service("reviews", 9080, protocol="http", waypoint="wp")
+WORKLOAD = workload("beta", "reviews-v1", "127.0.0.10", 9080, sa="reviews", services=("reviews.default",))
 CATALOG = Catalog(
     TD,
-    NodeCatalog("wp", TD, "waypoint", Address("127.0.0.1", 15008), (), ()),
+    node("wp", "127.0.0.1:15008", services=(), role="waypoint"),
     services={SVC.key: SVC},
     workloads=(WORKLOAD,),
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host
+from tests.support.mesh import Port, reviews, waypoint_path
 from tests.support.procs import Meshd, unique_loopback, wait_for
 
 pytestmark = pytest.mark.slow
@@ -85,19 +85,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WasmMesh]:
         shutil.copy(WASM / name / "build" / "filter.wasm", wasm_dir / f"{name}.wasm")
     shutil.copy(wasm_dir / "headers.wasm", wasm_dir / "swap.wasm")
     a_ip, r_ip = unique_loopback(), unique_loopback()
-    nodes = Mesh(
-        tmp,
-        [
-            client_host("alpha", a_ip, Upstream("reviews.default", PORT, f"{a_ip}:{UPSTREAM}")),
-            Host(
-                "beta",
-                workloads=[
-                    Workload("reviews-v1", r_ip, [PORT], services=["reviews"], service_account="reviews")
-                ],
-                services=[Service("reviews", [Port(PORT, "http")], waypoint="wp")],
-            ),
-            Host("wp", role="waypoint", policy={"routes.toml": routes(wasm_dir)}),
-        ],
+    nodes = waypoint_path(
+        tmp, a_ip, reviews("v1", r_ip, PORT), Port(PORT, "http"), UPSTREAM, routes(wasm_dir)
     )
     with http_backend("reviews-v1", r_ip, PORT) as backend, nodes.running():
         m = WasmMesh(nodes["wp"], backend, (a_ip, UPSTREAM), nodes.policy_dir("wp"), wasm_dir)

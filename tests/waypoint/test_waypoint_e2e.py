@@ -29,47 +29,32 @@ from meshd.tools.echo import echo_server
 from meshd.waypoint.hairpin import claim_headers
 from tests.support.h2_client import H2Request, h2_exchange
 from tests.support.http_backend import Backend, http_backend
-from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, client_host, dump
+from tests.support.mesh import Host, Mesh, Port, Service, Upstream, Workload, dump, reviews
+from tests.support.policy import deny, to
 from tests.support.procs import Meshd, http_get, unique_loopback, wait_for
 from tests.support.sockets import recv_until_closed
+from tests.support.telemetry_mesh import ECHO_PORT, HTTP_UPSTREAM, REVIEWS_PORT, TCP_UPSTREAM, client_alpha
 
-REVIEWS_PORT = 9080
-ECHO_PORT = 7000
-HTTP_UPSTREAM = 17080
-TCP_UPSTREAM = 17070
 BYPASS_UPSTREAM = 17090
 RATINGS_UPSTREAM = 17091  # ratings.apps: no waypoint of its own, the namespace default (wp)
 DETAILS_UPSTREAM = 17092  # details.apps: waypoint = "none", opted out of the namespace default
 
-ROUTES = """
-[[authorization]]
-name = "no-admin"
-namespace = "default"
-workloads = ["reviews-v1"]  # the waypoint applies it to the whole reviews service
-action = "DENY"
-[[authorization.rules]]
-to = [{ paths = ["/admin*"] }]
-
-# Dry run: evaluated and reported for every request, never enforced.
-[[authorization]]
-name = "trial-no-dry"
-namespace = "default"
-workloads = ["reviews-v1"]
-action = "DENY"
-dry_run = true
-[[authorization.rules]]
-to = [{ paths = ["/v1/dry*"] }]
-
-# `hosts` match the Host the app sent (docs/waypoint.md, "The authority"): through an [[upstream]]
-# listener that is the listener's address unless the app dials a name.
-[[authorization]]
-name = "by-name-only"
-namespace = "default"
-workloads = ["reviews-v1"]
-action = "DENY"
-[[authorization.rules]]
-to = [{ paths = ["/named*"], not_hosts = ["reviews.default.mesh*"] }]
-
+# The waypoint applies a policy for workload reviews-v1 to the whole reviews service.
+AUTHORIZATIONS = (
+    deny(to(paths=["/admin*"]), name="no-admin", workloads=["reviews-v1"])
+    # Dry run: evaluated and reported for every request, never enforced.
+    + deny(to(paths=["/v1/dry*"]), name="trial-no-dry", workloads=["reviews-v1"], dry_run=True)
+    # `hosts` match the Host the app sent (docs/waypoint.md, "The authority"): through an [[upstream]]
+    # listener that is the listener's address unless the app dials a name.
+    + deny(
+        to(paths=["/named*"], not_hosts=["reviews.default.mesh*"]),
+        name="by-name-only",
+        workloads=["reviews-v1"],
+    )
+)
+ROUTES = (
+    AUTHORIZATIONS
+    + """
 [[route]]
 name = "by-header"
 service = "reviews.default"
@@ -118,6 +103,7 @@ name = "split"
 service = "reviews.default"
 backends = [{ subset = { version = "v1" }, weight = 90 }, { subset = { version = "v2" }, weight = 10 }]
 """
+)
 
 BOOM_PLUGIN = """
 from meshd.plugins import hookimpl
@@ -184,16 +170,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
     tmp = tmp_path_factory.mktemp("waypoint")
     a_ip, b_ip, r1_ip, r2_ip, rt_ip, dt_ip = (unique_loopback() for _ in range(6))
     install_boom_plugin(tmp / "site")
-    reviews = Port(REVIEWS_PORT, "http")
+    reviews_port = Port(REVIEWS_PORT, "http")
     apps_http = Port(80, "http", target_port=REVIEWS_PORT)
     nodes = Mesh(
         tmp,
         [
-            client_host(
-                "alpha",
+            client_alpha(
                 a_ip,
-                Upstream("reviews.default", REVIEWS_PORT, f"{a_ip}:{HTTP_UPSTREAM}"),
-                Upstream("echo.default", ECHO_PORT, f"{a_ip}:{TCP_UPSTREAM}"),
                 Upstream("bypass.default", 9081, f"{a_ip}:{BYPASS_UPSTREAM}"),
                 Upstream("ratings.apps", 80, f"{a_ip}:{RATINGS_UPSTREAM}"),
                 Upstream("details.apps", 80, f"{a_ip}:{DETAILS_UPSTREAM}"),
@@ -202,28 +185,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointMesh]:
                 "beta",
                 b_ip,
                 workloads=[
-                    Workload(
-                        "reviews-v1",
-                        r1_ip,
-                        [REVIEWS_PORT],
-                        services=["reviews", "bypass"],
-                        service_account="reviews",
-                        labels={"version": "v1"},
-                    ),
-                    Workload(
-                        "reviews-v2",
-                        r2_ip,
-                        [REVIEWS_PORT],
-                        services=["reviews"],
-                        service_account="reviews",
-                        labels={"version": "v2"},
-                    ),
+                    reviews("v1", r1_ip, REVIEWS_PORT, services=["reviews", "bypass"], labelled=True),
+                    reviews("v2", r2_ip, REVIEWS_PORT, labelled=True),
                     Workload("echo", b_ip, [ECHO_PORT], services=["echo"]),
                     Workload("ratings", rt_ip, [REVIEWS_PORT], services=["ratings"], namespace="apps"),
                     Workload("details", dt_ip, [REVIEWS_PORT], services=["details"], namespace="apps"),
                 ],
                 services=[
-                    Service("reviews", [reviews], waypoint="wp"),
+                    Service("reviews", [reviews_port], waypoint="wp"),
                     Service("echo", [ECHO_PORT], waypoint="wp"),
                     Service("bypass", [Port(9081, target_port=REVIEWS_PORT)]),
                     Service("ratings", [apps_http], namespace="apps"),

@@ -1,9 +1,10 @@
 // The body filter: buffers the request body and upper-cases it; prefixes the buffered response body.
 export * from "@solo-io/proxy-runtime/proxy";
 import {
-  RootContext, Context, registerRootContext, FilterHeadersStatusValues, FilterDataStatusValues,
+  Context, registerRootContext, FilterHeadersStatusValues, FilterDataStatusValues,
   stream_context,
 } from "@solo-io/proxy-runtime";
+import { FilterRoot } from "../../common/filter";
 import { get_buffer_bytes, BufferTypeValues } from "@solo-io/proxy-runtime/runtime";
 
 // The SDK 0.1.8 binds its setter to the wrong import name, so declare the ABI's own.
@@ -15,16 +16,7 @@ function set_buffer(typ: BufferTypeValues, start: u32, length: u32, data: ArrayB
   proxy_set_buffer_bytes(typ as u32, start, length, changetype<usize>(data), data.byteLength);
 }
 
-class BodyRoot extends RootContext {
-  createContext(context_id: u32): Context {
-    return new Body(context_id, this);
-  }
-}
-
 class Body extends Context {
-  constructor(context_id: u32, root_context: BodyRoot) {
-    super(context_id, root_context);
-  }
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
     stream_context.headers.request.remove("content-length");
     return FilterHeadersStatusValues.Continue;
@@ -48,4 +40,4 @@ class Body extends Context {
   }
 }
 
-registerRootContext((context_id: u32) => { return new BodyRoot(context_id); }, "body");
+registerRootContext((context_id: u32) => { return new FilterRoot<Body>(context_id); }, "body");

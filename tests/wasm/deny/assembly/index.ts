@@ -1,20 +1,12 @@
 // The deny filter: a request whose path starts with the configured prefix gets a local 403.
 export * from "@solo-io/proxy-runtime/proxy";
 import {
-  RootContext, Context, registerRootContext, FilterHeadersStatusValues, stream_context,
+  Context, registerRootContext, FilterHeadersStatusValues, stream_context,
   send_local_response, GrpcStatusValues, HeaderPair,
 } from "@solo-io/proxy-runtime";
-
-class DenyRoot extends RootContext {
-  createContext(context_id: u32): Context {
-    return new Deny(context_id, this);
-  }
-}
+import { FilterRoot } from "../../common/filter";
 
 class Deny extends Context {
-  constructor(context_id: u32, root_context: DenyRoot) {
-    super(context_id, root_context);
-  }
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
     let prefix = this.root_context.getConfiguration();
     if (prefix == "") prefix = "/deny";
@@ -31,4 +23,4 @@ class Deny extends Context {
   }
 }
 
-registerRootContext((context_id: u32) => { return new DenyRoot(context_id); }, "deny");
+registerRootContext((context_id: u32) => { return new FilterRoot<Deny>(context_id); }, "deny");

@@ -1,8 +1,9 @@
 // The header filter: request and response headers, plugin configuration, properties and a tick timer.
 export * from "@solo-io/proxy-runtime/proxy";
 import {
-  RootContext, Context, registerRootContext, FilterHeadersStatusValues, stream_context,
+  Context, registerRootContext, FilterHeadersStatusValues, stream_context,
 } from "@solo-io/proxy-runtime";
+import { FilterRoot } from "../../common/filter";
 import { set_tick_period_milliseconds } from "@solo-io/proxy-runtime/runtime";
 import { free } from "@solo-io/proxy-runtime/malloc";
 
@@ -27,10 +28,7 @@ function property(path: string): string {
   return value;
 }
 
-class HeadersRoot extends RootContext {
-  createContext(context_id: u32): Context {
-    return new Headers(context_id, this);
-  }
+class HeadersRoot extends FilterRoot<Headers> {
   onConfigure(configuration_size: u32): bool {
     super.onConfigure(configuration_size);
     set_tick_period_milliseconds(50);
@@ -42,9 +40,6 @@ class HeadersRoot extends RootContext {
 }
 
 class Headers extends Context {
-  constructor(context_id: u32, root_context: HeadersRoot) {
-    super(context_id, root_context);
-  }
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
     const request = stream_context.headers.request;
     request.add("x-wasm-config", this.root_context.getConfiguration());

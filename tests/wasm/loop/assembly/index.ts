@@ -2,22 +2,14 @@
 // allocates until the host's memory limit stops it.
 export * from "@solo-io/proxy-runtime/proxy";
 import {
-  RootContext, Context, registerRootContext, FilterHeadersStatusValues, stream_context,
+  Context, registerRootContext, FilterHeadersStatusValues, stream_context,
 } from "@solo-io/proxy-runtime";
+import { FilterRoot } from "../../common/filter";
 
 let spins: u64 = 0;
 const hoard: ArrayBuffer[] = [];
 
-class LoopRoot extends RootContext {
-  createContext(context_id: u32): Context {
-    return new Loop(context_id, this);
-  }
-}
-
 class Loop extends Context {
-  constructor(context_id: u32, root_context: LoopRoot) {
-    super(context_id, root_context);
-  }
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
     const path = stream_context.headers.request.get(":path");
     if (path.startsWith("/grow")) {
@@ -28,4 +20,4 @@ class Loop extends Context {
   }
 }
 
-registerRootContext((context_id: u32) => { return new LoopRoot(context_id); }, "loop");
+registerRootContext((context_id: u32) => { return new FilterRoot<Loop>(context_id); }, "loop");

@@ -2,19 +2,11 @@
 // the SDK turns into a critical log and proc_exit(255).
 export * from "@solo-io/proxy-runtime/proxy";
 import {
-  RootContext, Context, registerRootContext, FilterHeadersStatusValues, stream_context,
+  Context, registerRootContext, FilterHeadersStatusValues, stream_context,
 } from "@solo-io/proxy-runtime";
-
-class TrapRoot extends RootContext {
-  createContext(context_id: u32): Context {
-    return new Trap(context_id, this);
-  }
-}
+import { FilterRoot } from "../../common/filter";
 
 class Trap extends Context {
-  constructor(context_id: u32, root_context: TrapRoot) {
-    super(context_id, root_context);
-  }
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
     const path = stream_context.headers.request.get(":path");
     if (path.includes("exit")) {
@@ -25,4 +17,4 @@ class Trap extends Context {
   }
 }
 
-registerRootContext((context_id: u32) => { return new TrapRoot(context_id); }, "trap");
+registerRootContext((context_id: u32) => { return new FilterRoot<Trap>(context_id); }, "trap");
