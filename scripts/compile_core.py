@@ -4,8 +4,8 @@
 
 The modules (meshd/build.py COMPILED_MODULES) are the node data path (HBONE connection, wire, link,
 tunnel stream; the pump and the TCP legs) and the waypoint's request path (HTTP/1.1 parsing, the
-pipeline, backends, routes, admission): CPU per proxied request falls by about a sixth at the nodes and
-a tenth at the waypoint (bench/README.md, "Compiled core"). Python imports an
+pipeline, backends, routes, admission). What it saves is in bench/README.md ("The compiled core: kept";
+"Plain DATA, the collector and a larger compiled core"). Python imports an
 extension module before the .py of the same name, and the .py files stay, so a tree without the .so
 files is the pure build. Without a C compiler, Python's headers or mypyc, this says why and leaves the
 tree pure (exit 0): meshd works the same either way, only slower.
