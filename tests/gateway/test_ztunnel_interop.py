@@ -16,12 +16,9 @@ apart here is the catalog (a node of another network is only ever reached throug
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,12 +48,11 @@ from meshd.identity.spiffe import SpiffeId
 from meshd.tools.echo import echo_server
 from meshd.units import Address
 from tests.support.hbone_mesh import certs_of, echo
+from tests.support.nodejs import node_binary, run_client
 from tests.support.procs import Meshd, running, unique_loopback, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-NODE = shutil.which("node")
-SCRIPT = Path(__file__).parent.parent / "support" / "node_ztunnel_double_hbone.js"
 TD = "home.arpa"
 ECHO_PORT = 7000
 UPSTREAM_PORT = 17000
@@ -98,34 +94,22 @@ class TwoNetworks:
     def ztunnel_client(
         self, identity: SpiffeId, hostname: str = HOSTNAME, port: int = ECHO_PORT, size: int = 1000
     ) -> dict[str, Any]:
-        assert NODE is not None
         certs = self.tmp / f"certs-{identity.service_account}-{size}-{hostname}"
         if not certs.exists():
             _write_certs(self.ca, identity, certs)
-        cmd = [
-            NODE,
-            str(SCRIPT),
-            self.ips["gwb"],
-            "15008",
+        out = run_client(
+            "node_ztunnel_double_hbone.js",
+            *(self.ips["gwb"], "15008"),
             *(str(certs / f) for f in ("cert.pem", "key.pem", "ca.crt")),
-            hostname,
-            str(port),
-            "site-a",
-            f"{self.ips['a1']}:40000",
-            str(size),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode == 0, f"ztunnel-format client failed:\n{proc.stdout}{proc.stderr}"
-        out: dict[str, Any] = json.loads(proc.stdout)
+            *(hostname, str(port), "site-a", f"{self.ips['a1']}:40000", str(size)),
+            timeout=60,
+        )
         return out
 
 
 @pytest.fixture(scope="module")
 def networks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNetworks]:
-    if NODE is None:
-        pytest.fail(
-            "Node.js (`node`) is not installed; the interop test needs it (Debian: apt-get install nodejs)"
-        )
+    node_binary()
     tmp = tmp_path_factory.mktemp("ztunnel-interop")
     ca = LocalCA.init(tmp / "ca", TD)
     ips = {label: unique_loopback() for label in ("gwa", "gwb", "a1", "b1")}
@@ -391,24 +375,19 @@ def test_meshd_outbound_speaks_ztunnels_double_hbone(tmp_path: Path) -> None:
 def test_the_destination_node_serves_a_service_hostname_from_a_local_workload(networks: TwoNetworks) -> None:
     """The inner CONNECT as b1 gets it, sent straight to b1 (tests/support/node_hbone_client.js): a
     service hostname of a local workload is served; any other name is 400 with the reason."""
-    assert NODE is not None
     certs = networks.tmp / "certs-client-direct"
     _write_certs(networks.ca, CLIENT, certs)
     good, no_service = f"{HOSTNAME}:{ECHO_PORT}", f"nosuch.default.svc.cluster.local:{ECHO_PORT}"
     no_port, short = f"{HOSTNAME}:{ECHO_PORT + 1}", f"echo.default:{ECHO_PORT}"
-    script = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
-    cmd = [
-        NODE,
-        str(script),
-        networks.ips["b1"],
-        "15008",
+    streams = ((good, 100_000), (no_service, 0), (no_port, 0), (short, 0))
+    out = run_client(
+        "node_hbone_client.js",
+        *(networks.ips["b1"], "15008"),
         *(str(certs / f) for f in ("cert.pem", "key.pem", "ca.crt")),
-    ]
-    for authority, size in ((good, 100_000), (no_service, 0), (no_port, 0), (short, 0)):
-        cmd += [authority, str(size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = {r["authority"]: r for r in json.loads(proc.stdout)["results"]}
+        *(a for authority, size in streams for a in (authority, str(size))),
+        timeout=60,
+    )
+    results = {r["authority"]: r for r in out["results"]}
     assert results[good]["status"] == 200 and results[good]["echo_ok"], results[good]
     assert results[no_service]["status"] == 400 and "no service nosuch.default" in results[no_service]["body"]
     assert results[no_port]["status"] == 400 and "has no port" in results[no_port]["body"]

@@ -6,31 +6,23 @@ wrongly (settings, flow control, END_STREAM handling, GOAWAY on close).
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import trio
 
 from meshd.hbone.server import HboneServer, InboundRequest, ServerReply
 from meshd.hbone.tls import StaticCertificates
 from meshd.identity.ca import LocalCA, write_issued
 from tests.support.hbone_mesh import CLIENT_ID, SERVER_ID, TD, echo
+from tests.support.nodejs import SUPPORT, client_output, node_binary, script_command
 
-NODE = shutil.which("node")
-SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
-
-pytestmark = pytest.mark.skipif(
-    NODE is None, reason="Node.js (`node`) is not installed; interop test needs it"
-)
+SCRIPT = "node_hbone_client.js"
 
 
 async def test_node_http2_client_tunnels_through_hbone_server(
     tmp_path: Path, ca: LocalCA, server_certs: StaticCertificates
 ) -> None:
-    assert NODE is not None
     write_issued(ca.issue(CLIENT_ID), tmp_path / "client")
     seen: list[InboundRequest] = []
 
@@ -47,19 +39,19 @@ async def test_node_http2_client_tunnels_through_hbone_server(
             _, port = await nursery.start(server.serve, "127.0.0.1", 0)
             d = tmp_path / "client"
             proc = await trio.run_process(
-                [
-                    *(NODE, str(SCRIPT), "127.0.0.1", str(port)),
+                script_command(
+                    SCRIPT,
+                    *("127.0.0.1", str(port)),
                     *(str(d / "cert.pem"), str(d / "key.pem"), str(d / "ca.crt")),
                     *("10.0.0.1:80", str(8 * 1024 * 1024 + 123), "10.0.0.2:81", "1000"),
                     *("not_an_ip:80", "0", "10.0.0.9:9", "6"),
-                ],
+                ),
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
             )
             nursery.cancel_scope.cancel()
-    assert proc.returncode == 0, proc.stderr.decode()
-    out = json.loads(proc.stdout)
+    out = client_output(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
     assert out["san"] == f"URI:{SERVER_ID.uri}"
     assert out["tls"]["version"] == "TLSv1.3" and out["tls"]["alpn"] == "h2"
     assert out["tls"]["cipher"] in {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"}
@@ -76,6 +68,4 @@ async def test_node_http2_client_tunnels_through_hbone_server(
 
 
 def test_node_script_is_valid_javascript() -> None:
-    if NODE is None:  # pragma: no cover
-        pytest.skip("node missing")
-    subprocess.run([NODE, "--check", str(SCRIPT)], check=True)
+    subprocess.run([node_binary(), "--check", str(SUPPORT / SCRIPT)], check=True)

@@ -8,9 +8,6 @@ catches what two copies of our own code would agree on wrongly.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +17,10 @@ import pytest
 
 from meshd.tools.echo import echo_server
 from tests.support.configs import ECHO_PORT, echo_workload, node_config
+from tests.support.nodejs import node_binary, run_client
 from tests.support.policy import deny, frm
 from tests.support.procs import Meshd, meshd_cli, running, unique_loopback
 
-NODE = shutil.which("node")
-SCRIPT = Path(__file__).parent.parent / "support" / "node_hbone_client.js"
 TD = "home.arpa"
 TIMEOUT = 45
 
@@ -60,30 +56,22 @@ class Beta:
         return out
 
     def node_client(self, certs: Path, *streams: tuple[str, int]) -> dict[str, Any]:
-        assert NODE is not None
         args = [a for authority, size in streams for a in (authority, str(size))]
-        cmd = [
-            NODE,
-            str(SCRIPT),
-            self.ip,
-            "15008",
+        out = run_client(
+            "node_hbone_client.js",
+            *(self.ip, "15008"),
             *(str(certs / f) for f in ("cert.pem", "key.pem", "ca.crt")),
-        ]
-        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT, check=False)
-        assert proc.returncode == 0, (
-            f"node client failed:\n{proc.stdout}{proc.stderr}\n{self.daemon.log()[-3000:]}"
+            *args,
+            timeout=TIMEOUT,
+            context="\n" + self.daemon.log()[-3000:],
         )
-        out: dict[str, Any] = json.loads(proc.stdout)
         out["by_authority"] = {r["authority"]: r for r in out["results"]}
         return out
 
 
 @pytest.fixture(scope="module")
 def beta(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Beta]:
-    if NODE is None:
-        pytest.fail(
-            "Node.js (`node`) is not installed; the interop test needs it (Debian: apt-get install nodejs)"
-        )
+    node_binary()
     tmp = tmp_path_factory.mktemp("interop")
     ca_dir = tmp / "ca"
     meshd_ok("ca", "init", "--dir", str(ca_dir), "--trust-domain", TD)

@@ -7,9 +7,6 @@ the SETTINGS_ENABLE_CONNECT_PROTOCOL handshake, the pseudo-headers, the template
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,18 +14,17 @@ import pytest
 from meshd.identity.ca import LocalCA, write_issued
 from meshd.identity.spiffe import SpiffeId
 from tests.support.configs import node_config
+from tests.support.nodejs import node_binary, run_client
 from tests.support.procs import Meshd, running
 from tests.support.udp import udp_echo_server
 
-SCRIPT = Path(__file__).parent.parent / "support" / "node_connect_udp_client.js"
 ECHO_PORT = 7007
 
 pytestmark = pytest.mark.slow
 
 
 def test_node_http2_client_speaks_connect_udp_to_meshd(tmp_path: Path, ca: LocalCA, loopback: str) -> None:
-    node = shutil.which("node")
-    assert node is not None, "Node.js is not installed (.ci/run installs nodejs)"
+    node_binary()
     client = tmp_path / "client"
     write_issued(ca.issue(SpiffeId("home.arpa", "default", "node-client")), client)
     policy = tmp_path / "policy"
@@ -47,21 +43,15 @@ def test_node_http2_client_speaks_connect_udp_to_meshd(tmp_path: Path, ca: Local
         '[[authorization]]\nname = "no-7008"\naction = "DENY"\n[[authorization.rules]]\nto = [{ ports = [7008] }]\n'
     )
     with udp_echo_server(loopback, ECHO_PORT), running(Meshd(cfg, loopback)) as beta:
-        proc = subprocess.run(
-            [
-                *(node, str(SCRIPT), loopback, str(beta.port(15008))),
-                *(str(client / "cert.pem"), str(client / "key.pem"), str(client / "ca.crt")),
-                *(loopback, str(ECHO_PORT), "300"),  # echoed
-                *(loopback, "7008", "1"),  # denied by policy: 401
-                *("127.0.0.1", "9", "1"),  # no workload there: 503
-            ],
-            capture_output=True,
-            text=True,
+        out = run_client(
+            "node_connect_udp_client.js",
+            *(loopback, str(beta.port(15008))),
+            *(str(client / "cert.pem"), str(client / "key.pem"), str(client / "ca.crt")),
+            *(loopback, str(ECHO_PORT), "300"),  # echoed
+            *(loopback, "7008", "1"),  # denied by policy: 401
+            *("127.0.0.1", "9", "1"),  # no workload there: 503
             timeout=60,
-            check=False,
         )
-        assert proc.returncode == 0, proc.stderr + proc.stdout
-        out = json.loads(proc.stdout)
         assert out["enableConnectProtocol"] is True
         echo, denied, nowhere = out["results"]
         assert echo["status"] == 200 and echo["capsule_protocol"] == "?1", echo
