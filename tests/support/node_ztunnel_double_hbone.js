@@ -11,21 +11,13 @@
 "use strict";
 const http2 = require("http2");
 const tls = require("tls");
-const fs = require("fs");
 const crypto = require("crypto");
+const { tlsOptions } = require("./node_hbone_session");
 
 const [host, port, certPath, keyPath, caPath, hostname, svcPort, network, forwardedFor, bytes] =
   process.argv.slice(2);
 const authority = `${hostname}:${svcPort}`;
-const creds = {
-  cert: fs.readFileSync(certPath),
-  key: fs.readFileSync(keyPath),
-  ca: fs.readFileSync(caPath),
-  minVersion: "TLSv1.3",
-  maxVersion: "TLSv1.3",
-  ALPNProtocols: ["h2"],
-  checkServerIdentity: () => undefined, // SPIFFE URIs, no DNS names: the test checks the SANs
-};
+const creds = tlsOptions(certPath, keyPath, caPath); // both layers: the client workload's certificate
 // ztunnel's header order (create_hbone_request): baggage, forwarded, traceparent[, x-forwarded-network].
 const hboneHeaders = {
   ":method": "CONNECT",
