@@ -171,11 +171,7 @@ class HbonePool:
         for attempt in range(2):
             link, sid = await self._open_stream(key, open_stream, extended=extended)
             try:
-                status = await self._wait_response(link, sid, retryable=attempt == 0)
-                if 200 <= status < 300:
-                    return TunnelStream(link, sid)
-                reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
-                raise TunnelRefused(status, reason)
+                return await self._tunnel_answer(link, sid, retryable=attempt == 0)
             except _Retry:
                 continue
             except BaseException:
@@ -238,15 +234,19 @@ class HbonePool:
             link.close()
             raise
         try:
-            status = await self._wait_response(link, sid, retryable=False)
-            if 200 <= status < 300:
-                return TunnelStream(link, sid)
-            reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
-            raise TunnelRefused(status, reason)
+            return await self._tunnel_answer(link, sid, retryable=False)
         except BaseException:
             link.release(sid)
             link.close()
             raise
+
+    async def _tunnel_answer(self, link: HboneLink, sid: int, *, retryable: bool) -> TunnelStream:
+        """The peer's answer to a CONNECT: the tunnel on 2xx, else TunnelRefused with its reason."""
+        status = await self._wait_response(link, sid, retryable=retryable)
+        if 200 <= status < 300:
+            return TunnelStream(link, sid)
+        reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
+        raise TunnelRefused(status, reason)
 
     def client_link_over(
         self, stream: trio.abc.HalfCloseableStream, peer_identity: SpiffeId, peer_address: tuple[str, int]
@@ -273,11 +273,7 @@ class HbonePool:
         link.add_slot(sid)
         link.send_pending()
         try:
-            status = await self._wait_response(link, sid, retryable=False)
-            if 200 <= status < 300:
-                return TunnelStream(link, sid)
-            reason = (await self._read_body(link, sid, MAX_REASON)).decode("utf-8", "replace")
-            raise TunnelRefused(status, reason)
+            return await self._tunnel_answer(link, sid, retryable=False)
         except BaseException:
             link.release(sid)
             raise
