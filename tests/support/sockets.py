@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 
@@ -24,6 +25,14 @@ def send_and_read(address: tuple[str, int], data: bytes, timeout: float = 10.0) 
     """Connect, send, half-close, and return what came back (b"" if the connection was refused
     after accept, as the mesh does for a denied client)."""
     with socket.create_connection(address, timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+        except OSError as e:
+            # The reset can land before the half-close: the socket is then already gone.
+            if e.errno == errno.ENOTCONN:
+                return b""
+            raise
         return recv_until_closed(s)
