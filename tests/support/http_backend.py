@@ -1,7 +1,7 @@
 """A tiny threaded HTTP/1.1 backend for waypoint tests: answers with its own name, and remembers
 every request it saw.
 
-Paths: `/slow?ms=N` waits N ms; `/flaky...` answers 503 the first time it sees an `x-request-id`
+Paths: `?ms=N` on any path waits N ms; `/flaky...` answers 503 the first time it sees an `x-request-id`
 (the retry test); anything else 200. The body is `<name> <METHOD> <path>\n`; headers echo the
 request's `x-request-id` and `traceparent` back as `x-seen-request-id` / `x-seen-traceparent`.
 """
@@ -54,8 +54,8 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
                 backend.requests.append(seen)
             url = urlsplit(self.path)
             status = 200
-            if url.path.startswith("/slow"):
-                time.sleep(int(parse_qs(url.query).get("ms", ["0"])[0]) / 1000)
+            if delay := parse_qs(url.query).get("ms"):  # any path: ?ms=N answers after N ms
+                time.sleep(int(delay[0]) / 1000)
             if url.path.startswith("/flaky"):
                 rid = seen.headers.get("x-request-id", "")
                 with backend.lock:

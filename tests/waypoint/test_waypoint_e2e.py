@@ -465,7 +465,8 @@ def test_h2_prior_knowledge_concurrent_streams(mesh: WaypointMesh) -> None:
     responses, order = h2_exchange(
         mesh.http,
         [
-            H2Request("/slow?ms=150"),  # 1
+            # by-path, no route timeout: a loaded machine can't turn the slow stream into a 504
+            H2Request("/v1/h2-slow?ms=300"),  # 1
             H2Request("/v1/h2-items"),  # 3
             H2Request("/anything-h2", headers=[("x-version", "v2")]),  # 5
             H2Request("/admin/h2", "POST", body=b"secret" * 20000),  # 7
