@@ -83,6 +83,7 @@ class H2Front:
                 message = await _first_chunk(response)
                 reply = grpc.local_reply_headers(response.status, message)
                 rec.grpc_status = next(v for k, v in reply if k == "grpc-status")
+                rec.response_code = 200  # what the client got, as Envoy counts its gRPC local replies
                 await ex.respond_headers(200, reply, end=True)
             elif head.method == "HEAD":
                 await ex.respond_headers(response.status, headers, end=True)

@@ -185,8 +185,14 @@ def test_l7_deny_on_a_method_path_is_permission_denied(mesh: GrpcMesh, channel: 
         channel.unary_unary("/test.Admin/Secret")(b"x", timeout=10)
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
     wait_for(lambda: requests(mesh, response_flags="UAEX") >= 1, mesh.wp)
-    # The waypoint's own 403, answered as gRPC PERMISSION_DENIED (7), is labelled so.
-    denied = {"response_flags": "UAEX", "request_protocol": "grpc", "grpc_response_status": "7"}
+    # The waypoint's own deny, answered as gRPC PERMISSION_DENIED (7) on HTTP 200, is labelled as
+    # Envoy labels it: response_code 200, the gRPC status beside it.
+    denied = {
+        "response_flags": "UAEX",
+        "request_protocol": "grpc",
+        "response_code": "200",
+        "grpc_response_status": "7",
+    }
     assert requests(mesh, **denied) >= 1
 
 
