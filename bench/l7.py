@@ -440,7 +440,9 @@ def profile(
         secs,
         200,
         lambda role: RESULTS / f"l7-{stamp}-pyspy-{role}.txt",
-        lambda: h.run_load(args.loadgen, path.url, secs, args.threads, args.connections, work),
+        lambda: h.run_load(
+            args.loadgen, path.url, secs, args.threads, args.connections, work, H2_STREAMS if path.h2 else 0
+        ),
     )
     if recorded is None:
         return {}
