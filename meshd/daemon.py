@@ -27,7 +27,7 @@ from meshd.dashboard import Dashboard
 from meshd.dataplane.state import NodeState
 from meshd.discovery.catalog import local_catalog, merge
 from meshd.errors import ConfigError
-from meshd.heap import settle_after_start
+from meshd.heap import keep_large_buffers, settle_after_start
 from meshd.identity.manager import IdentityError, IdentityManager
 from meshd.identity.spiffe import SpiffeId
 from meshd.listeners import ListenError
@@ -133,6 +133,8 @@ class Daemon:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> int:
+        if not keep_large_buffers():
+            log.info("C library has no glibc mallopt: large buffers use its default allocation")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self.systemd.keep_alive)
