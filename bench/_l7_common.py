@@ -211,10 +211,19 @@ def which_loadgen(prefer: str) -> str | None:
 
 
 def run_load(
-    tool: str, url: str, seconds: float, threads: int, conns: int, work: Path, h2_streams: int = 0
+    tool: str,
+    url: str,
+    seconds: float,
+    threads: int,
+    conns: int,
+    work: Path,
+    h2_streams: int = 0,
+    grpc_body: Path | None = None,
 ) -> Load:
     """Keep-alive HTTP/1.1 load for `seconds` (HTTP/2 prior knowledge with h2load when `h2_streams`:
-    that many concurrent streams per connection); the load generator's own CPU comes from wait4's rusage."""
+    that many concurrent streams per connection; with `grpc_body`, each request a gRPC call: POST of
+    that length-prefixed message with gRPC's headers). The load generator's own CPU comes from wait4's
+    rusage."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     log = work / "h2load-requests.log"
     if h2_streams:
@@ -235,6 +244,11 @@ def run_load(
         cmd = [
             H2LOAD or "h2load",
             *(("-m", str(h2_streams)) if h2_streams else ("--h1",)),
+            *(
+                ("-d", str(grpc_body), "-H", "content-type: application/grpc", "-H", "te: trailers")
+                if grpc_body is not None
+                else ()
+            ),
             f"-t{threads}",
             f"-c{conns}",
             f"-D{seconds:g}",

@@ -9,6 +9,11 @@ Side by side in one run, all on loopback (127.56.0.0/24):
   meshd+headers the same, on a route with only the Python `headers` filter        (--paths ...,meshd+headers)
   meshd+wasm    the same, on a route with the proxy-wasm header filter tests/wasm/headers (needs
                 meshd-ambient[wasm]); the report gives each filter's added CPU per request over `meshd`
+  *-h2          HTTP/2 (h2load -m10) to the backend nginx's h2c port: direct-h2, nginx-h2 (grpc_pass),
+                meshd-h2 (a service port of protocol "http2": HTTP/2 on both sides of the waypoint)
+  *-grpc        gRPC unary calls (h2load -m10 posting one length-prefixed message) to a grpcio server
+                (bench/_grpc_backend.py): direct-grpc, nginx-grpc (grpc_pass), meshd-grpc (a service
+                port of protocol "grpc")
 
 See bench/README.md ("L7") for what each figure means. Usage:
 
@@ -60,11 +65,17 @@ UPSTREAM_L4_PORT = 18081  # alpha's listener for SERVICE_L4 (same backend, no wa
 BACKEND_H2_PORT = 8082  # the backend's h2c (prior knowledge) listener: SERVICE_H2, protocol "http2"
 PROXY_H2_PORT = 8082  # nginx's h2c listener, grpc_pass to the backend's h2c port
 UPSTREAM_H2_PORT = 18082  # alpha's listener for SERVICE_H2 (through the waypoint, HTTP/2 on both sides)
-H2_STREAMS = 10  # h2load -m: concurrent streams per connection on the *-h2 paths
+H2_STREAMS = 10  # h2load -m: concurrent streams per connection on the *-h2 and *-grpc paths
+BACKEND_GRPC_PORT = 8083  # the grpcio backend (bench/_grpc_backend.py): SERVICE_GRPC, protocol "grpc"
+PROXY_GRPC_PORT = 8083  # nginx's h2c listener, grpc_pass to the grpcio backend
+UPSTREAM_GRPC_PORT = 18083  # alpha's listener for SERVICE_GRPC
+GRPC_MESSAGE = b"x" * 64  # each call's request message (echoed back)
+GRPC_METHOD = "/bench.Echo/Unary"  # bench/_grpc_backend.py's one method
 TD = "bench.arpa"
 SERVICE = "web.default"
 SERVICE_L4 = "web-l4.default"
 SERVICE_H2 = "web-h2.default"
+SERVICE_GRPC = "web-grpc.default"
 FILTERED_PREFIX = "/filtered"  # requests under this path take the route with two filters
 FILTER_HEADER = "x-bench-filters"  # set on responses by the `headers` filter: proof the chain ran
 
@@ -76,12 +87,15 @@ WASM_HEADER = "x-wasm-filter"  # set on responses by that module: proof it ran
 PATH_NAMES = ("direct", "nginx", "meshd", "meshd+filters")  # the default set
 # HTTP/2 end to end (h2load -m H2_STREAMS; the service port is protocol "http2"): optional
 H2_PATHS = ("direct-h2", "nginx-h2", "meshd-h2")
+# gRPC unary (h2load -m H2_STREAMS posting GRPC_MESSAGE; the service port is protocol "grpc"): optional
+GRPC_PATHS = ("direct-grpc", "nginx-grpc", "meshd-grpc")
 FILTER_PATHS = ("meshd+headers", "meshd+wasm")  # one filter each: added CPU per request over `meshd`
 ALL_PATHS = (
     *PATH_NAMES,
     *FILTER_PATHS,
     "meshd-l4",
     *H2_PATHS,
+    *GRPC_PATHS,
 )  # meshd-l4: alpha -> beta -> backend, no waypoint
 WAYPOINT_PATHS = ("meshd", "meshd+filters", *FILTER_PATHS)
 
@@ -101,6 +115,8 @@ class Path_:
     socket_errors: int = 0
     cpu_share: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     h2: bool = False  # HTTP/2 prior knowledge (h2load -m H2_STREAMS)
+    grpc_body: Path | None = None  # gRPC calls: the request body h2load posts (length-prefixed message)
+    backend_pids: dict[str, int] | None = None  # the path's own backend (else the nginx backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +238,9 @@ def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]
         f'[[workload]]\nname = "client"\naddress = "{ALPHA_IP}"\nports = [8000]\n'
         f'[[upstream]]\nservice = "{SERVICE}"\nport = {BACKEND_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_PORT}"\n'
         f'[[upstream]]\nservice = "{SERVICE_L4}"\nport = {BACKEND_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_L4_PORT}"\n'
-        f'[[upstream]]\nservice = "{SERVICE_H2}"\nport = {BACKEND_H2_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_H2_PORT}"\n',
+        f'[[upstream]]\nservice = "{SERVICE_H2}"\nport = {BACKEND_H2_PORT}\nlisten = "{ALPHA_IP}:{UPSTREAM_H2_PORT}"\n'
+        f'[[upstream]]\nservice = "{SERVICE_GRPC}"\nport = {BACKEND_GRPC_PORT}\n'
+        f'listen = "{ALPHA_IP}:{UPSTREAM_GRPC_PORT}"\n',
         work,
     )
     beta = daemon_config(
@@ -230,15 +248,18 @@ def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]
         BETA_IP,
         ca,
         [ALPHA_IP, WP_IP],
-        f'[[workload]]\nname = "web"\naddress = "{BETA_IP}"\nports = [{BACKEND_PORT}, {BACKEND_H2_PORT}]\n'
-        'services = ["web", "web-h2"]\n'
+        f'[[workload]]\nname = "web"\naddress = "{BETA_IP}"\n'
+        f"ports = [{BACKEND_PORT}, {BACKEND_H2_PORT}, {BACKEND_GRPC_PORT}]\n"
+        'services = ["web", "web-h2", "web-grpc"]\n'
         f'[[workload]]\nname = "web-l4"\naddress = "{BACKEND_L4_IP}"\nports = [{BACKEND_PORT}]\n'
         'services = ["web-l4"]\n'
         f'[[service]]\nname = "web"\nwaypoint = "wp"\n'
         f'ports = [{{ port = {BACKEND_PORT}, protocol = "http" }}]\n'
         f'[[service]]\nname = "web-l4"\nports = [{{ port = {BACKEND_PORT} }}]\n'
         f'[[service]]\nname = "web-h2"\nwaypoint = "wp"\n'
-        f'ports = [{{ port = {BACKEND_H2_PORT}, protocol = "http2" }}]\n',
+        f'ports = [{{ port = {BACKEND_H2_PORT}, protocol = "http2" }}]\n'
+        f'[[service]]\nname = "web-grpc"\nwaypoint = "wp"\n'
+        f'ports = [{{ port = {BACKEND_GRPC_PORT}, protocol = "grpc" }}]\n',
         work,
     )
     wp = daemon_config("wp", WP_IP, ca, [ALPHA_IP, BETA_IP], "", work, role="waypoint")
@@ -270,7 +291,7 @@ def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]
 
     def catalog_lists_service() -> bool:
         dump = json.loads(http_get(f"http://{ip}:15000/config_dump")[1])
-        return {SERVICE, SERVICE_L4, SERVICE_H2} <= set(dump["catalog"]["services"])
+        return {SERVICE, SERVICE_L4, SERVICE_H2, SERVICE_GRPC} <= set(dump["catalog"]["services"])
 
     try:
         wait_until(f"alpha's catalog lists {SERVICE}", catalog_lists_service, p, log, timeout=20)
@@ -288,6 +309,68 @@ def waypoint_request_count(ip: str) -> float:
             with contextlib.suppress(ValueError):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def waypoint_grpc_ok(ip: str) -> float:
+    """gRPC calls the waypoint counted with grpc-status 0 (OK): proof that h2load's calls succeeded as
+    gRPC, which its own HTTP status count cannot show (a gRPC error is an HTTP 200 too)."""
+    _, body = http_get(f"http://{ip}:15020/metrics")
+    total = 0.0
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("istio_requests_total{") and 'grpc_response_status="0"' in line:
+            with contextlib.suppress(ValueError):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# set-up: the gRPC backend
+
+
+def grpc_missing() -> str | None:
+    """What the *-grpc paths lack on this machine, or None."""
+    if h.H2LOAD is None:
+        return "h2load (apt-get install nghttp2-client)"
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        return "grpcio (pip install grpcio; the test extra has it)"
+    return None
+
+
+def grpc_url(ip: str, port: int) -> str:
+    return f"http://{ip}:{port}{GRPC_METHOD}"
+
+
+def start_grpc_backend(procs: Procs, work: Path) -> dict[str, int]:
+    log = work / "grpc-backend.log"
+    address = f"{BETA_IP}:{BACKEND_GRPC_PORT}"
+    p = procs.start("grpc-backend", [sys.executable, str(ROOT / "bench" / "_grpc_backend.py"), address], log)
+    wait_until("the gRPC backend listens", lambda: "ready" in log.read_text(), p, log, timeout=20)
+    return {"grpc-backend": p.pid}
+
+
+def probe_grpc(name: str, ip: str, port: int, timeout: float = 15.0) -> None:
+    """One call through the path with a real gRPC client: the echo must come back. Retried for up
+    to `timeout` seconds (the nodes may not know the waypoint yet), then the last reason is raised."""
+    import grpc
+
+    options = [("grpc.enable_http_proxy", 0)]
+    deadline = time.monotonic() + timeout
+    reason = "no attempt made"
+    for _ in range(1000):  # bounded by the deadline, and by count
+        with grpc.insecure_channel(f"{ip}:{port}", options=options) as channel:
+            try:
+                reply = channel.unary_unary(GRPC_METHOD)(GRPC_MESSAGE, timeout=5)
+                if reply == GRPC_MESSAGE:
+                    return
+                reason = f"the probe call answered {reply[:40]!r}, not the echo"
+            except grpc.RpcError as exc:
+                reason = f"the probe call failed: {exc.code()} {exc.details()}"
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)  # retry interval while the catalog settles
+    raise RuntimeError(f"{name}: {reason}")
 
 
 def failure_flags(ip: str) -> dict[str, float]:
@@ -395,20 +478,35 @@ def cpu_of(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def path_load(path: Path_, args: argparse.Namespace, seconds: float, work: Path) -> h.Load:
+    """One load run on `path` as its protocol wants it (HTTP/1.1, HTTP/2 streams, gRPC calls)."""
+    return h.run_load(
+        args.loadgen,
+        path.url,
+        seconds,
+        args.threads,
+        args.connections,
+        work,
+        H2_STREAMS if path.h2 else 0,
+        path.grpc_body,
+    )
+
+
 def measure(
     path: Path_, backend: dict[str, int], args: argparse.Namespace, work: Path, seconds: float
 ) -> h.Load:
-    accepts = h.backend_accepts(BETA_IP, BACKEND_PORT)
+    if path.backend_pids is not None:
+        backend = path.backend_pids
+    nginx_backend = path.backend_pids is None  # its stub_status counts the connections it accepted
+    accepts = h.backend_accepts(BETA_IP, BACKEND_PORT) if nginx_backend else None
     before_p, before_b = cpu_of(path.proxies), cpu_of(backend)
     machine = h.machine_cpu()
     t = time.perf_counter()
-    load = h.run_load(
-        args.loadgen, path.url, seconds, args.threads, args.connections, work, H2_STREAMS if path.h2 else 0
-    )
+    load = path_load(path, args, seconds, work)
     wall = time.perf_counter() - t
     after_p, after_b = cpu_of(path.proxies), cpu_of(backend)
     machine_after = h.machine_cpu()
-    accepts_after = h.backend_accepts(BETA_IP, BACKEND_PORT)
+    accepts_after = h.backend_accepts(BETA_IP, BACKEND_PORT) if nginx_backend else None
     if accepts is not None and accepts_after is not None:
         path.backend_conns += accepts_after - accepts - 1  # minus the status request itself
     path.samples["rps"].append(load.rps)
@@ -440,9 +538,7 @@ def profile(
         secs,
         200,
         lambda role: RESULTS / f"l7-{stamp}-pyspy-{role}.txt",
-        lambda: h.run_load(
-            args.loadgen, path.url, secs, args.threads, args.connections, work, H2_STREAMS if path.h2 else 0
-        ),
+        lambda: path_load(path, args, secs, work),
     )
     if recorded is None:
         return {}
@@ -545,12 +641,12 @@ def cell(res: dict[str, Any] | None, key: str, fmt: str) -> tuple[str, float | N
 
 def print_table(results: dict[str, dict[str, Any] | None]) -> None:
     names = [n for n in ALL_PATHS if n in results]
-    # Each meshd path against its nginx yardstick: HTTP/2 paths against nginx-h2 (grpc_pass).
-    ratio_of = [
-        (n, "nginx-h2" if n.endswith("-h2") else "nginx")
-        for n in names
-        if n.startswith("meshd") and ("nginx-h2" if n.endswith("-h2") else "nginx") in results
-    ]
+
+    # Each meshd path against its nginx yardstick: HTTP/2 and gRPC paths against nginx's grpc_pass.
+    def yardstick(name: str) -> str:
+        return next((f"nginx{s}" for s in ("-h2", "-grpc") if name.endswith(s)), "nginx")
+
+    ratio_of = [(n, yardstick(n)) for n in names if n.startswith("meshd") and yardstick(n) in results]
     head = ["", *names, *(f"{n.replace('filters', 'f')}/{base}" for n, base in ratio_of)]
     lines = [head]
     for key, label, fmt in ROWS:
@@ -623,6 +719,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="concurrency scan instead of the table: comma-separated connection counts (e.g. 1,10,50,200); "
         "each path at each count, --repeat times, with cores busy per process",
     )
+    ap.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep the work directory (daemon configs and logs) and print its path, to see why a path failed",
+    )
     a = ap.parse_args(argv)
     q = a.quick
     a.repeat = a.repeat or (1 if q else 3)
@@ -649,7 +750,10 @@ def scan(
         args.threads = min(threads, conns)  # wrk needs a connection per thread
         for r in range(args.repeat):
             for p in paths:
-                cell_ = cells.setdefault((conns, p.name), Path_(p.name, p.url, p.proxies, h2=p.h2))
+                fresh = Path_(
+                    p.name, p.url, p.proxies, h2=p.h2, grpc_body=p.grpc_body, backend_pids=p.backend_pids
+                )
+                cell_ = cells.setdefault((conns, p.name), fresh)
                 load = measure(cell_, backend, args, work, args.seconds)
                 print(
                     f"  -c{conns:<4d} run {r + 1}/{args.repeat} {p.name:13s} {load.rps:9.0f} req/s  "
@@ -765,10 +869,37 @@ def run(args: argparse.Namespace) -> int:
                     h2=True,
                 )
             )
+        grpc_backend: dict[str, int] | None = None
+        grpc_body = work / "grpc-request.bin"
+        if wanted & set(GRPC_PATHS):
+            missing = grpc_missing()
+            if missing is not None:
+                print(f"\nNOTE: the *-grpc paths need {missing}: skipped\n")
+                wanted -= set(GRPC_PATHS)
+            else:
+                grpc_body.write_bytes(b"\0" + len(GRPC_MESSAGE).to_bytes(4, "big") + GRPC_MESSAGE)
+                grpc_backend = start_grpc_backend(procs, work)
+        grpc_path = {"h2": True, "grpc_body": grpc_body, "backend_pids": grpc_backend}
+        if "direct-grpc" in wanted:
+            probe_grpc("direct-grpc", BETA_IP, BACKEND_GRPC_PORT)
+            paths.append(Path_("direct-grpc", grpc_url(BETA_IP, BACKEND_GRPC_PORT), {}, **grpc_path))
+        if "nginx-grpc" in wanted:
+            pids = start_nginx(
+                procs,
+                work,
+                "nginx-grpc-proxy",
+                lambda p: h.nginx_grpc_proxy_conf(
+                    p, f"{PROXY_IP}:{PROXY_GRPC_PORT}", f"{BETA_IP}:{BACKEND_GRPC_PORT}", workers
+                ),
+                None,
+            )
+            probe_grpc("nginx-grpc", PROXY_IP, PROXY_GRPC_PORT)
+            nginx_pids = {f"nginx{i}": p for i, p in enumerate(pids)}
+            paths.append(Path_("nginx-grpc", grpc_url(PROXY_IP, PROXY_GRPC_PORT), nginx_pids, **grpc_path))
         meshd_missing: str | None = None
         mesh_pids: dict[str, int] = {}
         l4_missing: str | None = None
-        if wanted & {"meshd", "meshd+filters", *FILTER_PATHS, "meshd-l4", "meshd-h2"}:
+        if wanted & {"meshd", "meshd+filters", *FILTER_PATHS, "meshd-l4", "meshd-h2", "meshd-grpc"}:
             try:
                 ca = work / "ca"
                 meshd("ca", "init", "--dir", str(ca), "--trust-domain", TD)
@@ -805,14 +936,21 @@ def run(args: argparse.Namespace) -> int:
                 if "meshd-h2" in wanted:
                     h2_url = f"http://{ALPHA_IP}:{UPSTREAM_H2_PORT}/"
                     paths.append(Path_("meshd-h2", h2_url, dict(mesh_pids), h2=True))
+                if "meshd-grpc" in wanted:
+                    try:
+                        probe_grpc("meshd-grpc", ALPHA_IP, UPSTREAM_GRPC_PORT)
+                        if not waypoint_grpc_ok(WP_IP):
+                            raise RuntimeError("meshd-grpc: the probe call did not go through the waypoint")
+                        url = grpc_url(ALPHA_IP, UPSTREAM_GRPC_PORT)
+                        paths.append(Path_("meshd-grpc", url, dict(mesh_pids), **grpc_path))
+                    except RuntimeError as exc:
+                        print(f"\nNOTE: the meshd-grpc column is missing: {exc}\n")
             elif wanted & set(WAYPOINT_PATHS):
                 print(f"\nNOTE: the meshd columns are missing: {meshd_missing}\n")
         paths.sort(key=lambda p: ALL_PATHS.index(p.name))
         warm = min(2.0, args.seconds)
         for p in paths:  # warm-up: connections, pools, caches (not recorded)
-            h.run_load(
-                args.loadgen, p.url, warm, args.threads, args.connections, work, H2_STREAMS if p.h2 else 0
-            )
+            path_load(p, args, warm, work)
         if args.scan:
             print(f"set-up done in {time.monotonic() - t_start:.1f}s; scanning -c {args.scan}")
             scanned = scan(paths, backend, args, work)
@@ -826,6 +964,8 @@ def run(args: argparse.Namespace) -> int:
             f"set-up done in {time.monotonic() - t_start:.1f}s; measuring {[p.name for p in paths]} with "
             f"{args.loadgen} -t{args.threads} -c{args.connections}, {args.seconds:g}s x {args.repeat}"
         )
+        grpc_through_wp = next((p for p in paths if p.name == "meshd-grpc"), None)
+        grpc_ok_before = waypoint_grpc_ok(WP_IP) if grpc_through_wp is not None else 0.0
         for r in range(args.repeat):
             for p in paths:  # interleaved, so drift over the run hits every path alike
                 load = measure(p, backend, args, work, args.seconds)
@@ -833,6 +973,13 @@ def run(args: argparse.Namespace) -> int:
                     f"  run {r + 1}/{args.repeat} {p.name:13s} {load.rps:9.0f} req/s  p50 {load.p50_ms:6.2f} ms  "
                     f"p99 {load.p99_ms:6.2f} ms  non-2xx {load.non_2xx}  socket errors {load.socket_errors}"
                 )
+        grpc_check = ""
+        if grpc_through_wp is not None:
+            ok = waypoint_grpc_ok(WP_IP) - grpc_ok_before
+            grpc_check = (
+                f"meshd-grpc: the waypoint counted {ok:.0f} calls answered with grpc-status 0 for the "
+                f"{grpc_through_wp.requests} h2load completed"
+            )
         results: dict[str, dict[str, Any] | None] = {p.name: summarize(p) for p in paths}
         if meshd_missing:
             for name in WAYPOINT_PATHS:
@@ -846,7 +993,7 @@ def run(args: argparse.Namespace) -> int:
 
         print()
         print_table(results)
-        for line in target_verdict(results) + added_cpu(results):
+        for line in target_verdict(results) + added_cpu(results) + ([grpc_check] if grpc_check else []):
             print(line)
         if meshd_missing and wanted & set(WAYPOINT_PATHS):
             print(f"meshd columns missing: {meshd_missing}")
@@ -901,7 +1048,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         procs.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_work:
+            print(f"work directory kept (configs, daemon logs): {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
