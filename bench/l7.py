@@ -851,24 +851,23 @@ def run(args: argparse.Namespace) -> int:
             wanted -= set(H2_PATHS)
         if "direct-h2" in wanted:
             paths.append(Path_("direct-h2", f"http://{BETA_IP}:{BACKEND_H2_PORT}/", {}, h2=True))
-        if "nginx-h2" in wanted:
+
+        def start_grpc_pass(name: str, port: int, backend_port: int) -> dict[str, int]:
+            """An h2c nginx on PROXY_IP:`port` that grpc_passes to the backend's `backend_port`."""
             pids = start_nginx(
                 procs,
                 work,
-                "nginx-h2-proxy",
+                name,
                 lambda p: h.nginx_grpc_proxy_conf(
-                    p, f"{PROXY_IP}:{PROXY_H2_PORT}", f"{BETA_IP}:{BACKEND_H2_PORT}", workers
+                    p, f"{PROXY_IP}:{port}", f"{BETA_IP}:{backend_port}", workers
                 ),
                 None,
             )
-            paths.append(
-                Path_(
-                    "nginx-h2",
-                    f"http://{PROXY_IP}:{PROXY_H2_PORT}/",
-                    {f"nginx{i}": p for i, p in enumerate(pids)},
-                    h2=True,
-                )
-            )
+            return {f"nginx{i}": p for i, p in enumerate(pids)}
+
+        if "nginx-h2" in wanted:
+            nginx_pids = start_grpc_pass("nginx-h2-proxy", PROXY_H2_PORT, BACKEND_H2_PORT)
+            paths.append(Path_("nginx-h2", f"http://{PROXY_IP}:{PROXY_H2_PORT}/", nginx_pids, h2=True))
         grpc_backend: dict[str, int] | None = None
         grpc_body = work / "grpc-request.bin"
         if wanted & set(GRPC_PATHS):
@@ -884,17 +883,8 @@ def run(args: argparse.Namespace) -> int:
             probe_grpc("direct-grpc", BETA_IP, BACKEND_GRPC_PORT)
             paths.append(Path_("direct-grpc", grpc_url(BETA_IP, BACKEND_GRPC_PORT), {}, **grpc_path))
         if "nginx-grpc" in wanted:
-            pids = start_nginx(
-                procs,
-                work,
-                "nginx-grpc-proxy",
-                lambda p: h.nginx_grpc_proxy_conf(
-                    p, f"{PROXY_IP}:{PROXY_GRPC_PORT}", f"{BETA_IP}:{BACKEND_GRPC_PORT}", workers
-                ),
-                None,
-            )
+            nginx_pids = start_grpc_pass("nginx-grpc-proxy", PROXY_GRPC_PORT, BACKEND_GRPC_PORT)
             probe_grpc("nginx-grpc", PROXY_IP, PROXY_GRPC_PORT)
-            nginx_pids = {f"nginx{i}": p for i, p in enumerate(pids)}
             paths.append(Path_("nginx-grpc", grpc_url(PROXY_IP, PROXY_GRPC_PORT), nginx_pids, **grpc_path))
         meshd_missing: str | None = None
         mesh_pids: dict[str, int] = {}
