@@ -282,8 +282,13 @@ def test_clients_that_reset_before_they_are_served_cost_nothing(
     assert http_get(node.readiness_url)[0] == 200, node.log()
     assert json.loads(http_get(node.admin_url + "/config_dump")[1])["node_name"] == "scanned"
     assert "Traceback" not in node.log()
-    # A scan connection that is reset only after the upstream listener began to serve it did fail, and
-    # for the true reason: the service has no endpoint here. Any other failure line is a bug.
+    # A scan connection that is reset only after a listener began to serve it did fail, and for the
+    # true reason: on the upstream listener the service has no endpoint here; on the capture listener
+    # (15006) nothing redirected it, so it has no original destination. Any other failure line is a bug.
+    true_reasons = (
+        "no endpoint for echo.default:7000",
+        "plaintext connection without an original destination",
+    )
     failed = [line for line in node.log().splitlines() if "connection failed" in line]
-    assert all("no endpoint for echo.default:7000" in line for line in failed), failed
+    assert all(any(reason in line for reason in true_reasons) for line in failed), failed
     assert node.stop() == 0
