@@ -2,7 +2,9 @@
 
 Each direction is its own task: a reader that waited on the other direction's send would deadlock
 under two-way bulk traffic. EOF on one side becomes a half-close (send_eof) on the other, so
-request/response protocols that shut down their write side keep working through the mesh.
+request/response protocols that shut down their write side keep working through the mesh. A
+half-close that finds the other side already disconnected (ENOTCONN: it reset after its own end)
+is not an error, as in ztunnel's copy: that side shut down for us.
 
 One trip through the scheduler per chunk: `receive_some` is the copy loop's schedule point, and a
 destination that can take bytes without yielding (`send_nowait`: `TcpStream`, `TunnelStream`) gets
@@ -11,6 +13,7 @@ them straight away; only what it does not take goes through the checkpointing `s
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,7 +55,11 @@ async def pump(
                     result.a_to_b += len(data)
                 else:
                     result.b_to_a += len(data)
-            await dst.send_eof()
+            try:
+                await dst.send_eof()
+            except trio.BrokenResourceError as exc:
+                if not _already_disconnected(exc):
+                    raise
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # One side is gone: record why and stop the other direction too.
             result.error = (
@@ -64,3 +71,9 @@ async def pump(
         nursery.start_soon(copy, a, b, True)
         nursery.start_soon(copy, b, a, False)
     return result
+
+
+def _already_disconnected(exc: BaseException) -> bool:
+    """The half-close failed because the socket is no longer connected (the peer reset it)."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno == errno.ENOTCONN

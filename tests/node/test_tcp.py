@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 
 import trio
 import trio.testing
@@ -86,3 +87,37 @@ async def test_pump_copies_both_ways_and_passes_half_close() -> None:
     assert echoed == payload
     assert results[0].a_to_b == results[0].b_to_a == len(payload)
     assert results[0].error is None
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]  # tcp_info.tcpi_state
+
+
+async def test_a_half_close_to_a_peer_that_already_reset_is_no_error() -> None:
+    """The workload answers, ends its side and resets; the client half-closes only then. Its EOF
+    cannot be passed on (ENOTCONN), but nothing was lost: the copy ended cleanly, as in ztunnel."""
+    app, node_side = _tcp_pair()
+    node_upstream, workload = _tcp_pair()
+    async with app, node_side, node_upstream, trio.open_nursery() as nursery:
+        results = []
+
+        async def run_pump() -> None:
+            results.append(await pump(node_side, node_upstream))
+
+        nursery.start_soon(run_pump)
+        await app.send_all(b"ping")
+        assert await workload.receive_some(4) == b"ping"
+        await workload.send_all(b"pong")
+        await workload.send_eof()
+        assert await app.receive_some(4) == b"pong"
+        assert await app.receive_some(4) == b""  # the workload's end reached the client
+        workload.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await workload.aclose()  # RST
+        tcp_close = 7
+        for _ in range(1000):  # loopback delivers the RST at once; bounded all the same
+            if _tcp_state(node_upstream.socket) == tcp_close:
+                break
+            await trio.sleep(0.001)
+        assert _tcp_state(node_upstream.socket) == tcp_close
+        await app.send_eof()
+    assert (results[0].a_to_b, results[0].b_to_a, results[0].error) == (4, 4, None)
