@@ -8,12 +8,14 @@ request's `x-request-id` and `traceparent` back as `x-seen-request-id` / `x-seen
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -78,6 +80,16 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A threaded HTTP server that drops a client gone mid-answer in silence: the waypoint hangs up on
+    purpose (a route timeout, a reset stream), and a traceback per such request is only noise."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 @contextmanager
 def serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
     """`server` answering from a thread (one more per request) until the block ends; then shut and closed."""
@@ -93,5 +105,5 @@ def serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
 @contextmanager
 def http_backend(name: str, host: str, port: int) -> Iterator[Backend]:
     backend = Backend(name)
-    with serving(ThreadingHTTPServer((host, port), _handler(backend))):
+    with serving(QuietServer((host, port), _handler(backend))):
         yield backend

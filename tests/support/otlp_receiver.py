@@ -16,13 +16,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.support.http_backend import serving
+from tests.support.http_backend import QuietServer, serving
 
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
@@ -141,6 +141,6 @@ def otlp_receiver(host: str, delay: float = 0.0) -> Iterator[Receiver]:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the exporter gave up waiting (its timeout, or its daemon stopping)
 
-    with serving(ThreadingHTTPServer((host, 0), Handler)) as server:
+    with serving(QuietServer((host, 0), Handler)) as server:
         receiver.url = f"http://{host}:{server.server_address[1]}"
         yield receiver
