@@ -4,17 +4,17 @@ garbage collector's, applied once it has started.
 The allocator: glibc's malloc serves blocks above 128 KiB with a fresh mmap and gives them back to the
 kernel when freed (its threshold grows with what is freed, but the heap top is trimmed as soon as
 more than twice that lies free). The data path's buffers are just that size (256 KiB socket reads,
-up to 1 MiB HTTP/2 frames, TLS output), so every chunk paid page faults and page clearing: ~10% of
-a node's CPU in bulk transfer (`perf record`, bench/README.md "Allocator"). Raising both thresholds
-keeps such blocks in the heap for reuse.
+up to 1 MiB HTTP/2 frames, TLS output), so every chunk paid page faults and page clearing: ~8% of the
+sending node's CPU in a bulk transfer (`perf record`, bench/README.md "Allocator thresholds").
+Raising both thresholds keeps such blocks in the heap for reuse.
 
-The collector: a proxied request frees almost everything it allocates by reference counting, so the cyclic collector
-finds little; but with CPython's defaults (a young collection every 700 surviving container objects)
-it ran ~120 young and ~1 full collection per second in a busy waypoint, and each full one walked every
-object the daemon had made at start-up (~80k, ~25 ms with the event loop stopped: the p99 of the
-waypoint path). Freezing the start-up heap takes those objects out of every later collection, and a
-larger young threshold makes collections rarer (bench/README.md, "Plain DATA, the collector and a
-larger compiled core").
+The collector: a proxied request frees almost everything it allocates by reference counting, so the
+cyclic collector finds little; but with CPython's defaults (a young collection every 700 surviving
+container objects) it ran ~120 young and ~1 full collection per second in a busy waypoint, and each
+full one walked every object the daemon had made at start-up (~80k, ~25 ms with the event loop
+stopped: the p99 of the waypoint path). Freezing the start-up heap takes those objects out of every
+later collection, and a larger young threshold makes collections rarer (bench/README.md, "Plain DATA,
+the collector and a larger compiled core").
 
 Must never know: anything else.
 """
