@@ -75,5 +75,5 @@ async def pump(
 
 def _already_disconnected(exc: BaseException) -> bool:
     """The half-close failed because the socket is no longer connected (the peer reset it)."""
-    cause = exc.__cause__
+    cause = exc.__cause__ or exc.__context__  # compiled (mypyc) code keeps `raise .. from` as context only
     return isinstance(cause, OSError) and cause.errno == errno.ENOTCONN
