@@ -243,26 +243,15 @@ class RecordingSite:
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-        self.gwa = NodeCatalog(
-            "gwa",
-            TD,
-            "gateway",
-            Address(ips["gwa"], 15008),
-            (),
-            (),
-            network="site-a",
-            gateway=GatewayEntry(Address(ips["gwa"], 15008), ("site-a",)),
-        )
-        self.gwb = NodeCatalog(
-            "gwb",
-            TD,
-            "gateway",
-            Address(ips["gwb"], 15008),
-            (),
-            (),
-            network="site-b",
-            gateway=GatewayEntry(Address(ips["gwb"], 15008), ("site-b",)),
-        )
+
+        def gateway(name: str, network: str) -> NodeCatalog:
+            hbone = Address(ips[name], 15008)
+            return NodeCatalog(
+                name, TD, "gateway", hbone, (), (), network=network, gateway=GatewayEntry(hbone, (network,))
+            )
+
+        self.gwa = gateway("gwa", "site-a")
+        self.gwb = gateway("gwb", "site-b")
         workload = WorkloadEntry(
             "b1", "echo", "default", "echo", ips["b1"], (ECHO_PORT,), ("echo.default",), network="site-b"
         )
