@@ -1,6 +1,7 @@
 """The gRPC backend of `l7.py`'s *-grpc paths: a grpcio (asyncio) server whose one method,
 `/bench.Echo/Unary`, answers each request with its own bytes (no protobuf: the messages pass as raw
-bytes). Prints "ready" once it listens.
+bytes). Prints "ready" once it listens. `l7.py` imports METHOD from here, so grpcio is imported only
+when the server runs.
 
     python bench/_grpc_backend.py HOST:PORT
 """
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 SERVICE = "bench.Echo"
 METHOD = f"/{SERVICE}/Unary"
@@ -21,6 +24,8 @@ async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 
 async def serve(address: str) -> None:
+    import grpc
+
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Unary": grpc.unary_unary_rpc_method_handler(echo)}

@@ -47,6 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 import _l7_common as h
+from _grpc_backend import METHOD as GRPC_METHOD
 from l4 import Procs, http_get, meshd, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,6 @@ BACKEND_GRPC_PORT = 8083  # the grpcio backend (bench/_grpc_backend.py): SERVICE
 PROXY_GRPC_PORT = 8083  # nginx's h2c listener, grpc_pass to the grpcio backend
 UPSTREAM_GRPC_PORT = 18083  # alpha's listener for SERVICE_GRPC
 GRPC_MESSAGE = b"x" * 64  # each call's request message (echoed back)
-GRPC_METHOD = "/bench.Echo/Unary"  # bench/_grpc_backend.py's one method
 TD = "bench.arpa"
 SERVICE = "web.default"
 SERVICE_L4 = "web-l4.default"
