@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,27 +301,30 @@ def start_meshd(procs: Procs, work: Path, ca: Path, rate: int) -> dict[str, int]
     return {name: s[0].pid for name, s in started.items()}
 
 
-def waypoint_request_count(ip: str) -> float:
-    """Requests (L7) or tunnels (L4) the waypoint daemon has counted: proof that traffic went through it."""
+def metric_sum(ip: str, counts: Callable[[str], bool]) -> float:
+    """The sum of the samples on a daemon's /metrics whose line `counts` accepts."""
     _, body = http_get(f"http://{ip}:15020/metrics")
     total = 0.0
     for line in body.decode(errors="replace").splitlines():
-        if line.startswith(("istio_requests_total", "istio_tcp_connections_opened_total")):
+        if counts(line):
             with contextlib.suppress(ValueError):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def waypoint_request_count(ip: str) -> float:
+    """Requests (L7) or tunnels (L4) the waypoint daemon has counted: proof that traffic went through it."""
+    return metric_sum(
+        ip, lambda line: line.startswith(("istio_requests_total", "istio_tcp_connections_opened_total"))
+    )
 
 
 def waypoint_grpc_ok(ip: str) -> float:
     """gRPC calls the waypoint counted with grpc-status 0 (OK): proof that h2load's calls succeeded as
     gRPC, which its own HTTP status count cannot show (a gRPC error is an HTTP 200 too)."""
-    _, body = http_get(f"http://{ip}:15020/metrics")
-    total = 0.0
-    for line in body.decode(errors="replace").splitlines():
-        if line.startswith("istio_requests_total{") and 'grpc_response_status="0"' in line:
-            with contextlib.suppress(ValueError):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(
+        ip, lambda line: line.startswith("istio_requests_total{") and 'grpc_response_status="0"' in line
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
